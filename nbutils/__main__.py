@@ -1,0 +1,5 @@
+import sys
+
+from nbutils.cli import main
+
+sys.exit(main())

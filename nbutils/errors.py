@@ -1,0 +1,16 @@
+"""The one exception type for mistakes a user can fix.
+
+A `UserError` carries a message that names the problem and the fix. The command line prints it as one
+paragraph instead of a traceback; library callers can catch it like any other exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, with a message saying how to fix it."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} Fix: {fix}")

@@ -1,0 +1,83 @@
+"""Small displays for the stage notebooks: tables of strong neurons and excerpts coloured by activation.
+
+Every function returns an HTML string and escapes every token and label (corpus text is untrusted input),
+so the output can be tested without a kernel and shown with ``IPython.display.HTML``.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+
+from nbutils.records import Excerpt, RecordStore
+
+
+def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` neurons with the largest max activation relative to their standard deviation, all layers."""
+    rows = []
+    for layer in store.layers:
+        s = store.stats(layer)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(s["variance"] > 0, s["max"] / np.sqrt(s["variance"]), 0.0)
+        for i in np.argsort(-ratio)[:n]:
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": int(s["neuron"][i]),
+                    "max": float(s["max"][i]),
+                    "min": float(s["min"][i]),
+                    "mean": float(s["mean"][i]),
+                    "std": float(np.sqrt(s["variance"][i])),
+                    "max/std": float(ratio[i]),
+                }
+            )
+    rows.sort(key=lambda r: -r["max/std"])
+    return rows[:n]
+
+
+def table_html(rows: list[dict[str, Any]]) -> str:
+    """A plain HTML table of dict rows (floats to 3 significant digits)."""
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return html.escape(f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _colour(value: float, scale: float) -> str:
+    """Orange for positive, blue for negative values, alpha by magnitude relative to ``scale``."""
+    if not np.isfinite(value) or scale <= 0:
+        return "transparent"
+    a = min(abs(value) / scale, 1.0)
+    return f"rgba(255,140,0,{a:.2f})" if value >= 0 else f"rgba(30,110,255,{a:.2f})"
+
+
+def excerpt_html(excerpt: Excerpt, scale: float) -> str:
+    """One excerpt as inline tokens shaded by activation; each value is in the token's tooltip."""
+    spans = []
+    for tok, act in zip(excerpt.tokens, excerpt.activations):
+        text = html.escape(tok).replace("\n", "\u21b5")
+        spans.append(
+            f'<span title="{float(act):.4g}" style="background:{_colour(float(act), scale)};'
+            f'white-space:pre">{text}</span>'
+        )
+    return '<div style="font-family:monospace;line-height:1.6;margin:2px 0">' + "".join(spans) + "</div>"
+
+
+def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3) -> str:
+    """A neuron's strongest excerpts (and most negative ones for signed sites), on one colour scale."""
+    rec = store.record(layer, neuron)
+    scale = max(abs(rec.max), abs(rec.min)) if np.isfinite(rec.max) else 0.0
+    parts = [f"<h4>layer {layer}, neuron {neuron}: max {rec.max:.3g}, min {rec.min:.3g}, mean {rec.mean:.3g}</h4>"]
+    parts += [excerpt_html(e, scale) for e in rec.top[:n]]
+    if rec.bottom:
+        parts.append("<p>most negative:</p>")
+        parts += [excerpt_html(e, scale) for e in rec.bottom[:n]]
+    return "\n".join(parts)

@@ -1,0 +1,121 @@
+"""Write the stage notebooks from the cell sources below (run after editing; keeps notebooks output-free).
+
+Cells whose first line is ``# NBVAL_CHECK_OUTPUT`` are compared by nbval (``pytest --nbval-lax``); their
+outputs are filled by executing the notebook once with ``--execute-checks``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+
+NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+COLLECT = [
+    (
+        "markdown",
+        """# 01 · Collect neuron activations
+
+Runs the subject model over the corpus in fixed-length excerpts and keeps, for every MLP neuron of the chosen
+layers, its top- and bottom-activating excerpts, a shared random sample, samples from quantile bands of its
+activation distribution, and its activation statistics. The records land in `output_dir` (format: see
+`nbutils.records`). Rerunning with the same parameters resumes an interrupted collection.""",
+    ),
+    (
+        "parameters",
+        """model = "embedded"  # "embedded", a Hugging Face id, a local model folder, or a .gguf file
+corpus = "embedded"  # "embedded", a .txt/.jsonl file or folder, or a Hugging Face dataset name
+layers = [0, 15, 29]  # layer indices, or None for every layer
+neurons = None  # None for every neuron, an int for a seeded sample per layer, or a list of indices
+n_excerpts = 64  # how many excerpts to read (None for all)
+excerpt_len = 64  # tokens per excerpt
+top_k = 10  # top (and, for gated MLPs, bottom) excerpts kept per neuron
+n_random = 10  # size of the random sample shared by all neurons
+band_size = 3  # excerpts sampled per quantile band
+batch_size = 16
+seed = 0
+output_dir = "../outputs/interactive/01_collect\"""",
+    ),
+    (
+        "code",
+        """from IPython.display import HTML, display
+
+from nbutils.collect import CollectConfig, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.models import load_subject_model
+from nbutils.summary import neuron_excerpts_html, strongest_neurons, table_html
+
+subject = load_subject_model(model)
+excerpts = make_excerpts(subject.tokenizer, load_texts(corpus), excerpt_len, n_excerpts, seed, corpus=corpus)
+print(f"{len(excerpts)} excerpts of {excerpt_len} tokens, from {excerpts.windows_available} available")""",
+    ),
+    (
+        "code",
+        """config = CollectConfig(
+    layers=layers, neurons=neurons, top_k=top_k, n_random=n_random, band_size=band_size, batch_size=batch_size, seed=seed
+)
+store = collect_activations(subject, excerpts, output_dir, config)""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+meta = store.meta
+print("layers:", meta.layers, "of", meta.n_model_layers)
+print("neurons per layer:", meta.neurons_per_layer, "| signed:", meta.signed)
+print("excerpts:", meta.n_excerpts, "| tokens read:", meta.tokens_seen)
+print("kept per neuron: top", meta.top_k, "| bottom", meta.bottom_k, "| random", meta.n_random)""",
+    ),
+    ("markdown", "## Strongest neurons (largest max activation relative to standard deviation)"),
+    (
+        "code",
+        """rows = strongest_neurons(store, n=10)
+display(HTML(table_html(rows)))""",
+    ),
+    ("markdown", "## Top excerpts of the strongest neurons (hover a token for its activation)"),
+    (
+        "code",
+        """for row in rows[:3]:
+    display(HTML(neuron_excerpts_html(store, row["layer"], row["neuron"], n=3)))""",
+    ),
+]
+
+NOTEBOOKS = {"01_collect_activations.ipynb": COLLECT}
+
+
+def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, (kind, source) in enumerate(cells):
+        if kind == "markdown":
+            cell = nbformat.v4.new_markdown_cell(source)
+        else:
+            cell = nbformat.v4.new_code_cell(source)
+            if kind == "parameters":
+                cell.metadata["tags"] = ["parameters"]
+        cell.id = f"cell-{i:02d}"  # stable ids keep diffs small
+        nb.cells.append(cell)
+    return nb
+
+
+def main() -> None:
+    execute = "--execute-checks" in sys.argv
+    for name, cells in NOTEBOOKS.items():
+        nb = build(cells)
+        if execute:
+            from nbclient import NotebookClient
+
+            ran = nbformat.from_dict(nb)
+            NotebookClient(ran, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
+            for cell, done in zip(nb.cells, ran.cells):
+                if cell.cell_type == "code" and cell.source.startswith("# NBVAL_CHECK_OUTPUT"):
+                    cell.outputs = done.outputs
+                    cell.execution_count = done.execution_count
+        nbformat.write(nb, NB_DIR / name)
+        print("wrote", NB_DIR / name)
+
+
+if __name__ == "__main__":
+    main()
