@@ -23,7 +23,15 @@ def _params(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nbutils.pipeline import MAIN_JOB, STAGES, StageFailed, declared_parameters, load_config, notebooks_dir, run_pipeline
+    from nbutils.pipeline import (
+        MAIN_JOB,
+        STAGES,
+        StageFailed,
+        declared_parameters,
+        load_config,
+        notebooks_dir,
+        run_pipeline,
+    )
 
     nb_dir = Path(args.notebooks) if args.notebooks else notebooks_dir()
     if args.list_params:
@@ -65,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="execute the stage notebooks in order into outputs/<run_id>/")
     run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="a stage parameter")
     run.add_argument("--config", help="YAML file of parameters (command-line -p values win)")
-    run.add_argument("--run-id", help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)")
+    run.add_argument(
+        "--run-id", help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)"
+    )
     run.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
     run.add_argument("--stages", help="comma-separated stage numbers or names, e.g. 01")
     run.add_argument("--notebooks", help="notebooks folder (default: the repository's notebooks/)")

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nbutils.corpus import ExcerptSet
 from nbutils.errors import UserError
 from nbutils.hooks import NeuronCapture, NeuronSite, check_layers, neurons_per_layer, num_layers, resolve_site
 from nbutils.models import SubjectModel
+from nbutils.progress import progress_bar
 from nbutils.records import (
     DEFAULT_BANDS,
     STAT_FIELDS,
@@ -81,26 +81,42 @@ def _keep_best(
     acts: torch.Tensor,
     new_keys: torch.Tensor,
     new_index: torch.Tensor,
-    new_acts: torch.Tensor,
+    batch_acts: torch.Tensor,
     largest: bool,
 ) -> None:
-    """Merge a batch into per-neuron sorted lists, in place: keep the m best keys with their excerpts.
+    """Merge a batch into per-neuron lists of the m best keys with their excerpts, in place.
 
-    keys/index [N, m] and acts [N, m, T] hold the lists, best first; new_keys [N, B], new_index [B] and
-    new_acts [N, B, T] hold the batch. Only neurons where some new key beats the current worst are touched.
+    keys/index [N, m] and acts [N, m, T] hold the lists, unordered (`_sorted` orders them at the end);
+    new_keys [N, B] and new_index [B] describe the batch, whose activations are batch_acts [B, T, N]. Only
+    the slots whose entry is displaced are written, so the cost follows the number of replacements.
     """
-    worst = keys[:, -1:]
+    worst = keys.amin(1, keepdim=True) if largest else keys.amax(1, keepdim=True)
     rows = ((new_keys > worst) if largest else (new_keys < worst)).any(dim=1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     m = keys.shape[1]
-    cat_keys = torch.cat([keys[rows], new_keys[rows]], dim=1)
-    best = torch.topk(cat_keys, m, dim=1, largest=largest, sorted=True)
-    keys[rows] = best.values
-    cat_index = torch.cat([index[rows], new_index.expand(len(rows), -1)], dim=1)
-    index[rows] = torch.gather(cat_index, 1, best.indices)
-    cat_acts = torch.cat([acts[rows], new_acts[rows]], dim=1)
-    acts[rows] = torch.gather(cat_acts, 1, best.indices.unsqueeze(-1).expand(-1, -1, acts.shape[2]))
+    cand = torch.topk(new_keys[rows], min(m, new_keys.shape[1]), dim=1, largest=largest, sorted=False)
+    chosen = torch.topk(torch.cat([keys[rows], cand.values], dim=1), m, dim=1, largest=largest, sorted=False)
+    taken = torch.zeros(len(rows), m + cand.values.shape[1], dtype=torch.bool).scatter_(1, chosen.indices, True)
+    # per row, the j-th displaced old slot receives the j-th taken candidate (both counts are equal)
+    slot_row, slot = (~taken[:, :m]).nonzero(as_tuple=True)
+    cand_row, cand_pos = taken[:, m:].nonzero(as_tuple=True)
+    neuron = rows[slot_row]
+    batch_pos = cand.indices[cand_row, cand_pos]
+    keys[neuron, slot] = cand.values[cand_row, cand_pos]
+    index[neuron, slot] = new_index[batch_pos]
+    acts[neuron, slot] = batch_acts[batch_pos, :, neuron]
+
+
+def _sorted(
+    keys: torch.Tensor, index: torch.Tensor, acts: torch.Tensor, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lists of `_keep_best` ordered best first; slots never filled (infinite key) get index -1."""
+    order = torch.argsort(keys, dim=-1, descending=largest, stable=True)
+    keys = torch.gather(keys, -1, order)
+    index = torch.where(torch.isinf(keys), -1, torch.gather(index, -1, order))
+    acts = torch.gather(acts, -2, order.unsqueeze(-1).expand(*order.shape, acts.shape[-1]))
+    return index, acts
 
 
 class LayerState:
@@ -110,12 +126,10 @@ class LayerState:
         T, f32, i64 = excerpt_len, torch.float32, torch.int64
         nb, m = len(cfg.bands), cfg.band_size
         self.t: dict[str, torch.Tensor] = {
-            # moments (Pebay's one-pass update), in float64
+            # power sums of (x - shift) in float64; shift = the first batch's mean keeps them well conditioned
             "count": torch.zeros((), dtype=torch.float64),
-            "mean": torch.zeros(n, dtype=torch.float64),
-            "m2": torch.zeros(n, dtype=torch.float64),
-            "m3": torch.zeros(n, dtype=torch.float64),
-            "m4": torch.zeros(n, dtype=torch.float64),
+            "shift": torch.zeros(n, dtype=f32),
+            "sums": torch.zeros(4, n, dtype=torch.float64),
             "max": torch.full((n,), -math.inf, dtype=f32),
             "min": torch.full((n,), math.inf, dtype=f32),
             "top_key": torch.full((n, cfg.top_k), -math.inf, dtype=f32),
@@ -132,45 +146,37 @@ class LayerState:
             "band_acts": torch.zeros((n, nb, m, T), dtype=f32),
         }
 
-    def update_moments(self, x: torch.Tensor) -> None:
-        """Merge the batch's central moments (x: [tokens, N]) into the running ones."""
+    def update_moments(self, x: torch.Tensor, scratch: list[torch.Tensor]) -> None:
+        """Add a batch (x: [tokens, N]) to the shifted power sums, using two preallocated scratch buffers."""
         t = self.t
-        nb = x.shape[0]
-        mean_b = x.mean(dim=0)
-        d = x - mean_b
-        d2 = d * d
-        m2_b = d2.sum(0).double()
-        m3_b = (d2 * d).sum(0).double()
-        m4_b = (d2 * d2).sum(0).double()
-        mean_b = mean_b.double()
-        na = float(t["count"])
-        n = na + nb
-        delta = mean_b - t["mean"]
-        m2a, m3a = t["m2"], t["m3"]
-        t["m4"] = (
-            t["m4"]
-            + m4_b
-            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-            + 6 * delta**2 * (na * na * m2_b + nb * nb * m2a) / n**2
-            + 4 * delta * (na * m3_b - nb * m3a) / n
-        )
-        t["m3"] = m3a + m3_b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2_b - nb * m2a) / n
-        t["m2"] = m2a + m2_b + delta**2 * na * nb / n
-        t["mean"] = t["mean"] + delta * nb / n
-        t["count"] = torch.tensor(n, dtype=torch.float64)
+        if float(t["count"]) == 0:
+            t["shift"] = x.mean(dim=0)
+        d, p = scratch
+        torch.sub(x, t["shift"], out=d)
+        s1 = d.sum(0)
+        torch.mul(d, d, out=p)
+        s2 = p.sum(0)
+        torch.mul(p, d, out=d)
+        s3 = d.sum(0)
+        torch.mul(p, p, out=p)
+        t["sums"] += torch.stack([s1, s2, s3, p.sum(0)]).double()
+        t["count"] += x.shape[0]
 
     def stats(self) -> np.ndarray:
         """[N, 6] float64: mean, variance, skewness, excess kurtosis, max, min."""
         t = self.t
         n = float(t["count"])
-        var = t["m2"] / n
+        s1, s2, s3, s4 = (t["sums"] / n).numpy()
+        mu = s1  # mean of (x - shift)
+        var = s2 - mu**2
+        m3 = s3 - 3 * mu * s2 + 2 * mu**3
+        m4 = s4 - 4 * mu * s3 + 6 * mu**2 * s2 - 3 * mu**4
         with np.errstate(divide="ignore", invalid="ignore"):
-            skew = (math.sqrt(n) * t["m3"] / t["m2"] ** 1.5).numpy()
-            kurt = (n * t["m4"] / t["m2"] ** 2 - 3.0).numpy()
-        flat = t["m2"].numpy() <= 0
-        skew[flat] = np.nan
-        kurt[flat] = np.nan
-        cols = [t["mean"].numpy(), var.numpy(), skew, kurt, t["max"].double().numpy(), t["min"].double().numpy()]
+            flat = var <= 1e-12 * np.maximum(s2, 1e-30)
+            skew = np.where(flat, np.nan, m3 / var**1.5)
+            kurt = np.where(flat, np.nan, m4 / var**2 - 3.0)
+        mean = t["shift"].double().numpy() + mu
+        cols = [mean, np.maximum(var, 0.0), skew, kurt, t["max"].double().numpy(), t["min"].double().numpy()]
         assert len(cols) == len(STAT_FIELDS)
         return np.stack(cols, axis=1)
 
@@ -178,7 +184,9 @@ class LayerState:
 class Collector:
     """The streaming collector for a set of layers; feed it batches with `update`."""
 
-    def __init__(self, n_excerpts: int, excerpt_len: int, neurons: dict[int, np.ndarray], cfg: CollectConfig, signed: bool):
+    def __init__(
+        self, n_excerpts: int, excerpt_len: int, neurons: dict[int, np.ndarray], cfg: CollectConfig, signed: bool
+    ):
         self.cfg = cfg
         self.bottom_k = (cfg.top_k if signed else 0) if cfg.bottom_k is None else cfg.bottom_k
         rng = np.random.default_rng(cfg.seed)
@@ -195,6 +203,12 @@ class Collector:
         }
         self.position = 0
         self.tokens_seen = 0
+        self._buffers: list[torch.Tensor] | None = None
+
+    def _scratch(self, rows: int, cols: int) -> list[torch.Tensor]:
+        if self._buffers is None or self._buffers[0].shape != (rows, cols):
+            self._buffers = [torch.empty(rows, cols), torch.empty(rows, cols)]
+        return self._buffers
 
     def _band_keys(self, layer: int, start: int, shape: tuple[int, int]) -> torch.Tensor:
         seed = int(np.random.SeedSequence([self.cfg.seed, layer, start]).generate_state(1)[0])
@@ -210,18 +224,17 @@ class Collector:
             acts = full.float() if len(sel) == full.shape[-1] else full[..., torch.from_numpy(sel)].float()
             B, T, N = acts.shape
             index = torch.arange(start, start + B, dtype=torch.int64)
-            by_neuron = acts.permute(2, 0, 1)  # [N, B, T] view
             bmax = acts.amax(dim=1).T.contiguous()  # [N, B]
             bmin = acts.amin(dim=1).T.contiguous()
-            state.update_moments(acts.reshape(B * T, N))
+            state.update_moments(acts.reshape(B * T, N), self._scratch(B * T, N))
             t["max"] = torch.maximum(t["max"], bmax.amax(1))
             t["min"] = torch.minimum(t["min"], bmin.amin(1))
-            _keep_best(t["top_key"], t["top_index"], t["top_acts"], bmax, index, by_neuron, largest=True)
+            _keep_best(t["top_key"], t["top_index"], t["top_acts"], bmax, index, acts, largest=True)
             if self.bottom_k:
-                _keep_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bmin, index, by_neuron, largest=True)
+                _keep_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bmin, index, acts, largest=True)
             lo, hi = np.searchsorted(self.random_index, [start, start + B])
             for slot in range(lo, hi):
-                t["random_acts"][:, slot] = by_neuron[:, int(self.random_index[slot]) - start]
+                t["random_acts"][:, slot] = acts[int(self.random_index[slot]) - start].T
             if start < self.warmup:
                 t["warmup_max"][start : start + B] = bmax.T[: self.warmup - start]
                 if start + B >= self.warmup:
@@ -236,7 +249,7 @@ class Collector:
                     band_keys = torch.where(inside, keys, torch.full_like(keys, math.inf))
                     _keep_best(
                         t["band_key"][:, b], t["band_index"][:, b], t["band_acts"][:, b],
-                        band_keys, index, by_neuron, largest=False,
+                        band_keys, index, acts, largest=False,
                     )  # fmt: skip
         batch, tokens = next(iter(values.values())).shape[:2]
         self.position = start + batch
@@ -300,7 +313,9 @@ def _fingerprint(parts: dict[str, Any], excerpts: ExcerptSet) -> str:
     return h.hexdigest()[:20]
 
 
-def _write_collection(out: Path, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, meta: CollectionMeta) -> None:
+def _write_collection(
+    out: Path, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, meta: CollectionMeta
+) -> None:
     tok = subject.tokenizer
     atomic_save_npy(out / "excerpts" / "tokens.npy", excerpts.tokens.astype(np.int32))
     atomic_save_npy(out / "excerpts" / "places.npy", excerpts.places.astype(np.int64))
@@ -311,11 +326,17 @@ def _write_collection(out: Path, subject: SubjectModel, excerpts: ExcerptSet, co
         d, t = layer_dir(out, layer), state.t
         atomic_save_npy(d / "neurons.npy", col.neurons[layer])
         atomic_save_npy(d / "stats.npy", state.stats())
-        for name in ("top_index", "top_acts", "random_acts", "band_index", "band_acts", "band_edges"):
-            atomic_save_npy(d / f"{name}.npy", t[name].numpy())
+        lists = {
+            "top": _sorted(t["top_key"], t["top_index"], t["top_acts"], largest=True),
+            "band": _sorted(t["band_key"], t["band_index"], t["band_acts"], largest=False),
+        }
         if col.bottom_k:
-            atomic_save_npy(d / "bottom_index.npy", t["bottom_index"].numpy())
-            atomic_save_npy(d / "bottom_acts.npy", t["bottom_acts"].numpy())
+            lists["bottom"] = _sorted(t["bottom_key"], t["bottom_index"], t["bottom_acts"], largest=True)
+        for name, (index, acts) in lists.items():
+            atomic_save_npy(d / f"{name}_index.npy", index.numpy())
+            atomic_save_npy(d / f"{name}_acts.npy", acts.numpy())
+        atomic_save_npy(d / "random_acts.npy", t["random_acts"].numpy())
+        atomic_save_npy(d / "band_edges.npy", t["band_edges"].numpy())
     atomic_write_json(out / "collection.json", asdict(meta))  # written last: marks the folder complete
 
 
@@ -372,7 +393,7 @@ def collect_activations(
         atomic_write_bytes(ckpt, buf.getvalue())
 
     n, B = len(excerpts), cfg.batch_size
-    bar = tqdm(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
+    bar = progress_bar(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
     last_save = time.monotonic()
     with NeuronCapture(model, site, layers) as capture:
         for start in range(col.position, n, B):

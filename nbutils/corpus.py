@@ -20,9 +20,10 @@ import ast
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,16 @@ from nbutils.errors import UserError
 
 EMBEDDED = "embedded"
 _MIN_DOCSTRING_CHARS = 300
-_SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
+_SKIP_STDLIB_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "__pycache__",
+    "turtledemo",
+}
 
 
 @dataclass
@@ -146,7 +156,7 @@ def load_texts(source: str = EMBEDDED, text_field: str = "text", max_documents: 
             texts = [t for f in files for t in _file_texts(f, text_field)]
         elif path.is_file():
             texts = list(_file_texts(path, text_field))
-        elif path.suffix in (".txt", ".jsonl") or os.sep in source:
+        elif path.suffix in (".txt", ".jsonl") or source.startswith((".", "/", "~")):
             raise UserError(f"Corpus file {path} does not exist.", "Check the path, or use corpus='embedded'.")
         else:
             texts = list(_hf_texts(source, text_field, max_documents))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -114,7 +115,9 @@ def check_parameters(
             f"Unknown parameter(s) {unknown}: no stage notebook declares them.",
             f"Use one of: {', '.join(sorted(known))} (see `nbutils run --list-params`).",
         )
-    return {s.notebook: {k: v for k, v in params.items() if k in declared[s.notebook] and k not in OWNED} for s in stages}
+    return {
+        s.notebook: {k: v for k, v in params.items() if k in declared[s.notebook] and k not in OWNED} for s in stages
+    }
 
 
 def default_run_id(params: dict[str, Any]) -> str:
@@ -152,7 +155,9 @@ def _sha256(path: Path) -> str:
 
 def artifact_list(folder: Path, run_dir: Path) -> list[dict[str, Any]]:
     """Every file under a stage folder (but the manifest and hidden files) with its size and checksum."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"
+    )
     return [{"path": str(p.relative_to(run_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
 
 
@@ -207,6 +212,7 @@ def run_pipeline(
             continue
         log(f"[{stage.folder}] running {stage.notebook} -> {executed}")
         started = time.time()
+        os.environ["NBUTILS_PLAIN_PROGRESS"] = "1"  # the kernel inherits it: text progress, streamed below
         try:
             papermill.execute_notebook(
                 str(nb_dir / stage.notebook),
@@ -215,6 +221,9 @@ def run_pipeline(
                 cwd=str(nb_dir),
                 kernel_name="python3",
                 progress_bar=False,
+                log_output=True,
+                stdout_file=sys.stdout,
+                stderr_file=sys.stderr,
             )
         except papermill.PapermillExecutionError as e:
             raise StageFailed(stage.folder, executed, f"{e.ename}: {e.evalue}") from None

@@ -35,9 +35,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -414,4 +415,3 @@ def import_openai(path: str | os.PathLike) -> NeuronRecord:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}).", "Pass an intact NeuronRecord JSON file.") from None
     return from_openai_json(obj)
-

@@ -54,7 +54,13 @@ print(f"{len(excerpts)} excerpts of {excerpt_len} tokens, from {excerpts.windows
     (
         "code",
         """config = CollectConfig(
-    layers=layers, neurons=neurons, top_k=top_k, n_random=n_random, band_size=band_size, batch_size=batch_size, seed=seed
+    layers=layers,
+    neurons=neurons,
+    top_k=top_k,
+    n_random=n_random,
+    band_size=band_size,
+    batch_size=batch_size,
+    seed=seed,
 )
 store = collect_activations(subject, excerpts, output_dir, config)""",
     ),

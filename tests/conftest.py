@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-initialised models of each supported architecture and the embedded model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_config(arch: str, vocab_size: int = 512):
+    """A small random config per architecture (2-3 layers, hidden 32)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, max_position_embeddings=128)
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **common,
+    )
+    if arch == "gpt2":
+        return tf.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_inner=80, n_positions=128, vocab_size=vocab_size)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, **common
+        )
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if arch == "gemma":
+        return tf.GemmaConfig(head_dim=8, hidden_act="gelu_pytorch_tanh", **llama_like)
+    if arch == "gemma2":
+        return tf.Gemma2Config(head_dim=8, **llama_like)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(head_dim=8, **llama_like)
+    if arch == "opt":  # not built in: used to test hand-named sites
+        return tf.OPTConfig(
+            hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32, **common
+        )
+    raise KeyError(arch)
+
+
+ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"]
+
+
+def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=torch.float32)
+    with torch.no_grad():  # random init leaves norms at 1 and many tiny weights; widen for livelier activations
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() == 2 else None
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from nbutils.models import load_subject_model
+
+    return load_subject_model("embedded")

@@ -1,0 +1,142 @@
+"""The collector against an independent computation over every excerpt, plus resume and memory checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from test_hooks import expected_neurons
+
+from nbutils.collect import CollectConfig, Collector, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.errors import UserError
+from nbutils.models import SubjectModel
+
+LAYERS = [0, 2]
+CFG = dict(layers=LAYERS, top_k=4, n_random=5, band_size=3, quantile_warmup=24, batch_size=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def setup(embedded):
+    """A tiny random Llama that reads real tokens of the embedded corpus through the real tokenizer."""
+    model = tiny_model("llama", vocab_size=len(embedded.tokenizer))
+    subject = SubjectModel(model, embedded.tokenizer, "tiny-llama")
+    excerpts = make_excerpts(embedded.tokenizer, load_texts("embedded")[:200], 16, 80, seed=5, corpus="embedded")
+    full = {}
+    ids = torch.from_numpy(excerpts.tokens.astype(np.int64))
+    for layer in LAYERS:
+        full[layer] = expected_neurons(model, "llama", layer, ids).detach().numpy()  # [n, T, N] by hand
+    return subject, excerpts, full
+
+
+def test_records_match_independent_computation(setup, tmp_path):
+    subject, excerpts, full = setup
+    cfg = CollectConfig(**CFG)
+    store = collect_activations(subject, excerpts, tmp_path / "c", cfg, progress=False)
+    n = len(excerpts)
+    assert store.meta.tokens_seen == n * 16 and store.meta.signed and store.meta.bottom_k == 4
+    warm = 24
+    for layer in LAYERS:
+        acts = full[layer]
+        flat = acts.reshape(-1, acts.shape[-1]).astype(np.float64)
+        stats = store.stats(layer)
+        np.testing.assert_allclose(stats["mean"], flat.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stats["variance"], flat.var(0), rtol=1e-4)
+        z = (flat - flat.mean(0)) / flat.std(0)
+        np.testing.assert_allclose(stats["skewness"], (z**3).mean(0), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(stats["kurtosis"], (z**4).mean(0) - 3, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(stats["max"], flat.max(0), rtol=1e-6)
+        np.testing.assert_allclose(stats["min"], flat.min(0), rtol=1e-6)
+        maxes, mins = acts.max(1), acts.min(1)  # [n, N]
+        edges_q = np.quantile(maxes[:warm], [0, 0.5, 0.9, 0.99, 0.999], axis=0)  # [5, N]
+        for neuron in (0, 7, 31, 47):
+            rec = store.record(layer, neuron)
+            want_top = np.argsort(-maxes[:, neuron], kind="stable")[:4]
+            assert [e.index for e in rec.top] == want_top.tolist()
+            want_bottom = np.argsort(mins[:, neuron], kind="stable")[:4]
+            assert [e.index for e in rec.bottom] == want_bottom.tolist()
+            for e in rec.top + rec.bottom + rec.random + [e for b in rec.bands for e in b]:
+                np.testing.assert_allclose(e.activations, acts[e.index, :, neuron], rtol=1e-5, atol=1e-6)
+                assert e.token_ids == excerpts.tokens[e.index].tolist()
+                assert (e.doc, e.offset) == tuple(excerpts.places[e.index])
+            assert [e.index for e in rec.random] == store.random_index.tolist()
+            np.testing.assert_allclose(rec.band_edges, edges_q[:, neuron], rtol=1e-5)
+            after = maxes[warm:, neuron]
+            for b, band in enumerate(rec.bands):
+                lo, hi = edges_q[b, neuron], edges_q[b + 1, neuron]
+                eligible = ((after < hi) & ((after >= lo) | (b == 0))).sum()
+                assert len(band) == min(3, eligible)
+                for e in band:
+                    assert e.index >= warm and (b == 0 or e.max >= lo - 1e-6) and e.max < hi + 1e-6
+            assert sum(len(b) for b in rec.bands) > 0
+
+
+def test_interrupted_collection_resumes_to_identical_records(setup, tmp_path):
+    subject, excerpts, _ = setup
+    cfg = CollectConfig(**{**CFG, "checkpoint_every_s": 0.0})
+    collect_activations(subject, excerpts, tmp_path / "whole", cfg, progress=False)
+
+    calls = {"n": 0}
+
+    def interrupt(module, args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+
+    handle = subject.model.model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        collect_activations(subject, excerpts, tmp_path / "cut", cfg, progress=False)
+    handle.remove()
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "cut" / "collection.json").exists()
+
+    handle = subject.model.model.layers[0].register_forward_pre_hook(interrupt)
+    calls["n"] = 0
+    collect_activations(subject, excerpts, tmp_path / "cut", cfg, progress=False)
+    handle.remove()
+    assert calls["n"] == 10 - 5  # 80 excerpts / 8 per batch, 5 batches were already done
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.npy"))
+    assert whole == sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*.npy"))
+    for rel in whole:
+        assert np.array_equal(np.load(tmp_path / "whole" / rel), np.load(tmp_path / "cut" / rel), equal_nan=True), rel
+
+
+def test_state_size_does_not_grow_with_corpus():
+    neurons = {0: np.arange(64), 5: np.arange(64)}
+    cfg = CollectConfig(top_k=10, n_random=10, band_size=4, quantile_warmup=256, batch_size=32)
+
+    def size(n_excerpts):
+        col = Collector(n_excerpts, 64, neurons, cfg, signed=True)
+        return sum(t.nbytes for s in col.layers.values() for t in s.t.values())
+
+    assert size(10_000) == size(40_000) == size(1_000_000)
+
+
+def test_neuron_subset_and_rerun(setup, tmp_path):
+    subject, excerpts, full = setup
+    cfg = CollectConfig(**{**CFG, "neurons": 5})
+    store = collect_activations(subject, excerpts, tmp_path / "s", cfg, progress=False)
+    for layer in LAYERS:
+        picked = store.neurons(layer)
+        assert len(picked) == 5 and np.all(np.diff(picked) > 0)
+        np.testing.assert_allclose(store.stats(layer)["max"], full[layer].max((0, 1))[picked], rtol=1e-6)
+    again = collect_activations(subject, excerpts, tmp_path / "s", cfg, progress=False)  # finished: just loads
+    assert again.meta == store.meta
+    with pytest.raises(UserError, match="different settings"):
+        collect_activations(subject, excerpts, tmp_path / "s", CollectConfig(**{**CFG, "top_k": 2}), progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layers": [7]}, "out of range"),
+        ({"neurons": [0, 48]}, "out of range"),
+        ({"bands": [[0, 0.5], [0.6, 0.9]]}, "contiguous"),
+    ],
+)
+def test_bad_collection_settings(setup, tmp_path, change, message):
+    subject, excerpts, _ = setup
+    with pytest.raises(UserError, match=message):
+        collect_activations(subject, excerpts, tmp_path / "x", CollectConfig(**{**CFG, **change}), progress=False)
