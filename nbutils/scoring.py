@@ -1,0 +1,157 @@
+"""Scoring a simulation against the true activations (Bills et al. 2023, as summarised in DESIGN.md).
+
+- The main score is the Pearson correlation between true activations and simulated expected values,
+  pooled over every token of every scored excerpt (not averaged per excerpt).
+- Two secondary scores use the mean square / mean absolute true value as denominator, so they only mean
+  something once the simulator's 0..10 scale is mapped to real units: `calibrate` fits a line on a separate
+  calibration split, and `score` applies it before computing
+  ``1 - mean((t - p)^2) / mean(t^2)`` and ``1 - mean(|t - p|) / mean(|t|)``.
+- A 95% interval comes from resampling whole excerpts with replacement.
+- A correlation does not exist when either side is constant; such a score is *undefined* and carries the
+  reason, never a silent 0 or NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Metric:
+    """One number with its status: ``value`` is None exactly when the metric is undefined, and ``reason`` says why."""
+
+    value: float | None
+    reason: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def defined(self) -> bool:
+        return self.value is not None
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return f"undefined ({self.reason})"
+        ci = f" [{self.low:.3f}, {self.high:.3f}]" if self.low is not None and self.high is not None else ""
+        return f"{self.value:.3f}{ci}"
+
+
+@dataclass
+class Calibration:
+    """A line mapping simulated values to activation units: ``true ~ slope * simulated + intercept``."""
+
+    slope: float
+    intercept: float
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.slope * np.asarray(x, dtype=np.float64) + self.intercept
+
+
+@dataclass
+class ScoreSet:
+    """All scores of one simulation over one set of excerpts."""
+
+    correlation: Metric
+    rsquared: Metric
+    absolute_dev_explained: Metric
+    n_excerpts: int
+    n_tokens: int
+    calibration: Calibration | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _flat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts]) if parts else np.zeros(0)
+
+
+def correlation(true: np.ndarray, pred: np.ndarray) -> Metric:
+    """Pearson correlation of two flat vectors, undefined (with the reason) where it does not exist."""
+    t, p = np.asarray(true, dtype=np.float64).ravel(), np.asarray(pred, dtype=np.float64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"true and simulated activations differ in length ({t.size} vs {p.size})")
+    if t.size < 2:
+        return Metric(None, "fewer than two tokens to correlate")
+    if not (np.isfinite(t).all() and np.isfinite(p).all()):
+        return Metric(None, "non-finite values among the activations or simulations")
+    tc, pc = t - t.mean(), p - p.mean()
+    st, sp = math.sqrt(float(tc @ tc)), math.sqrt(float(pc @ pc))
+    if st <= 1e-12 * max(1.0, float(np.abs(t).max())):
+        return Metric(None, "the true activations are constant on these excerpts (the neuron does not vary)")
+    if sp <= 1e-12 * max(1.0, float(np.abs(p).max())):
+        return Metric(None, "the simulated activations are constant (the simulator predicts no variation)")
+    return Metric(float(np.clip((tc @ pc) / (st * sp), -1.0, 1.0)))
+
+
+def calibrate(true: list[np.ndarray], pred: list[np.ndarray]) -> Calibration:
+    """Least-squares line from simulated to true activations, fitted on a calibration split."""
+    t, p = _flat(true), _flat(pred)
+    if t.size == 0:
+        return Calibration(1.0, 0.0)
+    var = float(np.var(p))
+    if var <= 1e-12:
+        return Calibration(0.0, float(t.mean()))
+    slope = float(np.mean((p - p.mean()) * (t - t.mean())) / var)
+    return Calibration(slope, float(t.mean() - slope * p.mean()))
+
+
+def _ratio_score(num: float, den: float, what: str) -> Metric:
+    if den <= 1e-12:
+        return Metric(None, f"the mean {what} true activation is zero")
+    return Metric(1.0 - num / den)
+
+
+def bootstrap_interval(
+    true: list[np.ndarray], pred: list[np.ndarray], n_boot: int = 1000, seed: int = 0
+) -> tuple[float | None, float | None]:
+    """2.5th and 97.5th percentiles of the pooled correlation over excerpts resampled with replacement."""
+    n = len(true)
+    if n < 2 or n_boot <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    t = [np.asarray(x, dtype=np.float64).ravel() for x in true]
+    p = [np.asarray(x, dtype=np.float64).ravel() for x in pred]
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n, n)
+        m = correlation(np.concatenate([t[i] for i in pick]), np.concatenate([p[i] for i in pick]))
+        if m.value is not None:
+            values.append(m.value)
+    if len(values) < n_boot // 2:  # most resamples were degenerate: no honest interval
+        return None, None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def score(
+    true: list[np.ndarray],
+    pred: list[np.ndarray],
+    calibration: Calibration | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> ScoreSet:
+    """Score simulated against true activations, excerpt by excerpt (lists of equal-length arrays)."""
+    if len(true) != len(pred):
+        raise ValueError(f"{len(true)} true excerpts but {len(pred)} simulated ones")
+    t, p = _flat(true), _flat(pred)
+    corr = correlation(t, p)
+    if corr.value is not None:
+        corr.low, corr.high = bootstrap_interval(true, pred, n_boot, seed)
+    if calibration is None:
+        why = "no calibration split was given (the secondary scores need the simulation in activation units)"
+        rsq = Metric(None, why)
+        absdev = Metric(None, why)
+    else:
+        pc = calibration.apply(p)
+        rsq = _ratio_score(float(np.mean((t - pc) ** 2)), float(np.mean(t**2)) if t.size else 0.0, "squared")
+        absdev = _ratio_score(float(np.mean(np.abs(t - pc))), float(np.mean(np.abs(t))) if t.size else 0.0, "absolute")
+    return ScoreSet(
+        correlation=corr,
+        rsquared=rsq,
+        absolute_dev_explained=absdev,
+        n_excerpts=len(true),
+        n_tokens=int(t.size),
+        calibration=calibration,
+    )
