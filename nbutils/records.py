@@ -415,3 +415,34 @@ def import_openai(path: str | os.PathLike) -> NeuronRecord:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}).", "Pass an intact NeuronRecord JSON file.") from None
     return from_openai_json(obj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits of a record for explaining and scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
+    return [
+        Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts
+    ]
+
+
+def split_excerpts(record: NeuronRecord, negative: bool = False) -> dict[str, list[Excerpt]]:
+    """Disjoint excerpt sets for explaining, calibrating and scoring one neuron.
+
+    Top excerpts are dealt round-robin into train / calibration / valid / test, random ones into
+    calibration / valid / test (the interleaved split of OpenAI's neuron-explainer). The explainer sees only
+    ``train``; best-of-n choice and the linear calibration use ``calibration_*``; scores use ``valid_*``.
+    With ``negative`` the bottom excerpts stand in for the top ones and every activation is negated, so the
+    negative side of a signed neuron is explained like a positive one.
+    """
+    top = _negated(record.bottom) if negative else record.top
+    rand = _negated(record.random) if negative else record.random
+    return {
+        "train": top[0::4],
+        "calibration_top": top[1::4],
+        "calibration_random": rand[0::3],
+        "valid_top": top[2::4],
+        "valid_random": rand[1::3],
+    }

@@ -1,0 +1,223 @@
+"""Stage 02: explanations per neuron, from an LLM explainer and from a token-lookup baseline.
+
+The LLM explainer sees the neuron's ``train`` excerpts (see `nbutils.records.split_excerpts`) as 0..10
+values and completes "the main thing this neuron does is find ...". With ``n_samples > 1`` every candidate is
+simulated on the calibration split and the one with the highest correlation is kept (best-of-n); all
+candidates are recorded with their scores. The token-lookup baseline needs no LLM: it names the tokens with
+the highest mean activation in the train excerpts, and its simulator predicts each token's mean activation,
+so every neuron gets a baseline score to compare with.
+
+Results go to ``explanations.jsonl`` in the stage folder, one line per neuron and sign, appended as each
+neuron finishes; a rerun skips the neurons already there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.backends import LocalBackend, expected_values
+from nbutils.errors import UserError
+from nbutils.progress import progress_bar
+from nbutils.prompts import (
+    ShownExcerpt,
+    explanation_messages,
+    fit_examples,
+    normalise,
+    parse_explanation,
+    simulation_prefix,
+)
+from nbutils.records import Excerpt, NeuronId, NeuronRecord, RecordStore, split_excerpts
+from nbutils.scoring import correlation
+
+EXPLANATIONS = "explanations.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token-lookup baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def token_table(excerpts: Sequence[Excerpt]) -> dict[str, float]:
+    """Mean activation of each distinct token over the excerpts."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in excerpts:
+        for tok, act in zip(e.tokens, e.activations):
+            sums[tok] += float(act)
+            counts[tok] += 1
+    return {tok: sums[tok] / counts[tok] for tok in sums}
+
+
+def token_lookup_explanation(table: dict[str, float], n_tokens: int = 5) -> str:
+    """'the tokens "a", "b", ...' for the tokens with the highest mean activation."""
+    best = sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n_tokens]
+    return "the tokens " + ", ".join(json.dumps(tok) for tok, _ in best)
+
+
+def token_lookup_simulate(table: dict[str, float], excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+    """Each token's mean train activation (0 for tokens not seen in training)."""
+    return [np.array([table.get(t, 0.0) for t in e.tokens], dtype=np.float64) for e in excerpts]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLM explanation and simulation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[ShownExcerpt]:
+    return [ShownExcerpt(tuple(e.tokens), tuple(int(v) for v in normalise(e.activations, max_activation))) for e in excerpts]
+
+
+def simulate_explanation(backend: LocalBackend, explanation: str, excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+    """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context allows."""
+    longest = max(len(e.tokens) for e in excerpts) * 8  # generous tokens per line plus branch tokens
+    examples = fit_examples(lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, backend.context)
+    return backend.simulate(simulation_prefix(explanation, examples), [e.tokens for e in excerpts])
+
+
+def _true(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+    return [np.asarray(e.activations, dtype=np.float64) for e in excerpts]
+
+
+def explain_neuron(
+    record: NeuronRecord,
+    explainer: LocalBackend,
+    simulator: LocalBackend | None = None,
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    negative: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Explain one neuron (one sign of it); returns the JSON-ready entry for explanations.jsonl."""
+    sp = split_excerpts(record, negative)
+    train = sp["train"]
+    entry: dict[str, Any] = {
+        "layer": record.id.layer,
+        "neuron": record.id.neuron,
+        "sign": "negative" if negative else "positive",
+        "explanation": None,
+        "failure": None,
+        "candidates": [],
+    }
+    table = token_table(train)
+    entry["baseline"] = {"explanation": token_lookup_explanation(table), "method": "token lookup"}
+    max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
+    if not train or max_act <= 0:
+        entry["failure"] = "the neuron never activates on its training excerpts, so there is nothing to explain"
+        return entry
+    shown = shown_excerpts(train, max_act)
+    examples = fit_examples(
+        lambda ex: explainer.count_tokens("".join(m["content"] for m in explanation_messages(shown, ex))) + 120,
+        explainer.context,
+    )
+    replies = explainer.chat(explanation_messages(shown, examples), n=n_samples, temperature=temperature, seed=seed)
+    calibration = sp["calibration_top"] + sp["calibration_random"]
+    for reply in replies:
+        text = parse_explanation(reply)
+        cand: dict[str, Any] = {"explanation": text, "reply": reply, "calibration_score": None, "reason": None}
+        if not text:
+            cand["reason"] = "empty or unusable explainer reply"
+        elif n_samples > 1 and simulator is not None and calibration:
+            ev = expected_values(simulate_explanation(simulator, text, calibration))
+            m = correlation(np.concatenate(_true(calibration)), np.concatenate(ev))
+            cand["calibration_score"], cand["reason"] = m.value, m.reason
+        entry["candidates"].append(cand)
+    usable = [c for c in entry["candidates"] if c["explanation"]]
+    if not usable:
+        entry["failure"] = f"no usable explanation among {len(replies)} replies"
+        return entry
+    best = max(usable, key=lambda c: -np.inf if c["calibration_score"] is None else c["calibration_score"])
+    entry["explanation"] = best["explanation"]
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def neurons_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[NeuronId]:
+    """Which neurons to explain: "all", an int (that many per collected layer, seeded), or [[layer, neuron], ...]."""
+    if spec == "all" or spec is None:
+        return list(store.all_ids())
+    if isinstance(spec, int):
+        ids = []
+        for layer in store.layers:
+            neurons = store.neurons(layer)
+            pick = np.random.default_rng([seed, layer]).choice(len(neurons), min(spec, len(neurons)), replace=False)
+            ids += [NeuronId(layer, int(neurons[i])) for i in sorted(pick)]
+        return ids
+    try:
+        ids = [NeuronId(int(layer), int(neuron)) for layer, neuron in spec]
+    except (TypeError, ValueError):
+        raise UserError(
+            f"explain_neurons={spec!r} is not 'all', a number per layer, or a list of [layer, neuron] pairs.",
+            "Write e.g. explain_neurons=4 or explain_neurons=[[0, 12], [29, 700]].",
+        ) from None
+    for nid in ids:
+        store.record(nid.layer, nid.neuron)  # raises a clear error for neurons that were not collected
+    return ids
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Entries of a JSON-lines artifact; a torn last line (from a killed run) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+
+
+def run_explain_stage(
+    collection_dir: str | Path,
+    out_dir: str | Path,
+    neurons: Any = 2,
+    model: str = "embedded",
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    explain_negative: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Explain the chosen neurons of a collection into ``out_dir/explanations.jsonl`` (resumable)."""
+    store = RecordStore(collection_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / EXPLANATIONS
+    done = {(e["layer"], e["neuron"], e["sign"]) for e in read_jsonl(path)}
+    signs = [False, True] if explain_negative and store.meta.signed else [False]
+    todo = [(nid, neg) for nid in neurons_to_explain(store, neurons, seed) for neg in signs]
+    todo = [(nid, neg) for nid, neg in todo if (nid.layer, nid.neuron, "negative" if neg else "positive") not in done]
+    if todo:
+        backend = LocalBackend(model)
+        for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
+            rec = store.record(nid.layer, nid.neuron)
+            append_jsonl(path, explain_neuron(rec, backend, backend, n_samples, temperature, neg, seed))
+        usage = backend.usage
+        prior = json.loads((out / "usage.json").read_text()) if (out / "usage.json").is_file() else {}
+        (out / "usage.json").write_text(
+            json.dumps(
+                {
+                    "requests": prior.get("requests", 0) + usage.requests,
+                    "prompt_tokens": prior.get("prompt_tokens", 0) + usage.prompt_tokens,
+                    "completion_tokens": prior.get("completion_tokens", 0) + usage.completion_tokens,
+                }
+            )
+        )
+    return read_jsonl(path)

@@ -1,0 +1,210 @@
+"""Prompts for the explainer and the simulator, written for this project.
+
+Format facts follow Bills et al. (2023): an excerpt is shown as ``token<TAB>value`` lines between ``<start>``
+and ``<end>``; values are the neuron's activation normalised per neuron to integers 0..10
+(``floor(10 * max(x, 0) / max_activation)``); worked examples of other neurons come first; when under 20% of
+the shown values are non-zero, the non-zero lines are repeated in a second list; and the explainer
+completes "the main thing this neuron does is find ...". The worked examples below are invented for this
+project. The simulator sees the explanation and the excerpt with every value written ``unknown``; its
+probability of each label 0..10 at each value slot gives an expected value per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from nbutils.errors import UserError
+
+MAX_LABEL = 10
+LABELS = tuple(str(i) for i in range(MAX_LABEL + 1))
+UNKNOWN = "unknown"
+EXPLANATION_PREFIX = "the main thing this neuron does is find"
+ZERO_FILTER_BELOW = 0.2
+
+
+def normalise(activations: np.ndarray, max_activation: float) -> np.ndarray:
+    """Integers 0..10: ``floor(10 * max(x, 0) / max_activation)``, clipped (all zero if the max is not positive)."""
+    a = np.asarray(activations, dtype=np.float64)
+    if not math.isfinite(max_activation) or max_activation <= 0:
+        return np.zeros(a.shape, dtype=np.int64)
+    return np.clip(np.floor(MAX_LABEL * np.maximum(a, 0.0) / max_activation), 0, MAX_LABEL).astype(np.int64)
+
+
+def show_token(token: str) -> str:
+    """A token made safe for one ``token<TAB>value`` line: newlines and tabs become visible symbols."""
+    return token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "")
+
+
+def excerpt_block(tokens: Sequence[str], values: Sequence[object]) -> str:
+    lines = "".join(f"{show_token(t)}\t{v}\n" for t, v in zip(tokens, values))
+    return f"<start>\n{lines}<end>\n"
+
+
+@dataclass(frozen=True)
+class ShownExcerpt:
+    """An excerpt as the explainer sees it: tokens and their 0..10 values."""
+
+    tokens: tuple[str, ...]
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkedExample:
+    """An invented neuron with a known explanation, shown before the real task."""
+
+    explanation: str
+    excerpts: tuple[ShownExcerpt, ...]
+
+
+def _ex(pairs: str) -> ShownExcerpt:
+    toks, vals = [], []
+    for item in pairs.split("|"):
+        tok, _, val = item.rpartition("=")
+        toks.append(tok)
+        vals.append(int(val))
+    return ShownExcerpt(tuple(toks), tuple(vals))
+
+
+WORKED_EXAMPLES: tuple[WorkedExample, ...] = (
+    WorkedExample(
+        "names of months, most of all when a date follows",
+        (
+            _ex("The=0| meeting=0| moved=0| to=0| March=9| 14=2|,=0| after=0| the=0| storm=0|.=0"),
+            _ex("Rent=0| is=0| due=0| on=0| the=0| first=1| of=0| every=0| month=3|:=0| June=8|,=0| July=10|.=0"),
+            _ex("She=0| marched=1| into=0| the=0| office=0| and=0| may=0| stay=0| late=0|.=0"),
+        ),
+    ),
+    WorkedExample(
+        "closing brackets and parentheses, more strongly when deeply nested",
+        (
+            _ex("print=0|(=0|len=0|(=0|items=0|)=6|)=9| #=0| count=0"),
+            _ex("The=0| results=0| (=0|see=0| Table=0| 2=0|)=7| were=0| clear=0|.=0"),
+            _ex("x=0| ==0| [=0|a=0|,=0| [=0|b=0|]=8|]=10|;=0"),
+        ),
+    ),
+    WorkedExample(
+        "words about water, such as rivers, rain and the sea",
+        (
+            _ex("The=0| river=8| flooded=5| after=0| days=0| of=0| heavy=0| rain=9|.=0"),
+            _ex("We=0| sailed=6| across=0| the=0| calm=1| sea=10| at=0| dawn=0|.=0"),
+            _ex("Her=0| budget=0| spreadsheet=0| was=0| finally=0| done=0|.=0"),
+        ),
+    ),
+)
+
+EXPLAIN_SYSTEM = (
+    "You are studying single neurons inside a language model. For each neuron you are shown short pieces of "
+    "text, one token per line, each followed by a tab and the neuron's activation on that token, scaled from "
+    "0 (silent) to 10 (its strongest response). Work out what the neuron responds to and answer with one "
+    f'short phrase that completes the sentence "{EXPLANATION_PREFIX} ...". Name the tokens or contexts it '
+    "fires on; be specific and brief."
+)
+
+
+def zero_filtered_block(excerpts: Sequence[ShownExcerpt]) -> str | None:
+    """The non-zero lines again, when under 20% of all shown values are non-zero (else None)."""
+    values = [v for e in excerpts for v in e.values]
+    nonzero = [(t, v) for e in excerpts for t, v in zip(e.tokens, e.values) if v > 0]
+    if not values or not nonzero or len(nonzero) / len(values) >= ZERO_FILTER_BELOW:
+        return None
+    return "The same activations, listing only the non-zero ones:\n" + excerpt_block(*zip(*nonzero))
+
+
+def _neuron_text(name: str, excerpts: Sequence[ShownExcerpt]) -> str:
+    text = f"Neuron {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
+    repeat = zero_filtered_block(excerpts)
+    return text + (repeat or "") + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
+
+
+def explanation_messages(
+    excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES
+) -> list[dict[str, str]]:
+    """Chat messages asking for an explanation; the reply should continue `EXPLANATION_PREFIX`."""
+    messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
+    for i, ex in enumerate(examples):
+        messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts)})
+        messages.append({"role": "assistant", "content": f"{EXPLANATION_PREFIX} {ex.explanation}."})
+    messages.append({"role": "user", "content": _neuron_text("X", excerpts)})
+    return messages
+
+
+def parse_explanation(text: str) -> str:
+    """The explanation phrase from a model reply: repeated prefix removed, first line and sentence only.
+
+    Returns "" when nothing usable is left (the caller records that as a failed explanation).
+    """
+    t = text.strip().strip('"').strip()
+    low = t.lower()
+    if EXPLANATION_PREFIX in low:
+        t = t[low.index(EXPLANATION_PREFIX) + len(EXPLANATION_PREFIX) :]
+    t = t.strip().split("\n")[0]
+    for end in (". ", '."'):
+        if end in t:
+            t = t[: t.index(end)]
+    t = t.strip().rstrip(".").strip().strip('"').strip()
+    if not any(c.isalpha() for c in t) or len(t) > 400:
+        return ""
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Simulation prompt: built from pieces so every value slot's position is known exactly
+# ----------------------------------------------------------------------------------------------------------
+
+SIMULATE_HEADER = (
+    "Each neuron below responds to some tokens in text; its explanation says which. After the explanation, "
+    "the text follows one token per line with the neuron's activation, from 0 (silent) to 10 (strongest). "
+    f"Where an activation has not been measured yet it reads {UNKNOWN}.\n\n"
+)
+
+
+def _example_values(values: Sequence[int], hidden_until: int) -> list[str]:
+    return [UNKNOWN if i < hidden_until else str(v) for i, v in enumerate(values)]
+
+
+def simulation_prefix(explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+    """Instructions, worked examples, and the neuron's explanation, up to its excerpt's ``<start>`` line.
+
+    In each worked example the first third of the values read ``unknown`` and the rest are numbers, so the
+    model has seen ``unknown`` slots filled in.
+    """
+    parts = [SIMULATE_HEADER]
+    for i, ex in enumerate(examples):
+        parts.append(f"Neuron {chr(ord('A') + i)}\nExplanation: {EXPLANATION_PREFIX} {ex.explanation}.\n")
+        for e in ex.excerpts:
+            parts.append(excerpt_block(e.tokens, _example_values(e.values, len(e.values) // 3)))
+        parts.append("\n")
+    parts.append(f"Neuron X\nExplanation: {EXPLANATION_PREFIX} {explanation}.\n<start>\n")
+    return "".join(parts)
+
+
+def simulation_lines(tokens: Sequence[str]) -> list[tuple[str, str]]:
+    """Per token, the text before its value slot (``token<TAB>``) and after it (``unknown`` and newline)."""
+    return [(f"{show_token(t)}\t", f"{UNKNOWN}\n") for t in tokens]
+
+
+def fit_examples(
+    build: Callable[[Sequence[WorkedExample]], int], limit: int, examples: Sequence[WorkedExample] = WORKED_EXAMPLES
+) -> tuple[WorkedExample, ...]:
+    """The worked examples that fit a token limit: whole excerpts, then whole examples, dropped from the end.
+
+    ``build(examples)`` returns the prompt's token count with those examples. Raises when even no examples
+    leave the prompt over the limit.
+    """
+    kept = [WorkedExample(e.explanation, tuple(e.excerpts)) for e in examples]
+    while kept and build(kept) > limit:
+        last = kept[-1]
+        if len(last.excerpts) > 1:
+            kept[-1] = WorkedExample(last.explanation, last.excerpts[:-1])
+        else:
+            kept.pop()
+    if build(kept) > limit:
+        raise UserError(
+            f"The prompt is longer than the model's context ({limit} tokens) even without worked examples.",
+            "Use shorter excerpts (excerpt_len), fewer excerpts per prompt, or a model with a longer context.",
+        )
+    return tuple(kept)

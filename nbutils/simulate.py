@@ -1,0 +1,239 @@
+"""Stage 03: simulate each explanation on held-out excerpts and score it, beside the token-lookup baseline.
+
+For every entry of stage 02 the simulator predicts the neuron's activations from the explanation alone on the
+``calibration`` and ``valid`` excerpts (never the ``train`` excerpts the explainer saw). Scores, all on
+``valid``: top-and-random, random-only and top-only pooled correlation with a bootstrap 95% interval, and
+the two secondary scores after a linear calibration fitted on the calibration excerpts. The token-lookup
+baseline is scored the same way.
+
+Artifacts in the stage folder: ``scores.jsonl`` (one line per neuron and sign, appended as each finishes,
+so a rerun continues) and ``simulations/L<layer>_N<neuron>_<sign>.json`` (per excerpt: tokens, true
+activations, expected values and the 0..10 label distribution per token).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.backends import LocalBackend, expected_values
+from nbutils.errors import UserError
+from nbutils.explain import (
+    EXPLANATIONS,
+    append_jsonl,
+    read_jsonl,
+    simulate_explanation,
+    token_lookup_simulate,
+    token_table,
+)
+from nbutils.progress import progress_bar
+from nbutils.prompts import LABELS
+from nbutils.records import Excerpt, RecordStore, atomic_write_json, split_excerpts
+from nbutils.scoring import ScoreSet, calibrate, correlation, score
+
+SCORES = "scores.jsonl"
+SCORED_SETS = {"top_and_random": ("valid_top", "valid_random"), "random_only": ("valid_random",), "top_only": ("valid_top",)}
+
+
+def _score_dict(s: ScoreSet) -> dict[str, Any]:
+    return {
+        "correlation": asdict(s.correlation),
+        "rsquared": asdict(s.rsquared),
+        "absolute_dev_explained": asdict(s.absolute_dev_explained),
+        "n_excerpts": s.n_excerpts,
+        "n_tokens": s.n_tokens,
+    }
+
+
+def score_predictions(
+    splits: dict[str, list[Excerpt]], predicted: dict[str, list[np.ndarray]], n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Every score of one simulator's predictions (keyed like the splits)."""
+    def true(name: str) -> list[np.ndarray]:
+        return [np.asarray(e.activations, dtype=np.float64) for e in splits[name]]
+
+    cal_names = ("calibration_top", "calibration_random")
+    cal = calibrate([t for n in cal_names for t in true(n)], [p for n in cal_names for p in predicted[n]])
+    out: dict[str, Any] = {"calibration": asdict(cal)}
+    for label, names in SCORED_SETS.items():
+        t = [x for n in names for x in true(n)]
+        p = [x for n in names for x in predicted[n]]
+        out[label] = _score_dict(score(t, p, calibration=cal, n_boot=n_boot, seed=seed))
+    return out
+
+
+def score_entry(
+    entry: dict[str, Any], store: RecordStore, simulator: LocalBackend, n_boot: int = 1000, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Scores of one stage-02 entry, and the simulation record to save (None without an explanation)."""
+    rec = store.record(entry["layer"], entry["neuron"])
+    splits = split_excerpts(rec, entry["sign"] == "negative")
+    names = [n for n in splits if n != "train"]
+    result: dict[str, Any] = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
+    table = token_table(splits["train"])
+    result["baseline"] = {
+        "explanation": entry["baseline"]["explanation"],
+        **score_predictions(splits, {n: token_lookup_simulate(table, splits[n]) for n in names}, n_boot, seed),
+    }
+    if not entry.get("explanation"):
+        result["failure"] = entry.get("failure") or "no explanation"
+        return result, None
+    scored = [(n, e) for n in names for e in splits[n]]
+    dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored])
+    evs = expected_values(dists)
+    by_split: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for (n, _), ev in zip(scored, evs):
+        by_split[n].append(ev)
+    result.update(score_predictions(splits, by_split, n_boot, seed))
+    sim = {
+        **{k: entry[k] for k in ("layer", "neuron", "sign", "explanation")},
+        "labels": [int(x) for x in LABELS],
+        "excerpts": [
+            {
+                "split": n,
+                "index": e.index,
+                "tokens": e.tokens,
+                "true": [float(a) for a in e.activations],
+                "expected": [float(x) for x in ev],
+                "distribution": np.round(d, 6).tolist(),
+            }
+            for (n, e), ev, d in zip(scored, evs, dists)
+        ],
+    }
+    return result, sim
+
+
+def simulation_path(out: Path, layer: int, neuron: int, sign: str) -> Path:
+    return out / "simulations" / f"L{layer}_N{neuron}_{sign}.json"
+
+
+def run_score_stage(
+    collection_dir: str | Path,
+    explanation_dir: str | Path,
+    out_dir: str | Path,
+    model: str = "embedded",
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
+    store = RecordStore(collection_dir)
+    entries = read_jsonl(Path(explanation_dir) / EXPLANATIONS)
+    if not entries:
+        raise UserError(
+            f"No explanations in {Path(explanation_dir) / EXPLANATIONS}.",
+            "Run stage 02 first (python -m nbutils run runs every stage in order).",
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SCORES
+    done = {(e["layer"], e["neuron"], e["sign"]) for e in read_jsonl(path)}
+    todo = [e for e in entries if (e["layer"], e["neuron"], e["sign"]) not in done]
+    if todo:
+        backend = LocalBackend(model)
+        for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
+            result, sim = score_entry(entry, store, backend, n_boot, seed)
+            if sim is not None:
+                atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
+            append_jsonl(path, result)
+    return read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenAI neuron-explainer results JSON
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
+    """A simulation record as neuron-explainer's ``NeuronSimulationResults`` (valid excerpts, one explanation)."""
+    valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
+    labels = [float(v) for v in sim["labels"]]
+
+    def corr(t, p) -> float | None:
+        return correlation(np.asarray(t), np.asarray(p)).value
+
+    seqs = [
+        {
+            "dataclass_name": "ScoredSequenceSimulation",
+            "simulation": {
+                "dataclass_name": "SequenceSimulation",
+                "tokens": x["tokens"],
+                "expected_activations": x["expected"],
+                "activation_scale": "simulated_normalized_activations",
+                "distribution_values": [labels for _ in x["tokens"]],
+                "distribution_probabilities": x["distribution"],
+                "uncalibrated_simulation": None,
+            },
+            "true_activations": x["true"],
+            "ev_correlation_score": corr(x["true"], x["expected"]),
+            "rsquared_score": None,
+            "absolute_dev_explained_score": None,
+        }
+        for x in valid
+    ]
+    pooled = corr(sum((x["true"] for x in valid), []), sum((x["expected"] for x in valid), []))
+    return {
+        "dataclass_name": "NeuronSimulationResults",
+        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": sim["layer"], "neuron_index": sim["neuron"]},
+        "scored_explanations": [
+            {
+                "dataclass_name": "ScoredExplanation",
+                "explanation": sim["explanation"],
+                "scored_simulation": {
+                    "dataclass_name": "ScoredSimulation",
+                    "scored_sequence_simulations": seqs,
+                    "ev_correlation_score": pooled,
+                    "rsquared_score": None,
+                    "absolute_dev_explained_score": None,
+                },
+            }
+        ],
+    }
+
+
+def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Simulation records (this project's layout) from a ``NeuronSimulationResults`` object, one per explanation."""
+    if not isinstance(obj, dict) or obj.get("dataclass_name") != "NeuronSimulationResults":
+        raise UserError(
+            "Expected a neuron-explainer NeuronSimulationResults object (dataclass_name='NeuronSimulationResults').",
+            "Pass a results file written by neuron-explainer or by nbutils.simulate.to_openai_results.",
+        )
+    nid = obj["neuron_id"]
+    out = []
+    for scored in obj["scored_explanations"]:
+        seqs = scored["scored_simulation"]["scored_sequence_simulations"]
+        labels = seqs[0]["simulation"]["distribution_values"][0] if seqs else [float(x) for x in LABELS]
+        out.append(
+            {
+                "layer": nid["layer_index"],
+                "neuron": nid["neuron_index"],
+                "sign": "positive",
+                "explanation": scored["explanation"],
+                "labels": [int(v) for v in labels],
+                "excerpts": [
+                    {
+                        "split": "valid",
+                        "index": -1,
+                        "tokens": s["simulation"]["tokens"],
+                        "true": s["true_activations"],
+                        "expected": s["simulation"]["expected_activations"],
+                        "distribution": s["simulation"]["distribution_probabilities"],
+                    }
+                    for s in seqs
+                ],
+            }
+        )
+    return out
+
+
+def export_openai_results(sim_path: str | Path, out_root: str | Path) -> Path:
+    """Write ``<out_root>/<layer>/<neuron>.jsonl`` (neuron-explainer's results layout) from a simulation file."""
+    sim = json.loads(Path(sim_path).read_text())
+    path = Path(out_root) / str(sim["layer"]) / f"{sim['neuron']}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_openai_results(sim)) + "\n")
+    return path

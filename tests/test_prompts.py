@@ -1,0 +1,73 @@
+"""Prompt formatting: normalisation, token/value lines, the zero-filtered repeat, parsing, shortening."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nbutils.errors import UserError
+from nbutils.prompts import (
+    EXPLANATION_PREFIX,
+    UNKNOWN,
+    WORKED_EXAMPLES,
+    ShownExcerpt,
+    explanation_messages,
+    fit_examples,
+    normalise,
+    parse_explanation,
+    show_token,
+    simulation_lines,
+    simulation_prefix,
+)
+
+
+def test_normalise_to_0_10():
+    got = normalise(np.array([0.0, 0.5, 0.99, 1.0, -3.0, 2.5]), 1.0)
+    assert got.tolist() == [0, 5, 9, 10, 0, 10]
+    assert normalise(np.array([-1.0, -2.0]), -1.0).tolist() == [0, 0]
+
+
+def test_explanation_messages_layout_and_zero_filter():
+    dense = ShownExcerpt(("a", " b", "\n"), (3, 0, 10))
+    msgs = explanation_messages([dense])
+    assert msgs[0]["role"] == "system" and [m["role"] for m in msgs[1:]] == ["user", "assistant"] * 3 + ["user"]
+    assert msgs[2]["content"].startswith(EXPLANATION_PREFIX)
+    last = msgs[-1]["content"]
+    assert "<start>\na\t3\n b\t0\n\u21b5\t10\n<end>\n" in last and "only the non-zero" not in last
+    sparse = ShownExcerpt(tuple(f"t{i}" for i in range(12)), (0,) * 11 + (7,))
+    assert "only the non-zero ones:\n<start>\nt11\t7\n<end>" in explanation_messages([sparse])[-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "reply, want",
+    [
+        ("the main thing this neuron does is find rivers and lakes. It also fires on rain.", "rivers and lakes"),
+        (" words about money.\nSecond line", "words about money"),
+        ('"the main thing this neuron does is find dates"', "dates"),
+        ("", ""),
+        ("... !!! 123", ""),
+    ],
+)
+def test_parse_explanation(reply, want):
+    assert parse_explanation(reply) == want
+
+
+def test_simulation_prompt_pieces():
+    prefix = simulation_prefix("rivers")
+    assert prefix.endswith(f"Explanation: {EXPLANATION_PREFIX} rivers.\n<start>\n")
+    assert f" moved\t{UNKNOWN}\n" in prefix and " March\t9\n" in prefix  # first third hidden, the rest shown
+    assert simulation_lines(["a", "\t"]) == [("a\t", f"{UNKNOWN}\n"), ("\u21e5\t", f"{UNKNOWN}\n")]
+    assert show_token("x\ny") == "x\u21b5y"
+
+
+def test_fit_examples_drops_whole_excerpts_then_examples():
+    def size(examples):
+        return sum(len(e.excerpts) for e in examples) * 100 + 50
+
+    full = fit_examples(size, 10_000)
+    assert full == WORKED_EXAMPLES
+    cut = fit_examples(size, 50 + 100 * 7)
+    assert [len(e.excerpts) for e in cut] == [3, 3, 1]
+    assert fit_examples(size, 60) == ()
+    with pytest.raises(UserError, match="even without worked examples"):
+        fit_examples(size, 10)

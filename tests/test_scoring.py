@@ -1,0 +1,70 @@
+"""Scores against hand-computed values and the edge cases where a correlation does not exist."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nbutils.scoring import Calibration, bootstrap_interval, calibrate, correlation, score
+
+
+def test_correlation_matches_hand_computation():
+    # means 0.75 and 1.25; sum of cross products 3.25; sums of squares 2.75 and 4.75
+    got = correlation(np.array([0, 0, 1, 2]), np.array([1, 0, 1, 3]))
+    assert got.value == pytest.approx(3.25 / math.sqrt(2.75 * 4.75))
+    assert correlation(np.array([1, 2, 3]), np.array([3, 2, 1])).value == pytest.approx(-1.0)
+
+
+def test_correlation_is_pooled_over_tokens_not_averaged_over_excerpts():
+    true = [np.array([0.0, 1.0]), np.array([10.0, 11.0])]
+    pred = [np.array([0.0, 1.0]), np.array([0.0, 1.0])]
+    # each excerpt alone correlates perfectly; pooled: cross products sum to 1, squares to 101 and 1
+    s = score(true, pred, n_boot=0)
+    assert s.correlation.value == pytest.approx(1 / math.sqrt(101))
+    assert s.n_tokens == 4 and s.n_excerpts == 2
+
+
+@pytest.mark.parametrize(
+    "true, pred, reason",
+    [
+        ([2.0, 2.0, 2.0], [1.0, 2.0, 3.0], "true activations are constant"),
+        ([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], "simulated activations are constant"),
+        ([1.0], [1.0], "fewer than two tokens"),
+        ([1.0, np.nan], [1.0, 2.0], "non-finite"),
+    ],
+)
+def test_undefined_correlation_says_why(true, pred, reason):
+    m = correlation(np.array(true), np.array(pred))
+    assert m.value is None and not m.defined and reason in m.reason
+    assert "undefined" in str(m)
+
+
+def test_calibration_and_secondary_scores():
+    p = np.array([0.0, 1.0, 2.0, 5.0])
+    cal = calibrate([p[:2], p[2:]], [p[:2] * 0.5 - 1, p[2:] * 0.5 - 1])  # true = 2 * sim + 2
+    assert (cal.slope, cal.intercept) == pytest.approx((2.0, 2.0))
+    assert calibrate([np.ones(3)], [np.zeros(3)]) == Calibration(0.0, 1.0)  # constant simulation: mean only
+    # true [1, 2, 3] vs simulated [1, 2, 4] in activation units: mse 1/3, mean square 14/3; mae 1/3, mean |t| 2
+    s = score([np.array([1.0, 2.0, 3.0])], [np.array([1.0, 2.0, 4.0])], calibration=Calibration(1.0, 0.0), n_boot=0)
+    assert s.rsquared.value == pytest.approx(1 - 1 / 14)
+    assert s.absolute_dev_explained.value == pytest.approx(1 - 1 / 6)
+    exact = score([np.array([1.0, 3.0, 5.0])], [np.array([0.0, 1.0, 2.0])], calibration=Calibration(2.0, 1.0))
+    assert exact.rsquared.value == pytest.approx(1.0) and exact.absolute_dev_explained.value == pytest.approx(1.0)
+    none = score([np.array([1.0, 2.0])], [np.array([1.0, 3.0])], n_boot=0)
+    assert none.rsquared.value is None and "calibration" in none.rsquared.reason
+    zero = score([np.zeros(3)], [np.array([1.0, 2.0, 3.0])], calibration=Calibration(1.0, 0.0), n_boot=0)
+    assert zero.rsquared.value is None and zero.correlation.value is None
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    true = [rng.normal(size=16) for _ in range(30)]
+    pred = [t + rng.normal(scale=1.0, size=16) for t in true]
+    s = score(true, pred, n_boot=300, seed=1)
+    assert s.correlation.low < s.correlation.value < s.correlation.high
+    assert 0.5 < s.correlation.value < 0.9 and s.correlation.high - s.correlation.low < 0.3
+    assert bootstrap_interval(true[:1], pred[:1]) == (None, None)
+    again = score(true, pred, n_boot=300, seed=1)
+    assert (again.correlation.low, again.correlation.high) == (s.correlation.low, s.correlation.high)
