@@ -14,9 +14,11 @@ key/value cache reused for every excerpt; excerpts are batched.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ import torch
 from nbutils.errors import UserError
 from nbutils.models import load_subject_model
 from nbutils.prompts import EXPLANATION_PREFIX, LABELS, simulation_lines
+from nbutils.records import atomic_write_json
 
 
 @dataclass
@@ -38,6 +41,13 @@ class Usage:
         self.requests += other.requests
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+
+    def save(self, path: str | Path) -> None:
+        """Add these counts to the totals in a usage.json file (so resumed runs keep counting)."""
+        path = Path(path)
+        total = Usage(**json.loads(path.read_text())) if path.is_file() else Usage()
+        total.add(self)
+        atomic_write_json(path, asdict(total))
 
 
 @dataclass
@@ -101,7 +111,9 @@ class LocalBackend:
 
     # -- generation --------------------------------------------------------------------------------------
 
-    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float = 1.0, max_tokens: int = 40, seed: int = 0) -> list[str]:
+    def chat(
+        self, messages: list[dict[str, str]], n: int = 1, temperature: float = 1.0, max_tokens: int = 40, seed: int = 0
+    ) -> list[str]:
         """n replies to a chat, each continuing `EXPLANATION_PREFIX` (the explainer's completion format)."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = torch.tensor([self._encode(prompt + EXPLANATION_PREFIX)])
@@ -124,6 +136,8 @@ class LocalBackend:
                 num_return_sequences=n,
                 max_new_tokens=max_tokens,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                stop_strings=["\n"],  # the explanation is one line
+                tokenizer=self.tokenizer,
             )
         replies = [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
         self.usage.add(Usage(n, ids.shape[1] * n, sum(len(row) - ids.shape[1] for row in out)))
@@ -216,9 +230,14 @@ class LocalBackend:
                     ids, pos, mask, rows = self._batch_inputs(chunk, len(prefix_ids), None)
                     B = len(chunk)
                     past = DynamicCache.from_legacy_cache(
-                        tuple((k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous()) for k, v in cache)
+                        tuple(
+                            (k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous())
+                            for k, v in cache
+                        )
                     )
-                    logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=past, use_cache=True).logits
+                    logits = self.model(
+                        input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=past, use_cache=True
+                    ).logits
                     results += self._distributions(logits, rows, 0)
                 else:
                     ids, pos, mask, rows = self._batch_inputs(chunk, 0, prefix_ids)

@@ -71,13 +71,17 @@ def token_lookup_simulate(table: dict[str, float], excerpts: Sequence[Excerpt]) 
 
 
 def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[ShownExcerpt]:
-    return [ShownExcerpt(tuple(e.tokens), tuple(int(v) for v in normalise(e.activations, max_activation))) for e in excerpts]
+    return [
+        ShownExcerpt(tuple(e.tokens), tuple(int(v) for v in normalise(e.activations, max_activation))) for e in excerpts
+    ]
 
 
 def simulate_explanation(backend: LocalBackend, explanation: str, excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
     """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context allows."""
     longest = max(len(e.tokens) for e in excerpts) * 8  # generous tokens per line plus branch tokens
-    examples = fit_examples(lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, backend.context)
+    examples = fit_examples(
+        lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, backend.context
+    )
     return backend.simulate(simulation_prefix(explanation, examples), [e.tokens for e in excerpts])
 
 
@@ -209,15 +213,5 @@ def run_explain_stage(
         for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
             append_jsonl(path, explain_neuron(rec, backend, backend, n_samples, temperature, neg, seed))
-        usage = backend.usage
-        prior = json.loads((out / "usage.json").read_text()) if (out / "usage.json").is_file() else {}
-        (out / "usage.json").write_text(
-            json.dumps(
-                {
-                    "requests": prior.get("requests", 0) + usage.requests,
-                    "prompt_tokens": prior.get("prompt_tokens", 0) + usage.prompt_tokens,
-                    "completion_tokens": prior.get("completion_tokens", 0) + usage.completion_tokens,
-                }
-            )
-        )
+        backend.usage.save(out / "usage.json")
     return read_jsonl(path)

@@ -40,7 +40,11 @@ class Stage:
     """Parameter name under which later stages receive this stage's folder."""
 
 
-STAGES: tuple[Stage, ...] = (Stage("01_collect_activations.ipynb", "01_collect", "collection_dir"),)
+STAGES: tuple[Stage, ...] = (
+    Stage("01_collect_activations.ipynb", "01_collect", "collection_dir"),
+    Stage("02_explain_neurons.ipynb", "02_explain", "explanation_dir"),
+    Stage("03_simulate_and_score.ipynb", "03_score", "score_dir"),
+)
 
 OWNED = {"output_dir"} | {s.provides for s in STAGES}
 """Parameters the chain sets itself; users cannot pass them."""
@@ -57,10 +61,12 @@ MAIN_JOB: dict[str, Any] = {
     "band_size": 5,
     "batch_size": 32,
     "seed": 0,
+    "explain_neurons": 2,
+    "n_samples": 1,
 }
 """The main job's defaults (`python -m nbutils run` with no arguments): SmolLM2-135M-Instruct on the
 embedded corpus, 4,000 excerpts of 64 tokens (256k tokens), every neuron of five layers spread from first
-to last. Notebook defaults are smaller, sized for CI."""
+to last; then 2 neurons per layer explained, simulated and scored. Notebook defaults are smaller, sized for CI."""
 
 
 def notebooks_dir() -> Path:

@@ -423,9 +423,7 @@ def import_openai(path: str | os.PathLike) -> NeuronRecord:
 
 
 def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
-    return [
-        Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts
-    ]
+    return [Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts]
 
 
 def split_excerpts(record: NeuronRecord, negative: bool = False) -> dict[str, list[Excerpt]]:
@@ -434,13 +432,17 @@ def split_excerpts(record: NeuronRecord, negative: bool = False) -> dict[str, li
     Top excerpts are dealt round-robin into train / calibration / valid / test, random ones into
     calibration / valid / test (the interleaved split of OpenAI's neuron-explainer). The explainer sees only
     ``train``; best-of-n choice and the linear calibration use ``calibration_*``; scores use ``valid_*``.
+    Random excerpts that the explainer also sees among its train excerpts are left out of scoring.
     With ``negative`` the bottom excerpts stand in for the top ones and every activation is negated, so the
     negative side of a signed neuron is explained like a positive one.
     """
     top = _negated(record.bottom) if negative else record.top
     rand = _negated(record.random) if negative else record.random
+    train = top[0::4]
+    shown = {e.index for e in train if e.index >= 0}
+    rand = [e for e in rand if e.index not in shown]  # a random excerpt may also be a top one
     return {
-        "train": top[0::4],
+        "train": train,
         "calibration_top": top[1::4],
         "calibration_random": rand[0::3],
         "valid_top": top[2::4],

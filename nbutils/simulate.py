@@ -36,7 +36,11 @@ from nbutils.records import Excerpt, RecordStore, atomic_write_json, split_excer
 from nbutils.scoring import ScoreSet, calibrate, correlation, score
 
 SCORES = "scores.jsonl"
-SCORED_SETS = {"top_and_random": ("valid_top", "valid_random"), "random_only": ("valid_random",), "top_only": ("valid_top",)}
+SCORED_SETS = {
+    "top_and_random": ("valid_top", "valid_random"),
+    "random_only": ("valid_random",),
+    "top_only": ("valid_top",),
+}
 
 
 def _score_dict(s: ScoreSet) -> dict[str, Any]:
@@ -53,6 +57,7 @@ def score_predictions(
     splits: dict[str, list[Excerpt]], predicted: dict[str, list[np.ndarray]], n_boot: int, seed: int
 ) -> dict[str, Any]:
     """Every score of one simulator's predictions (keyed like the splits)."""
+
     def true(name: str) -> list[np.ndarray]:
         return [np.asarray(e.activations, dtype=np.float64) for e in splits[name]]
 
@@ -140,6 +145,7 @@ def run_score_stage(
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             append_jsonl(path, result)
+        backend.usage.save(out / "usage.json")
     return read_jsonl(path)
 
 

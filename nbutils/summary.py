@@ -81,3 +81,32 @@ def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3
         parts.append("<p>most negative:</p>")
         parts += [excerpt_html(e, scale) for e in rec.bottom[:n]]
     return "\n".join(parts)
+
+
+def _fmt_metric(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    if m.get("value") is None:
+        return f"undefined: {m.get('reason')}"
+    if m.get("low") is not None and m.get("high") is not None:
+        return f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]"
+    return f"{m['value']:.3f}"
+
+
+def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of stage-03 results: explanation and baseline correlations per score set."""
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                "layer": r["layer"],
+                "neuron": r["neuron"],
+                "sign": r["sign"],
+                "explanation": r.get("explanation") or f"(none: {r.get('failure')})",
+                "top+random": _fmt_metric(r.get("top_and_random", {}).get("correlation")),
+                "random only": _fmt_metric(r.get("random_only", {}).get("correlation")),
+                "baseline top+random": _fmt_metric(r["baseline"]["top_and_random"]["correlation"]),
+                "baseline random only": _fmt_metric(r["baseline"]["random_only"]["correlation"]),
+            }
+        )
+    return rows

@@ -13,7 +13,17 @@ import pytest
 from nbutils.pipeline import parse_value
 from nbutils.records import RecordStore
 
-SMALL = ["n_excerpts=32", "layers=[0, 29]", "neurons=16", "batch_size=16", "top_k=4", "n_random=4", "band_size=2"]
+SMALL = [
+    "n_excerpts=32",
+    "layers=[0, 29]",
+    "neurons=[0, 1, 2, 3]",
+    "batch_size=16",
+    "top_k=8",
+    "n_random=6",
+    "band_size=2",
+    "explain_neurons=[[29, 0]]",
+    "n_boot=100",
+]
 
 
 def nbutils_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -49,10 +59,16 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
 
     store = RecordStore(run / "01_collect")
     assert store.meta.layers == [0, 29] and store.meta.n_excerpts == 32
-    assert len(store.record(29, int(store.neurons(29)[0])).top) == 4
+
+    assert len(store.record(29, int(store.neurons(29)[0])).top) == 8
+    for stage in ("02_explain", "03_score"):
+        m = json.loads((run / stage / "manifest.json").read_text())
+        assert m["parameters"]["collection_dir"] == str(run / "01_collect")
+    scores = [json.loads(line) for line in (run / "03_score" / "scores.jsonl").read_text().splitlines()]
+    assert [(s["layer"], s["neuron"]) for s in scores] == [(29, 0)] and "top_and_random" in scores[0]["baseline"]
 
     again = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
-    assert again.returncode == 0 and "already done" in again.stdout
+    assert again.returncode == 0 and again.stdout.count("already done") == 3
 
 
 @pytest.mark.slow

@@ -87,7 +87,113 @@ display(HTML(table_html(rows)))""",
     ),
 ]
 
-NOTEBOOKS = {"01_collect_activations.ipynb": COLLECT}
+EXPLAIN = [
+    (
+        "markdown",
+        """# 02 · Explain neurons
+
+For each chosen neuron, an explainer LLM reads the neuron's training excerpts (activations scaled to 0..10)
+and completes "the main thing this neuron does is find ...". With `n_samples > 1` each candidate is
+simulated on a calibration split and the best is kept. Every neuron also gets a token-lookup baseline
+explanation that needs no LLM. Results: `output_dir/explanations.jsonl` (rerunning continues).""",
+    ),
+    (
+        "parameters",
+        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
+explain_neurons = 1  # an int (neurons per collected layer), "all", or [[layer, neuron], ...]
+explainer_model = "embedded"  # "embedded", a Hugging Face id, a local folder or a .gguf file
+n_samples = 1  # candidate explanations per neuron (best-of-n when > 1)
+temperature = 1.0
+explain_negative = False  # also explain the negative side of signed (gated) neurons
+seed = 0
+output_dir = "../outputs/interactive/02_explain\"""",
+    ),
+    (
+        "code",
+        """from IPython.display import HTML, display
+
+from nbutils.explain import run_explain_stage
+from nbutils.summary import table_html
+
+entries = run_explain_stage(
+    collection_dir,
+    output_dir,
+    neurons=explain_neurons,
+    model=explainer_model,
+    n_samples=n_samples,
+    temperature=temperature,
+    explain_negative=explain_negative,
+    seed=seed,
+)""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+print("entries:", len(entries), "| signs:", sorted({e["sign"] for e in entries}))
+print("every entry has a baseline:", all(e["baseline"]["explanation"] for e in entries))""",
+    ),
+    (
+        "code",
+        """rows = [
+    {
+        "layer": e["layer"],
+        "neuron": e["neuron"],
+        "sign": e["sign"],
+        "explanation": e["explanation"] or f"(failed: {e['failure']})",
+        "baseline": e["baseline"]["explanation"],
+    }
+    for e in entries
+]
+display(HTML(table_html(rows)))""",
+    ),
+]
+
+SCORE = [
+    (
+        "markdown",
+        """# 03 · Simulate and score
+
+A simulator LLM predicts each neuron's activations from its explanation alone, on held-out excerpts, in one
+forward pass per excerpt. Scores are pooled correlations on top-and-random, random-only and top-only
+excerpts (with bootstrap 95% intervals), beside the token-lookup baseline. A score is *undefined*, with the
+reason, where a correlation does not exist. Results: `output_dir/scores.jsonl` and `output_dir/simulations/`.""",
+    ),
+    (
+        "parameters",
+        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
+explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output
+simulator_model = "embedded"
+n_boot = 1000  # bootstrap resamples for the 95% intervals
+seed = 0
+output_dir = "../outputs/interactive/03_score\"""",
+    ),
+    (
+        "code",
+        """from IPython.display import HTML, display
+
+from nbutils.simulate import run_score_stage
+from nbutils.summary import score_rows, table_html
+
+results = run_score_stage(collection_dir, explanation_dir, output_dir, model=simulator_model, n_boot=n_boot, seed=seed)""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+print("scored:", len(results))
+print("score sets:", sorted(k for k in results[0] if k.endswith(("_random", "_only"))))
+print("baseline scored:", all("top_and_random" in r["baseline"] for r in results))""",
+    ),
+    (
+        "code",
+        """display(HTML(table_html(score_rows(results))))""",
+    ),
+]
+
+NOTEBOOKS = {
+    "01_collect_activations.ipynb": COLLECT,
+    "02_explain_neurons.ipynb": EXPLAIN,
+    "03_simulate_and_score.ipynb": SCORE,
+}
 
 
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:

@@ -1,0 +1,65 @@
+"""The local backend: exact label probabilities (two-token labels included) and prefix reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nbutils.backends import LocalBackend, expected_values
+from nbutils.prompts import EXPLANATION_PREFIX, LABELS, ShownExcerpt, explanation_messages, simulation_prefix
+
+EXCERPTS = [
+    ["The", " river", " ran", " dry", " after", " months", " without", " rain", "."],
+    ["Tax", " forms", " are", " due", " in", " April", "."],
+    ["<script>", "alert", "(", "1", ")", "</script>"],
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return LocalBackend("embedded", batch_size=2)
+
+
+def test_prefix_reuse_equals_plain_per_excerpt_forward(backend):
+    prefix = simulation_prefix("words about water, such as rivers and rain")
+    reused = backend.simulate(prefix, EXCERPTS, reuse_prefix=True)
+    plain = backend.simulate(prefix, EXCERPTS, reuse_prefix=False)
+    for a, b, tokens in zip(reused, plain, EXCERPTS):
+        assert a.shape == (len(tokens), len(LABELS))
+        np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    ev = expected_values(reused)
+    assert all(((0 <= e) & (e <= 10)).all() for e in ev)
+
+
+def test_label_probabilities_match_an_independent_plain_computation(backend):
+    """Rebuild one slot's 11 probabilities from two ordinary forward passes, without masks or caches."""
+    assert backend.labels.branch_tokens == [backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]]
+    prefix = simulation_prefix("words about water")
+    tokens = EXCERPTS[0]
+    dist = backend.simulate(prefix, [tokens])[0]
+    ids, slots = backend._excerpt_ids(tokens)
+    context = list(backend._encode(prefix)) + ids[: slots[3]]  # everything before the 4th value slot
+    one = backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]
+    zero = backend.tokenizer("0", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        p = torch.softmax(backend.model(torch.tensor([context])).logits[0, -1].double(), -1)
+        p_after_one = torch.softmax(backend.model(torch.tensor([context + [one]])).logits[0, -1].double(), -1)
+    first = [backend.tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
+    want = [float(p[f]) for f in first[:10]] + [float(p[one] * p_after_one[zero])]
+    want[1] = float(p[one] * (1 - p_after_one[zero]))
+    want = np.array(want) / np.sum(want)
+    np.testing.assert_allclose(dist[3], want, atol=1e-4)
+
+
+def test_chat_replies_continue_the_explanation_prefix(backend):
+    before = backend.usage.completion_tokens
+    msgs = explanation_messages([ShownExcerpt(("The", " river", " ran"), (0, 9, 1))])
+    replies = backend.chat(msgs, n=2, temperature=0.8, max_tokens=16, seed=1)
+    assert len(replies) == 2 and all(r.startswith(EXPLANATION_PREFIX) for r in replies)
+    assert all("\n" not in r.strip() for r in replies)
+    assert backend.usage.completion_tokens > before
+    assert backend.chat(msgs, n=1, temperature=0.0, max_tokens=8) == backend.chat(
+        msgs, n=1, temperature=0.0, max_tokens=8
+    )

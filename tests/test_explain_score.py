@@ -1,0 +1,111 @@
+"""Stages 02 and 03 on the embedded model: best-of-n, baselines, held-out scoring, resume, OpenAI results JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nbutils.collect import CollectConfig, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.explain import (
+    EXPLANATIONS,
+    explain_neuron,
+    read_jsonl,
+    run_explain_stage,
+    token_lookup_explanation,
+    token_lookup_simulate,
+    token_table,
+)
+from nbutils.records import Excerpt, NeuronId, NeuronRecord, split_excerpts
+from nbutils.simulate import SCORES, from_openai_results, run_score_stage, score_entry, to_openai_results
+
+
+@pytest.fixture(scope="module")
+def collection(embedded, tmp_path_factory):
+    excerpts = make_excerpts(embedded.tokenizer, load_texts("embedded"), 64, 64, seed=4, corpus="embedded")
+    cfg = CollectConfig(
+        layers=[2, 20], neurons=[5, 77], top_k=8, n_random=6, band_size=2, quantile_warmup=16, batch_size=16
+    )
+    out = tmp_path_factory.mktemp("stage") / "01_collect"
+    return collect_activations(embedded, excerpts, out, cfg, progress=False)
+
+
+def test_token_lookup_baseline_by_hand():
+    ex = [
+        Excerpt(["a", "b", "a"], np.array([1.0, 0.0, 3.0])),
+        Excerpt(["b", "c"], np.array([2.0, 5.0])),
+    ]
+    table = token_table(ex)
+    assert table == {"a": 2.0, "b": 1.0, "c": 5.0}
+    assert token_lookup_explanation(table, 2) == 'the tokens "c", "a"'
+    sim = token_lookup_simulate(table, [Excerpt(["c", "z", "a"], np.zeros(3))])
+    assert sim[0].tolist() == [5.0, 0.0, 2.0]
+
+
+def test_explain_and_score_stages(collection, tmp_path):
+    entries = run_explain_stage(
+        collection.path, tmp_path / "02", neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, progress=False
+    )
+    assert [(e["layer"], e["neuron"], e["sign"]) for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
+    for e in entries:
+        assert len(e["candidates"]) == 2 and e["baseline"]["explanation"].startswith("the tokens ")
+        usable = [c for c in e["candidates"] if c["explanation"]]
+        if usable and e["explanation"]:
+            scored = [c for c in usable if c["calibration_score"] is not None]
+            if scored:  # best-of-n keeps the candidate with the best calibration score
+                assert e["explanation"] == max(scored, key=lambda c: c["calibration_score"])["explanation"]
+    usage = json.loads((tmp_path / "02" / "usage.json").read_text())
+    assert usage["prompt_tokens"] > 1000 and usage["completion_tokens"] > 0
+    again = run_explain_stage(collection.path, tmp_path / "02", neurons=[[2, 5], [20, 77]], n_samples=2, seed=3)
+    assert again == entries  # nothing redone
+    assert len((tmp_path / "02" / EXPLANATIONS).read_text().splitlines()) == 2
+
+    results = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", n_boot=50, progress=False)
+    assert len(results) == 2 and read_jsonl(tmp_path / "03" / SCORES) == results
+    for r in results:
+        for key in ("top_and_random", "random_only", "top_only"):
+            assert set(r["baseline"][key]) >= {"correlation", "rsquared", "absolute_dev_explained"}
+            if r["explanation"]:
+                m = r[key]["correlation"]
+                assert (m["value"] is None) == (m["reason"] is not None)
+        if not r["explanation"]:
+            continue
+        sim = json.loads((tmp_path / "03" / "simulations" / f"L{r['layer']}_N{r['neuron']}_positive.json").read_text())
+        record = collection.record(r["layer"], r["neuron"])
+        train = {e.index for e in split_excerpts(record)["train"]}
+        assert train and not train & {x["index"] for x in sim["excerpts"]}  # the explainer's excerpts are never scored
+        for x in sim["excerpts"]:
+            assert len(x["tokens"]) == len(x["true"]) == len(x["expected"]) == len(x["distribution"]) == 64
+            np.testing.assert_allclose(np.array(x["distribution"]) @ np.arange(11), x["expected"], atol=1e-3)
+        # OpenAI neuron-explainer results JSON round trip
+        exported = to_openai_results(sim)
+        assert exported["dataclass_name"] == "NeuronSimulationResults"
+        seqs = exported["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
+        assert {s["dataclass_name"] for s in seqs} == {"ScoredSequenceSimulation"}
+        assert seqs[0]["simulation"]["dataclass_name"] == "SequenceSimulation"
+        back = from_openai_results(json.loads(json.dumps(exported)))[0]
+        valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
+        assert [x["tokens"] for x in back["excerpts"]] == [x["tokens"] for x in valid]
+        assert [x["expected"] for x in back["excerpts"]] == [x["expected"] for x in valid]
+        assert to_openai_results(back) == exported
+        pooled = exported["scored_explanations"][0]["scored_simulation"]["ev_correlation_score"]
+        assert pooled == pytest.approx(r["top_and_random"]["correlation"]["value"])
+    assert run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", n_boot=50) == results  # resumed
+
+
+def test_a_neuron_that_never_activates(collection):
+    flat = [Excerpt(["x"] * 4, np.zeros(4), index=i) for i in range(8)]
+    record = NeuronRecord(NeuronId(2, 5), flat, flat[:6], [], [], [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    entry = explain_neuron(record, explainer=None)
+    assert entry["explanation"] is None and "never activates" in entry["failure"]
+
+    class Store:  # the scorer reads the record through the same interface as RecordStore
+        def record(self, layer, neuron):
+            return record
+
+    result, sim = score_entry(entry, Store(), simulator=None)
+    assert sim is None and "never activates" in result["failure"]
+    corr = result["baseline"]["top_and_random"]["correlation"]
+    assert corr["value"] is None and "constant" in corr["reason"]
