@@ -23,6 +23,8 @@ import numpy as np
 
 from nbutils.backends import LocalBackend, expected_values
 from nbutils.errors import UserError
+from nbutils.llm import make_backend
+from nbutils.openai_backend import OpenAIBackend, SimulationFailed
 from nbutils.progress import progress_bar
 from nbutils.prompts import (
     ShownExcerpt,
@@ -76,7 +78,9 @@ def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[S
     ]
 
 
-def simulate_explanation(backend: LocalBackend, explanation: str, excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+def simulate_explanation(
+    backend: LocalBackend | OpenAIBackend, explanation: str, excerpts: Sequence[Excerpt]
+) -> list[np.ndarray]:
     """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context allows."""
     longest = max(len(e.tokens) for e in excerpts) * 8  # generous tokens per line plus branch tokens
     examples = fit_examples(
@@ -91,8 +95,8 @@ def _true(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
 
 def explain_neuron(
     record: NeuronRecord,
-    explainer: LocalBackend,
-    simulator: LocalBackend | None = None,
+    explainer: LocalBackend | OpenAIBackend,
+    simulator: LocalBackend | OpenAIBackend | None = None,
     n_samples: int = 1,
     temperature: float = 1.0,
     negative: bool = False,
@@ -128,9 +132,13 @@ def explain_neuron(
         if not text:
             cand["reason"] = "empty or unusable explainer reply"
         elif n_samples > 1 and simulator is not None and calibration:
-            ev = expected_values(simulate_explanation(simulator, text, calibration))
-            m = correlation(np.concatenate(_true(calibration)), np.concatenate(ev))
-            cand["calibration_score"], cand["reason"] = m.value, m.reason
+            try:
+                ev = expected_values(simulate_explanation(simulator, text, calibration))
+            except SimulationFailed as e:
+                cand["reason"] = f"simulation failed: {e}"
+            else:
+                m = correlation(np.concatenate(_true(calibration)), np.concatenate(ev))
+                cand["calibration_score"], cand["reason"] = m.value, m.reason
         entry["candidates"].append(cand)
     usable = [c for c in entry["candidates"] if c["explanation"]]
     if not usable:
@@ -193,6 +201,9 @@ def run_explain_stage(
     out_dir: str | Path,
     neurons: Any = 2,
     model: str = "embedded",
+    backend: str = "local",
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
     n_samples: int = 1,
     temperature: float = 1.0,
     explain_negative: bool = False,
@@ -209,9 +220,9 @@ def run_explain_stage(
     todo = [(nid, neg) for nid in neurons_to_explain(store, neurons, seed) for neg in signs]
     todo = [(nid, neg) for nid, neg in todo if (nid.layer, nid.neuron, "negative" if neg else "positive") not in done]
     if todo:
-        backend = LocalBackend(model)
+        llm = make_backend(backend, model, base_url, api_key_env)
         for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
-            append_jsonl(path, explain_neuron(rec, backend, backend, n_samples, temperature, neg, seed))
-        backend.usage.save(out / "usage.json")
+            append_jsonl(path, explain_neuron(rec, llm, llm, n_samples, temperature, neg, seed))
+        llm.usage.save(out / "usage.json")
     return read_jsonl(path)

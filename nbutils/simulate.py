@@ -30,6 +30,8 @@ from nbutils.explain import (
     token_lookup_simulate,
     token_table,
 )
+from nbutils.llm import make_backend
+from nbutils.openai_backend import OpenAIBackend, SimulationFailed
 from nbutils.progress import progress_bar
 from nbutils.prompts import LABELS
 from nbutils.records import Excerpt, RecordStore, atomic_write_json, split_excerpts
@@ -72,7 +74,11 @@ def score_predictions(
 
 
 def score_entry(
-    entry: dict[str, Any], store: RecordStore, simulator: LocalBackend, n_boot: int = 1000, seed: int = 0
+    entry: dict[str, Any],
+    store: RecordStore,
+    simulator: LocalBackend | OpenAIBackend,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Scores of one stage-02 entry, and the simulation record to save (None without an explanation)."""
     rec = store.record(entry["layer"], entry["neuron"])
@@ -88,7 +94,11 @@ def score_entry(
         result["failure"] = entry.get("failure") or "no explanation"
         return result, None
     scored = [(n, e) for n in names for e in splits[n]]
-    dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored])
+    try:
+        dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored])
+    except SimulationFailed as e:
+        result["failure"] = f"simulation failed: {e}"
+        return result, None
     evs = expected_values(dists)
     by_split: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for (n, _), ev in zip(scored, evs):
@@ -121,6 +131,10 @@ def run_score_stage(
     explanation_dir: str | Path,
     out_dir: str | Path,
     model: str = "embedded",
+    backend: str = "local",
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    simulation: str = "auto",
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
@@ -139,13 +153,13 @@ def run_score_stage(
     done = {(e["layer"], e["neuron"], e["sign"]) for e in read_jsonl(path)}
     todo = [e for e in entries if (e["layer"], e["neuron"], e["sign"]) not in done]
     if todo:
-        backend = LocalBackend(model)
+        llm = make_backend(backend, model, base_url, api_key_env, simulation)
         for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
-            result, sim = score_entry(entry, store, backend, n_boot, seed)
+            result, sim = score_entry(entry, store, llm, n_boot, seed)
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             append_jsonl(path, result)
-        backend.usage.save(out / "usage.json")
+        llm.usage.save(out / "usage.json")
     return read_jsonl(path)
 
 

@@ -101,7 +101,10 @@ explanation that needs no LLM. Results: `output_dir/explanations.jsonl` (rerunni
         "parameters",
         """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
 explain_neurons = 1  # an int (neurons per collected layer), "all", or [[layer, neuron], ...]
-explainer_model = "embedded"  # "embedded", a Hugging Face id, a local folder or a .gguf file
+explainer_backend = "local"  # "local" (transformers in the kernel) or "openai" (any compatible server)
+explainer_model = "embedded"  # local: "embedded", a Hugging Face id, folder or .gguf; openai: the model name
+base_url = None  # for "openai": e.g. "http://127.0.0.1:8080/v1"; None means the OpenAI API
+api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key itself)
 n_samples = 1  # candidate explanations per neuron (best-of-n when > 1)
 temperature = 1.0
 explain_negative = False  # also explain the negative side of signed (gated) neurons
@@ -120,6 +123,9 @@ entries = run_explain_stage(
     output_dir,
     neurons=explain_neurons,
     model=explainer_model,
+    backend=explainer_backend,
+    base_url=base_url,
+    api_key_env=api_key_env,
     n_samples=n_samples,
     temperature=temperature,
     explain_negative=explain_negative,
@@ -162,7 +168,11 @@ reason, where a correlation does not exist. Results: `output_dir/scores.jsonl` a
         "parameters",
         """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
 explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output
+simulator_backend = "local"  # "local" or "openai"
 simulator_model = "embedded"
+base_url = None  # for "openai"
+api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the key
+simulation_mode = "auto"  # for "openai": "echo" (prompt log-probabilities), "chat" (no log-probabilities), or "auto"
 n_boot = 1000  # bootstrap resamples for the 95% intervals
 seed = 0
 output_dir = "../outputs/interactive/03_score\"""",
@@ -174,7 +184,18 @@ output_dir = "../outputs/interactive/03_score\"""",
 from nbutils.simulate import run_score_stage
 from nbutils.summary import score_rows, table_html
 
-results = run_score_stage(collection_dir, explanation_dir, output_dir, model=simulator_model, n_boot=n_boot, seed=seed)""",
+results = run_score_stage(
+    collection_dir,
+    explanation_dir,
+    output_dir,
+    model=simulator_model,
+    backend=simulator_backend,
+    base_url=base_url,
+    api_key_env=api_key_env,
+    simulation=simulation_mode,
+    n_boot=n_boot,
+    seed=seed,
+)""",
     ),
     (
         "code",
