@@ -42,12 +42,29 @@ class Usage:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
 
-    def save(self, path: str | Path) -> None:
+    def cost(self, prices: dict[str, float]) -> float:
+        """Estimated cost from a price table in currency units per million tokens: {"prompt": .., "completion": ..}."""
+        unknown = set(prices) - {"prompt", "completion"}
+        if unknown:
+            raise UserError(
+                f"Price table keys {sorted(unknown)} are not 'prompt' or 'completion'.", "Use those two keys."
+            )
+        return (
+            self.prompt_tokens * prices.get("prompt", 0.0) + self.completion_tokens * prices.get("completion", 0.0)
+        ) / 1e6
+
+    def save(self, path: str | Path, prices: dict[str, float] | None = None) -> None:
         """Add these counts to the totals in a usage.json file (so resumed runs keep counting)."""
         path = Path(path)
-        total = Usage(**json.loads(path.read_text())) if path.is_file() else Usage()
+        fields = ("requests", "prompt_tokens", "completion_tokens")
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        total = Usage(**{k: old.get(k, 0) for k in fields})
         total.add(self)
-        atomic_write_json(path, asdict(total))
+        out: dict[str, object] = asdict(total)
+        if prices:
+            out["prices_per_million_tokens"] = prices
+            out["estimated_cost"] = total.cost(prices)
+        atomic_write_json(path, out)
 
 
 @dataclass

@@ -208,6 +208,7 @@ def run_explain_stage(
     temperature: float = 1.0,
     explain_negative: bool = False,
     seed: int = 0,
+    prices: dict[str, float] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Explain the chosen neurons of a collection into ``out_dir/explanations.jsonl`` (resumable)."""
@@ -224,5 +225,5 @@ def run_explain_stage(
         for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
             append_jsonl(path, explain_neuron(rec, llm, llm, n_samples, temperature, neg, seed))
-        llm.usage.save(out / "usage.json")
+        llm.usage.save(out / "usage.json", prices)
     return read_jsonl(path)

@@ -137,6 +137,7 @@ def run_score_stage(
     simulation: str = "auto",
     n_boot: int = 1000,
     seed: int = 0,
+    prices: dict[str, float] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
@@ -159,7 +160,7 @@ def run_score_stage(
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             append_jsonl(path, result)
-        llm.usage.save(out / "usage.json")
+        llm.usage.save(out / "usage.json", prices)
     return read_jsonl(path)
 
 

@@ -68,3 +68,19 @@ def test_bootstrap_interval_brackets_the_estimate():
     assert bootstrap_interval(true[:1], pred[:1]) == (None, None)
     again = score(true, pred, n_boot=300, seed=1)
     assert (again.correlation.low, again.correlation.high) == (s.correlation.low, s.correlation.high)
+
+
+def test_usage_totals_and_cost_estimate(tmp_path):
+    from nbutils.backends import Usage
+    from nbutils.errors import UserError
+
+    path = tmp_path / "usage.json"
+    Usage(2, 1_000_000, 10_000).save(path)
+    Usage(1, 500_000, 0).save(path, prices={"prompt": 0.2, "completion": 1.0})  # a resumed run adds to the totals
+    import json
+
+    saved = json.loads(path.read_text())
+    assert (saved["requests"], saved["prompt_tokens"], saved["completion_tokens"]) == (3, 1_500_000, 10_000)
+    assert saved["estimated_cost"] == pytest.approx(1.5 * 0.2 + 0.01 * 1.0)
+    with pytest.raises(UserError, match="not 'prompt' or 'completion'"):
+        Usage(1, 1, 1).cost({"input": 1.0})

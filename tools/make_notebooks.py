@@ -108,6 +108,7 @@ api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the k
 n_samples = 1  # candidate explanations per neuron (best-of-n when > 1)
 temperature = 1.0
 explain_negative = False  # also explain the negative side of signed (gated) neurons
+prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate in usage.json
 seed = 0
 output_dir = "../outputs/interactive/02_explain\"""",
     ),
@@ -130,6 +131,7 @@ entries = run_explain_stage(
     temperature=temperature,
     explain_negative=explain_negative,
     seed=seed,
+    prices=prices,
 )""",
     ),
     (
@@ -174,6 +176,7 @@ base_url = None  # for "openai"
 api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the key
 simulation_mode = "auto"  # for "openai": "echo" (prompt log-probabilities), "chat" (no log-probabilities), or "auto"
 n_boot = 1000  # bootstrap resamples for the 95% intervals
+prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens
 seed = 0
 output_dir = "../outputs/interactive/03_score\"""",
     ),
@@ -195,6 +198,7 @@ results = run_score_stage(
     simulation=simulation_mode,
     n_boot=n_boot,
     seed=seed,
+    prices=prices,
 )""",
     ),
     (
