@@ -89,7 +89,8 @@ def simulate_explanation(
     return backend.simulate(simulation_prefix(explanation, examples), [e.tokens for e in excerpts])
 
 
-def _true(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+def true_activations(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
+    """The excerpts' activations as float64 arrays (the truth a simulation is scored against)."""
     return [np.asarray(e.activations, dtype=np.float64) for e in excerpts]
 
 
@@ -137,7 +138,7 @@ def explain_neuron(
             except SimulationFailed as e:
                 cand["reason"] = f"simulation failed: {e}"
             else:
-                m = correlation(np.concatenate(_true(calibration)), np.concatenate(ev))
+                m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
                 cand["calibration_score"], cand["reason"] = m.value, m.reason
         entry["candidates"].append(cand)
     usable = [c for c in entry["candidates"] if c["explanation"]]

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,7 +60,6 @@ class ScoreSet:
     n_excerpts: int
     n_tokens: int
     calibration: Calibration | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _flat(parts: list[np.ndarray]) -> np.ndarray:

@@ -29,6 +29,7 @@ from nbutils.explain import (
     simulate_explanation,
     token_lookup_simulate,
     token_table,
+    true_activations,
 )
 from nbutils.llm import make_backend
 from nbutils.openai_backend import OpenAIBackend, SimulationFailed
@@ -60,14 +61,13 @@ def score_predictions(
 ) -> dict[str, Any]:
     """Every score of one simulator's predictions (keyed like the splits)."""
 
-    def true(name: str) -> list[np.ndarray]:
-        return [np.asarray(e.activations, dtype=np.float64) for e in splits[name]]
-
     cal_names = ("calibration_top", "calibration_random")
-    cal = calibrate([t for n in cal_names for t in true(n)], [p for n in cal_names for p in predicted[n]])
+    cal = calibrate(
+        [t for n in cal_names for t in true_activations(splits[n])], [p for n in cal_names for p in predicted[n]]
+    )
     out: dict[str, Any] = {"calibration": asdict(cal)}
     for label, names in SCORED_SETS.items():
-        t = [x for n in names for x in true(n)]
+        t = [x for n in names for x in true_activations(splits[n])]
         p = [x for n in names for x in predicted[n]]
         out[label] = _score_dict(score(t, p, calibration=cal, n_boot=n_boot, seed=seed))
     return out
