@@ -36,11 +36,12 @@ class Usage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     def add(self, other: Usage) -> None:
-        self.requests += other.requests
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
+        for name in FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def cost(self, prices: dict[str, float]) -> float:
         """Estimated cost from a price table in currency units per million tokens: {"prompt": .., "completion": ..}."""
@@ -53,18 +54,28 @@ class Usage:
             self.prompt_tokens * prices.get("prompt", 0.0) + self.completion_tokens * prices.get("completion", 0.0)
         ) / 1e6
 
-    def save(self, path: str | Path, prices: dict[str, float] | None = None) -> None:
-        """Add these counts to the totals in a usage.json file (so resumed runs keep counting)."""
+    def save(self, path: str | Path, prices: dict[str, float] | None = None) -> dict[str, object]:
+        """Move these counts into the totals of a usage.json file (so resumed runs keep counting); returns them.
+
+        The counts here are reset, so calling this after every neuron loses nothing if the run is killed.
+        """
         path = Path(path)
-        fields = ("requests", "prompt_tokens", "completion_tokens")
         old = json.loads(path.read_text()) if path.is_file() else {}
-        total = Usage(**{k: old.get(k, 0) for k in fields})
+        total = Usage(**{k: old.get(k, 0) for k in FIELDS})
         total.add(self)
+        for name in FIELDS:
+            setattr(self, name, 0)
         out: dict[str, object] = asdict(total)
+        looked_up = total.cache_hits + total.cache_misses
+        out["cache_hit_rate"] = total.cache_hits / looked_up if looked_up else None
         if prices:
             out["prices_per_million_tokens"] = prices
             out["estimated_cost"] = total.cost(prices)
         atomic_write_json(path, out)
+        return out
+
+
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses")
 
 
 @dataclass

@@ -226,5 +226,5 @@ def run_explain_stage(
         for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
             append_jsonl(path, explain_neuron(rec, llm, llm, n_samples, temperature, neg, seed))
-        llm.usage.save(out / "usage.json", prices)
+            llm.usage.save(out / "usage.json", prices)
     return read_jsonl(path)

@@ -1,4 +1,4 @@
-"""An LLM behind an OpenAI-compatible HTTP API (OpenAI, vLLM, llama.cpp's server, ...), via the ``openai`` package.
+"""An LLM behind an OpenAI-compatible HTTP API (OpenAI, vLLM, llama.cpp's server, ``transformers serve``, ...).
 
 - Explanations: chat completions, one request per sample (many servers ignore ``n``), seeds ``seed + i``.
 - Simulation, ``echo`` mode: the legacy completions endpoint with ``echo: true`` and ``logprobs: K`` returns
@@ -8,21 +8,26 @@
   one position; its probability stays with its first token (the local backend computes it exactly).
 - Simulation, ``chat`` mode, for servers without prompt log-probabilities: the model rewrites the excerpt
   with a number per token; replies are parsed tolerantly and aligned to the tokens, and a reply that cannot
-  be aligned is a failure with its reason, never a row of zeros.
-- Requests run concurrently (bounded), retry with exponential backoff on 429, 5xx, timeouts and refused
-  connections (honouring ``Retry-After``), and go through the persistent request cache.
+  be aligned is a failure with its reason, never a row of zeros. Where the server returns ``top_logprobs``
+  for the reply, each value's distribution comes from them (expected values); otherwise it is one-hot.
+- Requests run concurrently on asyncio (at most ``max_concurrency`` in flight), retry with exponential
+  backoff on 429, 5xx, timeouts and refused connections (honouring ``Retry-After``), each with a timeout,
+  and go through the persistent request cache. Hits and misses are counted in ``usage``.
+- Some servers (``transformers serve``) answer chat requests with an event stream even when asked not to
+  stream; such replies are reassembled into one completion.
 
-The API key is read from the environment variable named by ``api_key_env`` and is never stored.
+The API key is read from the environment variable named by ``api_key_env`` and is never stored on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
 import random
 import re
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +43,16 @@ LOGPROBS = 20
 
 class SimulationFailed(Exception):
     """A simulation that produced no usable numbers; the message says why."""
+
+
+def run_coroutine(make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine to completion, also from inside Jupyter's already running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(1) as pool:  # a kernel's loop is running: use a fresh loop on a helper thread
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 class OpenAIBackend:
@@ -67,50 +82,71 @@ class OpenAIBackend:
                     f"export {api_key_env}=... before starting (keys are read from the environment only), or set "
                     "base_url to a local server that needs no key.",
                 )
-            key = "no-key-needed"  # local servers accept any key
         if simulation not in ("auto", "echo", "chat"):
             raise UserError(f"simulation={simulation!r} is not auto, echo or chat.", "Use one of those three.")
         self.model_name = model
         self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self.api_key_env = api_key_env
         self._errors = openai
         self.mode = simulation
         self.max_concurrency = max_concurrency
+        self.timeout = timeout
         self.max_retries = max_retries
         self.context = context
         self.cache = cache
         self.usage = Usage()
+        self.chat_logprobs = True  # ask for top_logprobs in chat simulation until the server refuses them
 
     def count_tokens(self, text: str) -> int:
         return len(text) // 3 + 1  # a conservative estimate; servers do not expose their tokenizer
 
-    # -- requests with retries and the cache ------------------------------------------------------------
+    # -- requests: concurrency, retries and the cache -----------------------------------------------------
 
-    def _request(self, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    def _client(self):
+        key = os.environ.get(self.api_key_env) or "no-key-needed"  # local servers accept any key
+        return self._errors.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
+
+    def _gather(self, fn: Callable[[Any, Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
+        """``fn(client, item)`` for every item, at most ``max_concurrency`` at once; every request is allowed to
+        finish (and be cached) before the first error, if any, is raised."""
+
+        async def main() -> list[Any]:
+            limit = asyncio.Semaphore(max(1, self.max_concurrency))
+            async with self._client() as client:
+
+                async def one(item: Any) -> Any:
+                    async with limit:
+                        return await fn(client, item)
+
+                return await asyncio.gather(*(one(x) for x in items), return_exceptions=True)
+
+        results = run_coroutine(main)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    async def _request(self, client, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
         key = RequestCache.key(f"{self.kind}:{endpoint}:{self.base_url or 'api.openai.com'}", self.model_name, request)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
+                self.usage.cache_hits += 1
                 return hit
-        api = self.client.chat.completions if endpoint == "chat" else self.client.completions
+            self.usage.cache_misses += 1
+        api = client.chat.completions if endpoint == "chat" else client.completions
         delay = 1.0
         for attempt in range(self.max_retries + 1):
             try:
-                response = api.create(model=self.model_name, **request).model_dump()
+                raw = await api.create(model=self.model_name, **request)
+                response = _event_stream_to_completion(raw) if isinstance(raw, str) else raw.model_dump()
                 break
             except (self._errors.APITimeoutError, self._errors.APIConnectionError, self._errors.APIStatusError) as e:
                 status = getattr(e, "status_code", None)
                 retryable = status is None or status == 429 or status >= 500
                 if not retryable or attempt == self.max_retries:
                     raise
-                wait = delay * (1 + random.random() * 0.25)
-                retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
-                if retry_after:
-                    try:
-                        wait = max(wait, float(retry_after))
-                    except ValueError:
-                        pass
-                time.sleep(min(wait, 60.0))
+                await asyncio.sleep(_retry_wait(e, delay))
                 delay *= 2
         usage = response.get("usage") or {}
         self.usage.add(Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
@@ -118,54 +154,50 @@ class OpenAIBackend:
             self.cache.put(key, response)
         return response
 
-    def _parallel(self, fn, items: Sequence[Any]) -> list[Any]:
-        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(items)))) as pool:
-            return list(pool.map(fn, items))
-
     # -- explanations -------------------------------------------------------------------------------------
 
     def chat(
         self, messages: list[dict[str, str]], n: int = 1, temperature: float = 1.0, max_tokens: int = 60, seed: int = 0
     ) -> list[str]:
-        def one(i: int) -> str:
+        async def one(client, i: int) -> str:
             req = {"messages": messages, "temperature": temperature, "max_tokens": max_tokens, "seed": seed + i}
-            choice = self._request("chat", req)["choices"][0]
+            choice = (await self._request(client, "chat", req))["choices"][0]
             return (choice.get("message") or {}).get("content") or ""
 
-        return self._parallel(one, list(range(n)))
+        return self._gather(one, list(range(n)))
 
     # -- simulation -----------------------------------------------------------------------------------
 
     def detect_mode(self) -> str:
         """``echo`` if the server returns prompt log-probabilities, else ``chat``."""
         if self.mode == "auto":
-            try:
-                r = self._request(
-                    "completions", {"prompt": "a\tb", "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
-                )
-                lp = (r["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
-                self.mode = "echo" if len(lp) >= 2 and any(lp[1:]) else "chat"
-            except (self._errors.APIStatusError, self._errors.APIConnectionError, KeyError, IndexError):
-                self.mode = "chat"
+
+            async def probe(client, _: Any) -> str:
+                req = {"prompt": "a\tb", "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+                try:
+                    r = await self._request(client, "completions", req)
+                    lp = (r["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
+                    return "echo" if len(lp) >= 2 and any(lp[1:]) else "chat"
+                except (self._errors.APIStatusError, self._errors.APIConnectionError, KeyError, IndexError):
+                    return "chat"
+
+            self.mode = self._gather(probe, [None])[0]
         return self.mode
 
     def simulate(self, prefix: str, excerpts: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Per excerpt, a [tokens, 11] array of label probabilities; raises SimulationFailed with the reason."""
-        if self.detect_mode() == "echo":
-            return self._parallel(lambda toks: self._simulate_echo(prefix, toks), list(excerpts))
-        return self._parallel(lambda toks: self._simulate_chat(prefix, toks), list(excerpts))
+        one = self._simulate_echo if self.detect_mode() == "echo" else self._simulate_chat
+        return self._gather(lambda client, toks: one(client, prefix, toks), list(excerpts))
 
-    def _simulate_echo(self, prefix: str, tokens: Sequence[str]) -> np.ndarray:
+    async def _simulate_echo(self, client, prefix: str, tokens: Sequence[str]) -> np.ndarray:
         text, slots = prefix, []
         for before, after in simulation_lines(tokens):
             text += before
             slots.append(len(text))
             text += after
         text += "<end>\n"
-        r = self._request(
-            "completions", {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": LOGPROBS, "temperature": 0}
-        )
-        lp = r["choices"][0].get("logprobs") or {}
+        req = {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": LOGPROBS, "temperature": 0}
+        lp = (await self._request(client, "completions", req))["choices"][0].get("logprobs") or {}
         offsets, tops = lp.get("text_offset") or [], lp.get("top_logprobs") or []
         if not offsets or len(tops) != len(offsets):
             raise SimulationFailed("the server returned no prompt log-probabilities (is echo with logprobs supported?)")
@@ -185,7 +217,7 @@ class OpenAIBackend:
             rows.append(probs / probs.sum())
         return np.stack(rows)
 
-    def _simulate_chat(self, prefix: str, tokens: Sequence[str]) -> np.ndarray:
+    async def _simulate_chat(self, client, prefix: str, tokens: Sequence[str]) -> np.ndarray:
         lines = "".join(f"{show_token(t)}\t{UNKNOWN}\n" for t in tokens)
         messages = [
             {"role": "system", "content": SIMULATE_HEADER.strip()},
@@ -197,43 +229,123 @@ class OpenAIBackend:
                 + f"{UNKNOWN}, one line per token, nothing else.",
             },
         ]
-        reply = self._request("chat", {"messages": messages, "temperature": 0, "max_tokens": 8 * len(tokens) + 16})
-        content = (reply["choices"][0].get("message") or {}).get("content") or ""
-        values = parse_value_lines(content, [show_token(t) for t in tokens])
+        req: dict[str, Any] = {"messages": messages, "temperature": 0, "max_tokens": 8 * len(tokens) + 16}
+        if self.chat_logprobs:
+            try:
+                reply = await self._request(client, "chat", {**req, "logprobs": True, "top_logprobs": LOGPROBS})
+            except self._errors.BadRequestError:  # the server does not take log-prob options: ask without
+                self.chat_logprobs = False
+        if not self.chat_logprobs:
+            reply = await self._request(client, "chat", req)
+        choice = reply["choices"][0]
+        content = (choice.get("message") or {}).get("content") or ""
+        values, starts = parse_value_lines(content, [show_token(t) for t in tokens], with_offsets=True)
         dist = np.zeros((len(tokens), len(LABELS)))
         dist[np.arange(len(tokens)), values] = 1.0
+        reply_tokens = ((choice.get("logprobs") or {}).get("content")) or []
+        for j, start in enumerate(starts):
+            row = label_distribution(reply_tokens, content, start)
+            if row is not None:
+                dist[j] = row
         return dist
+
+
+def _retry_wait(error: Exception, delay: float) -> float:
+    """Seconds to wait before the next try: exponential backoff with jitter, or longer if Retry-After says so."""
+    wait = delay * (1 + random.random() * 0.25)
+    headers = getattr(getattr(error, "response", None), "headers", None) or {}
+    try:
+        wait = max(wait, float(headers.get("retry-after", 0)))
+    except ValueError:
+        pass
+    return min(wait, 60.0)
+
+
+def _event_stream_to_completion(text: str) -> dict[str, Any]:
+    """One chat completion from a server-sent event stream of chunks (servers that stream regardless)."""
+    content, logprobs, usage, finish = [], [], None, None
+    for line in text.splitlines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        try:
+            chunk = json.loads(line[5:])
+        except json.JSONDecodeError:
+            raise SimulationFailed(f"unreadable event from the server: {line[:80]!r}") from None
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            content.append((choice.get("delta") or {}).get("content") or "")
+            logprobs += (choice.get("logprobs") or {}).get("content") or []
+            finish = choice.get("finish_reason") or finish
+    message = {"role": "assistant", "content": "".join(content)}
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": {"content": logprobs}}
+    return {"choices": [choice], "usage": usage}
+
+
+def label_distribution(reply_tokens: list[dict[str, Any]], content: str, start: int) -> np.ndarray | None:
+    """Probabilities of the labels 0..10 for the value written at character ``start`` of a chat reply.
+
+    Reads the ``top_logprobs`` of the reply token that holds that character: each alternative that matches
+    the chosen token up to ``start`` and then spells a label counts for that label. "10" written as "1", "0"
+    is split exactly with the next token's log-probabilities: P(10) = P("1") P("0" | "1").
+    Returns None where the reply has no usable log-probabilities (the caller keeps the one-hot value).
+    """
+    if not reply_tokens or "".join(t.get("token", "") for t in reply_tokens) != content:
+        return None
+    ends = np.cumsum([len(t.get("token", "")) for t in reply_tokens])
+    i = int(np.searchsorted(ends, start, side="right"))  # the token whose span holds character `start`
+    if i >= len(reply_tokens):
+        return None
+    tok, text = reply_tokens[i], reply_tokens[i].get("token", "")
+    pos = int(ends[i]) - len(text)
+    lead = text[: start - pos]  # e.g. the tab before the number, when the token holds both
+    probs = np.zeros(len(LABELS))
+    for alt in tok.get("top_logprobs") or []:
+        alt_text = alt.get("token", "")
+        rest = alt_text[len(lead) :].strip() if alt_text.startswith(lead) else None
+        if rest in LABELS:
+            probs[LABELS.index(rest)] += math.exp(alt.get("logprob", -math.inf))
+    chosen = text[len(lead) :].strip()
+    if chosen == "1" and i + 1 < len(reply_tokens) and probs[1] > 0:
+        nxt = {a.get("token", ""): a.get("logprob", -math.inf) for a in reply_tokens[i + 1].get("top_logprobs") or []}
+        p_zero = math.exp(nxt["0"]) if "0" in nxt else 0.0
+        probs[10] += probs[1] * p_zero
+        probs[1] *= 1 - p_zero
+    if probs.sum() <= 0:
+        return None
+    return probs / probs.sum()
 
 
 _NUMBER = re.compile(r"(-?\d+(?:\.\d+)?)\s*$")
 
 
-def parse_value_lines(reply: str, tokens: Sequence[str]) -> np.ndarray:
+def parse_value_lines(reply: str, tokens: Sequence[str], with_offsets: bool = False) -> Any:
     """Integer values 0..10 per token from a reply of ``token<TAB>value`` lines, aligned to the tokens.
 
     Tolerates code fences, ``<start>``/``<end>`` markers, blank lines and spaces instead of tabs; values are
     rounded and clipped to 0..10. Raises SimulationFailed when the lines cannot be matched to the tokens.
+    With ``with_offsets``, also returns where in the reply each value starts (to find its log-probabilities).
     """
-    rows = []
-    for line in reply.replace("\r", "").split("\n"):
+    rows, pos = [], 0
+    for line in reply.split("\n"):
+        begin, pos = pos, pos + len(line) + 1
+        line = line.rstrip("\r")
         if not line.strip() or line.strip() in ("<start>", "<end>") or line.strip().startswith("```"):
             continue
         m = _NUMBER.search(line)
         if m is None:
             continue
-        rows.append((line[: m.start()].rstrip("\t "), float(m.group(1))))
+        rows.append((line[: m.start()].rstrip("\t "), float(m.group(1)), begin + m.start(1)))
     if len(rows) != len(tokens):
         # try to align by token text: keep the rows whose text matches the next expected token
         aligned, k = [], 0
-        for text, value in rows:
-            if k < len(tokens) and text.strip() == tokens[k].strip():
-                aligned.append(value)
+        for row in rows:
+            if k < len(tokens) and row[0].strip() == tokens[k].strip():
+                aligned.append(row)
                 k += 1
         if k != len(tokens):
             raise SimulationFailed(
                 f"the reply has {len(rows)} value lines for {len(tokens)} tokens and could not be aligned"
             )
-        values = aligned
-    else:
-        values = [v for _, v in rows]
-    return np.clip(np.rint(values), 0, len(LABELS) - 1).astype(np.int64)
+        rows = aligned
+    values = np.clip(np.rint([v for _, v, _ in rows]), 0, len(LABELS) - 1).astype(np.int64)
+    return (values, [start for _, _, start in rows]) if with_offsets else values

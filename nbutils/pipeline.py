@@ -44,6 +44,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("01_collect_activations.ipynb", "01_collect", "collection_dir"),
     Stage("02_explain_neurons.ipynb", "02_explain", "explanation_dir"),
     Stage("03_simulate_and_score.ipynb", "03_score", "score_dir"),
+    Stage("04_inspect_neurons.ipynb", "04_inspect", "inspect_dir"),
+    Stage("05_report.ipynb", "05_report", "report_dir"),
 )
 
 OWNED = {"output_dir"} | {s.provides for s in STAGES}
@@ -66,7 +68,8 @@ MAIN_JOB: dict[str, Any] = {
 }
 """The main job's defaults (`python -m nbutils run` with no arguments): SmolLM2-135M-Instruct on the
 embedded corpus, 4,000 excerpts of 64 tokens (256k tokens), every neuron of five layers spread from first
-to last; then 2 neurons per layer explained, simulated and scored. Notebook defaults are smaller, sized for CI."""
+to last; then 2 neurons per layer explained, simulated and scored; then the viewer's static page and the
+report. Notebook defaults are smaller, sized for CI."""
 
 
 def notebooks_dir() -> Path:

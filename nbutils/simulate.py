@@ -160,7 +160,7 @@ def run_score_stage(
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             append_jsonl(path, result)
-        llm.usage.save(out / "usage.json", prices)
+            llm.usage.save(out / "usage.json", prices)
     return read_jsonl(path)
 
 

@@ -7,6 +7,8 @@ so the output can be tested without a kernel and shown with ``IPython.display.HT
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +53,7 @@ def table_html(rows: list[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _colour(value: float, scale: float) -> str:
+def colour(value: float, scale: float) -> str:
     """Orange for positive, blue for negative values, alpha by magnitude relative to ``scale``."""
     if not np.isfinite(value) or scale <= 0:
         return "transparent"
@@ -65,7 +67,7 @@ def excerpt_html(excerpt: Excerpt, scale: float) -> str:
     for tok, act in zip(excerpt.tokens, excerpt.activations):
         text = html.escape(tok).replace("\n", "\u21b5")
         spans.append(
-            f'<span title="{float(act):.4g}" style="background:{_colour(float(act), scale)};'
+            f'<span title="{float(act):.4g}" style="background:{colour(float(act), scale)};'
             f'white-space:pre">{text}</span>'
         )
     return '<div style="font-family:monospace;line-height:1.6;margin:2px 0">' + "".join(spans) + "</div>"
@@ -110,3 +112,22 @@ def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def usage_line(stage_dir: str | Path) -> str:
+    """One line on a stage's LLM use from its usage.json: requests, tokens, cache hits and an estimated cost."""
+    path = Path(stage_dir) / "usage.json"
+    if not path.is_file():
+        return "LLM usage: nothing was sent (no usage.json yet)"
+    u = json.loads(path.read_text())
+    parts = [
+        f"LLM requests sent {u['requests']}",
+        f"prompt tokens {u['prompt_tokens']:,}",
+        f"completion tokens {u['completion_tokens']:,}",
+    ]
+    looked_up = u.get("cache_hits", 0) + u.get("cache_misses", 0)
+    if looked_up:
+        parts.append(f"cache hits {u['cache_hits']}/{looked_up} ({u['cache_hits'] / looked_up:.0%})")
+    if "estimated_cost" in u:
+        parts.append(f"estimated cost {u['estimated_cost']:.4f}")
+    return " | ".join(parts)

@@ -15,8 +15,8 @@ import pytest
 
 from nbutils.cache import RequestCache
 from nbutils.errors import UserError
-from nbutils.models import embedded_gguf_path
-from nbutils.openai_backend import LOGPROBS, OpenAIBackend, SimulationFailed, parse_value_lines
+from nbutils.models import convert_gguf, embedded_gguf_path
+from nbutils.openai_backend import LOGPROBS, OpenAIBackend, SimulationFailed, label_distribution, parse_value_lines
 from nbutils.prompts import (
     LABELS,
     WORKED_EXAMPLES,
@@ -35,26 +35,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(cmd: list[str], port: int, log_path) -> tuple[subprocess.Popen, str]:
+    """Start a server process and wait until it answers on /v1/models."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log_path}") from None
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server did not start in 120 s; see {log_path}")
+
+
+def llama_server_command(port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1"]
+    return cmd + ["--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2"]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "llama.log", "w")
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("llama.cpp server exited; see its log") from None
-            time.sleep(0.5)
+    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("server") / "llama.log")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def chat_only_server(tmp_path_factory):
+    """``transformers serve``: chat completions only (no /v1/completions), no log-probabilities, always streams."""
+    port, folder = _free_port(), str(convert_gguf(embedded_gguf_path()))
+    cli = "import sys; from transformers.commands.transformers_cli import main; sys.argv[0] = 'transformers'; main()"
+    cmd = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--force_model", folder]
+    cmd += ["--device", "cpu", "--dtype", "float32"]
+    proc, url = start_server(cmd, port, tmp_path_factory.mktemp("tserve") / "serve.log")
+    yield url, folder
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
 def _raw_completion(url: str, prompt: str) -> dict:
@@ -88,7 +110,8 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(server, tmp_pa
     again.mode = "echo"
     assert all(np.array_equal(a, b) for a, b in zip(again.simulate(prefix, EXCERPTS), dists))
     assert again.usage.requests == 0 and again.cache.stats()["hits"] == 2  # nothing sent the second time
-    assert be.usage.requests == requests and be.usage.prompt_tokens > 0
+    assert (again.usage.cache_hits, again.usage.cache_misses) == (2, 0)
+    assert be.usage.requests == requests and be.usage.prompt_tokens > 0 and be.usage.cache_misses == requests
 
 
 def test_chat_explanations_and_chat_mode_simulation(server):
@@ -101,8 +124,66 @@ def test_chat_explanations_and_chat_mode_simulation(server):
         dists = be.simulate(simulation_prefix("rivers"), EXCERPTS[:1])
     except SimulationFailed as e:  # a weak model may not follow the format: then it is a failure with a reason
         assert "value lines" in str(e) or "aligned" in str(e)
-    else:
+    else:  # llama.cpp returns top_logprobs for chat replies: rows are distributions, not one-hot
+        assert dists[0].shape == (5, 11)
+        np.testing.assert_allclose(dists[0].sum(1), 1.0, atol=1e-9)
+        assert be.chat_logprobs
+
+
+def test_chat_only_server_without_logprobs(chat_only_server, tmp_path):
+    url, folder = chat_only_server
+    cache = RequestCache(tmp_path / "cache.sqlite")
+    be = OpenAIBackend(folder, base_url=url, cache=cache)
+    assert be.detect_mode() == "chat"  # /v1/completions is missing: detected, not configured
+    msgs = explanation_messages([ShownExcerpt(("The", " river", " ran"), (0, 9, 1))], WORKED_EXAMPLES[:1])
+    (reply,) = be.chat(msgs, n=1, temperature=0.0, max_tokens=16)
+    assert isinstance(reply, str) and reply.strip()  # the event stream was reassembled into text
+    try:
+        dists = be.simulate(simulation_prefix("rivers"), EXCERPTS[:1])
+    except SimulationFailed as e:  # recorded with its reason, never turned into zeros
+        assert "value lines" in str(e) or "aligned" in str(e)
+    else:  # no log-probabilities: each value is one-hot
         assert dists[0].shape == (5, 11) and set(np.unique(dists[0])) <= {0.0, 1.0}
+        assert (dists[0].sum(1) == 1).all()
+    sent = be.usage.requests
+    assert sent >= 2
+    again = OpenAIBackend(folder, base_url=url, cache=cache, simulation="chat")
+    again.chat(msgs, n=1, temperature=0.0, max_tokens=16)
+    assert again.usage.requests == 0 and again.usage.cache_hits == 1
+
+
+def test_chat_value_distribution_from_top_logprobs():
+    """Hand-built reply log-probabilities: the value's distribution and the exact split of "10" as "1", "0"."""
+    content = "The\t1\nriver\t7\n"
+
+    def tok(text, alts):
+        return {
+            "token": text,
+            "logprob": alts.get(text, -1.0),
+            "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in alts.items()],
+        }
+
+    reply = [
+        tok("The", {"The": 1.0}),
+        tok("\t", {"\t": 1.0}),
+        tok("1", {"1": 0.5, "3": 0.3, "x": 0.2}),
+        tok("\n", {"\n": 0.6, "0": 0.4}),  # P("0" | "1") = 0.4
+        tok("river", {"river": 1.0}),
+        tok("\t7", {"\t7": 0.7, "\t8": 0.2, "\tseven": 0.1}),  # tab and digit in one token
+        tok("\n", {"\n": 1.0}),
+    ]
+    values, starts = parse_value_lines(content, ["The", "river"], with_offsets=True)
+    assert values.tolist() == [1, 7] and [content[s] for s in starts] == ["1", "7"]
+    first = label_distribution(reply, content, starts[0])
+    want = np.zeros(11)
+    want[1], want[10], want[3] = 0.5 * 0.6, 0.5 * 0.4, 0.3
+    np.testing.assert_allclose(first, want / want.sum())
+    second = label_distribution(reply, content, starts[1])
+    want = np.zeros(11)
+    want[7], want[8] = 0.7, 0.2
+    np.testing.assert_allclose(second, want / want.sum())
+    assert label_distribution(reply[:-1], content, starts[1]) is None  # tokens do not spell the reply
+    assert label_distribution([], content, starts[0]) is None
 
 
 def test_value_line_parsing_is_tolerant_and_refuses_to_guess():

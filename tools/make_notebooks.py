@@ -117,7 +117,7 @@ output_dir = "../outputs/interactive/02_explain\"""",
         """from IPython.display import HTML, display
 
 from nbutils.explain import run_explain_stage
-from nbutils.summary import table_html
+from nbutils.summary import table_html, usage_line
 
 entries = run_explain_stage(
     collection_dir,
@@ -152,7 +152,8 @@ print("every entry has a baseline:", all(e["baseline"]["explanation"] for e in e
     }
     for e in entries
 ]
-display(HTML(table_html(rows)))""",
+display(HTML(table_html(rows)))
+print(usage_line(output_dir))""",
     ),
 ]
 
@@ -185,7 +186,7 @@ output_dir = "../outputs/interactive/03_score\"""",
         """from IPython.display import HTML, display
 
 from nbutils.simulate import run_score_stage
-from nbutils.summary import score_rows, table_html
+from nbutils.summary import score_rows, table_html, usage_line
 
 results = run_score_stage(
     collection_dir,
@@ -210,14 +211,111 @@ print("baseline scored:", all("top_and_random" in r["baseline"] for r in results
     ),
     (
         "code",
-        """display(HTML(table_html(score_rows(results))))""",
+        """display(HTML(table_html(score_rows(results))))
+print(usage_line(output_dir))""",
     ),
+]
+
+INSPECT = [
+    (
+        "markdown",
+        """# 04 · Inspect neurons
+
+The neuron viewer: pick a layer and neuron (or step with next/previous through the neurons ordered by score,
+or filter by text in the explanations) to see the explanation candidates with their scores, the token-lookup
+baseline, heatmaps of the top, most negative, quantile-band and random excerpts on one colour scale per neuron
+(hover a token for its value), and true versus simulated activations on the scored excerpts. Neurons that are
+not explained yet still show their excerpts. The cell below also writes a shareable, self-contained page of
+the run's explained neurons to `output_dir/run.html`.""",
+    ),
+    (
+        "parameters",
+        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
+explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output (may be missing)
+score_dir = "../outputs/interactive/03_score"  # stage 03 output (may be missing)
+layer = None  # neuron to open first; None: the best-scored one
+neuron = None
+output_dir = "../outputs/interactive/04_inspect\"""",
+    ),
+    (
+        "code",
+        """from pathlib import Path
+
+from nbutils.runview import RunView
+from nbutils.viewer import NeuronViewer, export_html
+
+view = RunView.from_dirs(collection_dir, explanation_dir, score_dir)
+viewer = NeuronViewer(view, layer, neuron)
+viewer.sort.value = "score: best first" if view.scores else viewer.sort.value
+page = export_html(view, Path(output_dir) / "run.html")""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+print("layers:", view.store.layers, "| explained:", len(view.explanations), "| scored:", len(view.scores))
+print("viewer shows a neuron:", 'class="nbx-neuron"' in viewer.html.value, "| static page:", page.name)""",
+    ),
+    (
+        "code",
+        """viewer""",
+    ),
+]
+
+REPORT = [
+    (
+        "markdown",
+        """# 05 · Report
+
+How well the run's explanations predict their neurons: score distributions beside the token-lookup baseline,
+scores by layer with 95% intervals, simulated against true activations for the best and worst neurons,
+tokens and estimated cost per stage, and a summary of the run. Figures are saved as PNG in
+`output_dir/figures/`.""",
+    ),
+    (
+        "parameters",
+        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
+explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output
+score_dir = "../outputs/interactive/03_score"  # stage 03 output
+output_dir = "../outputs/interactive/05_report\"""",
+    ),
+    (
+        "code",
+        """from IPython.display import HTML, display
+
+from nbutils import plots
+from nbutils.runview import RunView
+from nbutils.summary import table_html
+
+view = RunView.from_dirs(collection_dir, explanation_dir, score_dir)
+figures = plots.write_report(view, output_dir)""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+print("figures:", sorted(p.name for p in figures.values()))
+print("scored neurons:", len(view.scores), "| layers with scores:", sorted({k[0] for k in view.scores}))""",
+    ),
+    ("markdown", "## Run summary"),
+    ("code", """display(HTML(table_html(plots.run_summary(view))))"""),
+    ("markdown", "## Tokens and cost per stage"),
+    ("code", """display(HTML(table_html(plots.usage_rows(view))))"""),
+    ("markdown", "## Scores"),
+    (
+        "code",
+        """display(plots.score_distributions(view))
+display(plots.score_by_layer(view))
+display(HTML(table_html(plots.layer_rows(view))))""",
+    ),
+    ("markdown", "## Simulated versus true activations: best and worst neurons"),
+    ("code", """display(plots.simulated_vs_true(view))"""),
 ]
 
 NOTEBOOKS = {
     "01_collect_activations.ipynb": COLLECT,
     "02_explain_neurons.ipynb": EXPLAIN,
     "03_simulate_and_score.ipynb": SCORE,
+    "04_inspect_neurons.ipynb": INSPECT,
+    "05_report.ipynb": REPORT,
 }
 
 

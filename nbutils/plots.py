@@ -1,0 +1,187 @@
+"""Figures and tables for the run report (stage 05), from a ``RunView``; each figure is also saved as PNG.
+
+Scores are the pooled correlations of stage 03 (``top_and_random``, ``random_only``) and the token-lookup
+baseline's. Intervals across neurons are bootstrap 95% intervals of the mean over a layer's neurons.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.runview import RunView, main_score
+
+SERIES = (
+    ("explanation, top+random", lambda r: main_score(r)),
+    ("explanation, random only", lambda r: main_score(r, "random_only")),
+    ("baseline, top+random", lambda r: main_score(r.get("baseline"))),
+)
+
+
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
+    """A figure outside pyplot's global state (no backend needed; notebooks display it with ``display``)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def score_values(view: RunView) -> dict[str, np.ndarray]:
+    """Each series' defined scores over all scored neurons."""
+    out = {}
+    for name, get in SERIES:
+        values = [get(r) for r in view.scores.values()]
+        out[name] = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    return out
+
+
+def score_distributions(view: RunView):
+    """Histograms of the scores: explanation (top+random, random only) and the token-lookup baseline."""
+    fig, ax = _figure()
+    values = score_values(view)
+    if not any(len(v) for v in values.values()):
+        _empty(ax, "no scores yet (stage 03)")
+        return fig
+    bins = np.linspace(-1, 1, 41)
+    for name, v in values.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n={len(v)}, mean {v.mean():.3f})" if len(v) else name)
+    ax.set_xlabel("pooled correlation")
+    ax.set_ylabel("neurons")
+    ax.set_title("Score distributions")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean with a bootstrap 95% interval (the mean itself for a single value)."""
+    if len(values) < 2:
+        m = float(values.mean()) if len(values) else float("nan")
+        return m, m, m
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def layer_rows(view: RunView) -> list[dict[str, Any]]:
+    """Per layer and series: neurons scored and the mean score with its 95% interval."""
+    rows = []
+    for layer in sorted({k[0] for k in view.scores}):
+        results = [r for k, r in view.scores.items() if k[0] == layer]
+        for name, get in SERIES:
+            v = np.array([x for x in (get(r) for r in results) if x is not None and np.isfinite(x)], dtype=float)
+            mean, low, high = mean_interval(v)
+            rows.append({"layer": layer, "series": name, "n": len(v), "mean": mean, "low": low, "high": high})
+    return rows
+
+
+def score_by_layer(view: RunView):
+    """Mean score per layer with bootstrap 95% intervals, for the explanation and the baseline."""
+    fig, ax = _figure()
+    rows = layer_rows(view)
+    if not rows:
+        _empty(ax, "no scores yet (stage 03)")
+        return fig
+    for i, (name, _) in enumerate(SERIES):
+        mine = [r for r in rows if r["series"] == name and r["n"]]
+        x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1) * 0.25
+        y = np.array([r["mean"] for r in mine])
+        err = np.array([[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]])
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=name)
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean pooled correlation")
+    ax.set_title("Score by layer (95% interval over neurons)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def ranked(view: RunView) -> list[tuple[float, tuple[int, int, str]]]:
+    """Scored neurons with a defined top+random score, best first."""
+    pairs = [(main_score(r), k) for k, r in view.scores.items()]
+    return sorted(((s, k) for s, k in pairs if s is not None and np.isfinite(s)), key=lambda p: -p[0])
+
+
+def simulated_vs_true(view: RunView, n: int = 2):
+    """Scatter of simulated expected value against true activation (scored excerpts) for the ``n`` best and
+    ``n`` worst neurons."""
+    order = ranked(view)
+    picks = order[:n] + [p for p in order[-n:] if p not in order[:n]]
+    if not picks:
+        fig, ax = _figure()
+        _empty(ax, "no scored simulations yet (stage 03)")
+        return fig
+    fig, axes = _figure(3.2 * len(picks), 3.2, ncols=len(picks))
+    for ax, (score, key) in zip(np.atleast_1d(axes), picks):
+        sim = view.simulation(key) or {"excerpts": []}
+        valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
+        true = np.concatenate([x["true"] for x in valid]) if valid else np.zeros(0)
+        pred = np.concatenate([x["expected"] for x in valid]) if valid else np.zeros(0)
+        ax.scatter(true, pred, s=4, alpha=0.4)
+        ax.set_title(f"L{key[0]} N{key[1]} {key[2][:3]}: r={score:.2f}", fontsize=9)
+        ax.set_xlabel("true activation")
+        ax.set_ylabel("simulated (0..10)")
+    return fig
+
+
+def usage_rows(view: RunView) -> list[dict[str, Any]]:
+    """Tokens, requests, cache hits and estimated cost per LLM stage."""
+    rows = []
+    for stage, u in view.usage().items():
+        rows.append(
+            {
+                "stage": stage,
+                "requests sent": u.get("requests", 0),
+                "prompt tokens": u.get("prompt_tokens", 0),
+                "completion tokens": u.get("completion_tokens", 0),
+                "cache hits": u.get("cache_hits", 0),
+                "cache misses": u.get("cache_misses", 0),
+                "estimated cost": u.get("estimated_cost", "-"),
+            }
+        )
+    return rows
+
+
+def run_summary(view: RunView) -> list[dict[str, Any]]:
+    """What was run and how it went, as (item, value) rows."""
+    meta = view.store.meta
+    failed = [k for k, r in view.scores.items() if r.get("failure")]
+    values = score_values(view)
+    items = {
+        "model": meta.model,
+        "corpus": meta.corpus,
+        "layers collected": ", ".join(map(str, meta.layers)),
+        "neurons collected": sum(len(view.store.neurons(layer)) for layer in meta.layers),
+        "tokens seen": f"{meta.tokens_seen:,}" if meta.tokens_seen else "-",
+        "explanations (neuron sides)": len(view.explanations),
+        "scored": len(view.scores) - len(failed),
+        "failed (explanation or simulation)": len(failed),
+    }
+    for name, v in values.items():
+        items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
+    return [{"item": k, "value": v} for k, v in items.items()]
+
+
+def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
+    """Save every report figure as PNG under ``out_dir/figures``; return their paths by name."""
+    folder = Path(out_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, make in (
+        ("score_distributions", score_distributions),
+        ("score_by_layer", score_by_layer),
+        ("simulated_vs_true", simulated_vs_true),
+    ):
+        fig = make(view)
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(folder / f"{name}.png")
+        paths[name] = folder / f"{name}.png"
+    return paths

@@ -1,0 +1,250 @@
+"""HTML for one neuron and for a whole run: pure functions of a ``RunView``, shared by the widget and the export.
+
+Every token, explanation and reason is escaped (corpus text and LLM output are untrusted), so a corpus token
+``<script>`` shows literally. Colours use one fixed scale per neuron, the largest absolute activation it
+reached, so excerpts of one neuron compare at a glance: orange for positive values, blue for negative ones.
+Each token's value is in its tooltip. Simulated values (0..10) are shown in green on their own 0..10 scale.
+The output needs no kernel, no script and no network, so a page can be saved and shared as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from nbutils.records import Excerpt, NeuronRecord
+from nbutils.runview import Key, RunView, main_score
+from nbutils.summary import colour
+
+STYLE = """
+.nbx { font-family: system-ui, sans-serif; font-size: 13px; color: #222; }
+.nbx h3 { margin: 6px 0; } .nbx h4 { margin: 10px 0 4px; }
+.nbx table { border-collapse: collapse; margin: 4px 0; }
+.nbx td, .nbx th { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
+.nbx .nbx-excerpt { font-family: monospace; line-height: 1.7; margin: 2px 0; white-space: pre-wrap; }
+.nbx .nbx-excerpt > span { white-space: pre-wrap; border-radius: 2px; }
+.nbx .nbx-row-label { display: inline-block; width: 6em; color: #777; font-family: sans-serif; }
+.nbx .nbx-muted { color: #777; }
+.nbx .nbx-legend span { padding: 0 6px; margin-right: 4px; }
+"""
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _token_text(token: str) -> str:
+    return _esc(token).replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def neuron_scale(record: NeuronRecord) -> float:
+    """The neuron's fixed colour scale: its largest absolute activation (0 for a neuron that never varies)."""
+    values = [abs(v) for v in (record.max, record.min) if math.isfinite(v)]
+    return max(values, default=0.0)
+
+
+def heatmap_html(tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "") -> str:
+    """One excerpt as tokens shaded by value on a fixed ``scale``, with each value in the token's tooltip.
+
+    ``hue="green"`` shades simulated values instead of the orange/blue activation colours.
+    """
+    spans = []
+    for tok, value in zip(tokens, values):
+        v = float(value)
+        bg = colour(v, scale)
+        if hue == "green" and bg != "transparent":
+            bg = f"rgba(40,170,80,{min(abs(v) / scale, 1.0):.2f})"
+        style = "" if bg == "transparent" else f' style="background:{bg}"'
+        spans.append(f'<span title="{v:.4g}"{style}>{_token_text(tok)}</span>')
+    return f'<div class="nbx-excerpt" data-kind="{_esc(kind)}">{"".join(spans)}</div>'
+
+
+def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: str) -> str:
+    if not excerpts:
+        return ""
+    rows = "".join(heatmap_html(e.tokens, e.activations, scale, kind) for e in excerpts)
+    return f"<h4>{_esc(title)} <span class='nbx-muted'>({len(excerpts)})</span></h4>{rows}"
+
+
+def _metric(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "<span class='nbx-muted'>-</span>"
+    if m.get("value") is None:
+        return f"<span class='nbx-muted' title='{_esc(m.get('reason'))}'>undefined: {_esc(m.get('reason'))}</span>"
+    text = f"{m['value']:.3f}"
+    if m.get("low") is not None and m.get("high") is not None:
+        text += f" <span class='nbx-muted'>[{m['low']:.2f}, {m['high']:.2f}]</span>"
+    return text
+
+
+SCORE_COLUMNS = (
+    ("top_and_random", "correlation", "top+random"),
+    ("random_only", "correlation", "random only"),
+    ("top_only", "correlation", "top only"),
+    ("top_and_random", "rsquared", "R\u00b2 (calibrated)"),
+    ("top_and_random", "absolute_dev_explained", "abs. dev. explained"),
+)
+
+
+def scores_table_html(result: dict[str, Any] | None) -> str:
+    """The explanation's and the token-lookup baseline's scores side by side (95% intervals in brackets)."""
+    if not result:
+        return "<p class='nbx-muted'>Not scored yet (stage 03).</p>"
+    head = "".join(f"<th>{_esc(label)}</th>" for _, _, label in SCORE_COLUMNS)
+    rows = []
+    for name, scores in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
+        cells = "".join(f"<td>{_metric((scores.get(s) or {}).get(m))}</td>" for s, m, _ in SCORE_COLUMNS)
+        rows.append(f"<tr><th>{name}</th>{cells}</tr>")
+    failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{failure}"
+
+
+def explanation_html(entry: dict[str, Any] | None) -> str:
+    """The kept explanation, every candidate with its calibration score, and the baseline explanation."""
+    if not entry:
+        return "<p class='nbx-muted'>Not explained yet (stage 02).</p>"
+    kept = entry.get("explanation")
+    head = (
+        f"<p><b>Explanation:</b> {_esc(kept)}</p>"
+        if kept
+        else f"<p><b>No explanation:</b> {_esc(entry.get('failure'))}</p>"
+    )
+    rows = []
+    for c in entry.get("candidates") or []:
+        score = c.get("calibration_score")
+        shown = f"{score:.3f}" if isinstance(score, float) else _esc(c.get("reason") or "-")
+        mark = " \u2713" if c.get("explanation") == kept and kept else ""
+        rows.append(f"<tr><td>{_esc(c.get('explanation'))}{mark}</td><td>{shown}</td></tr>")
+    table = f"<table><tr><th>candidate</th><th>calibration score</th></tr>{''.join(rows)}</table>" if rows else ""
+    base = (entry.get("baseline") or {}).get("explanation")
+    return head + table + (f"<p><b>Token-lookup baseline:</b> {_esc(base)}</p>" if base else "")
+
+
+def _sparkline(true: Sequence[float], simulated: Sequence[float], scale: float) -> str:
+    """True (orange) and simulated (green) values overlaid, each on its own scale, as a small inline SVG."""
+    n, w, h = len(true), 4, 36
+    if n < 2:
+        return ""
+
+    def points(values: Sequence[float], top: float) -> str:
+        top = top if top > 0 else 1.0
+        return " ".join(f"{i * w},{h - 2 - (h - 4) * min(max(v / top, 0.0), 1.0):.1f}" for i, v in enumerate(values))
+
+    return (
+        f'<svg width="{(n - 1) * w}" height="{h}" style="display:block">'
+        f'<polyline fill="none" stroke="rgb(255,140,0)" stroke-width="1.5" points="{points(true, scale)}"/>'
+        f'<polyline fill="none" stroke="rgb(40,170,80)" stroke-width="1.5" points="{points(simulated, 10.0)}"/>'
+        "</svg>"
+    )
+
+
+def simulation_html(sim: dict[str, Any] | None, scale: float) -> str:
+    """True versus simulated activations for each scored (validation) excerpt: two aligned rows and an overlay."""
+    if not sim:
+        return ""
+    parts = [
+        "<h4>True versus simulated (scored excerpts)</h4>",
+        "<p class='nbx-legend'><span style='background:rgba(255,140,0,0.6)'>true activation</span>"
+        "<span style='background:rgba(40,170,80,0.6)'>simulated, 0..10</span></p>",
+    ]
+    for x in sim["excerpts"]:
+        if not x["split"].startswith("valid"):
+            continue
+        parts.append(
+            f"<div data-split='{_esc(x['split'])}' style='margin:6px 0'>"
+            f"<span class='nbx-row-label'>true</span>{heatmap_html(x['tokens'], x['true'], scale, 'true')}"
+            f"<span class='nbx-row-label'>simulated</span>"
+            f"{heatmap_html(x['tokens'], x['expected'], 10.0, 'simulated', hue='green')}"
+            f"{_sparkline(x['true'], x['expected'], scale)}</div>"
+        )
+    return "".join(parts)
+
+
+def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", n_excerpts: int = 10) -> str:
+    """The full view of one neuron: statistics, explanation and scores, heatmaps, true versus simulated."""
+    rec = view.record(layer, neuron)
+    key: Key = (layer, neuron, sign)
+    scale = neuron_scale(rec)
+    stats = (
+        f"max {rec.max:.4g} \u00b7 min {rec.min:.4g} \u00b7 mean {rec.mean:.4g} \u00b7 "
+        f"sd {math.sqrt(max(rec.variance, 0.0)):.4g} \u00b7 colour scale \u00b1{scale:.4g}"
+    )
+    parts = [
+        f'<section class="nbx-neuron" id="L{layer}-N{neuron}-{_esc(sign)}" data-layer="{layer}" '
+        f'data-neuron="{neuron}" data-sign="{_esc(sign)}">',
+        f"<h3>Layer {layer}, neuron {neuron}" + (" (negative side)" if sign == "negative" else "") + "</h3>",
+        f"<p class='nbx-muted'>{stats}</p>",
+    ]
+    if scale == 0.0:
+        parts.append("<p>This neuron never varied on the corpus (all activations equal): nothing to explain.</p>")
+    parts.append(explanation_html(view.explanations.get(key)))
+    parts.append(scores_table_html(view.scores.get(key)))
+    parts.append(_excerpts_html("Top-activating excerpts", rec.top[:n_excerpts], scale, "top"))
+    parts.append(simulation_html(view.simulation(key), scale))
+    parts.append(_excerpts_html("Most negative excerpts", rec.bottom[:n_excerpts], scale, "bottom"))
+    for (lo, hi), band in zip(rec.band_quantiles, rec.bands):
+        parts.append(_excerpts_html(f"Quantile band {lo:g}-{hi:g} of excerpt maxima", band[:n_excerpts], scale, "band"))
+    parts.append(_excerpts_html("Random excerpts", rec.random[:n_excerpts], scale, "random"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def fragment(body: str) -> str:
+    """A renderable fragment for a notebook output or widget: the body wrapped with its stylesheet."""
+    return f"<div class='nbx'><style>{STYLE}</style>{body}</div>"
+
+
+def page(title: str, body: str) -> str:
+    """A complete, self-contained HTML document (inline CSS, no scripts, no external resources)."""
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_esc(title)}</title><style>{STYLE} body {{ margin: 16px; }}</style></head>"
+        f"<body class='nbx'>{body}</body></html>"
+    )
+
+
+def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
+    """A table of the given neurons with explanation and scores, each row linking to its section."""
+    rows = []
+    for k in keys:
+        e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
+        base = (r.get("baseline") or {}).get("top_and_random", {}).get("correlation")
+        rows.append(
+            f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
+            f"<td>{_esc(e.get('explanation') or e.get('failure') or '')}</td>"
+            f"<td>{_metric((r.get('top_and_random') or {}).get('correlation'))}</td>"
+            f"<td>{_metric((r.get('random_only') or {}).get('correlation'))}</td><td>{_metric(base)}</td></tr>"
+        )
+    head = "<tr><th>neuron</th><th>explanation</th><th>top+random</th><th>random only</th><th>baseline</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int = 200) -> str:
+    """A shareable page for a run: summary, an index table and every chosen neuron's full view.
+
+    By default the neurons are the explained ones (all collected neurons if none is explained yet), at
+    most ``max_neurons`` of them, best score first; the page says when it was cut.
+    """
+    if keys is None:
+        keys = list(view.explanations) or [(n.layer, n.neuron, "positive") for n in view.store.all_ids()]
+        keys.sort(key=lambda k: _best_first(view, k))
+    shown = list(keys)[:max_neurons]
+    meta = view.store.meta
+    summary = (
+        f"<p>Model <b>{_esc(meta.model)}</b>, corpus <b>{_esc(meta.corpus)}</b>, layers {_esc(meta.layers)}, "
+        f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations)} explained, "
+        f"{len(view.scores)} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
+    )
+    cut = f"<p class='nbx-muted'>Showing {len(shown)} of {len(keys)} neurons.</p>" if len(shown) < len(keys) else ""
+    body = "<h2>Neuron explanations</h2>" + summary + cut + run_index_html(view, shown)
+    body += "".join("<hr>" + neuron_html(view, *k) for k in shown)
+    return page("Neuron explanations", body)
+
+
+def _best_first(view: RunView, key: Key) -> tuple[bool, float, Key]:
+    value = main_score(view.scores.get(key))
+    known = value is not None and math.isfinite(value)
+    return (not known, -value if known else 0.0, key)

@@ -1,0 +1,121 @@
+"""Read-only access to a run folder for the viewer and the report: records, explanations, scores, simulations.
+
+A run folder holds the stage folders ``01_collect``, ``02_explain``, ``03_score`` (see ``nbutils.pipeline``).
+Only the collection is required: neurons that were not explained or scored yet still have their excerpts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbutils.errors import UserError
+from nbutils.explain import EXPLANATIONS, read_jsonl
+from nbutils.records import NeuronRecord, RecordStore
+from nbutils.simulate import SCORES, simulation_path
+
+Key = tuple[int, int, str]
+"""(layer, neuron, sign) of an explained neuron; sign is "positive" or "negative"."""
+
+SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
+
+
+def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
+    """The pooled correlation of a stage-03 result (None when missing or undefined)."""
+    if not result:
+        return None
+    return ((result.get(which) or {}).get("correlation") or {}).get("value")
+
+
+@dataclass
+class RunView:
+    """Everything the viewer and the report read from one run."""
+
+    store: RecordStore
+    explanations: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    scores: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    score_dir: Path | None = None
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_dirs(
+        cls,
+        collection_dir: str | Path,
+        explanation_dir: str | Path | None = None,
+        score_dir: str | Path | None = None,
+    ) -> RunView:
+        """Open the stage folders; the later two may be missing or empty."""
+        if not (Path(collection_dir) / "collection.json").is_file():
+            raise UserError(
+                f"{collection_dir} holds no finished collection (collection.json is missing).",
+                "Run stage 01 first (python -m nbutils run), or point the viewer at a run folder that has it.",
+            )
+        view = cls(store=RecordStore(collection_dir), stage_dirs={"01_collect": Path(collection_dir)})
+        if explanation_dir is not None:
+            view.stage_dirs["02_explain"] = Path(explanation_dir)
+            view.explanations = {_key(e): e for e in read_jsonl(Path(explanation_dir) / EXPLANATIONS)}
+        if score_dir is not None:
+            view.score_dir = Path(score_dir)
+            view.stage_dirs["03_score"] = Path(score_dir)
+            view.scores = {_key(r): r for r in read_jsonl(Path(score_dir) / SCORES)}
+        return view
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunView:
+        """Open a run folder written by ``nbutils run`` (``outputs/<run_id>``)."""
+        run = Path(run_dir)
+        return cls.from_dirs(run / "01_collect", run / "02_explain", run / "03_score")
+
+    def record(self, layer: int, neuron: int) -> NeuronRecord:
+        return self.store.record(layer, neuron)
+
+    def signs(self, layer: int, neuron: int) -> list[str]:
+        """The explained sides of a neuron ("positive" first), or ["positive"] when it has none yet."""
+        found = [s for s in ("positive", "negative") if (layer, neuron, s) in self.explanations]
+        return found or ["positive"]
+
+    def simulation(self, key: Key) -> dict[str, Any] | None:
+        if self.score_dir is None:
+            return None
+        path = simulation_path(self.score_dir, *key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
+        out = {}
+        for stage, folder in self.stage_dirs.items():
+            path = folder / "usage.json"
+            if path.is_file():
+                out[stage] = json.loads(path.read_text())
+        return out
+
+    def neuron_ids(self, sort: str = SORTS[0], text: str = "") -> list[tuple[int, int]]:
+        """Neurons to step through: all collected ones, or only those whose explanation contains ``text``;
+        sorted by index or by score (scored neurons first, then the rest by index)."""
+        if sort not in SORTS:
+            raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
+        if text:
+            needle = text.lower()
+            ids = sorted(
+                {(k[0], k[1]) for k, e in self.explanations.items() if needle in (e["explanation"] or "").lower()}
+            )
+        else:
+            ids = [(n.layer, n.neuron) for n in self.store.all_ids()]
+        if sort == SORTS[0]:
+            return ids
+
+        def value(i: tuple[int, int]) -> float | None:
+            r = self.scores.get((*i, "positive"))
+            if sort.startswith("baseline"):
+                return main_score(r.get("baseline")) if r else None
+            return main_score(r)
+
+        scored = [(value(i), i) for i in ids]
+        known = sorted((s for s in scored if s[0] is not None), key=lambda s: s[0], reverse="worst" not in sort)
+        return [i for _, i in known] + [i for v, i in scored if v is None]
+
+
+def _key(entry: dict[str, Any]) -> Key:
+    return (int(entry["layer"]), int(entry["neuron"]), str(entry["sign"]))
