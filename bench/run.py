@@ -2,6 +2,8 @@
 
     python bench/run.py                       # every benchmark at the default size
     python bench/run.py --only collect --excerpts 256 --repeats 5
+    python bench/run.py --only memory --excerpts 128   # peak memory over N and 4N excerpts
+    python bench/run.py --only e2e --neurons 6         # neurons per hour through explain + simulate + score
 
 Prints a table and writes JSON to bench/results/<benchmark>.json. Timings are medians over repeats, with
 the min-max spread; the baseline and the measured variant alternate within each repeat so machine noise
@@ -66,6 +68,7 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
 
     variants = {"bare forward": bare, "collect all layers": collect(list(range(n_layers)))}
     variants[f"collect layers 0..{n_layers // 2 - 1}"] = collect(list(range(n_layers // 2)))
+    ideal = early_exit_ideal(subject.model, n_layers // 2)
     bare()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
@@ -83,7 +86,18 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
                 "seconds": _median_spread(ts),
             }
         )
+    rows[-1]["ideal"] = ideal
     return {"benchmark": "collect", "model": model, "tokens": tokens, "batch": "32 x 64", "rows": rows}
+
+
+def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:
+    """Ideal speed-up of stopping after ``layers_run`` layers, from the matmul parameters a token passes
+    through: every layer plus the LM head for a full forward (the embedding lookup is free), against the
+    first ``layers_run`` layers. Attention over 64 tokens adds little and is left out."""
+    blocks = model.model.layers if hasattr(model, "model") else model.transformer.h
+    per_layer = [sum(p.numel() for p in b.parameters() if p.dim() == 2) for b in blocks]
+    head = model.get_output_embeddings().weight.numel()
+    return (sum(per_layer) + head) / sum(per_layer[:layers_run])
 
 
 def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
@@ -108,9 +122,11 @@ def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict
         times["prefix reuse + batching"].append(_time(lambda: be.simulate(prefix, tokens, reuse_prefix=True)))
     base = statistics.median(times["plain per-excerpt prompt"])
     rows = [
-        {"variant": k, "tokens_per_s": 0.0, "speed_vs_bare": base / statistics.median(v), "seconds": _median_spread(v)}
+        {"variant": k, "speed_vs_plain": base / statistics.median(v), "seconds": _median_spread(v)}
         for k, v in times.items()
     ]
+    rows[-1]["ideal"] = ideal
+    rows[-1]["share_of_ideal"] = rows[-1]["speed_vs_plain"] / ideal
     return {
         "benchmark": "simulate",
         "model": model,
@@ -122,33 +138,183 @@ def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict
     }
 
 
-BENCHMARKS = {"collect": bench_collect, "simulate": bench_simulate}
+MAIN_LAYERS = [0, 7, 15, 22, 29]
+
+
+def _collect_peak_memory(excerpts: int, model: str) -> dict[str, Any]:
+    """In a child process: load the model, collect ``excerpts`` excerpts (0: load only), report peak RSS."""
+    import resource
+    import tempfile
+
+    from nbutils.collect import CollectConfig, Collector, choose_neurons, collect_activations
+    from nbutils.corpus import load_texts, make_excerpts
+    from nbutils.hooks import neurons_per_layer, resolve_site
+    from nbutils.models import load_subject_model
+
+    subject = load_subject_model(model)
+    out: dict[str, Any] = {"excerpts": excerpts}
+    if excerpts:
+        ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
+        cfg = CollectConfig(layers=MAIN_LAYERS, quantile_warmup=min(1024, excerpts // 2))
+        with tempfile.TemporaryDirectory() as tmp:
+            collect_activations(subject, ex, Path(tmp) / "c", cfg, progress=False)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the sizing below
+        site = resolve_site(subject.model)
+        width = neurons_per_layer(subject.model, site)
+        col = Collector(excerpts, 64, choose_neurons(width, MAIN_LAYERS, None, 0), cfg, site.signed)
+        out["collector_state_bytes"] = sum(v.nbytes for st in col.layers.values() for v in st.t.values())
+        out["tokens"] = int(ex.tokens.size)
+    else:
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def bench_memory(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
+    """Peak memory (RSS) of a whole collection (5 layers, every neuron) over N and over 4N excerpts, each in a
+    fresh process, beside a process that only loads the model."""
+    import subprocess
+    import sys
+
+    def child(n: int) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--child-memory", str(n)]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    runs: dict[str, list[dict[str, Any]]] = {"model loaded, no collection": [], "N": [], "4N": []}
+    for _ in range(repeats):
+        runs["model loaded, no collection"].append(child(0))
+        runs["N"].append(child(excerpts))
+        runs["4N"].append(child(4 * excerpts))
+    base = statistics.median(r["peak_rss_mb"] for r in runs["N"])
+    rows = []
+    for name, rs in runs.items():
+        peaks = [r["peak_rss_mb"] for r in rs]
+        rows.append(
+            {
+                "variant": name if name.startswith("model") else f"collect {name} = {rs[0]['excerpts']} excerpts",
+                "tokens": rs[0].get("tokens", 0),
+                "peak_rss_mb": _median_spread(peaks),
+                "vs_N": statistics.median(peaks) / base,
+                "collector_state_mb": rs[0].get("collector_state_bytes", 0) / 2**20,
+            }
+        )
+    growth = rows[2]["peak_rss_mb"]["median"] / rows[1]["peak_rss_mb"]["median"] - 1
+    return {"benchmark": "memory", "model": model, "layers": MAIN_LAYERS, "growth_4N_over_N": growth, "rows": rows}
+
+
+def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int = 6) -> dict[str, Any]:
+    """Neurons per hour through explain + simulate + score (stages 02 and 03, local embedded model), where the
+    time goes, and the LLM tokens processed per neuron against the floor."""
+    import tempfile
+
+    import nbutils.simulate as simulate_mod
+    from nbutils.backends import LocalBackend
+    from nbutils.collect import CollectConfig, collect_activations
+    from nbutils.corpus import load_texts, make_excerpts
+    from nbutils.explain import fitted_simulation_prefix, run_explain_stage
+    from nbutils.models import load_subject_model
+    from nbutils.simulate import run_score_stage
+
+    subject = load_subject_model(model)
+    ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
+    tmp = Path(tempfile.mkdtemp())
+    cfg = CollectConfig(layers=[7, 22], quantile_warmup=min(1024, excerpts // 2))
+    t0 = time.perf_counter()
+    collect_activations(subject, ex, tmp / "01", cfg, progress=False)
+    t_collect = time.perf_counter() - t0
+
+    spent = {"simulation (LLM forward passes)": 0.0}
+    original = simulate_mod.simulate_explanation
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent["simulation (LLM forward passes)"] += time.perf_counter() - start
+
+    simulate_mod.simulate_explanation = timed
+    try:
+        t0 = time.perf_counter()
+        run_explain_stage(tmp / "01", tmp / "02", neurons=neurons // 2, progress=False)
+        t_explain = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = run_score_stage(tmp / "01", tmp / "02", tmp / "03", progress=False)
+        t_score = time.perf_counter() - t0
+    finally:
+        simulate_mod.simulate_explanation = original
+    n = len(results)
+    usage = {s: json.loads((tmp / s / "usage.json").read_text()) for s in ("02", "03")}
+    # the floor: each explanation's prompt prefix once, plus each simulated excerpt's own tokens
+    be, floor = LocalBackend(model), 0
+    for path in (tmp / "03" / "simulations").glob("*.json"):
+        sim = json.loads(path.read_text())
+        floor += be.count_tokens(fitted_simulation_prefix(be, sim["explanation"], 64))
+        floor += sum(len(x["tokens"]) for x in sim["excerpts"])
+    stages = {
+        "02 explain (generation)": t_explain,
+        "03 simulation (LLM forward passes)": spent["simulation (LLM forward passes)"],
+        "03 scoring, baseline, I/O": t_score - spent["simulation (LLM forward passes)"],
+    }
+    rows = [{"variant": k, "seconds": v, "share": v / (t_explain + t_score)} for k, v in stages.items()]
+    return {
+        "benchmark": "e2e",
+        "model": model,
+        "neurons": n,
+        "collection_seconds": t_collect,
+        "collection_tokens": int(ex.tokens.size),
+        "neurons_per_hour": 3600 * n / (t_explain + t_score),
+        "explain_tokens_per_neuron": usage["02"]["prompt_tokens"] / n + usage["02"]["completion_tokens"] / n,
+        "simulate_tokens_per_neuron": usage["03"]["prompt_tokens"] / n,
+        "simulate_floor_per_neuron": floor / n,
+        "rows": rows,
+    }
+
+
+BENCHMARKS = {"collect": bench_collect, "simulate": bench_simulate, "memory": bench_memory, "e2e": bench_e2e}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
-    p.add_argument("--excerpts", type=int, default=256)
+    p.add_argument("--excerpts", type=int, default=256, help="excerpts of 64 tokens (memory: N)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--neurons", type=int, default=6, help="e2e: neurons explained and scored")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
+    p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.child_memory is not None:  # a fresh process measuring one collection's peak memory
+        print(json.dumps(_collect_peak_memory(args.child_memory, "embedded")))
+        return
+    args.results.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
     for name in args.only or sorted(BENCHMARKS):
-        result = BENCHMARKS[name](args.excerpts, args.repeats)
+        kwargs = {"neurons": args.neurons} if name == "e2e" else {}
+        result = BENCHMARKS[name](args.excerpts, args.repeats, **kwargs)
         result["machine"] = machine
-        print(f"\n{name}: {result['tokens']} tokens, {args.repeats} repeats, median (min-max)")
-        print(f"{'variant':28s} {'tokens/s':>10s} {'speed-up':>8s}  seconds")
-        for r in result["rows"]:
-            s = r["seconds"]
-            print(
-                f"{r['variant']:28s} {r['tokens_per_s']:10.0f} {r['speed_vs_bare']:8.2f}  "
-                f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-            )
-        if "ideal_speedup" in result:
-            print(
-                f"ideal speed-up from token counts: {result['ideal_speedup']:.2f}; max |difference|: {result['max_abs_difference']:.2e}"
-            )
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+        print_table(result)
+        (args.results / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and "median" in v:
+        return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The result's rows as a Markdown table (medians with min-max), then its other numbers."""
+    rows = result["rows"]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n## {result['benchmark']} ({result['model']}; {result['machine']['platform']})\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    for k, v in result.items():
+        if k not in ("rows", "machine", "benchmark", "model"):
+            print(f"- {k}: {_fmt(v)}")
 
 
 if __name__ == "__main__":

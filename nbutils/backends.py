@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nbutils.errors import UserError
-from nbutils.models import load_subject_model
+from nbutils.models import SubjectModel, load_subject_model
 from nbutils.prompts import EXPLANATION_PREFIX, LABELS, simulation_lines
 from nbutils.records import atomic_write_json
 
@@ -121,10 +121,12 @@ class LocalBackend:
 
     kind = "local"
 
-    def __init__(self, model: str = "embedded", batch_size: int = 8) -> None:
-        self.model_name = model
-        self.subject = load_subject_model(model)
+    def __init__(self, model: str | SubjectModel = "embedded", batch_size: int = 8) -> None:
+        """``model``: a spec for `load_subject_model`, or an already loaded `SubjectModel` (on any device)."""
+        self.subject = model if isinstance(model, SubjectModel) else load_subject_model(model)
+        self.model_name = self.subject.spec
         self.model, self.tokenizer = self.subject.model, self.subject.tokenizer
+        self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.labels = LabelPlan.for_tokenizer(self.tokenizer)
@@ -144,7 +146,7 @@ class LocalBackend:
     ) -> list[str]:
         """n replies to a chat, each continuing `EXPLANATION_PREFIX` (the explainer's completion format)."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([self._encode(prompt + EXPLANATION_PREFIX)])
+        ids = torch.tensor([self._encode(prompt + EXPLANATION_PREFIX)], device=self.device)
         if ids.shape[1] + max_tokens > self.context:
             raise UserError(
                 f"The explanation prompt has {ids.shape[1]} tokens; with {max_tokens} to generate it exceeds the "
@@ -218,19 +220,19 @@ class LocalBackend:
                 allow[b, pad, off + pad] = True  # padding sees itself only (no fully masked rows)
         mask = torch.zeros(B, 1, width, kv, dtype=self.model.dtype)
         mask.masked_fill_(~allow.unsqueeze(1), torch.finfo(self.model.dtype).min)
-        return ids_t, pos_t, mask, rows
+        return ids_t.to(self.device), pos_t.to(self.device), mask.to(self.device), rows
 
     def _distributions(self, logits: torch.Tensor, rows, own_len: int) -> list[np.ndarray]:
         out = []
         nb = len(self.labels.branch_tokens)
         for b, (_seq, _pos, main_len, slots) in enumerate(rows):
-            at = torch.tensor([own_len + s - 1 for s in slots])
+            at = torch.tensor([own_len + s - 1 for s in slots], device=logits.device)
             first = torch.log_softmax(logits[b, at].float(), dim=-1)
             branch = None
             if nb:
                 branch = torch.log_softmax(logits[b, main_len : main_len + len(slots) * nb].float(), dim=-1)
                 branch = branch.reshape(len(slots), nb, -1)
-            out.append(self.labels.distribution(first, branch).numpy())
+            out.append(self.labels.distribution(first, branch).cpu().numpy())
         return out
 
     def simulate(self, prefix: str, excerpts: Sequence[Sequence[str]], reuse_prefix: bool = True) -> list[np.ndarray]:
@@ -249,7 +251,7 @@ class LocalBackend:
         with torch.inference_mode():
             cache = None
             if reuse_prefix:
-                pre = self.model(input_ids=torch.tensor([prefix_ids]), use_cache=True)
+                pre = self.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
                 cache = pre.past_key_values.to_legacy_cache()
                 self.usage.add(Usage(1, len(prefix_ids), 0))
             for start in range(0, len(parts), self.batch_size):

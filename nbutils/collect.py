@@ -97,7 +97,8 @@ def _keep_best(
     m = keys.shape[1]
     cand = torch.topk(new_keys[rows], min(m, new_keys.shape[1]), dim=1, largest=largest, sorted=False)
     chosen = torch.topk(torch.cat([keys[rows], cand.values], dim=1), m, dim=1, largest=largest, sorted=False)
-    taken = torch.zeros(len(rows), m + cand.values.shape[1], dtype=torch.bool).scatter_(1, chosen.indices, True)
+    taken = torch.zeros(len(rows), m + cand.values.shape[1], dtype=torch.bool, device=keys.device)
+    taken.scatter_(1, chosen.indices, True)
     # per row, the j-th displaced old slot receives the j-th taken candidate (both counts are equal)
     slot_row, slot = (~taken[:, :m]).nonzero(as_tuple=True)
     cand_row, cand_pos = taken[:, m:].nonzero(as_tuple=True)
@@ -122,7 +123,9 @@ def _sorted(
 class LayerState:
     """Fixed-size running state for the neurons of one layer."""
 
-    def __init__(self, n: int, excerpt_len: int, cfg: CollectConfig, bottom_k: int, warmup: int) -> None:
+    def __init__(
+        self, n: int, excerpt_len: int, cfg: CollectConfig, bottom_k: int, warmup: int, device: str = "cpu"
+    ) -> None:
         T, f32, i64 = excerpt_len, torch.float32, torch.int64
         nb, m = len(cfg.bands), cfg.band_size
         self.t: dict[str, torch.Tensor] = {
@@ -145,6 +148,7 @@ class LayerState:
             "band_index": torch.full((n, nb, m), -1, dtype=i64),
             "band_acts": torch.zeros((n, nb, m, T), dtype=f32),
         }
+        self.t = {k: v.to(device) for k, v in self.t.items()}
 
     def update_moments(self, x: torch.Tensor, scratch: list[torch.Tensor]) -> None:
         """Add a batch (x: [tokens, N]) to the shifted power sums, using two preallocated scratch buffers."""
@@ -164,7 +168,7 @@ class LayerState:
 
     def stats(self) -> np.ndarray:
         """[N, 6] float64: mean, variance, skewness, excess kurtosis, max, min."""
-        t = self.t
+        t = {k: self.t[k].cpu() for k in ("count", "sums", "shift", "max", "min")}
         n = float(t["count"])
         s1, s2, s3, s4 = (t["sums"] / n).numpy()
         mu = s1  # mean of (x - shift)
@@ -185,9 +189,17 @@ class Collector:
     """The streaming collector for a set of layers; feed it batches with `update`."""
 
     def __init__(
-        self, n_excerpts: int, excerpt_len: int, neurons: dict[int, np.ndarray], cfg: CollectConfig, signed: bool
+        self,
+        n_excerpts: int,
+        excerpt_len: int,
+        neurons: dict[int, np.ndarray],
+        cfg: CollectConfig,
+        signed: bool,
+        device: str | torch.device = "cpu",
     ):
+        """State lives on ``device`` (the model's), so a GPU model's activations never leave the GPU."""
         self.cfg = cfg
+        self.device = torch.device(device)
         self.bottom_k = (cfg.top_k if signed else 0) if cfg.bottom_k is None else cfg.bottom_k
         rng = np.random.default_rng(cfg.seed)
         n_random = min(cfg.n_random, n_excerpts)
@@ -198,7 +210,7 @@ class Collector:
         self.warmup = min(n_excerpts, math.ceil(warm / cfg.batch_size) * cfg.batch_size)
         self.neurons = neurons
         self.layers = {
-            layer: LayerState(len(idx), excerpt_len, cfg_random, self.bottom_k, self.warmup)
+            layer: LayerState(len(idx), excerpt_len, cfg_random, self.bottom_k, self.warmup, self.device)
             for layer, idx in neurons.items()
         }
         self.position = 0
@@ -207,13 +219,13 @@ class Collector:
 
     def _scratch(self, rows: int, cols: int) -> list[torch.Tensor]:
         if self._buffers is None or self._buffers[0].shape != (rows, cols):
-            self._buffers = [torch.empty(rows, cols), torch.empty(rows, cols)]
+            self._buffers = [torch.empty(rows, cols, device=self.device) for _ in range(2)]
         return self._buffers
 
     def _band_keys(self, layer: int, start: int, shape: tuple[int, int]) -> torch.Tensor:
         seed = int(np.random.SeedSequence([self.cfg.seed, layer, start]).generate_state(1)[0])
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(shape, generator=g)
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same keys on every device
+        return torch.rand(shape, generator=g).to(self.device)
 
     def update(self, start: int, values: dict[int, torch.Tensor]) -> None:
         """Add a batch of excerpts ``start, start+1, ...``; values[layer] is [batch, tokens, all neurons]."""
@@ -221,9 +233,13 @@ class Collector:
             state = self.layers[layer]
             t = state.t
             sel = self.neurons[layer]
-            acts = full.float() if len(sel) == full.shape[-1] else full[..., torch.from_numpy(sel)].float()
+            full = full.to(self.device)
+            if len(sel) == full.shape[-1]:
+                acts = full.float()
+            else:
+                acts = full[..., torch.from_numpy(sel).to(self.device)].float()
             B, T, N = acts.shape
-            index = torch.arange(start, start + B, dtype=torch.int64)
+            index = torch.arange(start, start + B, dtype=torch.int64, device=self.device)
             bmax = acts.amax(dim=1).T.contiguous()  # [N, B]
             bmin = acts.amin(dim=1).T.contiguous()
             state.update_moments(acts.reshape(B * T, N), self._scratch(B * T, N))
@@ -238,7 +254,7 @@ class Collector:
             if start < self.warmup:
                 t["warmup_max"][start : start + B] = bmax.T[: self.warmup - start]
                 if start + B >= self.warmup:
-                    q = torch.tensor(band_quantiles(self.cfg.bands), dtype=torch.float32)
+                    q = torch.tensor(band_quantiles(self.cfg.bands), dtype=torch.float32, device=self.device)
                     t["band_edges"] = torch.quantile(t["warmup_max"], q, dim=0).T.contiguous()
             else:
                 keys = self._band_keys(layer, start, (N, B))
@@ -259,14 +275,14 @@ class Collector:
         return {
             "position": self.position,
             "tokens_seen": self.tokens_seen,
-            "layers": {layer: s.t for layer, s in self.layers.items()},
+            "layers": {layer: {k: v.cpu() for k, v in s.t.items()} for layer, s in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         self.tokens_seen = int(state["tokens_seen"])
         for layer, tensors in state["layers"].items():
-            self.layers[int(layer)].t = tensors
+            self.layers[int(layer)].t = {k: v.to(self.device) for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,10 +349,10 @@ def _write_collection(
         if col.bottom_k:
             lists["bottom"] = _sorted(t["bottom_key"], t["bottom_index"], t["bottom_acts"], largest=True)
         for name, (index, acts) in lists.items():
-            atomic_save_npy(d / f"{name}_index.npy", index.numpy())
-            atomic_save_npy(d / f"{name}_acts.npy", acts.numpy())
-        atomic_save_npy(d / "random_acts.npy", t["random_acts"].numpy())
-        atomic_save_npy(d / "band_edges.npy", t["band_edges"].numpy())
+            atomic_save_npy(d / f"{name}_index.npy", index.cpu().numpy())
+            atomic_save_npy(d / f"{name}_acts.npy", acts.cpu().numpy())
+        atomic_save_npy(d / "random_acts.npy", t["random_acts"].cpu().numpy())
+        atomic_save_npy(d / "band_edges.npy", t["band_edges"].cpu().numpy())
     atomic_write_json(out / "collection.json", asdict(meta))  # written last: marks the folder complete
 
 
@@ -374,7 +390,8 @@ def collect_activations(
             f"{out} already holds a finished collection made with different settings.",
             "Choose another output folder (or run id), or delete that folder to recollect.",
         )
-    col = Collector(len(excerpts), excerpts.excerpt_len, neurons, cfg, signed=site.signed)
+    device = next(model.parameters()).device
+    col = Collector(len(excerpts), excerpts.excerpt_len, neurons, cfg, signed=site.signed, device=device)
     ckpt = out / CHECKPOINT
     if ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
@@ -397,7 +414,7 @@ def collect_activations(
     last_save = time.monotonic()
     with NeuronCapture(model, site, layers) as capture:
         for start in range(col.position, n, B):
-            ids = torch.from_numpy(excerpts.tokens[start : start + B].astype(np.int64))
+            ids = torch.from_numpy(excerpts.tokens[start : start + B].astype(np.int64)).to(device)
             col.update(start, capture.run(ids))
             bar.update(len(ids))
             if time.monotonic() - last_save > cfg.checkpoint_every_s and col.position < n:

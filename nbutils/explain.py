@@ -82,11 +82,17 @@ def simulate_explanation(
     backend: LocalBackend | OpenAIBackend, explanation: str, excerpts: Sequence[Excerpt]
 ) -> list[np.ndarray]:
     """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context allows."""
-    longest = max(len(e.tokens) for e in excerpts) * 8  # generous tokens per line plus branch tokens
+    prefix = fitted_simulation_prefix(backend, explanation, max(len(e.tokens) for e in excerpts))
+    return backend.simulate(prefix, [e.tokens for e in excerpts])
+
+
+def fitted_simulation_prefix(backend: LocalBackend | OpenAIBackend, explanation: str, excerpt_len: int) -> str:
+    """The simulation prompt's shared prefix, with as many worked examples as leave room for an excerpt."""
+    longest = excerpt_len * 8  # generous tokens per line plus branch tokens
     examples = fit_examples(
         lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, backend.context
     )
-    return backend.simulate(simulation_prefix(explanation, examples), [e.tokens for e in excerpts])
+    return simulation_prefix(explanation, examples)
 
 
 def true_activations(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:

@@ -21,7 +21,10 @@ from nbutils.runview import SORTS, Key, RunView
 class NeuronViewer:
     """Controls for choosing a neuron, above its rendered view. Display it with ``display(viewer)``."""
 
-    def __init__(self, run: RunView | str | Path, layer: int | None = None, neuron: int | None = None) -> None:
+    def __init__(
+        self, run: RunView | str | Path, layer: int | None = None, neuron: int | None = None, sort: str | None = None
+    ) -> None:
+        """Open a run; show ``layer``/``neuron``, else the first neuron in ``sort`` order (best score if scored)."""
         import ipywidgets as w
 
         self.view = run if isinstance(run, RunView) else RunView.open(run)
@@ -33,7 +36,8 @@ class NeuronViewer:
         self.sign = w.ToggleButtons(options=["positive"], description="side", style={"button_width": "80px"})
         self.previous = w.Button(description="\u25c0 previous", layout=w.Layout(width="100px"))
         self.next = w.Button(description="next \u25b6", layout=w.Layout(width="100px"))
-        self.sort = w.Dropdown(options=SORTS, description="order", layout=w.Layout(width="230px"))
+        sort = sort or (SORTS[1] if self.view.scores else SORTS[0])
+        self.sort = w.Dropdown(options=SORTS, value=sort, description="order", layout=w.Layout(width="230px"))
         self.filter = w.Text(placeholder="text in explanation", description="filter", continuous_update=False)
         self.status = w.HTML()
         self.html = w.HTML()
@@ -54,6 +58,8 @@ class NeuronViewer:
         self.previous.on_click(lambda _: self.step(-1))
         self._reorder(show_first=False)
         first = self._order[0] if self._order else (layers[0], int(self.view.store.neurons(layers[0])[0]))
+        if layer is not None and neuron is None:  # the first neuron of that layer in the chosen order
+            first = next((i for i in self._order if i[0] == layer), (layer, int(self.view.store.neurons(layer)[0])))
         self.show(first[0] if layer is None else layer, first[1] if neuron is None else neuron)
 
     @property

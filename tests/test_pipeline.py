@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbutils.pipeline import parse_value
+from nbutils.pipeline import STAGES, parse_value
 from nbutils.records import RecordStore
 
 SMALL = [
@@ -61,14 +61,21 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
     assert store.meta.layers == [0, 29] and store.meta.n_excerpts == 32
 
     assert len(store.record(29, int(store.neurons(29)[0])).top) == 8
-    for stage in ("02_explain", "03_score"):
+    for stage in ("02_explain", "03_score", "04_inspect", "05_report"):
         m = json.loads((run / stage / "manifest.json").read_text())
         assert m["parameters"]["collection_dir"] == str(run / "01_collect")
+    page = (run / "04_inspect" / "run.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'data-layer="29" data-neuron="0"' in page
+    assert {p.name for p in (run / "05_report" / "figures").iterdir()} == {
+        "score_distributions.png",
+        "score_by_layer.png",
+        "simulated_vs_true.png",
+    }
     scores = [json.loads(line) for line in (run / "03_score" / "scores.jsonl").read_text().splitlines()]
     assert [(s["layer"], s["neuron"]) for s in scores] == [(29, 0)] and "top_and_random" in scores[0]["baseline"]
 
     again = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("already done") == 3
+    assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
 
 
 @pytest.mark.slow

@@ -245,8 +245,7 @@ from nbutils.runview import RunView
 from nbutils.viewer import NeuronViewer, export_html
 
 view = RunView.from_dirs(collection_dir, explanation_dir, score_dir)
-viewer = NeuronViewer(view, layer, neuron)
-viewer.sort.value = "score: best first" if view.scores else viewer.sort.value
+viewer = NeuronViewer(view, layer, neuron)  # ordered by score when there are scores
 page = export_html(view, Path(output_dir) / "run.html")""",
     ),
     (

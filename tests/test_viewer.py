@@ -1,0 +1,255 @@
+"""The neuron viewer, the static export and the report, on a real run of the embedded model whose corpus
+holds HTML (so escaping is tested on real tokens); and the viewer in JupyterLab in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from nbutils import plots
+from nbutils.collect import CollectConfig, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.explain import run_explain_stage
+from nbutils.records import Excerpt, NeuronRecord
+from nbutils.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
+from nbutils.runview import RunView
+from nbutils.simulate import run_score_stage
+from nbutils.viewer import NeuronViewer, export_html
+
+SCRIPT = "<script>alert('x')</script> "
+ARTIFACTS = Path(
+    os.environ.get("NBUTILS_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "outputs" / "test-artifacts")
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(embedded, tmp_path_factory):
+    texts = [SCRIPT + t for t in load_texts("embedded")[:300]]
+    excerpts = make_excerpts(embedded.tokenizer, texts, 32, 128, seed=1, corpus="script-test")
+    run = tmp_path_factory.mktemp("run")
+    cfg = CollectConfig(
+        layers=[1, 4], neurons=list(range(6)), top_k=6, n_random=6, band_size=2, quantile_warmup=16, batch_size=32
+    )
+    collect_activations(embedded, excerpts, run / "01_collect", cfg, progress=False)
+    run_explain_stage(run / "01_collect", run / "02_explain", neurons=[[1, 0], [4, 2]], progress=False)
+    run_score_stage(run / "01_collect", run / "02_explain", run / "03_score", n_boot=50, progress=False)
+    return run
+
+
+def _visible_text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def test_tokens_and_llm_text_are_escaped():
+    out = heatmap_html(["<script>", "a&b", '"q"'], [1.0, 0.0, -1.0], 1.0)
+    assert "<script" not in out and "&lt;script&gt;" in out
+    assert _visible_text(out) == '<script>a&b"q"'  # shows literally
+    entry = {"explanation": "<img src=x onerror=alert(1)>", "candidates": [], "baseline": {"explanation": "</table>"}}
+    shown = explanation_html(entry)
+    assert "<img" not in shown and "&lt;img src=x" in shown and "&lt;/table&gt;" in shown
+
+
+def test_colour_scale_is_fixed_diverging_and_in_tooltips():
+    out = heatmap_html(["a", "b", "c", "d"], [2.0, -1.0, 8.0, 0.0], scale=4.0)
+    spans = re.findall(r'<span title="([^"]+)"(?: style="background:([^"]+)")?>', out)
+    assert [t for t, _ in spans] == ["2", "-1", "8", "0"]
+    assert spans[0][1] == "rgba(255,140,0,0.50)"  # positive: orange, alpha = |value| / scale
+    assert spans[1][1] == "rgba(30,110,255,0.25)"  # negative: blue
+    assert spans[2][1] == "rgba(255,140,0,1.00)"  # clipped at the scale
+    flat = heatmap_html(["a"], [0.0], scale=0.0)  # a constant neuron: no colour at all
+    assert "style=" not in flat
+
+
+def _record(values: list[list[float]]) -> NeuronRecord:
+    from nbutils.records import NeuronId
+
+    ex = [Excerpt([f"t{i}" for i in range(len(v))], np.array(v)) for v in values]
+    flat = np.concatenate([np.array(v) for v in values]) if values else np.zeros(1)
+    return NeuronRecord(
+        id=NeuronId(0, 0), top=ex, random=ex[:1], bands=[ex[:1]], band_quantiles=[(0.0, 0.5)], band_edges=[0.0, 1.0],
+        mean=float(flat.mean()), variance=float(flat.var()), skewness=0.0, kurtosis=0.0,
+        max=float(flat.max()), min=float(flat.min()),
+    )  # fmt: skip
+
+
+class _OneRecordView(RunView):
+    """A real run's view whose neuron (0, 0) is replaced by a constructed record (constant or empty)."""
+
+    def __init__(self, base: RunView, record: NeuronRecord) -> None:
+        super().__init__(base.store, {}, {}, None, base.stage_dirs)
+        self._rec = record
+
+    def record(self, layer, neuron):
+        return self._rec
+
+
+def test_constant_and_empty_neurons_render(run_dir):
+    base = RunView.open(run_dir)
+    constant = _record([[0.0, 0.0], [0.0, 0.0]])
+    assert neuron_scale(constant) == 0.0
+    out = neuron_html(_OneRecordView(base, constant), 0, 0)
+    assert "never varied" in out and "background" not in out.split("Top-activating")[1]
+    empty = _record([])
+    empty.top, empty.random, empty.bands = [], [], [[]]
+    out = neuron_html(_OneRecordView(base, empty), 0, 0)
+    assert "Not explained yet" in out and "Top-activating" not in out
+
+
+def test_neuron_view_of_a_real_run(run_dir):
+    view = RunView.open(run_dir)
+    out = neuron_html(view, 1, 0)
+    assert 'data-layer="1" data-neuron="0"' in out
+    assert "<script" not in out and "&lt;" in out  # corpus HTML shown escaped
+    assert "True versus simulated" in out and "token-lookup baseline" in out
+    rec = view.record(1, 0)
+    scale = neuron_scale(rec)
+    alphas = [float(a) for a in re.findall(r"rgba\((?:255,140,0|30,110,255),([0-9.]+)\)", out)]
+    assert max(alphas) == 1.0 and scale == pytest.approx(max(abs(rec.max), abs(rec.min)))
+    unexplained = neuron_html(view, 4, 5)
+    assert "Not explained yet" in unexplained and "Top-activating excerpts" in unexplained
+
+
+def test_widget_wiring(run_dir):
+    viewer = NeuronViewer(run_dir)
+    assert viewer.sort.value.startswith("score")  # scored runs open in score order
+    first = viewer.html.value
+    viewer.layer.value, viewer.neuron.value = 4, 3
+    assert viewer.current == (4, 3, "positive") and 'data-neuron="3"' in viewer.html.value
+    assert viewer.html.value != first
+    viewer.next.click()
+    after_next = viewer.current
+    viewer.previous.click()
+    assert viewer.current == (4, 3, "positive") or viewer.current != after_next
+    viewer.filter.value = "zzz-no-such-text"
+    assert viewer.status.value.count("0 neurons")
+    explained = RunView.open(run_dir).explanations[(1, 0, "positive")]["explanation"]
+    viewer.filter.value = explained[:12]
+    assert (viewer.current[0], viewer.current[1]) in {(1, 0), (4, 2)}
+    viewer.sort.value = "layer, neuron"
+    viewer.filter.value = ""
+    assert viewer.current == (1, 0, "positive")
+    viewer.neuron.value = 99  # collected neurons are 0..5: a clear message, not an exception
+    assert "not" in viewer.html.value.lower()
+
+
+def test_static_export_is_self_contained(run_dir, tmp_path):
+    one = export_html(run_dir, tmp_path / "n.html", [(1, 0)]).read_text()
+    whole = export_html(run_dir, tmp_path / "run.html").read_text()
+    for text in (one, whole):
+        assert text.startswith("<!DOCTYPE html>") and "<script" not in text
+        assert not re.search(r"(src|href)=['\"]?(https?:|//)", text)  # nothing fetched from a network
+    assert whole.count('class="nbx-neuron"') == 2 and "href='#L1-N0-positive'" in whole
+    assert run_html(RunView.open(run_dir), max_neurons=1).count('class="nbx-neuron"') == 1
+
+
+def test_report_figures_and_tables(run_dir, tmp_path):
+    view = RunView.open(run_dir)
+    paths = plots.write_report(view, tmp_path)
+    assert sorted(paths) == ["score_by_layer", "score_distributions", "simulated_vs_true"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths.values())
+    rows = plots.layer_rows(view)
+    assert {r["layer"] for r in rows} == {1, 4} and all(r["n"] == 1 for r in rows if "top+random" in r["series"])
+    summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
+    assert summary["explanations (neuron sides)"] == 2 and summary["neurons collected"] == 12
+    assert [r["stage"] for r in plots.usage_rows(view)] == ["02_explain", "03_score"]
+    m, lo, hi = plots.mean_interval(np.array([0.0, 1.0, 2.0, 3.0]))
+    assert m == 1.5 and 0.0 <= lo < m < hi <= 3.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# A real browser: JupyterLab on localhost, the inspect notebook in headless Chromium (Debian's, no download)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inspect_notebook(run_dir: Path, path: Path, layer: int, neuron: int) -> None:
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "04_inspect_neurons.ipynb", 4)
+    params = {
+        "collection_dir": str(run_dir / "01_collect"),
+        "explanation_dir": str(run_dir / "02_explain"),
+        "score_dir": str(run_dir / "03_score"),
+        "output_dir": str(path.parent / "inspect-out"),
+        "layer": layer,
+        "neuron": neuron,
+    }
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += "\n# set by the test\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    nbformat.write(nb, path)
+
+
+@pytest.mark.skipif(bool(os.environ.get("NBUTILS_SKIP_BROWSER")), reason="NBUTILS_SKIP_BROWSER is set")
+def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
+    if not (shutil.which("chromedriver") and shutil.which("chromium")):
+        pytest.fail("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _inspect_notebook(run_dir, tmp_path / "inspect.ipynb", 1, 0)
+    port, token = _free_port(), "nbutils-test"
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1"]
+    cmd += [f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None"]
+    lab = subprocess.Popen(cmd, stdout=open(tmp_path / "lab.log", "w"), stderr=subprocess.STDOUT)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1100",
+    ):
+        options.add_argument(arg)
+    driver = None
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        driver.get(f"http://127.0.0.1:{port}/lab/tree/inspect.ipynb?token={token}")
+        wait = WebDriverWait(driver, 180)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Idle')]")))
+        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
+        item = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"
+        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        section = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, ".nbx-neuron[data-layer='1'][data-neuron='0']"))
+        )
+        heat = section.find_elements(By.CSS_SELECTOR, ".nbx-excerpt[data-kind='top'] span")
+        assert heat and heat[0].get_attribute("title")  # the heatmap is there, values in tooltips
+        assert "<script>" in section.text  # corpus HTML shows literally
+        controls = driver.find_elements(By.CSS_SELECTOR, ".widget-dropdown, .widget-inline-hbox")
+        assert controls  # the ipywidgets controls rendered
+        driver.execute_script("arguments[0].scrollIntoView()", controls[0])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab.png"))
+        driver.execute_script("arguments[0].scrollIntoView()", section)
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab_neuron.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        lab.terminate()
+        lab.wait(timeout=30)
