@@ -222,15 +222,23 @@ class LocalBackend:
         mask.masked_fill_(~allow.unsqueeze(1), torch.finfo(self.model.dtype).min)
         return ids_t.to(self.device), pos_t.to(self.device), mask.to(self.device), rows
 
-    def _distributions(self, logits: torch.Tensor, rows, own_len: int) -> list[np.ndarray]:
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on some positions' final hidden states (with Gemma's logit soft-capping, if any)."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _distributions(self, hidden: torch.Tensor, rows, own_len: int) -> list[np.ndarray]:
+        """Label distributions from the final hidden states [B, W, H], running the LM head only at the value
+        slots and branch tokens (about 40% of positions; the full [B, W, vocab] logits are never built)."""
         out = []
         nb = len(self.labels.branch_tokens)
         for b, (_seq, _pos, main_len, slots) in enumerate(rows):
-            at = torch.tensor([own_len + s - 1 for s in slots], device=logits.device)
-            first = torch.log_softmax(logits[b, at].float(), dim=-1)
+            at = torch.tensor([own_len + s - 1 for s in slots], device=hidden.device)
+            first = torch.log_softmax(self._logits(hidden[b, at]), dim=-1)
             branch = None
             if nb:
-                branch = torch.log_softmax(logits[b, main_len : main_len + len(slots) * nb].float(), dim=-1)
+                branch = torch.log_softmax(self._logits(hidden[b, main_len : main_len + len(slots) * nb]), dim=-1)
                 branch = branch.reshape(len(slots), nb, -1)
             out.append(self.labels.distribution(first, branch).cpu().numpy())
         return out
@@ -251,7 +259,7 @@ class LocalBackend:
         with torch.inference_mode():
             cache = None
             if reuse_prefix:
-                pre = self.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
+                pre = self.model.base_model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
                 cache = pre.past_key_values.to_legacy_cache()
                 self.usage.add(Usage(1, len(prefix_ids), 0))
             for start in range(0, len(parts), self.batch_size):
@@ -265,14 +273,16 @@ class LocalBackend:
                             for k, v in cache
                         )
                     )
-                    logits = self.model(
+                    hidden = self.model.base_model(
                         input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=past, use_cache=True
-                    ).logits
-                    results += self._distributions(logits, rows, 0)
+                    ).last_hidden_state
+                    results += self._distributions(hidden, rows, 0)
                 else:
                     ids, pos, mask, rows = self._batch_inputs(chunk, 0, prefix_ids)
-                    logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
-                    results += self._distributions(logits, rows, len(prefix_ids))
+                    hidden = self.model.base_model(
+                        input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False
+                    ).last_hidden_state
+                    results += self._distributions(hidden, rows, len(prefix_ids))
                 self.usage.add(Usage(len(chunk), sum(len(r[0]) for r in rows), 0))
         return results
 

@@ -24,7 +24,7 @@ import numpy as np
 from nbutils.backends import LocalBackend, expected_values
 from nbutils.errors import UserError
 from nbutils.llm import make_backend
-from nbutils.openai_backend import OpenAIBackend, SimulationFailed
+from nbutils.openai_backend import LLMFailed, OpenAIBackend
 from nbutils.progress import progress_bar
 from nbutils.prompts import (
     ShownExcerpt,
@@ -34,10 +34,20 @@ from nbutils.prompts import (
     parse_explanation,
     simulation_prefix,
 )
-from nbutils.records import Excerpt, NeuronId, NeuronRecord, RecordStore, split_excerpts
+from nbutils.records import (
+    Excerpt,
+    NeuronEntries,
+    NeuronId,
+    NeuronRecord,
+    RecordStore,
+    atomic_write_json,
+    split_excerpts,
+    write_jsonl,
+)
 from nbutils.scoring import correlation
 
 EXPLANATIONS = "explanations.jsonl"
+NEURONS = "neurons"  # per-neuron result files inside a stage folder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +141,11 @@ def explain_neuron(
         lambda ex: explainer.count_tokens("".join(m["content"] for m in explanation_messages(shown, ex))) + 120,
         explainer.context,
     )
-    replies = explainer.chat(explanation_messages(shown, examples), n=n_samples, temperature=temperature, seed=seed)
+    try:
+        replies = explainer.chat(explanation_messages(shown, examples), n=n_samples, temperature=temperature, seed=seed)
+    except LLMFailed as e:
+        entry["failure"], entry["retryable"] = f"explainer request failed: {e}", True
+        return entry
     calibration = sp["calibration_top"] + sp["calibration_random"]
     for reply in replies:
         text = parse_explanation(reply)
@@ -141,8 +155,9 @@ def explain_neuron(
         elif n_samples > 1 and simulator is not None and calibration:
             try:
                 ev = expected_values(simulate_explanation(simulator, text, calibration))
-            except SimulationFailed as e:
+            except LLMFailed as e:
                 cand["reason"] = f"simulation failed: {e}"
+                entry["retryable"] = True
             else:
                 m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
                 cand["calibration_score"], cand["reason"] = m.value, m.reason
@@ -184,25 +199,6 @@ def neurons_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[Neu
     return ids
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Entries of a JSON-lines artifact; a torn last line (from a killed run) is ignored."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-
-
 def run_explain_stage(
     collection_dir: str | Path,
     out_dir: str | Path,
@@ -217,20 +213,57 @@ def run_explain_stage(
     seed: int = 0,
     prices: dict[str, float] | None = None,
     progress: bool = True,
+    cache_path: str | None = None,
 ) -> list[dict[str, Any]]:
     """Explain the chosen neurons of a collection into ``out_dir/explanations.jsonl`` (resumable)."""
     store = RecordStore(collection_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / EXPLANATIONS
-    done = {(e["layer"], e["neuron"], e["sign"]) for e in read_jsonl(path)}
-    signs = [False, True] if explain_negative and store.meta.signed else [False]
-    todo = [(nid, neg) for nid in neurons_to_explain(store, neurons, seed) for neg in signs]
-    todo = [(nid, neg) for nid, neg in todo if (nid.layer, nid.neuron, "negative" if neg else "positive") not in done]
+    saved = NeuronEntries(out / NEURONS)
+    signs = ["positive", "negative"] if explain_negative and store.meta.signed else ["positive"]
+    chosen = [(nid, sign) for nid in neurons_to_explain(store, neurons, seed) for sign in signs]
+    todo = [(nid, sign) for nid, sign in chosen if _needs_work(saved.get(nid.layer, nid.neuron, sign))]
     if todo:
-        llm = make_backend(backend, model, base_url, api_key_env)
-        for nid, neg in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
+        llm = make_backend(backend, model, base_url, api_key_env, cache_path=cache_path)
+        for nid, sign in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
-            append_jsonl(path, explain_neuron(rec, llm, llm, n_samples, temperature, neg, seed))
+            saved.put(explain_neuron(rec, llm, llm, n_samples, temperature, sign == "negative", seed))
             llm.usage.save(out / "usage.json", prices)
-    return read_jsonl(path)
+    entries = [saved.get(nid.layer, nid.neuron, sign) for nid, sign in chosen]
+    write_jsonl(out / EXPLANATIONS, entries)
+    write_summary(out, entries)
+    return entries
+
+
+def _needs_work(entry: dict[str, Any] | None) -> bool:
+    """Not done yet, or failed for a reason a retry can fix (a server error, not an unusable reply)."""
+    return entry is None or bool(entry.get("retryable"))
+
+
+def write_summary(out: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Count successes and failures into ``out/summary.json`` (the pipeline reruns a stage that had failures)."""
+    failed = [e for e in entries if e.get("failure")]
+    summary = {
+        "neurons": len(entries),
+        "succeeded": len(entries) - len(failed),
+        "failed": len(failed),
+        "retryable": sum(1 for e in failed if e.get("retryable")),
+        "failures": [{k: e.get(k) for k in ("layer", "neuron", "sign", "failure", "retryable")} for e in failed],
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+class StageHadFailures(Exception):
+    """Raised (when asked to) after a stage finished with failed neurons, to make the run's exit code non-zero."""
+
+
+def check_failures(out_dir: str | Path, fail_on_errors: bool = False) -> str:
+    """One line counting a stage's successes and failures (from its summary.json); raises StageHadFailures
+    if there are failures and ``fail_on_errors`` is set."""
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    line = f"{summary['succeeded']} succeeded, {summary['failed']} failed ({summary['retryable']} will be retried on rerun)"
+    if fail_on_errors and summary["failed"]:
+        reasons = "; ".join(f"L{f['layer']} N{f['neuron']}: {f['failure']}" for f in summary["failures"][:5])
+        raise StageHadFailures(f"{line}. First failures: {reasons}")
+    return line

@@ -41,7 +41,18 @@ from nbutils.prompts import LABELS, SIMULATE_HEADER, UNKNOWN, show_token, simula
 LOGPROBS = 20
 
 
-class SimulationFailed(Exception):
+class LLMFailed(Exception):
+    """An LLM call that gave no usable reply (after retries, where retrying can help); the message says why.
+
+    Stages record it as the neuron's failure, marked retryable, and carry on with the other neurons.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SimulationFailed(LLMFailed):
     """A simulation that produced no usable numbers; the message says why."""
 
 
@@ -71,7 +82,9 @@ class OpenAIBackend:
         max_retries: int = 5,
         context: int = 8192,
         cache: RequestCache | None = None,
+        backoff: float = 1.0,
     ) -> None:
+        """``backoff``: seconds before the first retry, doubling after each (Retry-After wins when longer)."""
         import openai
 
         key = os.environ.get(api_key_env)
@@ -92,6 +105,7 @@ class OpenAIBackend:
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.max_retries = max_retries
+        self.backoff = backoff
         self.context = context
         self.cache = cache
         self.usage = Usage()
@@ -126,7 +140,11 @@ class OpenAIBackend:
                 raise r
         return results
 
-    async def _request(self, client, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def _request(
+        self, client, endpoint: str, request: dict[str, Any], check: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """One request through the cache, with retries. ``check`` raises SimulationFailed for a reply that is
+        malformed by the server's fault (retried, never cached)."""
         key = RequestCache.key(f"{self.kind}:{endpoint}:{self.base_url or 'api.openai.com'}", self.model_name, request)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -135,19 +153,44 @@ class OpenAIBackend:
                 return hit
             self.usage.cache_misses += 1
         api = client.chat.completions if endpoint == "chat" else client.completions
-        delay = 1.0
+        delay = self.backoff
         for attempt in range(self.max_retries + 1):
             try:
                 raw = await api.create(model=self.model_name, **request)
                 response = _event_stream_to_completion(raw) if isinstance(raw, str) else raw.model_dump()
+                if not isinstance(response.get("choices"), list) or not response["choices"]:
+                    raise SimulationFailed("the reply has no choices")
+                if check is not None:
+                    check(response)
                 break
-            except (self._errors.APITimeoutError, self._errors.APIConnectionError, self._errors.APIStatusError) as e:
-                status = getattr(e, "status_code", None)
-                retryable = status is None or status == 429 or status >= 500
-                if not retryable or attempt == self.max_retries:
-                    raise
-                await asyncio.sleep(_retry_wait(e, delay))
-                delay *= 2
+            except self._errors.APIStatusError as e:
+                status = e.status_code
+                if status in (401, 403):
+                    raise UserError(
+                        f"The server at {self.base_url or 'api.openai.com'} refused the key ({status}).",
+                        f"Check the key in the environment variable {self.api_key_env}.",
+                    ) from None
+                if (status != 429 and status < 500) or attempt == self.max_retries:
+                    raise LLMFailed(_describe(e, endpoint, attempt), status) from None
+                wait = _retry_wait(e, delay)
+            except (self._errors.APITimeoutError, self._errors.APIConnectionError) as e:
+                if attempt == self.max_retries:
+                    raise LLMFailed(_describe(e, endpoint, attempt)) from None
+                wait = _retry_wait(e, delay)
+            except (
+                SimulationFailed,
+                self._errors.APIResponseValidationError,
+                ValueError,
+                LookupError,
+                TypeError,
+                AttributeError,
+            ) as e:
+                # truncated or malformed JSON, or a reply missing what was asked for: the server's fault; retry
+                if attempt == self.max_retries:
+                    raise LLMFailed(_describe(e, endpoint, attempt)) from None
+                wait = delay
+            await asyncio.sleep(wait)
+            delay *= 2
         usage = response.get("usage") or {}
         self.usage.add(Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
         if self.cache is not None:
@@ -178,7 +221,7 @@ class OpenAIBackend:
                     r = await self._request(client, "completions", req)
                     lp = (r["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
                     return "echo" if len(lp) >= 2 and any(lp[1:]) else "chat"
-                except (self._errors.APIStatusError, self._errors.APIConnectionError, KeyError, IndexError):
+                except (LLMFailed, KeyError, IndexError, AttributeError):
                     return "chat"
 
             self.mode = self._gather(probe, [None])[0]
@@ -197,10 +240,17 @@ class OpenAIBackend:
             text += after
         text += "<end>\n"
         req = {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": LOGPROBS, "temperature": 0}
-        lp = (await self._request(client, "completions", req))["choices"][0].get("logprobs") or {}
-        offsets, tops = lp.get("text_offset") or [], lp.get("top_logprobs") or []
-        if not offsets or len(tops) != len(offsets):
-            raise SimulationFailed("the server returned no prompt log-probabilities (is echo with logprobs supported?)")
+
+        def check(reply: dict[str, Any]) -> None:
+            lp = reply["choices"][0].get("logprobs") or {}
+            offsets, tops = lp.get("text_offset") or [], lp.get("top_logprobs") or []
+            if not offsets or len(tops) != len(offsets) or offsets[-1] < slots[-1]:
+                raise SimulationFailed(
+                    "the server returned missing or short prompt log-probabilities (is echo with logprobs supported?)"
+                )
+
+        lp = (await self._request(client, "completions", req, check))["choices"][0]["logprobs"]
+        offsets, tops = lp["text_offset"], lp["top_logprobs"]
         where = {off: i for i, off in enumerate(offsets)}
         rows = []
         for j, slot in enumerate(slots):
@@ -233,8 +283,10 @@ class OpenAIBackend:
         if self.chat_logprobs:
             try:
                 reply = await self._request(client, "chat", {**req, "logprobs": True, "top_logprobs": LOGPROBS})
-            except self._errors.BadRequestError:  # the server does not take log-prob options: ask without
-                self.chat_logprobs = False
+            except LLMFailed as e:
+                if e.status != 400:
+                    raise
+                self.chat_logprobs = False  # the server does not take log-prob options: ask without
         if not self.chat_logprobs:
             reply = await self._request(client, "chat", req)
         choice = reply["choices"][0]
@@ -248,6 +300,11 @@ class OpenAIBackend:
             if row is not None:
                 dist[j] = row
         return dist
+
+
+def _describe(error: Exception, endpoint: str, attempt: int) -> str:
+    tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+    return f"{endpoint} request failed after {tries}: {type(error).__name__}: {str(error)[:200]}"
 
 
 def _retry_wait(error: Exception, delay: float) -> float:

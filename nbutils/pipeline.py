@@ -171,12 +171,34 @@ def artifact_list(folder: Path, run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _stage_done(manifest: Path, params: dict[str, Any]) -> bool:
+    """Finished with the same parameters, and without failures that a rerun could fix (see summary.json)."""
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("parameters") == json.loads(json.dumps(params))
+        same = json.loads(manifest.read_text()).get("parameters") == json.loads(json.dumps(params))
     except json.JSONDecodeError:
         return False
+    summary = manifest.parent / "summary.json"
+    if same and summary.is_file():
+        return not json.loads(summary.read_text()).get("retryable")
+    return same
+
+
+def verify_artifacts(manifest: Path, run_dir: Path) -> None:
+    """Check every artifact a stage's manifest lists against its recorded size and SHA-256."""
+    for art in json.loads(manifest.read_text())["artifacts"]:
+        path = run_dir / art["path"]
+        fix = (
+            f"Restore the file, or delete {manifest.parent} and rerun the same command to recompute that stage "
+            "(and the stages after it)."
+        )
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {manifest} but is missing.", fix)
+        if path.stat().st_size != art["bytes"] or _sha256(path) != art["sha256"]:
+            raise UserError(
+                f"{path} was truncated or altered after its stage wrote it (size or SHA-256 differs from {manifest}).",
+                fix,
+            )
 
 
 def run_pipeline(
@@ -200,6 +222,7 @@ def run_pipeline(
     run_dir = (Path(output_root) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     upstream = {s.provides: str(run_dir / s.folder) for s in STAGES}
+    upstream_ran = False
     for stage in chosen:
         declared = declared_parameters(nb_dir / stage.notebook)
         stage_params = {
@@ -216,9 +239,11 @@ def run_pipeline(
             )
         manifest = run_dir / stage.folder / "manifest.json"
         executed = run_dir / stage.notebook
-        if _stage_done(manifest, stage_params):
+        if not upstream_ran and _stage_done(manifest, stage_params):
+            verify_artifacts(manifest, run_dir)
             log(f"[{stage.folder}] already done in {run_dir}; skipping")
             continue
+        upstream_ran = True  # later stages run too (each resumes and skips finished neurons)
         log(f"[{stage.folder}] running {stage.notebook} -> {executed}")
         started = time.time()
         os.environ["NBUTILS_PLAIN_PROGRESS"] = "1"  # the kernel inherits it: text progress, streamed below

@@ -161,6 +161,53 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-map one array; a truncated or damaged file raises a UserError naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(
+            f"{path} is truncated or damaged ({e}).",
+            f"Restore it, or delete {path.parent.parent} and rerun stage 01 (same command) to collect again.",
+        ) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Entries of a JSON-lines artifact (empty if the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class NeuronEntries:
+    """Per-neuron JSON results of a stage, one atomically written file each (``L{layer}_N{neuron}_{sign}.json``
+    in ``folder``), so a killed run loses at most the neuron in progress and a retried neuron replaces its file."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def path(self, layer: int, neuron: int, sign: str) -> Path:
+        return self.folder / f"L{layer}_N{neuron}_{sign}.json"
+
+    def get(self, layer: int, neuron: int, sign: str) -> dict[str, Any] | None:
+        p = self.path(layer, neuron, sign)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, entry: dict[str, Any]) -> None:
+        atomic_write_json(self.path(entry["layer"], entry["neuron"], entry["sign"]), entry)
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every entry, ordered by layer, neuron, sign."""
+        entries = [json.loads(p.read_text()) for p in self.folder.glob("L*_N*_*.json")] if self.folder.is_dir() else []
+        return sorted(entries, key=lambda e: (e["layer"], e["neuron"], e["sign"] != "positive"))
+
+
+def write_jsonl(path: str | os.PathLike, entries: list[dict[str, Any]]) -> None:
+    """All entries as JSON lines, written atomically."""
+    atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
@@ -198,9 +245,9 @@ class RecordStore:
                 f"{meta_path} has record format {self.meta.format_version}; this nbutils reads {FORMAT_VERSION}.",
                 "Re-run stage 01 with this version of nbutils.",
             )
-        self.tokens = np.load(self.path / "excerpts" / "tokens.npy", mmap_mode="r")
-        self.places = np.load(self.path / "excerpts" / "places.npy", mmap_mode="r")
-        self.random_index = np.load(self.path / "random_sample.npy")
+        self.tokens = _load_npy(self.path / "excerpts" / "tokens.npy")
+        self.places = _load_npy(self.path / "excerpts" / "places.npy")
+        self.random_index = np.asarray(_load_npy(self.path / "random_sample.npy"))
         vocab = json.loads((self.path / "excerpts" / "vocab.json").read_text())
         self.vocab = {int(k): v for k, v in vocab.items()}
         self._layers: dict[int, dict[str, np.ndarray]] = {}
@@ -217,9 +264,7 @@ class RecordStore:
                     "Choose one of those layers, or collect this layer with stage 01.",
                 )
             d = layer_dir(self.path, layer)
-            self._layers[layer] = {
-                p.stem: np.load(p, mmap_mode="r") for p in sorted(d.glob("*.npy")) if not p.name.startswith(".")
-            }
+            self._layers[layer] = {p.stem: _load_npy(p) for p in sorted(d.glob("*.npy")) if not p.name.startswith(".")}
         return self._layers[layer]
 
     def neurons(self, layer: int) -> np.ndarray:

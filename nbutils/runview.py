@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from nbutils.errors import UserError
-from nbutils.explain import EXPLANATIONS, read_jsonl
-from nbutils.records import NeuronRecord, RecordStore
-from nbutils.simulate import SCORES, simulation_path
+from nbutils.explain import NEURONS
+from nbutils.records import NeuronEntries, NeuronRecord, RecordStore
+from nbutils.simulate import simulation_path
 
 Key = tuple[int, int, str]
 """(layer, neuron, sign) of an explained neuron; sign is "positive" or "negative"."""
@@ -55,11 +55,11 @@ class RunView:
         view = cls(store=RecordStore(collection_dir), stage_dirs={"01_collect": Path(collection_dir)})
         if explanation_dir is not None:
             view.stage_dirs["02_explain"] = Path(explanation_dir)
-            view.explanations = {_key(e): e for e in read_jsonl(Path(explanation_dir) / EXPLANATIONS)}
+            view.explanations = {_key(e): e for e in NeuronEntries(Path(explanation_dir) / NEURONS).all()}
         if score_dir is not None:
             view.score_dir = Path(score_dir)
             view.stage_dirs["03_score"] = Path(score_dir)
-            view.scores = {_key(r): r for r in read_jsonl(Path(score_dir) / SCORES)}
+            view.scores = {_key(r): r for r in NeuronEntries(Path(score_dir) / NEURONS).all()}
         return view
 
     @classmethod

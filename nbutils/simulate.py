@@ -24,18 +24,26 @@ from nbutils.backends import LocalBackend, expected_values
 from nbutils.errors import UserError
 from nbutils.explain import (
     EXPLANATIONS,
-    append_jsonl,
-    read_jsonl,
+    NEURONS,
     simulate_explanation,
     token_lookup_simulate,
     token_table,
     true_activations,
+    write_summary,
 )
 from nbutils.llm import make_backend
-from nbutils.openai_backend import OpenAIBackend, SimulationFailed
+from nbutils.openai_backend import LLMFailed, OpenAIBackend
 from nbutils.progress import progress_bar
 from nbutils.prompts import LABELS
-from nbutils.records import Excerpt, RecordStore, atomic_write_json, split_excerpts
+from nbutils.records import (
+    Excerpt,
+    NeuronEntries,
+    RecordStore,
+    atomic_write_json,
+    read_jsonl,
+    split_excerpts,
+    write_jsonl,
+)
 from nbutils.scoring import ScoreSet, calibrate, correlation, score
 
 SCORES = "scores.jsonl"
@@ -96,8 +104,8 @@ def score_entry(
     scored = [(n, e) for n in names for e in splits[n]]
     try:
         dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored])
-    except SimulationFailed as e:
-        result["failure"] = f"simulation failed: {e}"
+    except LLMFailed as e:
+        result["failure"], result["retryable"] = f"simulation failed: {e}", True
         return result, None
     evs = expected_values(dists)
     by_split: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -139,6 +147,7 @@ def run_score_stage(
     seed: int = 0,
     prices: dict[str, float] | None = None,
     progress: bool = True,
+    cache_path: str | None = None,
 ) -> list[dict[str, Any]]:
     """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
     store = RecordStore(collection_dir)
@@ -150,18 +159,25 @@ def run_score_stage(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / SCORES
-    done = {(e["layer"], e["neuron"], e["sign"]) for e in read_jsonl(path)}
-    todo = [e for e in entries if (e["layer"], e["neuron"], e["sign"]) not in done]
+    saved = NeuronEntries(out / NEURONS)
+
+    def needs_work(entry: dict[str, Any]) -> bool:  # not scored with this explanation, or a retryable failure
+        old = saved.get(entry["layer"], entry["neuron"], entry["sign"])
+        return old is None or old.get("retryable") or old["explanation"] != entry["explanation"]
+
+    todo = [e for e in entries if needs_work(e)]
     if todo:
-        llm = make_backend(backend, model, base_url, api_key_env, simulation)
+        llm = make_backend(backend, model, base_url, api_key_env, simulation, cache_path=cache_path)
         for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
             result, sim = score_entry(entry, store, llm, n_boot, seed)
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
-            append_jsonl(path, result)
+            saved.put(result)  # after the simulation file: a score on disk always has its simulation
             llm.usage.save(out / "usage.json", prices)
-    return read_jsonl(path)
+    results = [saved.get(e["layer"], e["neuron"], e["sign"]) for e in entries]
+    write_jsonl(out / SCORES, results)
+    write_summary(out, results)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------

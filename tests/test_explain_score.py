@@ -12,13 +12,12 @@ from nbutils.corpus import load_texts, make_excerpts
 from nbutils.explain import (
     EXPLANATIONS,
     explain_neuron,
-    read_jsonl,
     run_explain_stage,
     token_lookup_explanation,
     token_lookup_simulate,
     token_table,
 )
-from nbutils.records import Excerpt, NeuronId, NeuronRecord, split_excerpts
+from nbutils.records import Excerpt, NeuronId, NeuronRecord, read_jsonl, split_excerpts
 from nbutils.simulate import SCORES, from_openai_results, run_score_stage, score_entry, to_openai_results
 
 

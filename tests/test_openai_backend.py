@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
+from servers import free_port, llama_server_command, start_server
 
 from nbutils.cache import RequestCache
 from nbutils.errors import UserError
@@ -29,37 +27,9 @@ from nbutils.prompts import (
 EXCERPTS = [["The", " river", " ran", " dry", "."], ["Tax", " forms", " are", " due", "."]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cmd: list[str], port: int, log_path) -> tuple[subprocess.Popen, str]:
-    """Start a server process and wait until it answers on /v1/models."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log_path}") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not start in 120 s; see {log_path}")
-
-
-def llama_server_command(port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1"]
-    return cmd + ["--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2"]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("server") / "llama.log")
     yield url
     proc.terminate()
@@ -69,7 +39,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_only_server(tmp_path_factory):
     """``transformers serve``: chat completions only (no /v1/completions), no log-probabilities, always streams."""
-    port, folder = _free_port(), str(convert_gguf(embedded_gguf_path()))
+    port, folder = free_port(), str(convert_gguf(embedded_gguf_path()))
     cli = "import sys; from transformers.commands.transformers_cli import main; sys.argv[0] = 'transformers'; main()"
     cmd = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--force_model", folder]
     cmd += ["--device", "cpu", "--dtype", "float32"]

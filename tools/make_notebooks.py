@@ -109,6 +109,7 @@ n_samples = 1  # candidate explanations per neuron (best-of-n when > 1)
 temperature = 1.0
 explain_negative = False  # also explain the negative side of signed (gated) neurons
 prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate in usage.json
+fail_on_errors = False  # True: neurons that failed (recorded with their reason) make the run's exit code non-zero
 seed = 0
 output_dir = "../outputs/interactive/02_explain\"""",
     ),
@@ -116,7 +117,7 @@ output_dir = "../outputs/interactive/02_explain\"""",
         "code",
         """from IPython.display import HTML, display
 
-from nbutils.explain import run_explain_stage
+from nbutils.explain import check_failures, run_explain_stage
 from nbutils.summary import table_html, usage_line
 
 entries = run_explain_stage(
@@ -153,7 +154,8 @@ print("every entry has a baseline:", all(e["baseline"]["explanation"] for e in e
     for e in entries
 ]
 display(HTML(table_html(rows)))
-print(usage_line(output_dir))""",
+print(usage_line(output_dir))
+print(check_failures(output_dir, fail_on_errors))  # failed neurons are retried when the same run is rerun""",
     ),
 ]
 
@@ -178,6 +180,7 @@ api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the k
 simulation_mode = "auto"  # for "openai": "echo" (prompt log-probabilities), "chat" (no log-probabilities), or "auto"
 n_boot = 1000  # bootstrap resamples for the 95% intervals
 prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens
+fail_on_errors = False  # True: neurons that failed (recorded with their reason) make the run's exit code non-zero
 seed = 0
 output_dir = "../outputs/interactive/03_score\"""",
     ),
@@ -185,6 +188,7 @@ output_dir = "../outputs/interactive/03_score\"""",
         "code",
         """from IPython.display import HTML, display
 
+from nbutils.explain import check_failures
 from nbutils.simulate import run_score_stage
 from nbutils.summary import score_rows, table_html, usage_line
 
@@ -212,7 +216,8 @@ print("baseline scored:", all("top_and_random" in r["baseline"] for r in results
     (
         "code",
         """display(HTML(table_html(score_rows(results))))
-print(usage_line(output_dir))""",
+print(usage_line(output_dir))
+print(check_failures(output_dir, fail_on_errors))  # failed neurons are retried when the same run is rerun""",
     ),
 ]
 

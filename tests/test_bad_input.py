@@ -1,0 +1,80 @@
+"""Bad input gets one paragraph naming the problem and the fix (cases not covered next to their modules)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nbutils.cache import RequestCache
+from nbutils.collect import CollectConfig, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.errors import UserError
+from nbutils.explain import explain_neuron
+from nbutils.pipeline import artifact_list, verify_artifacts
+from nbutils.records import Excerpt, NeuronEntries, NeuronId, NeuronRecord, RecordStore, read_jsonl, write_jsonl
+from nbutils.scoring import score
+
+
+def test_corrupted_llm_cache(tmp_path):
+    bad = tmp_path / "llm_requests.sqlite"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UserError, match="damaged") as err:
+        RequestCache(bad)
+    assert "Delete that file" in err.value.fix
+
+
+def test_missing_upstream_artifacts_one_paragraph(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "nbutils", "run", "--stages", "03", "--run-id", "x", "--output-root", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "needs the output of an earlier stage" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_truncated_or_altered_artifacts_are_detected(embedded, tmp_path):
+    ex = make_excerpts(embedded.tokenizer, load_texts("embedded"), 16, 16, seed=0)
+    store = collect_activations(
+        embedded, ex, tmp_path / "01_collect", CollectConfig(layers=[1], neurons=[0, 1]), progress=False
+    )
+    manifest = tmp_path / "01_collect" / "manifest.json"
+    manifest.write_text(json.dumps({"artifacts": artifact_list(tmp_path / "01_collect", tmp_path)}))
+    verify_artifacts(manifest, tmp_path)  # intact
+    top = tmp_path / "01_collect" / "layer_001" / "top_acts.npy"
+    data = top.read_bytes()
+    top.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped, same size
+    with pytest.raises(UserError, match="top_acts.npy was truncated or altered") as err:
+        verify_artifacts(manifest, tmp_path)
+    assert "rerun the same command" in err.value.fix
+    top.write_bytes(data[: len(data) // 2])  # truncated: loading it names the file too
+    with pytest.raises(UserError, match="top_acts.npy is truncated or damaged"):
+        RecordStore(store.path).record(1, 0)
+
+
+def test_per_neuron_results_are_atomic_files_and_a_retry_replaces_its_file(tmp_path):
+    saved = NeuronEntries(tmp_path / "neurons")
+    saved.put({"layer": 1, "neuron": 2, "sign": "positive", "x": 1, "retryable": True})
+    saved.put({"layer": 0, "neuron": 5, "sign": "negative", "x": 2})
+    saved.put({"layer": 0, "neuron": 5, "sign": "positive", "x": 3})
+    saved.put({"layer": 1, "neuron": 2, "sign": "positive", "x": 4})  # the retried neuron
+    assert [e["x"] for e in saved.all()] == [3, 2, 4]
+    assert sorted(p.name for p in (tmp_path / "neurons").iterdir()) == [
+        "L0_N5_negative.json",
+        "L0_N5_positive.json",
+        "L1_N2_positive.json",
+    ]  # fmt: skip  (no temporary files left behind)
+    write_jsonl(tmp_path / "all.jsonl", saved.all())
+    assert read_jsonl(tmp_path / "all.jsonl") == saved.all()
+
+
+def test_neuron_that_never_activates(embedded):
+    zeros = [Excerpt(["a", "b"], np.zeros(2), index=i) for i in range(8)]
+    rec = NeuronRecord(NeuronId(0, 0), zeros, zeros[:3], [zeros[:1]], [(0.0, 0.5)], [0.0, 0.0], 0, 0, 0, 0, 0.0, 0.0)
+    entry = explain_neuron(rec, explainer=None)  # no LLM is needed to see there is nothing to explain
+    assert entry["explanation"] is None and "never activates" in entry["failure"] and not entry.get("retryable")
+    m = score([np.zeros(4)], [np.arange(4.0)]).correlation
+    assert m.value is None and "constant" in m.reason

@@ -1,0 +1,147 @@
+"""Server faults, injected by a proxy in front of the real llama.cpp server: retries within limits, failures
+recorded per neuron with their reason, the other neurons carried on, and a rerun that retries only the
+failed ones."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from servers import FaultProxy, free_port, llama_server_command, start_server
+
+from nbutils.cache import RequestCache
+from nbutils.collect import CollectConfig, collect_activations
+from nbutils.corpus import load_texts, make_excerpts
+from nbutils.explain import EXPLANATIONS, StageHadFailures, check_failures, run_explain_stage
+from nbutils.openai_backend import LLMFailed, OpenAIBackend
+from nbutils.prompts import simulation_lines, simulation_prefix
+from nbutils.records import RecordStore, read_jsonl, split_excerpts
+from nbutils.simulate import SCORES, run_score_stage
+
+EXCERPT = ["The", " river", " ran", " dry", "."]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    port = free_port()
+    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def proxy(llama):
+    p = FaultProxy(llama, hang_s=6.0, refuse_s=1.5).start()
+    yield p
+    p.stop()
+
+
+def _backend(proxy: FaultProxy, tmp_path, **kw) -> OpenAIBackend:
+    kw = {"timeout": 2.5, "max_retries": 6, "backoff": 0.1, "simulation": "echo", **kw}
+    return OpenAIBackend("smollm2", base_url=proxy.url, cache=RequestCache(tmp_path / "cache.sqlite"), **kw)
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [["429"], ["500", "503"], ["hang"], ["refuse"], ["truncate"], ["malformed"], ["no_logprobs"], ["short_logprobs"]],
+)
+def test_each_fault_is_retried_and_the_result_is_exact(proxy, tmp_path, faults):
+    prefix = simulation_prefix("rivers")
+    clean = _backend(proxy, tmp_path / "clean").simulate(prefix, [EXCERPT])[0]
+    proxy.log.clear()
+    proxy.queue = list(faults)
+    be = _backend(proxy, tmp_path / "faulty")
+    start = time.monotonic()
+    got = be.simulate(prefix, [EXCERPT])[0]
+    elapsed = time.monotonic() - start
+    np.testing.assert_allclose(got, clean, atol=1e-9)  # the retry got the real answer
+    sent = [e["fault"] for e in proxy.sent()]
+    assert sent == faults + [None]  # each fault hit one request; the retry after it went through
+    if faults == ["429"]:
+        assert elapsed >= 1.0  # Retry-After: 1 was honoured (the backoff alone is 0.1 s)
+    if faults == ["refuse"]:
+        assert elapsed >= 1.0  # connections were refused until the proxy listened again
+    # the bad reply was not cached: a fresh backend on the same cache sends nothing and gets the good one
+    again = _backend(proxy, tmp_path / "faulty")
+    proxy.log.clear()
+    np.testing.assert_allclose(again.simulate(prefix, [EXCERPT])[0], clean, atol=1e-9)
+    assert proxy.sent() == [] and again.usage.cache_hits == 1
+
+
+def test_retries_are_bounded_and_the_failure_names_the_reason(proxy, tmp_path):
+    proxy.rules = [(lambda r: True, "503")]
+    be = _backend(proxy, tmp_path, max_retries=2)
+    with pytest.raises(LLMFailed, match=r"after 3 tries: InternalServerError.*503|after 3 tries: .*503"):
+        be.simulate(simulation_prefix("rivers"), [EXCERPT])
+    assert len(proxy.sent()) == 3
+
+
+def _unique_excerpt_text(store: RecordStore, target: tuple[int, int], others: list[tuple[int, int]]) -> str:
+    """Prompt text of a scored excerpt of ``target`` that no other neuron scores (to aim a fault at it)."""
+
+    def scored(nid):
+        sp = split_excerpts(store.record(*nid))
+        return [e for k in ("valid_top", "valid_random", "calibration_top", "calibration_random") for e in sp[k]]
+
+    taken = {e.index for o in others for e in scored(o)}
+    for e in scored(target):
+        if e.index not in taken:
+            return "".join(b + a for b, a in simulation_lines(e.tokens))
+    raise AssertionError("no excerpt unique to the target neuron")
+
+
+@pytest.fixture(scope="module")
+def collection(embedded, tmp_path_factory):
+    ex = make_excerpts(embedded.tokenizer, load_texts("embedded"), 24, 48, seed=2, corpus="embedded")
+    cfg = CollectConfig(layers=[3, 9], neurons=[1, 2], top_k=8, n_random=6, band_size=2, quantile_warmup=16)
+    return collect_activations(embedded, ex, tmp_path_factory.mktemp("c") / "01", cfg, progress=False)
+
+
+def test_garbage_explanation_is_a_recorded_failure(proxy, collection, tmp_path):
+    proxy.rules = [(lambda r: "messages" in r, "garbage")]
+    opts = {"backend": "openai", "model": "smollm2", "base_url": proxy.url, "progress": False}
+    (entry,) = run_explain_stage(collection.path, tmp_path / "02", neurons=[[3, 1]], **opts, cache_path="none")
+    assert entry["explanation"] is None and entry["failure"] == "no usable explanation among 1 replies"
+    assert entry["candidates"][0]["reply"] == "!!! ??? ..." and entry["baseline"]["explanation"]
+
+
+def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, collection, tmp_path):
+    store = collection
+    (tmp_path / "01").symlink_to(store.path)
+    neurons = [[3, 1], [3, 2], [9, 1]]
+    cache = str(tmp_path / "cache.sqlite")
+    opts = {"backend": "openai", "model": "smollm2", "base_url": proxy.url, "progress": False}
+    # stage 02 through the proxy: one explanation request gets a 500 once (retried), the rest pass
+    proxy.queue = ["500"]
+    entries = run_explain_stage(tmp_path / "01", tmp_path / "02", neurons=neurons, **opts, cache_path=cache)
+    assert all(e["explanation"] for e in entries) and proxy.sent("500")
+    # stage 03: every simulation request of one neuron fails for good; the others are scored
+    target = (9, 1)
+    needle = _unique_excerpt_text(store, target, [(3, 1), (3, 2)])
+    proxy.rules = [(lambda r: needle in (r.get("prompt") or ""), "503")]
+    results = run_score_stage(
+        tmp_path / "01", tmp_path / "02", tmp_path / "03", simulation="echo", n_boot=20, **opts, cache_path=cache
+    )
+    by = {(r["layer"], r["neuron"]): r for r in results}
+    assert "503" in by[target]["failure"] and by[target]["retryable"]
+    assert all("top_and_random" in by[k] and not by[k].get("failure") for k in [(3, 1), (3, 2)])
+    summary = json.loads((tmp_path / "03" / "summary.json").read_text())
+    assert (summary["succeeded"], summary["failed"], summary["retryable"]) == (2, 1, 1)
+    assert "2 succeeded, 1 failed" in check_failures(tmp_path / "03")
+    with pytest.raises(StageHadFailures, match="L9 N1"):
+        check_failures(tmp_path / "03", fail_on_errors=True)
+    # the server recovers; the rerun sends requests for the failed neuron only
+    proxy.rules, proxy.log = [], []
+    again = run_score_stage(
+        tmp_path / "01", tmp_path / "02", tmp_path / "03", simulation="echo", n_boot=20, **opts, cache_path=cache
+    )
+    target_expl = next(e for e in read_jsonl(tmp_path / "02" / EXPLANATIONS) if (e["layer"], e["neuron"]) == target)
+    prompts = [e["request"].get("prompt") or "" for e in proxy.sent()]
+    assert prompts and all(target_expl["explanation"] in p for p in prompts)
+    assert all(not r.get("failure") for r in again) and len(again) == 3
+    assert [json.loads(line).get("failure") for line in (tmp_path / "03" / SCORES).read_text().splitlines()] == [
+        None
+    ] * 3

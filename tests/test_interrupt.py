@@ -1,0 +1,198 @@
+"""Runs killed for real (SIGKILL and SIGINT to the whole process group) during collection, explanation and
+scoring, then rerun with the same command: they complete with artifacts equal to an uninterrupted run, and no
+LLM request that had completed is sent again. Also: two runs sharing one LLM cache, and no API key on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from servers import FaultProxy, free_port, llama_server_command, start_server
+
+from nbutils.cache import RequestCache
+from nbutils.models import cache_dir
+
+SMALL = [
+    "n_excerpts=48",
+    "excerpt_len=32",
+    "layers=[2, 20]",
+    "neurons=[0, 1, 2]",
+    "batch_size=8",
+    "top_k=8",
+    "n_random=6",
+    "band_size=2",
+    "explain_neurons=[[2, 0], [2, 1], [20, 0], [20, 2]]",
+    "n_boot=50",
+]
+COMPARED = [
+    "01_collect",
+    "02_explain/explanations.jsonl",
+    "02_explain/neurons",
+    "03_score/scores.jsonl",
+    "03_score/neurons",
+    "03_score/simulations",
+]
+SECRET = "sk-nbutils-test-0123456789abcdef-SECRET"
+
+
+def _cmd(run_id: str, root: Path, extra: list[str] = ()) -> list[str]:
+    pairs = [x for p in [*SMALL, *extra] for x in ("-p", p)]
+    return [sys.executable, "-m", "nbutils", "run", *pairs, "--run-id", run_id, "--output-root", str(root)]
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _count(folder: Path) -> int:
+    return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    out = {}
+    for item in COMPARED:
+        base = run / item
+        paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for p in paths:
+            if p.name not in ("manifest.json", "checkpoint.pt"):
+                out[str(p.relative_to(run))] = p.read_bytes()
+    return out
+
+
+def _kill_when(cmd: list[str], ready, sig: int, env: dict[str, str] | None = None) -> None:
+    """Start the run in its own process group and send ``sig`` to the whole group once ``ready()`` holds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert proc.poll() is None, "the run finished before the kill point"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ref")
+    _run(_cmd("ref", root, []) + ["--stages", "01,02,03"])
+    return root / "ref"
+
+
+@pytest.mark.parametrize(
+    "where, sig",
+    [("collect", signal.SIGKILL), ("explain", signal.SIGINT), ("explain", signal.SIGKILL), ("score", signal.SIGKILL)],
+)
+def test_killed_run_resumes_to_the_same_artifacts(reference, tmp_path, where, sig):
+    run = tmp_path / "k"
+    cmd = _cmd("k", tmp_path) + ["--stages", "01,02,03"]
+    ready = {
+        "collect": lambda: (run / "01_collect" / "fingerprint.txt").is_file(),  # collection under way
+        "explain": lambda: _count(run / "02_explain" / "neurons") >= 1,  # some neurons explained
+        "score": lambda: _count(run / "03_score" / "neurons") >= 1,
+    }[where]
+    _kill_when(cmd, ready, sig)
+    assert not (run / "03_score" / "manifest.json").is_file()  # it really was cut short
+    _run(cmd)
+    want, got = _files(reference), _files(run)
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if got[k] != want[k]] == []
+    assert _lines(run / "02_explain" / "explanations.jsonl") == 4 and _lines(run / "03_score" / "scores.jsonl") == 4
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    port = free_port()
+    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _env(cache: Path) -> dict[str, str]:
+    """A private LLM cache (the converted model is shared through a link) and an API key in the environment."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "models").exists():
+        (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(cache_dir() / "models")
+    return {**os.environ, "NBUTILS_CACHE": str(cache), "NBUTILS_TEST_KEY": SECRET}
+
+
+def _openai_params(url: str) -> list[str]:
+    return [
+        "explainer_backend=openai",
+        "simulator_backend=openai",
+        "explainer_model=smollm2",
+        "simulator_model=smollm2",
+        f"base_url={url}",
+        "api_key_env=NBUTILS_TEST_KEY",
+        "simulation_mode=echo",
+    ]
+
+
+def _keys(cache_file: Path) -> set[str]:
+    with sqlite3.connect(cache_file) as db:
+        return {k for (k,) in db.execute("SELECT key FROM requests")}
+
+
+def test_killed_http_run_sends_no_completed_request_again(llama, tmp_path):
+    proxy = FaultProxy(llama).start()
+    try:
+        env = _env(tmp_path / "cache")
+        run = tmp_path / "h"
+        cmd = _cmd("h", tmp_path, _openai_params(proxy.url)) + ["--stages", "01,02,03"]
+        _kill_when(cmd, lambda: _count(run / "03_score" / "neurons") >= 2, signal.SIGKILL, env)
+        done_before = _keys(tmp_path / "cache" / "llm_requests.sqlite")
+        sent_before = len(proxy.sent())
+        proxy.log.clear()
+        _run(cmd, env)
+        resent = []
+        for entry in proxy.sent():
+            request = {k: v for k, v in entry["request"].items() if k != "model"}
+            endpoint = "chat" if entry["path"].endswith("/chat/completions") else "completions"
+            key = RequestCache.key(f"openai:{endpoint}:{proxy.url}", "smollm2", request)
+            resent += [key] if key in done_before else []
+        assert sent_before > 0 and proxy.sent() and resent == []
+        assert _lines(run / "03_score" / "scores.jsonl") == 4
+    finally:
+        proxy.stop()
+
+
+def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama, tmp_path):
+    proxy = FaultProxy(llama).start()
+    try:
+        env = _env(tmp_path / "cache")
+        cmds = [_cmd(r, tmp_path, _openai_params(proxy.url)) for r in ("a", "b")]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        outs = [p.communicate(timeout=900) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+        a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+        assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)  # same results from the shared cache
+        with sqlite3.connect(tmp_path / "cache" / "llm_requests.sqlite") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert any(e["authorization"] == f"Bearer {SECRET}" for e in proxy.sent())  # the key was really used
+        leaked = []
+        for root in (tmp_path / "a", tmp_path / "b", tmp_path / "cache"):
+            for p in root.rglob("*"):
+                if p.is_file() and not p.is_symlink() and "models" not in p.relative_to(root).parts[:1]:
+                    leaked += [str(p)] if SECRET.encode() in p.read_bytes() else []
+        assert leaked == []
+        assert json.loads((tmp_path / "a" / "03_score" / "summary.json").read_text())["failed"] == 0
+    finally:
+        proxy.stop()
