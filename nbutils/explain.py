@@ -89,19 +89,26 @@ def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[S
 
 
 def simulate_explanation(
-    backend: LocalBackend | OpenAIBackend, explanation: str, excerpts: Sequence[Excerpt]
+    backend: LocalBackend | OpenAIBackend,
+    explanation: str,
+    excerpts: Sequence[Excerpt],
+    max_prompt_tokens: int | None = None,
 ) -> list[np.ndarray]:
-    """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context allows."""
-    prefix = fitted_simulation_prefix(backend, explanation, max(len(e.tokens) for e in excerpts))
+    """Label distributions [tokens, 11] per excerpt, with as many worked examples as the context (or
+    ``max_prompt_tokens``) allows."""
+    prefix = fitted_simulation_prefix(backend, explanation, max(len(e.tokens) for e in excerpts), max_prompt_tokens)
     return backend.simulate(prefix, [e.tokens for e in excerpts])
 
 
-def fitted_simulation_prefix(backend: LocalBackend | OpenAIBackend, explanation: str, excerpt_len: int) -> str:
-    """The simulation prompt's shared prefix, with as many worked examples as leave room for an excerpt."""
+def fitted_simulation_prefix(
+    backend: LocalBackend | OpenAIBackend, explanation: str, excerpt_len: int, max_prompt_tokens: int | None = None
+) -> str:
+    """The simulation prompt's shared prefix, with as many worked examples as leave room for an excerpt.
+
+    ``max_prompt_tokens`` caps the prompt below the model's context, to save cost (fewer worked examples)."""
     longest = excerpt_len * 8  # generous tokens per line plus branch tokens
-    examples = fit_examples(
-        lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, backend.context
-    )
+    limit = min(backend.context, max_prompt_tokens or backend.context)
+    examples = fit_examples(lambda ex: backend.count_tokens(simulation_prefix(explanation, ex)) + longest, limit)
     return simulation_prefix(explanation, examples)
 
 
@@ -144,7 +151,7 @@ def explain_neuron(
     try:
         replies = explainer.chat(explanation_messages(shown, examples), n=n_samples, temperature=temperature, seed=seed)
     except LLMFailed as e:
-        entry["failure"], entry["retryable"] = f"explainer request failed: {e}", True
+        entry["failure"], entry["retryable"] = f"explainer request failed: {e}", e.retryable
         return entry
     calibration = sp["calibration_top"] + sp["calibration_random"]
     for reply in replies:
@@ -157,7 +164,7 @@ def explain_neuron(
                 ev = expected_values(simulate_explanation(simulator, text, calibration))
             except LLMFailed as e:
                 cand["reason"] = f"simulation failed: {e}"
-                entry["retryable"] = True
+                entry["retryable"] = entry.get("retryable") or e.retryable
             else:
                 m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
                 cand["calibration_score"], cand["reason"] = m.value, m.reason

@@ -42,10 +42,13 @@ LOGPROBS = 20
 
 
 class LLMFailed(Exception):
-    """An LLM call that gave no usable reply (after retries, where retrying can help); the message says why.
+    """An LLM call that gave no usable reply; the message says why.
 
-    Stages record it as the neuron's failure, marked retryable, and carry on with the other neurons.
+    Stages record it as the neuron's failure and carry on with the other neurons. ``retryable``: a server
+    fault that outlasted the retries (a rerun tries again), as opposed to an unusable reply from the model.
     """
+
+    retryable = True
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -53,7 +56,9 @@ class LLMFailed(Exception):
 
 
 class SimulationFailed(LLMFailed):
-    """A simulation that produced no usable numbers; the message says why."""
+    """A simulation whose reply held no usable numbers (the model's doing, so not retried on rerun)."""
+
+    retryable = False
 
 
 def run_coroutine(make: Callable[[], Awaitable[Any]]) -> Any:

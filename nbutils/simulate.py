@@ -87,6 +87,7 @@ def score_entry(
     simulator: LocalBackend | OpenAIBackend,
     n_boot: int = 1000,
     seed: int = 0,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Scores of one stage-02 entry, and the simulation record to save (None without an explanation)."""
     rec = store.record(entry["layer"], entry["neuron"])
@@ -103,9 +104,9 @@ def score_entry(
         return result, None
     scored = [(n, e) for n in names for e in splits[n]]
     try:
-        dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored])
+        dists = simulate_explanation(simulator, entry["explanation"], [e for _, e in scored], max_prompt_tokens)
     except LLMFailed as e:
-        result["failure"], result["retryable"] = f"simulation failed: {e}", True
+        result["failure"], result["retryable"] = f"simulation failed: {e}", e.retryable
         return result, None
     evs = expected_values(dists)
     by_split: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -148,6 +149,7 @@ def run_score_stage(
     prices: dict[str, float] | None = None,
     progress: bool = True,
     cache_path: str | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
     store = RecordStore(collection_dir)
@@ -169,7 +171,7 @@ def run_score_stage(
     if todo:
         llm = make_backend(backend, model, base_url, api_key_env, simulation, cache_path=cache_path)
         for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
-            result, sim = score_entry(entry, store, llm, n_boot, seed)
+            result, sim = score_entry(entry, store, llm, n_boot, seed, max_prompt_tokens)
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             saved.put(result)  # after the simulation file: a score on disk always has its simulation
