@@ -68,3 +68,15 @@ def embedded():
     from nbutils.models import load_subject_model
 
     return load_subject_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server on localhost with the embedded GGUF (one for the whole run)."""
+    from servers import free_port, llama_server_command, start_server
+
+    port = free_port()
+    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

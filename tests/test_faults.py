@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from servers import FaultProxy, free_port, llama_server_command, start_server
+from servers import FaultProxy
 
 from nbutils.cache import RequestCache
 from nbutils.collect import CollectConfig, collect_activations
@@ -25,18 +25,9 @@ EXCERPT = ["The", " river", " ran", " dry", "."]
 PREFIX = "Neuron: rivers.\n<start>\nThe\t0\n river\t9\n flows\t3\n<end>\n\n<start>\n"
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    port = free_port()
-    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.fixture
-def proxy(llama):
-    p = FaultProxy(llama, hang_s=20.0, refuse_s=1.5).start()
+def proxy(llama_server):
+    p = FaultProxy(llama_server, hang_s=20.0, refuse_s=1.5).start()
     yield p
     p.stop()
 
@@ -120,20 +111,16 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     proxy.queue = ["500"]
     entries = run_explain_stage(tmp_path / "01", tmp_path / "02", neurons=neurons, **opts, cache_path=cache)
     assert all(e["explanation"] for e in entries) and proxy.sent("500")
+
+    def score():  # stage 03 through the proxy, with short prompts
+        run = tmp_path / "01", tmp_path / "02", tmp_path / "03"
+        return run_score_stage(*run, simulation="echo", n_boot=20, **opts, cache_path=cache, max_prompt_tokens=320)
+
     # stage 03: every simulation request of one neuron fails for good; the others are scored
     target = (9, 1)
     needle = _unique_excerpt_text(store, target, [(3, 1), (3, 2)])
     proxy.rules = [(lambda r: needle in (r.get("prompt") or ""), "503")]
-    results = run_score_stage(
-        tmp_path / "01",
-        tmp_path / "02",
-        tmp_path / "03",
-        simulation="echo",
-        n_boot=20,
-        **opts,
-        cache_path=cache,
-        max_prompt_tokens=320,
-    )
+    results = score()
     by = {(r["layer"], r["neuron"]): r for r in results}
     assert "503" in by[target]["failure"] and by[target]["retryable"]
     others = [by[k] for k in [(3, 1), (3, 2)]]
@@ -148,16 +135,7 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
         check_failures(tmp_path / "03", fail_on_errors=True)
     # the server recovers; the rerun sends requests for the failed neuron only
     proxy.rules, proxy.log = [], []
-    again = run_score_stage(
-        tmp_path / "01",
-        tmp_path / "02",
-        tmp_path / "03",
-        simulation="echo",
-        n_boot=20,
-        **opts,
-        cache_path=cache,
-        max_prompt_tokens=320,
-    )
+    again = score()
     target_expl = next(e for e in read_jsonl(tmp_path / "02" / EXPLANATIONS) if (e["layer"], e["neuron"]) == target)
     prompts = [e["request"].get("prompt") or "" for e in proxy.sent()]
     assert prompts and all(target_expl["explanation"] in p for p in prompts)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import FaultProxy, free_port, llama_server_command, start_server
+from servers import FaultProxy
 
 from nbutils.cache import RequestCache
 from nbutils.models import cache_dir
@@ -74,10 +74,13 @@ def _files(run: Path) -> dict[str, bytes]:
 
 def _kill_when(cmd: list[str], ready, sig: int, env: dict[str, str] | None = None) -> None:
     """Start the run in its own process group and send ``sig`` to the whole group once ``ready()`` holds."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    log = open(Path(cmd[cmd.index("--output-root") + 1]) / "killed-run.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + 600
     while not ready():
-        assert proc.poll() is None, "the run finished before the kill point"
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the kill point: {log.read()[-3000:]}")
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, sig)
@@ -116,15 +119,6 @@ def test_killed_run_resumes_to_the_same_artifacts(reference, tmp_path, where, si
     assert _lines(run / "02_explain" / "explanations.jsonl") == 4 and _lines(run / "03_score" / "scores.jsonl") == 4
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    port = free_port()
-    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 def _env(cache: Path) -> dict[str, str]:
     """A private LLM cache (the converted model is shared through a link) and an API key in the environment."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -157,8 +151,8 @@ def _keys(cache_file: Path) -> set[str]:
         return {k for (k,) in db.execute("SELECT key FROM requests")}
 
 
-def test_killed_http_run_sends_no_completed_request_again(llama, tmp_path):
-    proxy = FaultProxy(llama).start()
+def test_killed_http_run_sends_no_completed_request_again(llama_server, tmp_path):
+    proxy = FaultProxy(llama_server).start()
     try:
         env = _env(tmp_path / "cache")
         run = tmp_path / "h"
@@ -180,8 +174,8 @@ def test_killed_http_run_sends_no_completed_request_again(llama, tmp_path):
         proxy.stop()
 
 
-def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama, tmp_path):
-    proxy = FaultProxy(llama).start()
+def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama_server, tmp_path):
+    proxy = FaultProxy(llama_server).start()
     try:
         env = _env(tmp_path / "cache")
         cmds = [_cmd(r, tmp_path, _openai_params(proxy.url)) for r in ("a", "b")]

@@ -9,7 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from servers import free_port, llama_server_command, start_server
+from servers import free_port, start_server
 
 from nbutils.cache import RequestCache
 from nbutils.errors import UserError
@@ -25,15 +25,6 @@ from nbutils.prompts import (
 )
 
 EXCERPTS = [["The", " river", " ran", " dry", "."], ["Tax", " forms", " are", " due", "."]]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("server") / "llama.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +48,9 @@ def _raw_completion(url: str, prompt: str) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=120).read())
 
 
-def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(server, tmp_path):
+def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(llama_server, tmp_path):
     cache = RequestCache(tmp_path / "cache.sqlite")
-    be = OpenAIBackend("smollm2", base_url=server, cache=cache)
+    be = OpenAIBackend("smollm2", base_url=llama_server, cache=cache)
     assert be.detect_mode() == "echo"
     prefix = simulation_prefix("words about water")
     dists = be.simulate(prefix, EXCERPTS)
@@ -68,7 +59,7 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(server, tmp_pa
         np.testing.assert_allclose(d.sum(1), 1.0, atol=1e-9)
     # independent check of one slot: the labels' top log-probabilities from a raw HTTP request, renormalised
     text = prefix + "".join(b + a for b, a in simulation_lines(EXCERPTS[0])) + "<end>\n"
-    raw = _raw_completion(server, text)["choices"][0]["logprobs"]
+    raw = _raw_completion(llama_server, text)["choices"][0]["logprobs"]
     slot = len(prefix) + len(simulation_lines(EXCERPTS[0])[0][0])  # just after the first "token<TAB>"
     i = raw["text_offset"].index(slot)
     want = np.array([math.exp(raw["top_logprobs"][i].get(label, -math.inf)) for label in LABELS])
@@ -76,7 +67,7 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(server, tmp_pa
 
     requests = be.usage.requests
     assert cache.stats()["misses"] >= 3 and cache.stats()["hits"] == 0
-    again = OpenAIBackend("smollm2", base_url=server, cache=RequestCache(tmp_path / "cache.sqlite"))
+    again = OpenAIBackend("smollm2", base_url=llama_server, cache=RequestCache(tmp_path / "cache.sqlite"))
     again.mode = "echo"
     assert all(np.array_equal(a, b) for a, b in zip(again.simulate(prefix, EXCERPTS), dists))
     assert again.usage.requests == 0 and again.cache.stats()["hits"] == 2  # nothing sent the second time
@@ -84,8 +75,8 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(server, tmp_pa
     assert be.usage.requests == requests and be.usage.prompt_tokens > 0 and be.usage.cache_misses == requests
 
 
-def test_chat_explanations_and_chat_mode_simulation(server):
-    be = OpenAIBackend("smollm2", base_url=server, simulation="chat")
+def test_chat_explanations_and_chat_mode_simulation(llama_server):
+    be = OpenAIBackend("smollm2", base_url=llama_server, simulation="chat")
     msgs = explanation_messages([ShownExcerpt(("The", " river", " ran"), (0, 9, 1))], WORKED_EXAMPLES[:1])
     replies = be.chat(msgs, n=2, temperature=0.7, max_tokens=24, seed=5)
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
