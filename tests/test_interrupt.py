@@ -193,6 +193,7 @@ def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama_server, tmp_path
                 if p.is_file() and not p.is_symlink() and "models" not in p.relative_to(root).parts[:1]:
                     leaked += [str(p)] if SECRET.encode() in p.read_bytes() else []
         assert leaked == []
-        assert json.loads((tmp_path / "a" / "03_score" / "summary.json").read_text())["failed"] == 0
+        summary = json.loads((tmp_path / "a" / "03_score" / "summary.json").read_text())
+        assert summary["neurons"] == 2 and summary["retryable"] == 0  # no server-side failure (a weak model's may)
     finally:
         proxy.stop()
