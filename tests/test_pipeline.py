@@ -77,6 +77,14 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
     again = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
 
+    # an artifact altered after its stage finished is caught before it is reused, and named
+    stats = run / "01_collect" / "layer_029" / "stats.npy"
+    stats.write_bytes(stats.read_bytes()[:-8])
+    broken = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
+    message = " ".join(broken.stderr.split())  # the command wraps its one paragraph
+    assert broken.returncode == 2 and "layer_029/stats.npy was truncated or altered" in message
+    assert "Traceback" not in broken.stderr
+
 
 @pytest.mark.slow
 def test_yaml_config_and_default_run_id(tmp_path):
