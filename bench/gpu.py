@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RESULTS, _median_spread, early_exit_ideal, print_table  # noqa: E402
+from run import RESULTS, measure_collection, measure_simulation, print_table  # noqa: E402
 
 
 def _configs(smoke: bool) -> dict[str, Any]:
@@ -58,105 +57,33 @@ def _configs(smoke: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def bench_model(name: str, config: Any, device: torch.device, dtype: torch.dtype, n_batches: int, repeats: int):
+    """Items 1, 2 and 4 on one random-initialised model built on ``device``; rows and peak GPU memory."""
     from transformers import AutoModelForCausalLM
 
-    from nbutils.collect import CollectConfig, Collector, choose_neurons
-    from nbutils.hooks import NeuronCapture, neurons_per_layer, num_layers, resolve_site
+    from nbutils.backends import LocalBackend
+    from nbutils.models import SubjectModel, load_subject_model
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    site = resolve_site(model)
-    width, n_layers = neurons_per_layer(model, site), num_layers(model)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (32, 64), generator=g).to(device) for _ in range(n_batches)]
-    n_excerpts, tokens = 32 * n_batches, 32 * 64 * n_batches
-
-    def bare() -> None:
-        with torch.inference_mode():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-
-    def collect(layers: list[int]):
-        def run() -> None:
-            cfg = CollectConfig(layers=layers, quantile_warmup=n_excerpts // 2)
-            col = Collector(n_excerpts, 64, choose_neurons(width, layers, None, 0), cfg, site.signed, device=device)
-            with NeuronCapture(model, site, layers) as cap:
-                for i, ids in enumerate(batches):
-                    col.update(i * 32, cap.run(ids))
-
-        return run
-
-    half = n_layers // 2
-    variants = {
-        "bare forward": bare,
-        "collect all layers": collect(list(range(n_layers))),
-        f"collect layers 0..{half - 1}": collect(list(range(half))),
-    }
-    bare()  # warm-up (kernels, allocator)
-    collect(list(range(n_layers)))()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for k, fn in variants.items():
-            times[k].append(_timed(fn, device))
-    base = statistics.median(times["bare forward"])
-    rows = [
-        {
-            "model": name,
-            "variant": k,
-            "tokens_per_s": tokens / statistics.median(ts),
-            "speed_vs_bare": base / statistics.median(ts),
-            "seconds": _median_spread(ts),
-        }
-        for k, ts in times.items()
-    ]
-    rows[-1]["ideal"] = early_exit_ideal(model, half)
-    rows.append(bench_simulation(name, model, device, repeats))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return rows, peak
-
-
-def bench_simulation(name: str, model: Any, device: torch.device, repeats: int) -> dict[str, Any]:
-    from nbutils.backends import LocalBackend
-    from nbutils.models import SubjectModel, load_subject_model
-    from nbutils.prompts import simulation_prefix
+    rows = [{"model": name, **r} for r in measure_collection(model, batches, repeats, sync)]
 
     tokenizer = load_subject_model("embedded").tokenizer  # the embedded model's tokenizer (same vocabulary)
     be = LocalBackend(SubjectModel(model, tokenizer, name), batch_size=10)
-    g = torch.Generator().manual_seed(1)
-    tokens = [[tokenizer.decode([int(t)]) for t in torch.randint(100, 40000, (64,), generator=g)] for _ in range(10)]
-    prefix = simulation_prefix("words about numbers and arithmetic")
-    p_len = be.count_tokens(prefix)
-    e_len = sum(len(be._excerpt_ids(t)[0]) + len(t) * len(be.labels.branch_tokens) for t in tokens)
-    ideal = (len(tokens) * p_len + e_len) / (p_len + e_len)
-    reused = be.simulate(prefix, tokens, reuse_prefix=True)
-    plain = be.simulate(prefix, tokens, reuse_prefix=False)
-    diff = max(float(abs(a - b).max()) for a, b in zip(reused, plain))
-    t_plain = [_timed(lambda: be.simulate(prefix, tokens, reuse_prefix=False), device) for _ in range(repeats)]
-    t_reuse = [_timed(lambda: be.simulate(prefix, tokens, reuse_prefix=True), device) for _ in range(repeats)]
-    speed = statistics.median(t_plain) / statistics.median(t_reuse)
-    return {
-        "model": name,
-        "variant": "simulate 10 excerpts: prefix reuse + batching vs plain",
-        "tokens_per_s": (p_len + e_len) / statistics.median(t_reuse),
-        "speed_vs_bare": speed,
-        "seconds": _median_spread(t_reuse),
-        "ideal": ideal,
-        "max_abs_difference": diff,
-    }
+    ids = torch.randint(100, 40000, (10, 64), generator=g)
+    excerpts = [[tokenizer.decode([int(t)]) for t in row] for row in ids]
+    sim = measure_simulation(be, excerpts, repeats, sync)
+    reuse = sim["rows"][-1]  # prefix reuse + batching, with its speed against plain prompts and the ideal
+    rows.append({"model": name, **reuse, "variant": "simulate 10 excerpts: " + reuse["variant"],
+                 "max_abs_difference": sim["max_abs_difference"]})  # fmt: skip
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return rows, peak
 
 
 def main() -> None:

@@ -31,63 +31,78 @@ def _median_spread(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def _time(fn: Callable[[], Any]) -> float:
+def _time(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
-def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
-    """Collector tokens/s (all layers hooked; and layers 0..L/2) over bare full-forward tokens/s."""
+def measure_collection(
+    model: torch.nn.Module, batches: list[torch.Tensor], repeats: int, sync: Callable[[], None] = lambda: None
+) -> list[dict[str, Any]]:
+    """Bare full forward, collector with every layer hooked, and collector for layers 0..L/2-1 only, on the
+    same batches of [32, 64] token ids; rows with tokens/s and the speed against the bare forward."""
     from nbutils.collect import CollectConfig, Collector, choose_neurons
-    from nbutils.corpus import load_texts, make_excerpts
     from nbutils.hooks import NeuronCapture, neurons_per_layer, num_layers, resolve_site
-    from nbutils.models import load_subject_model
 
-    subject = load_subject_model(model)
-    ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
-    batches = [torch.from_numpy(ex.tokens[s : s + 32].astype(np.int64)) for s in range(0, len(ex), 32)]
-    tokens = int(ex.tokens.size)
-    site = resolve_site(subject.model)
-    width, n_layers = neurons_per_layer(subject.model, site), num_layers(subject.model)
+    site = resolve_site(model)
+    width, n_layers = neurons_per_layer(model, site), num_layers(model)
+    n_excerpts = sum(len(b) for b in batches)
+    device = batches[0].device
 
     def bare() -> None:
         with torch.inference_mode():
             for ids in batches:
-                subject.model(input_ids=ids, use_cache=False)
+                model(input_ids=ids, use_cache=False)
 
     def collect(layers: list[int]) -> Callable[[], None]:
         def run() -> None:
-            cfg = CollectConfig(layers=layers, quantile_warmup=min(1024, len(ex) // 2))
-            col = Collector(len(ex), 64, choose_neurons(width, layers, None, 0), cfg, site.signed)
-            with NeuronCapture(subject.model, site, layers) as cap:
+            cfg = CollectConfig(layers=layers, quantile_warmup=min(1024, n_excerpts // 2))
+            col = Collector(n_excerpts, 64, choose_neurons(width, layers, None, 0), cfg, site.signed, device=device)
+            with NeuronCapture(model, site, layers) as cap:
                 for i, ids in enumerate(batches):
                     col.update(i * 32, cap.run(ids))
 
         return run
 
-    variants = {"bare forward": bare, "collect all layers": collect(list(range(n_layers)))}
-    variants[f"collect layers 0..{n_layers // 2 - 1}"] = collect(list(range(n_layers // 2)))
-    ideal = early_exit_ideal(subject.model, n_layers // 2)
+    half = n_layers // 2
+    variants = {
+        "bare forward": bare,
+        "collect all layers": collect(list(range(n_layers))),
+        f"collect layers 0..{half - 1}": collect(list(range(half))),
+    }
     bare()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
+    for _ in range(repeats):  # variants alternate within a repeat, so machine noise hits all alike
         for name, fn in variants.items():
-            times[name].append(_time(fn))
-    rows = []
+            times[name].append(_time(fn, sync))
+    tokens = n_excerpts * 64
     base = statistics.median(times["bare forward"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            {
-                "variant": name,
-                "tokens_per_s": tokens / med,
-                "speed_vs_bare": base / med,
-                "seconds": _median_spread(ts),
-            }
-        )
-    rows[-1]["ideal"] = ideal
-    return {"benchmark": "collect", "model": model, "tokens": tokens, "batch": "32 x 64", "rows": rows}
+    rows = [
+        {
+            "variant": name,
+            "tokens_per_s": tokens / statistics.median(ts),
+            "speed_vs_bare": base / statistics.median(ts),
+            "seconds": _median_spread(ts),
+        }
+        for name, ts in times.items()
+    ]
+    rows[-1]["ideal"] = early_exit_ideal(model, half)
+    return rows
+
+
+def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
+    """Collector tokens/s (all layers hooked; and layers 0..L/2) over bare full-forward tokens/s."""
+    from nbutils.corpus import load_texts, make_excerpts
+    from nbutils.models import load_subject_model
+
+    subject = load_subject_model(model)
+    ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
+    batches = [torch.from_numpy(ex.tokens[s : s + 32].astype(np.int64)) for s in range(0, len(ex), 32)]
+    rows = measure_collection(subject.model, batches, repeats)
+    return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": "32 x 64", "rows": rows}
 
 
 def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:
@@ -100,42 +115,49 @@ def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:
     return (sum(per_layer) + head) / sum(per_layer[:layers_run])
 
 
-def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
-    """Local all-at-once simulation of one explanation over 10 excerpts: prefix reuse + batching vs plain."""
-    from nbutils.backends import LocalBackend
-    from nbutils.corpus import load_texts, make_excerpts
+def measure_simulation(
+    be: Any, tokens: list[list[str]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
+    """One explanation's all-at-once simulation of ``tokens`` excerpts: plain per-excerpt prompts against
+    prefix reuse + batching, with the ideal speed-up from token counts and the largest probability difference."""
     from nbutils.prompts import simulation_prefix
 
-    be = LocalBackend(model, batch_size=5)
-    ex = make_excerpts(be.tokenizer, load_texts("embedded"), 64, 10, seed=1)
-    tokens = [[be.tokenizer.decode([int(t)]) for t in row] for row in ex.tokens]
     prefix = simulation_prefix("words about numbers and arithmetic")
     p_len = be.count_tokens(prefix)
     e_len = sum(len(be._excerpt_ids(t)[0]) + len(t) * len(be.labels.branch_tokens) for t in tokens)
     ideal = (len(tokens) * p_len + e_len) / (p_len + e_len)
-    reused = be.simulate(prefix, tokens, reuse_prefix=True)  # warm-up
+    reused = be.simulate(prefix, tokens, reuse_prefix=True)  # also the warm-up
     plain = be.simulate(prefix, tokens, reuse_prefix=False)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(reused, plain))
     times: dict[str, list[float]] = {"plain per-excerpt prompt": [], "prefix reuse + batching": []}
     for _ in range(repeats):
-        times["plain per-excerpt prompt"].append(_time(lambda: be.simulate(prefix, tokens, reuse_prefix=False)))
-        times["prefix reuse + batching"].append(_time(lambda: be.simulate(prefix, tokens, reuse_prefix=True)))
+        for name, reuse in (("plain per-excerpt prompt", False), ("prefix reuse + batching", True)):
+            times[name].append(_time(lambda r=reuse: be.simulate(prefix, tokens, reuse_prefix=r), sync))
     base = statistics.median(times["plain per-excerpt prompt"])
     rows = [
-        {"variant": k, "speed_vs_plain": base / statistics.median(v), "seconds": _median_spread(v)}
+        {
+            "variant": k,
+            "tokens_per_s": (p_len + e_len) / statistics.median(v),
+            "speed_vs_plain": base / statistics.median(v),
+            "seconds": _median_spread(v),
+        }
         for k, v in times.items()
     ]
     rows[-1]["ideal"] = ideal
     rows[-1]["share_of_ideal"] = rows[-1]["speed_vs_plain"] / ideal
-    return {
-        "benchmark": "simulate",
-        "model": model,
-        "tokens": p_len + e_len,
-        "prefix_tokens": p_len,
-        "ideal_speedup": ideal,
-        "max_abs_difference": diff,
-        "rows": rows,
-    }
+    return {"tokens": p_len + e_len, "prefix_tokens": p_len, "ideal_speedup": ideal, "max_abs_difference": diff,
+            "rows": rows}  # fmt: skip
+
+
+def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
+    """Local all-at-once simulation of one explanation over 10 excerpts: prefix reuse + batching vs plain."""
+    from nbutils.backends import LocalBackend
+    from nbutils.corpus import load_texts, make_excerpts
+
+    be = LocalBackend(model, batch_size=5)
+    ex = make_excerpts(be.tokenizer, load_texts("embedded"), 64, 10, seed=1)
+    tokens = [[be.tokenizer.decode([int(t)]) for t in row] for row in ex.tokens]
+    return {"benchmark": "simulate", "model": model, **measure_simulation(be, tokens, repeats)}
 
 
 MAIN_LAYERS = [0, 7, 15, 22, 29]

@@ -103,16 +103,10 @@ def score_by_layer(view: RunView):
     return fig
 
 
-def ranked(view: RunView) -> list[tuple[float, tuple[int, int, str]]]:
-    """Scored neurons with a defined top+random score, best first."""
-    pairs = [(main_score(r), k) for k, r in view.scores.items()]
-    return sorted(((s, k) for s, k in pairs if s is not None and np.isfinite(s)), key=lambda p: -p[0])
-
-
 def simulated_vs_true(view: RunView, n: int = 2):
     """Scatter of simulated expected value against true activation (scored excerpts) for the ``n`` best and
     ``n`` worst neurons."""
-    order = ranked(view)
+    order = view.ranked()
     picks = order[:n] + [p for p in order[-n:] if p not in order[:n]]
     if not picks:
         fig, ax = _figure()

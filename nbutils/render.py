@@ -15,9 +15,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from nbutils.records import Excerpt, NeuronRecord
-from nbutils.runview import Key, RunView, main_score
-from nbutils.summary import colour
+from nbutils.records import Excerpt
+from nbutils.runview import Key, RunView
+from nbutils.summary import fmt_metric, heatmap_html, neuron_scale
 
 STYLE = """
 .nbx { font-family: system-ui, sans-serif; font-size: 13px; color: #222; }
@@ -25,7 +25,6 @@ STYLE = """
 .nbx table { border-collapse: collapse; margin: 4px 0; }
 .nbx td, .nbx th { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
 .nbx .nbx-excerpt { font-family: monospace; line-height: 1.7; margin: 2px 0; white-space: pre-wrap; }
-.nbx .nbx-excerpt > span { white-space: pre-wrap; border-radius: 2px; }
 .nbx .nbx-row-label { display: inline-block; width: 6em; color: #777; font-family: sans-serif; }
 .nbx .nbx-muted { color: #777; }
 .nbx .nbx-legend span { padding: 0 6px; margin-right: 4px; }
@@ -40,28 +39,6 @@ def _token_text(token: str) -> str:
     return _esc(token).replace("\n", "\u21b5").replace("\t", "\u21e5")
 
 
-def neuron_scale(record: NeuronRecord) -> float:
-    """The neuron's fixed colour scale: its largest absolute activation (0 for a neuron that never varies)."""
-    values = [abs(v) for v in (record.max, record.min) if math.isfinite(v)]
-    return max(values, default=0.0)
-
-
-def heatmap_html(tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "") -> str:
-    """One excerpt as tokens shaded by value on a fixed ``scale``, with each value in the token's tooltip.
-
-    ``hue="green"`` shades simulated values instead of the orange/blue activation colours.
-    """
-    spans = []
-    for tok, value in zip(tokens, values):
-        v = float(value)
-        bg = colour(v, scale)
-        if hue == "green" and bg != "transparent":
-            bg = f"rgba(40,170,80,{min(abs(v) / scale, 1.0):.2f})"
-        style = "" if bg == "transparent" else f' style="background:{bg}"'
-        spans.append(f'<span title="{v:.4g}"{style}>{_token_text(tok)}</span>')
-    return f'<div class="nbx-excerpt" data-kind="{_esc(kind)}">{"".join(spans)}</div>'
-
-
 def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: str) -> str:
     if not excerpts:
         return ""
@@ -70,14 +47,7 @@ def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: 
 
 
 def _metric(m: dict[str, Any] | None) -> str:
-    if not m:
-        return "<span class='nbx-muted'>-</span>"
-    if m.get("value") is None:
-        return f"<span class='nbx-muted' title='{_esc(m.get('reason'))}'>undefined: {_esc(m.get('reason'))}</span>"
-    text = f"{m['value']:.3f}"
-    if m.get("low") is not None and m.get("high") is not None:
-        text += f" <span class='nbx-muted'>[{m['low']:.2f}, {m['high']:.2f}]</span>"
-    return text
+    return _esc(fmt_metric(m))
 
 
 SCORE_COLUMNS = (
@@ -229,8 +199,9 @@ def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int 
     most ``max_neurons`` of them, best score first; the page says when it was cut.
     """
     if keys is None:
-        keys = list(view.explanations) or [(n.layer, n.neuron, "positive") for n in view.store.all_ids()]
-        keys.sort(key=lambda k: _best_first(view, k))
+        scored = [k for _, k in view.ranked()]  # best score first, then the rest in index order
+        rest = list(view.explanations) or [(n.layer, n.neuron, "positive") for n in view.store.all_ids()]
+        keys = scored + [k for k in rest if k not in set(scored)]
     shown = list(keys)[:max_neurons]
     meta = view.store.meta
     summary = (
@@ -242,9 +213,3 @@ def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int 
     body = "<h2>Neuron explanations</h2>" + summary + cut + run_index_html(view, shown)
     body += "".join("<hr>" + neuron_html(view, *k) for k in shown)
     return page("Neuron explanations", body)
-
-
-def _best_first(view: RunView, key: Key) -> tuple[bool, float, Key]:
-    value = main_score(view.scores.get(key))
-    known = value is not None and math.isfinite(value)
-    return (not known, -value if known else 0.0, key)

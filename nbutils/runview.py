@@ -7,6 +7,7 @@ Only the collection is required: neurons that were not explained or scored yet s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,16 +106,18 @@ class RunView:
             ids = [(n.layer, n.neuron) for n in self.store.all_ids()]
         if sort == SORTS[0]:
             return ids
+        order = [(k[0], k[1]) for _, k in self.ranked(baseline=sort.startswith("baseline")) if k[2] == "positive"]
+        if "worst" in sort:
+            order.reverse()
+        wanted = set(ids)
+        known = [i for i in order if i in wanted]
+        placed = set(known)
+        return known + [i for i in ids if i not in placed]
 
-        def value(i: tuple[int, int]) -> float | None:
-            r = self.scores.get((*i, "positive"))
-            if sort.startswith("baseline"):
-                return main_score(r.get("baseline")) if r else None
-            return main_score(r)
-
-        scored = [(value(i), i) for i in ids]
-        known = sorted((s for s in scored if s[0] is not None), key=lambda s: s[0], reverse="worst" not in sort)
-        return [i for _, i in known] + [i for v, i in scored if v is None]
+    def ranked(self, baseline: bool = False) -> list[tuple[float, Key]]:
+        """Scored neuron sides with a defined top+random score (the baseline's with ``baseline``), best first."""
+        pairs = [(main_score(r.get("baseline") if baseline else r), k) for k, r in self.scores.items()]
+        return sorted(((v, k) for v, k in pairs if v is not None and math.isfinite(v)), key=lambda p: -p[0])
 
 
 def _key(entry: dict[str, Any]) -> Key:

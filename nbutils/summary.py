@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nbutils.records import Excerpt, RecordStore
+from nbutils.records import NeuronRecord, RecordStore
 
 
 def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
@@ -61,31 +62,48 @@ def colour(value: float, scale: float) -> str:
     return f"rgba(255,140,0,{a:.2f})" if value >= 0 else f"rgba(30,110,255,{a:.2f})"
 
 
-def excerpt_html(excerpt: Excerpt, scale: float) -> str:
-    """One excerpt as inline tokens shaded by activation; each value is in the token's tooltip."""
+EXCERPTS_STYLE = "font-family:monospace;line-height:1.7;white-space:pre-wrap"
+"""Inline layout for heatmaps shown without a stylesheet (inherited by the excerpt rows)."""
+
+
+def neuron_scale(record: NeuronRecord) -> float:
+    """A neuron's fixed colour scale: its largest absolute activation (0 for a neuron that never varies)."""
+    values = [abs(v) for v in (record.max, record.min) if np.isfinite(v)]
+    return max(values, default=0.0)
+
+
+def heatmap_html(tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "") -> str:
+    """One excerpt as tokens shaded by value on a fixed ``scale``, with each value in the token's tooltip.
+
+    ``hue="green"`` shades simulated values instead of the orange/blue activation colours. Lay it out inside
+    ``EXCERPTS_STYLE`` (monospace, wrapping) or a stylesheet rule for ``.nbx-excerpt``.
+    """
     spans = []
-    for tok, act in zip(excerpt.tokens, excerpt.activations):
-        text = html.escape(tok).replace("\n", "\u21b5")
-        spans.append(
-            f'<span title="{float(act):.4g}" style="background:{colour(float(act), scale)};'
-            f'white-space:pre">{text}</span>'
-        )
-    return '<div style="font-family:monospace;line-height:1.6;margin:2px 0">' + "".join(spans) + "</div>"
+    for tok, value in zip(tokens, values):
+        v = float(value)
+        bg = colour(v, scale)
+        if hue == "green" and bg != "transparent":
+            bg = f"rgba(40,170,80,{min(abs(v) / scale, 1.0):.2f})"
+        style = "" if bg == "transparent" else f' style="background:{bg}"'
+        text = html.escape(tok).replace("\n", "\u21b5").replace("\t", "\u21e5")
+        spans.append(f'<span title="{v:.4g}"{style}>{text}</span>')
+    return f'<div class="nbx-excerpt" data-kind="{html.escape(kind)}">{"".join(spans)}</div>'
 
 
 def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3) -> str:
     """A neuron's strongest excerpts (and most negative ones for signed sites), on one colour scale."""
     rec = store.record(layer, neuron)
-    scale = max(abs(rec.max), abs(rec.min)) if np.isfinite(rec.max) else 0.0
+    scale = neuron_scale(rec)
     parts = [f"<h4>layer {layer}, neuron {neuron}: max {rec.max:.3g}, min {rec.min:.3g}, mean {rec.mean:.3g}</h4>"]
-    parts += [excerpt_html(e, scale) for e in rec.top[:n]]
+    parts += [heatmap_html(e.tokens, e.activations, scale, "top") for e in rec.top[:n]]
     if rec.bottom:
         parts.append("<p>most negative:</p>")
-        parts += [excerpt_html(e, scale) for e in rec.bottom[:n]]
-    return "\n".join(parts)
+        parts += [heatmap_html(e.tokens, e.activations, scale, "bottom") for e in rec.bottom[:n]]
+    return f'<div style="{EXCERPTS_STYLE}">' + "\n".join(parts) + "</div>"
 
 
-def _fmt_metric(m: dict[str, Any] | None) -> str:
+def fmt_metric(m: dict[str, Any] | None) -> str:
+    """A stored metric as text: value with its 95% interval, or "undefined: reason"."""
     if not m:
         return "-"
     if m.get("value") is None:
@@ -105,10 +123,10 @@ def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "neuron": r["neuron"],
                 "sign": r["sign"],
                 "explanation": r.get("explanation") or f"(none: {r.get('failure')})",
-                "top+random": _fmt_metric(r.get("top_and_random", {}).get("correlation")),
-                "random only": _fmt_metric(r.get("random_only", {}).get("correlation")),
-                "baseline top+random": _fmt_metric(r["baseline"]["top_and_random"]["correlation"]),
-                "baseline random only": _fmt_metric(r["baseline"]["random_only"]["correlation"]),
+                "top+random": fmt_metric(r.get("top_and_random", {}).get("correlation")),
+                "random only": fmt_metric(r.get("random_only", {}).get("correlation")),
+                "baseline top+random": fmt_metric(r["baseline"]["top_and_random"]["correlation"]),
+                "baseline random only": fmt_metric(r["baseline"]["random_only"]["correlation"]),
             }
         )
     return rows

@@ -7,7 +7,6 @@ import html
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from servers import free_port
 
 from nbutils import plots
 from nbutils.collect import CollectConfig, collect_activations
@@ -173,12 +173,6 @@ def test_report_figures_and_tables(run_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _inspect_notebook(run_dir: Path, path: Path, layer: int, neuron: int) -> None:
     nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "04_inspect_neurons.ipynb", 4)
     params = {
@@ -205,7 +199,7 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     _inspect_notebook(run_dir, tmp_path / "inspect.ipynb", 1, 0)
-    port, token = _free_port(), "nbutils-test"
+    port, token = free_port(), "nbutils-test"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1"]
     cmd += [f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None"]
     lab = subprocess.Popen(cmd, stdout=open(tmp_path / "lab.log", "w"), stderr=subprocess.STDOUT)
