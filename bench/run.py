@@ -224,8 +224,8 @@ def bench_memory(excerpts: int, repeats: int, model: str = "embedded") -> dict[s
 
 
 def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int = 6) -> dict[str, Any]:
-    """Neurons per hour through explain + simulate + score (stages 02 and 03, local embedded model), where the
-    time goes, and the LLM tokens processed per neuron against the floor."""
+    """Neurons per hour through explain + simulate + score (stages 02 and 03 with detection and fuzzing, local
+    embedded model), where the time goes, and the LLM tokens processed per neuron against the floor."""
     import tempfile
 
     import nbutils.simulate as simulate_mod
@@ -244,17 +244,24 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     collect_activations(subject, ex, tmp / "01", cfg, progress=False)
     t_collect = time.perf_counter() - t0
 
-    spent = {"simulation (LLM forward passes)": 0.0}
-    original = simulate_mod.simulate_explanation
+    spent = {"simulation": 0.0, "judging": 0.0}
+    judge_tokens = [0]
+    originals = {"simulation": simulate_mod.simulate_explanation, "judging": simulate_mod.judge_explanation}
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent["simulation (LLM forward passes)"] += time.perf_counter() - start
+    def timed(part: str) -> Callable[..., Any]:
+        def run(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            start, tokens = time.perf_counter(), backend.usage.prompt_tokens
+            try:
+                return originals[part](backend, *args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - start
+                if part == "judging":
+                    judge_tokens[0] += backend.usage.prompt_tokens - tokens
 
-    simulate_mod.simulate_explanation = timed
+        return run
+
+    simulate_mod.simulate_explanation = timed("simulation")
+    simulate_mod.judge_explanation = timed("judging")
     try:
         t0 = time.perf_counter()
         run_explain_stage(tmp / "01", tmp / "02", neurons=neurons // 2, progress=False)
@@ -263,7 +270,8 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
         results = run_score_stage(tmp / "01", tmp / "02", tmp / "03", progress=False)
         t_score = time.perf_counter() - t0
     finally:
-        simulate_mod.simulate_explanation = original
+        simulate_mod.simulate_explanation = originals["simulation"]
+        simulate_mod.judge_explanation = originals["judging"]
     n = len(results)
     usage = {s: json.loads((tmp / s / "usage.json").read_text()) for s in ("02", "03")}
     # the floor: each explanation's prompt prefix once, plus each simulated excerpt's own tokens
@@ -274,8 +282,9 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
         floor += sum(len(x["tokens"]) for x in sim["excerpts"])
     stages = {
         "02 explain (generation)": t_explain,
-        "03 simulation (LLM forward passes)": spent["simulation (LLM forward passes)"],
-        "03 scoring, baseline, I/O": t_score - spent["simulation (LLM forward passes)"],
+        "03 simulation (LLM forward passes)": spent["simulation"],
+        "03 detection + fuzzing (LLM forward passes)": spent["judging"],
+        "03 scoring, baseline, I/O": t_score - spent["simulation"] - spent["judging"],
     }
     rows = [{"variant": k, "seconds": v, "share": v / (t_explain + t_score)} for k, v in stages.items()]
     return {
@@ -286,7 +295,8 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
         "collection_tokens": int(ex.tokens.size),
         "neurons_per_hour": 3600 * n / (t_explain + t_score),
         "explain_tokens_per_neuron": usage["02"]["prompt_tokens"] / n + usage["02"]["completion_tokens"] / n,
-        "simulate_tokens_per_neuron": usage["03"]["prompt_tokens"] / n,
+        "simulate_tokens_per_neuron": (usage["03"]["prompt_tokens"] - judge_tokens[0]) / n,
+        "judge_tokens_per_neuron": judge_tokens[0] / n,
         "simulate_floor_per_neuron": floor / n,
         "rows": rows,
     }

@@ -1,4 +1,4 @@
-"""LLM backends for explaining and simulating. Today: a local transformers model.
+"""LLM backends for explaining, simulating and judging. Here: a local transformers model.
 
 `LocalBackend` offers chat generation (for explanations) and all-at-once simulation: one forward pass per
 excerpt yields, at every token's value slot, the exact probability of every label 0..10.
@@ -9,7 +9,8 @@ gives P("0" | "1"), so P(label 10) = P("1") * P("0" | "1") and P(label 1) = P("1
 Branch tokens ride in the same forward pass through a custom attention mask, so the cost stays one pass.
 
 The shared prompt prefix (instructions, worked examples, explanation) is run once per explanation and its
-key/value cache reused for every excerpt; excerpts are batched.
+key/value cache reused for every excerpt; excerpts are batched. Detection and fuzzing items (`judge`) run the
+same way, reading P("1") against P("0") at each item's answer slot.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from nbutils.errors import UserError
 from nbutils.models import SubjectModel, load_subject_model
-from nbutils.prompts import EXPLANATION_PREFIX, LABELS, simulation_lines
+from nbutils.prompts import EXPLANATION_PREFIX, LABELS, JudgeItem, judge_piece, simulation_lines
 from nbutils.records import atomic_write_json
 
 
@@ -120,6 +121,7 @@ class LocalBackend:
     """A causal LM run in this process with transformers (default: the embedded SmolLM2-135M-Instruct)."""
 
     kind = "local"
+    gives_probabilities = True
 
     def __init__(self, model: str | SubjectModel = "embedded", batch_size: int = 8) -> None:
         """``model``: a spec for `load_subject_model`, or an already loaded `SubjectModel` (on any device)."""
@@ -184,13 +186,18 @@ class LocalBackend:
             ids += self._encode(after)
         return ids, slots
 
-    def _batch_inputs(self, parts: list[tuple[list[int], list[int]]], prefix_len: int, prefix_ids: list[int] | None):
+    def _batch_inputs(
+        self,
+        parts: list[tuple[list[int], list[int]]],
+        prefix_len: int,
+        prefix_ids: list[int] | None,
+        branches: list[int],
+    ):
         """Token ids, position ids and additive attention mask for excerpts plus branch tokens.
 
         With ``prefix_ids`` the prefix is part of each row (no cache); otherwise the prefix is a cache of
         length ``prefix_len`` that every row attends to.
         """
-        branches = self.labels.branch_tokens
         own = prefix_ids if prefix_ids is not None else []
         rows = []
         for ids, slots in parts:
@@ -245,17 +252,37 @@ class LocalBackend:
 
     def simulate(self, prefix: str, excerpts: Sequence[Sequence[str]], reuse_prefix: bool = True) -> list[np.ndarray]:
         """Per excerpt, a [tokens, 11] array of label probabilities at each token's value slot."""
+        parts = [self._excerpt_ids(tokens) for tokens in excerpts]
+        return self._forward_parts(prefix, parts, self.labels.branch_tokens, self._distributions, reuse_prefix)
+
+    def judge(self, prefix: str, items: Sequence[JudgeItem], reuse_prefix: bool = True) -> np.ndarray:
+        """P(answer "1") against "0" at each item's answer slot (detection and fuzzing), one pass per item."""
+        parts = []
+        for item in items:
+            ids = list(self._encode(judge_piece(item)))
+            parts.append((ids, [len(ids)]))
+        yes_no = [self.labels.first[1], self.labels.first[0]]
+
+        def read(hidden: torch.Tensor, rows, own_len: int) -> list[float]:
+            at = torch.tensor([own_len + r[3][0] - 1 for r in rows], device=hidden.device)
+            logits = self._logits(hidden[torch.arange(len(rows), device=hidden.device), at])[:, yes_no]
+            return torch.softmax(logits, dim=-1)[:, 0].tolist()
+
+        return np.array(self._forward_parts(prefix, parts, [], read, reuse_prefix), dtype=np.float64)
+
+    def _forward_parts(self, prefix: str, parts, branches: list[int], read, reuse_prefix: bool) -> list:
+        """Run every (ids, slots) part after the shared prefix in batches; ``read(hidden, rows, own_len)``
+        turns a batch's final hidden states into results. The prefix runs once and its cache is reused."""
         from transformers import DynamicCache
 
         prefix_ids = list(self._encode(prefix))
-        parts = [self._excerpt_ids(tokens) for tokens in excerpts]
-        longest = len(prefix_ids) + max(len(ids) + len(s) * len(self.labels.branch_tokens) for ids, s in parts)
+        longest = len(prefix_ids) + max(len(ids) + len(s) * len(branches) for ids, s in parts)
         if longest > self.context:
             raise UserError(
-                f"The simulation prompt needs {longest} positions; the simulator's context is {self.context}.",
+                f"The prompt needs {longest} positions; the simulator's context is {self.context}.",
                 "Use shorter excerpts or fewer worked examples, or a simulator with a longer context.",
             )
-        results: list[np.ndarray] = []
+        results: list = []
         with torch.inference_mode():
             cache = None
             if reuse_prefix:
@@ -265,7 +292,7 @@ class LocalBackend:
             for start in range(0, len(parts), self.batch_size):
                 chunk = parts[start : start + self.batch_size]
                 if reuse_prefix:
-                    ids, pos, mask, rows = self._batch_inputs(chunk, len(prefix_ids), None)
+                    ids, pos, mask, rows = self._batch_inputs(chunk, len(prefix_ids), None, branches)
                     B = len(chunk)
                     past = DynamicCache.from_legacy_cache(
                         tuple(
@@ -276,13 +303,13 @@ class LocalBackend:
                     hidden = self.model.base_model(
                         input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=past, use_cache=True
                     ).last_hidden_state
-                    results += self._distributions(hidden, rows, 0)
+                    results += read(hidden, rows, 0)
                 else:
-                    ids, pos, mask, rows = self._batch_inputs(chunk, 0, prefix_ids)
+                    ids, pos, mask, rows = self._batch_inputs(chunk, 0, prefix_ids, branches)
                     hidden = self.model.base_model(
                         input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False
                     ).last_hidden_state
-                    results += self._distributions(hidden, rows, len(prefix_ids))
+                    results += read(hidden, rows, len(prefix_ids))
                 self.usage.add(Usage(len(chunk), sum(len(r[0]) for r in rows), 0))
         return results
 

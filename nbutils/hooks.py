@@ -56,6 +56,7 @@ SITES: dict[str, NeuronSite] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
+    "planted": NeuronSite("layers.{layer}.neurons", "input"),  # nbutils.planted's synthetic neurons
 }
 """Automatically resolved sites by ``config.model_type``. SmolLM2 reports ``llama``."""
 

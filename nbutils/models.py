@@ -116,10 +116,22 @@ def _resolve_folder(spec: str) -> str:
     return spec
 
 
+def load_tokenizer(spec: str = EMBEDDED) -> Any:
+    """Only the tokenizer of a model spec (for planted neurons, which need tokens but no weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve_folder(spec))
+
+
 def load_subject_model(spec: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SubjectModel:
-    """Load a causal LM and its tokenizer from a hub id, a local folder, a .gguf file or ``"embedded"``."""
+    """Load a causal LM and its tokenizer from a hub id, a local folder, a .gguf file or ``"embedded"``;
+    ``"planted"`` or ``"planted:<file.py>"`` gives synthetic neurons (see `nbutils.planted`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec == "planted" or spec.startswith("planted:"):
+        from nbutils.planted import load_planted  # planted builds on this module
+
+        return load_planted(spec)
     source = _resolve_folder(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -10,6 +10,8 @@
   with a number per token; replies are parsed tolerantly and aligned to the tokens, and a reply that cannot
   be aligned is a failure with its reason, never a row of zeros. Where the server returns ``top_logprobs``
   for the reply, each value's distribution comes from them (expected values); otherwise it is one-hot.
+- Detection and fuzzing (``judge``): one request per item; echo mode reads P("1") against P("0") at the
+  answer slot, chat mode the first reply token's ``top_logprobs`` (or the written digit, without AUROC).
 - Requests run concurrently on asyncio (at most ``max_concurrency`` in flight), retry with exponential
   backoff on 429, 5xx, timeouts and refused connections (honouring ``Retry-After``), each with a timeout,
   and go through the persistent request cache. Hits and misses are counted in ``usage``.
@@ -36,7 +38,16 @@ import numpy as np
 from nbutils.backends import Usage
 from nbutils.cache import RequestCache
 from nbutils.errors import UserError
-from nbutils.prompts import LABELS, SIMULATE_HEADER, UNKNOWN, show_token, simulation_lines
+from nbutils.prompts import (
+    JUDGE_HEADERS,
+    LABELS,
+    SIMULATE_HEADER,
+    UNKNOWN,
+    JudgeItem,
+    judge_piece,
+    show_token,
+    simulation_lines,
+)
 
 LOGPROBS = 20
 
@@ -114,6 +125,7 @@ class OpenAIBackend:
         self.context = context
         self.cache = cache
         self.usage = Usage()
+        self.gives_probabilities = True
         self.chat_logprobs = True  # ask for top_logprobs in chat simulation until the server refuses them
 
     def count_tokens(self, text: str) -> int:
@@ -237,13 +249,8 @@ class OpenAIBackend:
         one = self._simulate_echo if self.detect_mode() == "echo" else self._simulate_chat
         return self._gather(lambda client, toks: one(client, prefix, toks), list(excerpts))
 
-    async def _simulate_echo(self, client, prefix: str, tokens: Sequence[str]) -> np.ndarray:
-        text, slots = prefix, []
-        for before, after in simulation_lines(tokens):
-            text += before
-            slots.append(len(text))
-            text += after
-        text += "<end>\n"
+    async def _echo_slots(self, client, text: str, slots: list[int]) -> list[dict[str, float]]:
+        """The top next-token log-probabilities at character offsets ``slots`` of ``text`` (one echo request)."""
         req = {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": LOGPROBS, "temperature": 0}
 
         def check(reply: dict[str, Any]) -> None:
@@ -255,16 +262,26 @@ class OpenAIBackend:
                 )
 
         lp = (await self._request(client, "completions", req, check))["choices"][0]["logprobs"]
-        offsets, tops = lp["text_offset"], lp["top_logprobs"]
-        where = {off: i for i, off in enumerate(offsets)}
-        rows = []
+        where = {off: i for i, off in enumerate(lp["text_offset"])}
+        out = []
         for j, slot in enumerate(slots):
             i = where.get(slot)
-            if i is None or not tops[i]:
+            if i is None or not lp["top_logprobs"][i]:
                 raise SimulationFailed(
-                    f"no log-probabilities at the value slot of token {j} (the server merged it with a neighbour)"
+                    f"no log-probabilities at slot {j} of the prompt (the server merged it with a neighbouring token)"
                 )
-            probs = np.array([math.exp(tops[i][label]) if label in tops[i] else 0.0 for label in LABELS])
+            out.append(lp["top_logprobs"][i])
+        return out
+
+    async def _simulate_echo(self, client, prefix: str, tokens: Sequence[str]) -> np.ndarray:
+        text, slots = prefix, []
+        for before, after in simulation_lines(tokens):
+            text += before
+            slots.append(len(text))
+            text += after
+        rows = []
+        for j, top in enumerate(await self._echo_slots(client, text + "<end>\n", slots)):
+            probs = np.array([math.exp(top[label]) if label in top else 0.0 for label in LABELS])
             if probs.sum() <= 0:
                 raise SimulationFailed(
                     f"none of the labels 0..10 is among the top {LOGPROBS} log-probabilities at token {j}"
@@ -285,16 +302,7 @@ class OpenAIBackend:
             },
         ]
         req: dict[str, Any] = {"messages": messages, "temperature": 0, "max_tokens": 8 * len(tokens) + 16}
-        if self.chat_logprobs:
-            try:
-                reply = await self._request(client, "chat", {**req, "logprobs": True, "top_logprobs": LOGPROBS})
-            except LLMFailed as e:
-                if e.status != 400:
-                    raise
-                self.chat_logprobs = False  # the server does not take log-prob options: ask without
-        if not self.chat_logprobs:
-            reply = await self._request(client, "chat", req)
-        choice = reply["choices"][0]
+        choice = (await self._chat(client, req))["choices"][0]
         content = (choice.get("message") or {}).get("content") or ""
         values, starts = parse_value_lines(content, [show_token(t) for t in tokens], with_offsets=True)
         dist = np.zeros((len(tokens), len(LABELS)))
@@ -305,6 +313,61 @@ class OpenAIBackend:
             if row is not None:
                 dist[j] = row
         return dist
+
+    async def _chat(self, client, req: dict[str, Any]) -> dict[str, Any]:
+        """A chat request asking for ``top_logprobs`` too, until the server refuses them (400)."""
+        if self.chat_logprobs:
+            try:
+                return await self._request(client, "chat", {**req, "logprobs": True, "top_logprobs": LOGPROBS})
+            except LLMFailed as e:
+                if e.status != 400:
+                    raise
+                self.chat_logprobs = False  # the server does not take log-prob options: ask without
+        return await self._request(client, "chat", req)
+
+    # -- detection and fuzzing ----------------------------------------------------------------------------
+
+    def judge(self, prefix: str, items: Sequence[JudgeItem]) -> np.ndarray:
+        """P(answer "1") per item, NaN where the reply held no answer. Echo mode reads the answer slot's
+        log-probabilities; chat mode reads the reply's first token (its ``top_logprobs`` when given, else
+        the written digit, and then ``gives_probabilities`` turns False)."""
+        if self.detect_mode() == "echo":
+
+            async def one(client, item: JudgeItem) -> tuple[float, bool]:
+                text = prefix + judge_piece(item)
+                top = (await self._echo_slots(client, text + "0\n", [len(text)]))[0]
+                return _yes_probability({k: math.exp(v) for k, v in top.items()}), True
+        else:
+
+            async def one(client, item: JudgeItem) -> tuple[float, bool]:
+                header = JUDGE_HEADERS["fuzzing" if item.marked is not None else "detection"]
+                content = prefix[len(header) :] if prefix.startswith(header) else prefix
+                messages = [
+                    {"role": "system", "content": header.strip()},
+                    {"role": "user", "content": content + judge_piece(item) + "\n\nReply with the digit only."},
+                ]
+                reply = await self._chat(client, {"messages": messages, "temperature": 0, "max_tokens": 3})
+                choice = reply["choices"][0]
+                first = (((choice.get("logprobs") or {}).get("content")) or [{}])[0]
+                alts = {
+                    a.get("token", ""): math.exp(a.get("logprob", -math.inf)) for a in first.get("top_logprobs") or []
+                }
+                p = _yes_probability(alts)
+                if not math.isnan(p):
+                    return p, True
+                written = ((choice.get("message") or {}).get("content") or "").strip()[:1]
+                return _yes_probability({written: 1.0}), False  # no log-probabilities: the written digit
+
+        answers = self._gather(one, list(items))
+        self.gives_probabilities = all(from_logprobs for _, from_logprobs in answers)
+        return np.array([p for p, _ in answers], dtype=np.float64)
+
+
+def _yes_probability(probs: dict[str, float]) -> float:
+    """P("1") / (P("1") + P("0")) from token probabilities (tokens compared without spaces); NaN if neither."""
+    yes = sum(p for tok, p in probs.items() if tok.strip() == "1")
+    no = sum(p for tok, p in probs.items() if tok.strip() == "0")
+    return yes / (yes + no) if yes + no > 0 else math.nan
 
 
 def _describe(error: Exception, endpoint: str, attempt: int) -> str:

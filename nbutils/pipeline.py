@@ -65,11 +65,12 @@ MAIN_JOB: dict[str, Any] = {
     "seed": 0,
     "explain_neurons": 2,
     "n_samples": 1,
+    "judge_per_class": 10,
 }
 """The main job's defaults (`python -m nbutils run` with no arguments): SmolLM2-135M-Instruct on the
 embedded corpus, 4,000 excerpts of 64 tokens (256k tokens), every neuron of five layers spread from first
-to last; then 2 neurons per layer explained, simulated and scored; then the viewer's static page and the
-report. Notebook defaults are smaller, sized for CI."""
+to last; then 2 neurons per layer explained, simulated and scored (correlation, detection and fuzzing with
+10 items per class); then the viewer's static page and the report. Notebook defaults are smaller, sized for CI."""
 
 
 def notebooks_dir() -> Path:

@@ -1,7 +1,7 @@
 """Figures and tables for the run report (stage 05), from a ``RunView``; each figure is also saved as PNG.
 
-Scores are the pooled correlations of stage 03 (``top_and_random``, ``random_only``) and the token-lookup
-baseline's. Intervals across neurons are bootstrap 95% intervals of the mean over a layer's neurons.
+Scores are the pooled correlations of stage 03 (``top_and_random``, ``random_only``, ``stratified``) and the
+token-lookup baseline's, and the detection and fuzzing scores (balanced accuracy, F1, AUROC). Intervals across neurons are bootstrap 95% intervals of the mean over a layer's neurons.
 """
 
 from __future__ import annotations
@@ -11,13 +11,21 @@ from typing import Any
 
 import numpy as np
 
+from nbutils.classify import TASKS
 from nbutils.runview import RunView, main_score
 
 SERIES = (
     ("explanation, top+random", lambda r: main_score(r)),
     ("explanation, random only", lambda r: main_score(r, "random_only")),
+    ("explanation, stratified", lambda r: main_score(r, "stratified")),
     ("baseline, top+random", lambda r: main_score(r.get("baseline"))),
 )
+JUDGE_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auroc", "AUROC"))
+
+
+def _judge_value(result: dict[str, Any] | None, task: str, metric: str) -> float | None:
+    value = (((result or {}).get(task) or {}).get(metric) or {}).get("value")
+    return value if value is not None and np.isfinite(value) else None
 
 
 def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
@@ -91,7 +99,7 @@ def score_by_layer(view: RunView):
         return fig
     for i, (name, _) in enumerate(SERIES):
         mine = [r for r in rows if r["series"] == name and r["n"]]
-        x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1) * 0.25
+        x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1.5) * 0.2
         y = np.array([r["mean"] for r in mine])
         err = np.array([[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]])
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=name)
@@ -122,6 +130,48 @@ def simulated_vs_true(view: RunView, n: int = 2):
         ax.set_title(f"L{key[0]} N{key[1]} {key[2][:3]}: r={score:.2f}", fontsize=9)
         ax.set_xlabel("true activation")
         ax.set_ylabel("simulated (0..10)")
+    return fig
+
+
+def classification_rows(view: RunView) -> list[dict[str, Any]]:
+    """Detection and fuzzing: per task and metric, the mean over neurons (with a bootstrap 95% interval) for
+    the explanations and for the token-lookup baseline."""
+    rows = []
+    for task in TASKS:
+        for metric, label in JUDGE_METRICS:
+            for who, pick in (("explanation", lambda r: r), ("baseline", lambda r: r.get("baseline"))):
+                v = [_judge_value(pick(r), task, metric) for r in view.scores.values()]
+                v = np.array([x for x in v if x is not None], dtype=float)
+                if not len(v):
+                    continue
+                mean, low, high = mean_interval(v)
+                rows.append(
+                    {"task": task, "metric": label, "of": who, "n": len(v), "mean": mean, "low": low, "high": high}
+                )
+    return rows
+
+
+def classification_scores(view: RunView):
+    """Mean detection and fuzzing scores (balanced accuracy, F1, AUROC) of the explanations beside the
+    baseline's, with 95% intervals over neurons; 0.5 is chance for balanced accuracy and AUROC."""
+    rows = classification_rows(view)
+    fig, axes = _figure(8.0, 3.4, ncols=len(TASKS))
+    for ax, task in zip(np.atleast_1d(axes), TASKS):
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            _empty(ax, f"no {task} scores yet (stage 03)")
+            continue
+        for j, who in enumerate(("explanation", "baseline")):
+            part = [r for r in mine if r["of"] == who]
+            x = np.array([[m for _, m in JUDGE_METRICS].index(r["metric"]) for r in part]) + (j - 0.5) * 0.35
+            y = np.array([r["mean"] for r in part])
+            err = np.array([[r["mean"] - r["low"] for r in part], [r["high"] - r["mean"] for r in part]])
+            ax.bar(x, y, width=0.35, yerr=err, capsize=3, label=who)
+        ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+        ax.set_xticks(range(len(JUDGE_METRICS)), [m for _, m in JUDGE_METRICS])
+        ax.set_ylim(0, 1)
+        ax.set_title(task)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -160,6 +210,9 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
     }
     for name, v in values.items():
         items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
+    for r in classification_rows(view):
+        if r["metric"] == "balanced accuracy":
+            items[f"mean {r['task']} balanced accuracy, {r['of']}"] = f"{r['mean']:.3f}"
     return [{"item": k, "value": v} for k, v in items.items()]
 
 
@@ -172,6 +225,7 @@ def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
         ("score_distributions", score_distributions),
         ("score_by_layer", score_by_layer),
         ("simulated_vs_true", simulated_vs_true),
+        ("classification_scores", classification_scores),
     ):
         fig = make(view)
         tmp = folder / f".{name}.tmp.png"

@@ -208,3 +208,95 @@ def fit_examples(
             "Use shorter excerpts (excerpt_len), fewer excerpts per prompt, or a model with a longer context.",
         )
     return tuple(kept)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detection and fuzzing prompts: a yes/no judgement per excerpt, read as P("1") against P("0")
+# ----------------------------------------------------------------------------------------------------------
+
+TASKS = ("detection", "fuzzing")
+ANSWER = "Match:\t"
+"""The text just before the answer slot; the judge's next token is "1" (yes) or "0" (no)."""
+
+JUDGE_HEADERS = {
+    "detection": (
+        "Each neuron below responds to some tokens in text; its explanation says which. After the explanation "
+        "come pieces of text. For each piece, answer 1 if the neuron would respond somewhere in it, going by "
+        "the explanation, or 0 if it would stay silent.\n\n"
+    ),
+    "fuzzing": (
+        "Each neuron below responds to some tokens in text; its explanation says which. After the explanation "
+        "come pieces of text in which some tokens are marked <<like this>>. For each piece, answer 1 if the "
+        "marked tokens are the ones the explanation describes, or 0 if they are not.\n\n"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """An excerpt to judge: its tokens and, for fuzzing, which tokens are marked."""
+
+    tokens: tuple[str, ...]
+    marked: tuple[bool, ...] | None = None
+
+
+def marked_text(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> str:
+    """An excerpt as one line of text, runs of marked tokens wrapped in ``<<`` ``>>`` (leading spaces outside)."""
+    out, open_run = [], False
+    flags = list(marked) if marked is not None else [False] * len(tokens)
+    for tok, mark in zip(tokens, flags):
+        tok = show_token(tok)
+        if mark and not open_run:
+            lead = tok[: len(tok) - len(tok.lstrip())]
+            out.append(lead + "<<" + tok[len(lead) :])
+            open_run = True
+            continue
+        if not mark and open_run:
+            out.append(">>")
+            open_run = False
+        out.append(tok)
+    if open_run:
+        out.append(">>")
+    return "".join(out)
+
+
+def judge_piece(item: JudgeItem) -> str:
+    """The text of one item up to its answer slot."""
+    return f"Text: {marked_text(item.tokens, item.marked)}\n{ANSWER}"
+
+
+def _example_items(task: str, ex: WorkedExample) -> list[tuple[JudgeItem, int]]:
+    """Worked items for one invented neuron: strong excerpts (value >= 5) are positives; for fuzzing, an
+    excerpt's strong tokens are marked, and one negative marks the tokens just before them instead."""
+    items = []
+    for i, e in enumerate(ex.excerpts):
+        strong = tuple(v >= 5 for v in e.values)
+        if task == "detection":
+            items.append((JudgeItem(e.tokens), int(any(strong))))
+        elif any(strong) and i % 2 == 1:  # a wrong marking of a strong excerpt
+            shifted = tuple(strong[j + 1] and not strong[j] for j in range(len(strong) - 1)) + (False,)
+            items.append((JudgeItem(e.tokens, shifted), 0))
+        elif any(strong):
+            items.append((JudgeItem(e.tokens, strong), 1))
+        else:
+            items.append((JudgeItem(e.tokens, tuple(j in (1, 4) for j in range(len(e.tokens)))), 0))
+    return items
+
+
+def judge_prefix(task: str, explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+    """Instructions, worked examples with answers, and the neuron's explanation; items follow it."""
+    if task not in TASKS:
+        raise UserError(f"Unknown judging task {task!r}.", f"Use one of: {', '.join(TASKS)}.")
+    parts = [JUDGE_HEADERS[task]]
+    for i, ex in enumerate(examples):
+        parts.append(f"Neuron {chr(ord('A') + i)}\nExplanation: {EXPLANATION_PREFIX} {ex.explanation}.\n")
+        parts += [f"{judge_piece(item)}{answer}\n" for item, answer in _example_items(task, ex)]
+        parts.append("\n")
+    parts.append(f"Neuron X\nExplanation: {EXPLANATION_PREFIX} {explanation}.\n")
+    return "".join(parts)
+
+
+def explanation_in(prefix: str) -> str:
+    """The explanation of the neuron a simulation or judging prompt is about (its last explanation line)."""
+    line = prefix[prefix.rindex("Explanation: ") :].split("\n", 1)[0]
+    return line[len("Explanation: ") + len(EXPLANATION_PREFIX) :].strip().removesuffix(".")

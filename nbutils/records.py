@@ -462,13 +462,16 @@ def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
     return [Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts]
 
 
-def split_excerpts(record: NeuronRecord, negative: bool = False) -> dict[str, list[Excerpt]]:
+def split_excerpts(record: NeuronRecord, negative: bool = False, per_band: int = 0) -> dict[str, list[Excerpt]]:
     """Disjoint excerpt sets for explaining, calibrating and scoring one neuron.
 
     Top excerpts are dealt round-robin into train / calibration / valid / test, random ones into
     calibration / valid / test (the interleaved split of OpenAI's neuron-explainer). The explainer sees only
     ``train``; best-of-n choice and the linear calibration use ``calibration_*``; scores use ``valid_*``.
     Random excerpts that the explainer also sees among its train excerpts are left out of scoring.
+    With ``per_band``, ``stratified`` holds the same number of excerpts (at most ``per_band``) from every
+    non-empty quantile band, none of them shown to the explainer: a sample spread evenly over activation
+    levels (positive side only; bands are sampled by maximum activation).
     With ``negative`` the bottom excerpts stand in for the top ones and every activation is negated, so the
     negative side of a signed neuron is explained like a positive one.
     """
@@ -477,10 +480,14 @@ def split_excerpts(record: NeuronRecord, negative: bool = False) -> dict[str, li
     train = top[0::4]
     shown = {e.index for e in train if e.index >= 0}
     rand = [e for e in rand if e.index not in shown]  # a random excerpt may also be a top one
+    bands = [] if negative else [[e for e in band if e.index not in shown] for band in record.bands]
+    bands = [band for band in bands if band]
+    even = min([per_band] + [len(band) for band in bands]) if bands else 0
     return {
         "train": train,
         "calibration_top": top[1::4],
         "calibration_random": rand[0::3],
         "valid_top": top[2::4],
         "valid_random": rand[1::3],
+        "stratified": [e for band in bands for e in band[:even]],
     }

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from nbutils.classify import TASKS
 from nbutils.records import Excerpt
 from nbutils.runview import Key, RunView
 from nbutils.summary import fmt_metric, heatmap_html, neuron_scale
@@ -54,6 +55,7 @@ SCORE_COLUMNS = (
     ("top_and_random", "correlation", "top+random"),
     ("random_only", "correlation", "random only"),
     ("top_only", "correlation", "top only"),
+    ("stratified", "correlation", "stratified"),
     ("top_and_random", "rsquared", "R\u00b2 (calibrated)"),
     ("top_and_random", "absolute_dev_explained", "abs. dev. explained"),
 )
@@ -69,7 +71,29 @@ def scores_table_html(result: dict[str, Any] | None) -> str:
         cells = "".join(f"<td>{_metric((scores.get(s) or {}).get(m))}</td>" for s, m, _ in SCORE_COLUMNS)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
-    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{failure}"
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{classification_table_html(result)}{failure}"
+
+
+JUDGE_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auroc", "AUROC"))
+
+
+def classification_table_html(result: dict[str, Any]) -> str:
+    """Detection and fuzzing scores of the explanation and the baseline (with positive/negative item counts)."""
+    tasks = [t for t in TASKS if t in result or t in (result.get("baseline") or {})]
+    if not tasks:
+        return ""
+    head = "".join(f"<th>{t} {_esc(label)}</th>" for t in tasks for _, label in JUDGE_METRICS)
+    rows = []
+    for name, scores in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
+        cells = "".join(f"<td>{_metric((scores.get(t) or {}).get(m))}</td>" for t in tasks for m, _ in JUDGE_METRICS)
+        rows.append(f"<tr><th>{name}</th>{cells}</tr>")
+    counts = "; ".join(
+        f"{t}: {d.get('n_positive')} positive, {d.get('n_negative')} negative items"
+        + (f", {d['n_unanswered']} unanswered" if d.get("n_unanswered") else "")
+        for t in tasks
+        if (d := result.get(t) or result["baseline"].get(t))
+    )
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table><p class='nbx-muted'>{_esc(counts)}</p>"
 
 
 def explanation_html(entry: dict[str, Any] | None) -> str:
@@ -133,6 +157,33 @@ def simulation_html(sim: dict[str, Any] | None, scale: float) -> str:
     return "".join(parts)
 
 
+def judged_html(sim: dict[str, Any] | None, limit: int = 20) -> str:
+    """The detection and fuzzing items of a scored neuron: truth, the judge's P(yes), and the text (marked
+    tokens underlined), so a researcher can see where the judge went wrong."""
+    judged = (sim or {}).get("judged") or {}
+    parts = []
+    for task, items in judged.items():
+        rows = []
+        for it in items[:limit]:
+            marked = set(it.get("marked") or [])
+            text = "".join(
+                f"<u style='background:#ffe9a8'>{_token_text(t)}</u>" if i in marked else _token_text(t)
+                for i, t in enumerate(it["tokens"])
+            )
+            p = "-" if it["p_yes"] is None else f"{it['p_yes']:.2f}"
+            wrong = it["p_yes"] is not None and (it["p_yes"] >= 0.5) != it["label"]
+            rows.append(
+                f"<tr><td>{_esc(it['kind'])}</td><td>{_esc(it['source'])}</td><td>{'yes' if it['label'] else 'no'}</td>"
+                f"<td{' style=color:#c00' if wrong else ''}>{p}</td><td class='nbx-excerpt'>{text}</td></tr>"
+            )
+        more = f" <span class='nbx-muted'>(first {limit} of {len(items)})</span>" if len(items) > limit else ""
+        parts.append(
+            f"<details><summary>{_esc(task)} items{more}</summary><table><tr><th>kind</th><th>source</th>"
+            f"<th>truth</th><th>P(yes)</th><th>text</th></tr>{''.join(rows)}</table></details>"
+        )
+    return "".join(parts)
+
+
 def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", n_excerpts: int = 10) -> str:
     """The full view of one neuron: statistics, explanation and scores, heatmaps, true versus simulated."""
     rec = view.record(layer, neuron)
@@ -153,7 +204,9 @@ def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", 
     parts.append(explanation_html(view.explanations.get(key)))
     parts.append(scores_table_html(view.scores.get(key)))
     parts.append(_excerpts_html("Top-activating excerpts", rec.top[:n_excerpts], scale, "top"))
-    parts.append(simulation_html(view.simulation(key), scale))
+    sim = view.simulation(key)
+    parts.append(simulation_html(sim, scale))
+    parts.append(judged_html(sim))
     parts.append(_excerpts_html("Most negative excerpts", rec.bottom[:n_excerpts], scale, "bottom"))
     for (lo, hi), band in zip(rec.band_quantiles, rec.bands):
         parts.append(_excerpts_html(f"Quantile band {lo:g}-{hi:g} of excerpt maxima", band[:n_excerpts], scale, "band"))
@@ -186,9 +239,15 @@ def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
             f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
             f"<td>{_esc(e.get('explanation') or e.get('failure') or '')}</td>"
             f"<td>{_metric((r.get('top_and_random') or {}).get('correlation'))}</td>"
-            f"<td>{_metric((r.get('random_only') or {}).get('correlation'))}</td><td>{_metric(base)}</td></tr>"
+            f"<td>{_metric((r.get('random_only') or {}).get('correlation'))}</td>"
+            f"<td>{_metric((r.get('stratified') or {}).get('correlation'))}</td>"
+            f"<td>{_metric((r.get('detection') or {}).get('balanced_accuracy'))}</td>"
+            f"<td>{_metric((r.get('fuzzing') or {}).get('balanced_accuracy'))}</td><td>{_metric(base)}</td></tr>"
         )
-    head = "<tr><th>neuron</th><th>explanation</th><th>top+random</th><th>random only</th><th>baseline</th></tr>"
+    head = (
+        "<tr><th>neuron</th><th>explanation</th><th>top+random</th><th>random only</th><th>stratified</th>"
+        "<th>detection bal. acc.</th><th>fuzzing bal. acc.</th><th>baseline top+random</th></tr>"
+    )
     return f"<table>{head}{''.join(rows)}</table>"
 
 

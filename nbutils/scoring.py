@@ -154,3 +154,80 @@ def score(
         n_tokens=int(t.size),
         calibration=calibration,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classification scores (detection and fuzzing; the metrics EleutherAI's delphi reports)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassificationScores:
+    """How well yes/no judgements separate positive from negative items.
+
+    ``probabilities`` are P(yes) per item (NaN where the judge gave no answer; those items are counted in
+    ``n_unanswered`` and left out). Hard answers are ``P >= threshold``.
+    """
+
+    balanced_accuracy: Metric
+    f1: Metric
+    auroc: Metric
+    accuracy: Metric
+    precision: Metric
+    recall: Metric
+    n_positive: int
+    n_negative: int
+    n_unanswered: int
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> Metric:
+    """Area under the ROC curve: the chance that a random positive outranks a random negative (ties count 1/2)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return Metric(None, "needs both positive and negative items")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return Metric(float((greater + 0.5 * ties) / (len(pos) * len(neg))))
+
+
+def classification_scores(
+    labels: np.ndarray, probabilities: np.ndarray, has_probabilities: bool = True, threshold: float = 0.5
+) -> ClassificationScores:
+    """Balanced accuracy, F1, AUROC (only when the judge gave probabilities), accuracy, precision and recall."""
+    y_all = np.asarray(labels, dtype=bool)
+    p_all = np.asarray(probabilities, dtype=np.float64)
+    if y_all.shape != p_all.shape:
+        raise ValueError(f"{y_all.size} labels but {p_all.size} probabilities")
+    answered = np.isfinite(p_all)
+    y, p = y_all[answered], p_all[answered]
+    yes = p >= threshold
+    tp, fp = int((yes & y).sum()), int((yes & ~y).sum())
+    fn, tn = int((~yes & y).sum()), int((~yes & ~y).sum())
+    n_pos, n_neg = tp + fn, fp + tn
+
+    def ratio(num: int, den: int, why: str) -> Metric:
+        return Metric(num / den) if den else Metric(None, why)
+
+    recall = ratio(tp, n_pos, "no positive items")
+    specificity = ratio(tn, n_neg, "no negative items")
+    if recall.value is None or specificity.value is None:
+        balanced = Metric(None, f"needs both positive and negative items ({n_pos} positive, {n_neg} negative)")
+    else:
+        balanced = Metric((recall.value + specificity.value) / 2)
+    if has_probabilities:
+        area = auroc(y, p)
+    else:
+        area = Metric(None, "the judge gave answers without probabilities")
+    return ClassificationScores(
+        balanced_accuracy=balanced,
+        f1=ratio(2 * tp, 2 * tp + fp + fn, "no positive items and no positive answers"),
+        auroc=area,
+        accuracy=ratio(tp + tn, len(y), "no answered items"),
+        precision=ratio(tp, tp + fp, "the judge never answered yes"),
+        recall=recall,
+        n_positive=int(y_all.sum()),
+        n_negative=int((~y_all).sum()),
+        n_unanswered=int((~answered).sum()),
+    )

@@ -14,6 +14,7 @@ activations, expected values and the 0..10 label distribution per token).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ from typing import Any
 import numpy as np
 
 from nbutils.backends import LocalBackend, expected_values
+from nbutils.classify import (
+    TASKS,
+    Judge,
+    baseline_judgements,
+    item_records,
+    judge_explanation,
+    judge_items,
+    task_result,
+)
 from nbutils.errors import UserError
 from nbutils.explain import (
     EXPLANATIONS,
@@ -38,6 +48,7 @@ from nbutils.prompts import LABELS
 from nbutils.records import (
     Excerpt,
     NeuronEntries,
+    NeuronRecord,
     RecordStore,
     atomic_write_json,
     read_jsonl,
@@ -51,7 +62,12 @@ SCORED_SETS = {
     "top_and_random": ("valid_top", "valid_random"),
     "random_only": ("valid_random",),
     "top_only": ("valid_top",),
+    "stratified": ("stratified",),
 }
+NO_STRATIFIED = (
+    "no quantile-band excerpts to score (bands are sampled for the positive side only, and per_band=0 "
+    "turns the stratified score off)"
+)
 
 
 def _score_dict(s: ScoreSet) -> dict[str, Any]:
@@ -77,8 +93,36 @@ def score_predictions(
     for label, names in SCORED_SETS.items():
         t = [x for n in names for x in true_activations(splits[n])]
         p = [x for n in names for x in predicted[n]]
+        if label == "stratified" and not t:
+            none = {"value": None, "reason": NO_STRATIFIED, "low": None, "high": None}
+            out[label] = {m: none for m in ("correlation", "rsquared", "absolute_dev_explained")}
+            out[label] |= {"n_excerpts": 0, "n_tokens": 0}
+            continue
         out[label] = _score_dict(score(t, p, calibration=cal, n_boot=n_boot, seed=seed))
     return out
+
+
+def judge_scores(
+    rec: NeuronRecord,
+    entry: dict[str, Any],
+    judge: Judge | None,
+    tasks: Sequence[str],
+    per_class: int,
+    seed: int,
+    max_prompt_tokens: int | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Detection and fuzzing of one entry: the explanation's scores (none without a judge), the token-lookup
+    baseline's, and the judged items to save. Raises LLMFailed from the judge."""
+    mine, base, saved = {}, {}, {}
+    table = token_table(split_excerpts(rec, entry["sign"] == "negative")["train"])
+    for task in tasks:
+        items, threshold = judge_items(rec, task, entry["sign"] == "negative", per_class, seed)
+        base[task] = task_result(items, baseline_judgements(table, items), True, threshold=threshold)
+        if judge is not None:
+            answers = judge_explanation(judge, task, entry["explanation"], [j.item for j in items], max_prompt_tokens)
+            mine[task] = task_result(items, answers, judge.gives_probabilities)
+            saved[task] = item_records(items, answers)
+    return mine, base, saved
 
 
 def score_entry(
@@ -88,16 +132,26 @@ def score_entry(
     n_boot: int = 1000,
     seed: int = 0,
     max_prompt_tokens: int | None = None,
+    per_band: int = 2,
+    judges: Sequence[str] = TASKS,
+    judge_per_class: int = 10,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Scores of one stage-02 entry, and the simulation record to save (None without an explanation)."""
+    """Scores of one stage-02 entry, and the simulation record to save (None without an explanation).
+
+    Correlation on each score set (``stratified``: ``per_band`` excerpts from every quantile band), then
+    each of ``judges`` (detection, fuzzing) with at most ``judge_per_class`` positive and negative items."""
+    unknown = sorted(set(judges) - set(TASKS))
+    if unknown:
+        raise UserError(f"Unknown judges {unknown}.", f"Use a list of: {', '.join(TASKS)} (or [] for none).")
     rec = store.record(entry["layer"], entry["neuron"])
-    splits = split_excerpts(rec, entry["sign"] == "negative")
+    splits = split_excerpts(rec, entry["sign"] == "negative", per_band)
     names = [n for n in splits if n != "train"]
     result: dict[str, Any] = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
     table = token_table(splits["train"])
     result["baseline"] = {
         "explanation": entry["baseline"]["explanation"],
         **score_predictions(splits, {n: token_lookup_simulate(table, splits[n]) for n in names}, n_boot, seed),
+        **judge_scores(rec, entry, None, judges, judge_per_class, seed, None)[1],
     }
     if not entry.get("explanation"):
         result["failure"] = entry.get("failure") or "no explanation"
@@ -113,6 +167,12 @@ def score_entry(
     for (n, _), ev in zip(scored, evs):
         by_split[n].append(ev)
     result.update(score_predictions(splits, by_split, n_boot, seed))
+    judged: dict[str, Any] = {}
+    try:
+        mine, _, judged = judge_scores(rec, entry, simulator, judges, judge_per_class, seed, max_prompt_tokens)
+        result.update(mine)
+    except LLMFailed as e:  # the correlation scores stay; a rerun retries the neuron if the fault was the server's
+        result["failure"], result["retryable"] = f"detection/fuzzing failed: {e}", e.retryable
     sim = {
         **{k: entry[k] for k in ("layer", "neuron", "sign", "explanation")},
         "labels": [int(x) for x in LABELS],
@@ -127,6 +187,7 @@ def score_entry(
             }
             for (n, e), ev, d in zip(scored, evs, dists)
         ],
+        "judged": judged,
     }
     return result, sim
 
@@ -150,6 +211,9 @@ def run_score_stage(
     progress: bool = True,
     cache_path: str | None = None,
     max_prompt_tokens: int | None = None,
+    per_band: int = 2,
+    judges: Sequence[str] = TASKS,
+    judge_per_class: int = 10,
 ) -> list[dict[str, Any]]:
     """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
     store = RecordStore(collection_dir)
@@ -165,13 +229,17 @@ def run_score_stage(
 
     def needs_work(entry: dict[str, Any]) -> bool:  # not scored with this explanation, or a retryable failure
         old = saved.get(entry["layer"], entry["neuron"], entry["sign"])
-        return old is None or old.get("retryable") or old["explanation"] != entry["explanation"]
+        if old is None or old.get("retryable") or old["explanation"] != entry["explanation"]:
+            return True
+        return bool(entry.get("explanation")) and not old.get("failure") and any(t not in old for t in judges)
 
     todo = [e for e in entries if needs_work(e)]
     if todo:
         llm = make_backend(backend, model, base_url, api_key_env, simulation, cache_path=cache_path)
         for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
-            result, sim = score_entry(entry, store, llm, n_boot, seed, max_prompt_tokens)
+            result, sim = score_entry(
+                entry, store, llm, n_boot, seed, max_prompt_tokens, per_band, judges, judge_per_class
+            )
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
             saved.put(result)  # after the simulation file: a score on disk always has its simulation

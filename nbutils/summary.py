@@ -125,6 +125,9 @@ def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "explanation": r.get("explanation") or f"(none: {r.get('failure')})",
                 "top+random": fmt_metric(r.get("top_and_random", {}).get("correlation")),
                 "random only": fmt_metric(r.get("random_only", {}).get("correlation")),
+                "stratified": fmt_metric(r.get("stratified", {}).get("correlation")),
+                "detection bal. acc.": fmt_metric(r.get("detection", {}).get("balanced_accuracy")),
+                "fuzzing bal. acc.": fmt_metric(r.get("fuzzing", {}).get("balanced_accuracy")),
                 "baseline top+random": fmt_metric(r["baseline"]["top_and_random"]["correlation"]),
                 "baseline random only": fmt_metric(r["baseline"]["random_only"]["correlation"]),
             }

@@ -63,3 +63,23 @@ def test_chat_replies_continue_the_explanation_prefix(backend):
     assert backend.chat(msgs, n=1, temperature=0.0, max_tokens=8) == backend.chat(
         msgs, n=1, temperature=0.0, max_tokens=8
     )
+
+
+def test_judge_probability_matches_a_plain_forward_pass(backend):
+    """P("1") against P("0") at the answer slot, recomputed from one ordinary forward pass per item."""
+    from nbutils.prompts import WORKED_EXAMPLES, JudgeItem, judge_piece, judge_prefix
+
+    prefix = judge_prefix("fuzzing", "words about water", WORKED_EXAMPLES[:1])
+    items = [JudgeItem(tuple(t), tuple(i % 2 == 1 for i in range(len(t)))) for t in EXCERPTS]
+    items.append(JudgeItem(tuple(EXCERPTS[0])))
+    got = backend.judge(prefix, items)
+    plain = backend.judge(prefix, items, reuse_prefix=False)
+    one = backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]
+    zero = backend.tokenizer("0", add_special_tokens=False)["input_ids"][0]
+    for item, p, q in zip(items, got, plain):
+        ids = list(backend._encode(prefix)) + list(backend._encode(judge_piece(item)))
+        with torch.no_grad():
+            logits = backend.model(torch.tensor([ids])).logits[0, -1].double()
+        want = float(torch.softmax(logits[[one, zero]], -1)[0])
+        assert p == pytest.approx(want, abs=1e-4) and q == pytest.approx(want, abs=1e-4)
+    assert got.shape == (4,) and ((0 < got) & (got < 1)).all()

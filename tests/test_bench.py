@@ -47,3 +47,27 @@ def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):
     rows = json.loads((tmp_path / "gpu_smoke.json").read_text())["rows"]
     assert len(rows) == 8 and all(r["tokens_per_s"] > 0 for r in rows) and "tokens_per_s" in out
     assert all(r["max_abs_difference"] < 1e-4 for r in rows if "max_abs_difference" in r)
+
+
+def test_planted_benchmark_reports_truth_generated_baseline_and_a_perfect_oracle(tmp_path):
+    rules = tmp_path / "rules.py"
+    rules.write_text(
+        "from nbutils.planted import PlantedNeuron, per_token\n"
+        "PLANTED = [\n"
+        "    PlantedNeuron('digits', 'digits', per_token(lambda t, i: any(c.isdigit() for c in t[i]))),\n"
+        "    PlantedNeuron('of', 'the word \"of\"', per_token(lambda t, i: t[i].strip() == 'of')),\n"
+        "]\n"
+    )
+    out = _run(
+        str(BENCH / "planted.py"), "--planted", f"planted:{rules}", "--excerpts", "64", "--judge-per-class", "3",
+        "--out", str(tmp_path / "run"), "--results", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "planted.json").read_text())
+    rows = {r["neuron"]: r for r in result["rows"]}
+    assert list(rows) == ["digits", "of", "mean"] and "| neuron | truth r |" in out
+    for name in ("digits", "of", "mean"):
+        assert rows[name]["oracle r"] == 1.0  # the oracle knows the rule
+        assert rows[name]["oracle detection"] == 1.0 and rows[name]["oracle fuzzing"] == 1.0
+        assert rows[name]["baseline r"] is not None and "truth r" in rows[name] and "generated r" in rows[name]
+    assert rows["of"]["baseline r"] > 0.9  # one token type: the lookup table is the rule
+    assert rows["mean"]["baseline r"] == (rows["digits"]["baseline r"] + rows["of"]["baseline r"]) / 2

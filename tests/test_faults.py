@@ -114,7 +114,16 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
 
     def score():  # stage 03 through the proxy, with short prompts
         run = tmp_path / "01", tmp_path / "02", tmp_path / "03"
-        return run_score_stage(*run, simulation="echo", n_boot=20, **opts, cache_path=cache, max_prompt_tokens=320)
+        return run_score_stage(
+            *run,
+            simulation="echo",
+            n_boot=20,
+            **opts,
+            cache_path=cache,
+            max_prompt_tokens=320,
+            judge_per_class=1,
+            per_band=0,
+        )
 
     # stage 03: every simulation request of one neuron fails for good; the others are scored
     target = (9, 1)

@@ -140,6 +140,8 @@ def _openai_params(url: str) -> list[str]:
         # llama.cpp's prompt log-probabilities cost ~30 ms a token on 2 cores: keep the HTTP runs' prompts short
         "excerpt_len=8",
         "max_prompt_tokens=320",
+        "judge_per_class=1",  # detection and fuzzing requests go through the same cache: one item per class
+        "per_band=0",  # no stratified excerpts: each simulated excerpt is one slow echo request
         "top_k=4",
         "n_random=3",
         "explain_neurons=[[2, 0], [20, 2]]",

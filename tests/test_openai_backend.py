@@ -75,6 +75,36 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(llama_server, 
     assert be.usage.requests == requests and be.usage.prompt_tokens > 0 and be.usage.cache_misses == requests
 
 
+def test_judging_over_http_echo_and_chat_with_the_cache(llama_server, tmp_path):
+    from nbutils.prompts import JudgeItem, judge_piece, judge_prefix
+
+    prefix = judge_prefix("detection", "words about water", examples=())  # short prompts: echo is slow here
+    items = [JudgeItem(tuple(t)) for t in EXCERPTS]
+    cache = RequestCache(tmp_path / "cache.sqlite")
+    be = OpenAIBackend("smollm2", base_url=llama_server, cache=cache, simulation="echo")
+    p = be.judge(prefix, items)
+    assert p.shape == (2,) and ((0 < p) & (p < 1)).all() and be.gives_probabilities
+    # independent: the answer slot's top log-probabilities from a raw request, "1" against "0"
+    text = prefix + judge_piece(items[0])
+    top = _raw_completion(llama_server, text + "0\n")["choices"][0]["logprobs"]
+    i = top["text_offset"].index(len(text))
+    yes, no = (math.exp(top["top_logprobs"][i][d]) for d in ("1", "0"))
+    assert p[0] == pytest.approx(yes / (yes + no), abs=1e-6)
+    again = OpenAIBackend("smollm2", base_url=llama_server, cache=RequestCache(tmp_path / "cache.sqlite"))
+    again.mode = "echo"
+    assert np.array_equal(again.judge(prefix, items), p) and again.usage.requests == 0  # all from the cache
+
+    chat = OpenAIBackend("smollm2", base_url=llama_server, simulation="chat")
+    q = chat.judge(
+        judge_prefix("fuzzing", "words about water", examples=()), [JudgeItem(("a", " river"), (False, True))]
+    )
+    assert q.shape == (1,) and chat.chat_logprobs
+    if chat.gives_probabilities:  # read from the reply's top_logprobs (llama.cpp sends them)
+        assert 0 <= q[0] <= 1
+    else:  # the first reply token was no digit and had none among its alternatives: the written answer
+        assert np.isnan(q[0]) or q[0] in (0.0, 1.0)
+
+
 def test_chat_explanations_and_chat_mode_simulation(llama_server):
     be = OpenAIBackend("smollm2", base_url=llama_server, simulation="chat")
     msgs = explanation_messages([ShownExcerpt(("The", " river", " ran"), (0, 9, 1))], WORKED_EXAMPLES[:1])

@@ -67,6 +67,7 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
     page = (run / "04_inspect" / "run.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and 'data-layer="29" data-neuron="0"' in page
     assert {p.name for p in (run / "05_report" / "figures").iterdir()} == {
+        "classification_scores.png",
         "score_distributions.png",
         "score_by_layer.png",
         "simulated_vs_true.png",
@@ -84,6 +85,33 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
     message = " ".join(broken.stderr.split())  # the command wraps its one paragraph
     assert broken.returncode == 2 and "layer_029/stats.npy was truncated or altered" in message
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.slow
+def test_planted_neurons_flow_through_the_unchanged_pipeline(tmp_path):
+    """model=planted: stage 01 hooks the synthetic layer like a real one; stages 02-03 explain and score it."""
+    rules = tmp_path / "rules.py"
+    rules.write_text(
+        "from nbutils.planted import PlantedNeuron, per_token\n"
+        "PLANTED = [PlantedNeuron('digits', 'digits', per_token(lambda t, i: any(c.isdigit() for c in t[i])))]\n"
+    )
+    small = [f"model=planted:{rules}", "layers=null", "n_excerpts=48", "top_k=8", "n_random=6", "band_size=2"]
+    small += ["explain_neurons=all", "n_boot=50", "judge_per_class=3"]
+    res = nbutils_run(
+        *params(small), "--stages", "01,02,03", "--run-id", "p", "--output-root", str(tmp_path), cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    store = RecordStore(tmp_path / "p" / "01_collect")
+    assert store.meta.model == f"planted:{rules}" and store.layers == [0] and store.meta.neurons_per_layer == 1
+    rec = store.record(0, 0)
+    for e in rec.top + rec.random:
+        assert e.activations.tolist() == [float(any(c.isdigit() for c in t)) for t in e.tokens]
+    (score,) = [json.loads(line) for line in (tmp_path / "p" / "03_score" / "scores.jsonl").read_text().splitlines()]
+    assert (score["layer"], score["neuron"]) == (0, 0) and score["baseline"]["top_and_random"]["correlation"][
+        "value"
+    ] > 0.5
+    assert {"detection", "fuzzing", "stratified"} <= set(score["baseline"])
+    assert {"detection", "fuzzing", "stratified"} <= set(score) or score["failure"]  # the LLM's scores, if it explained
 
 
 @pytest.mark.slow

@@ -113,6 +113,15 @@ def test_neuron_view_of_a_real_run(run_dir):
     assert 'data-layer="1" data-neuron="0"' in out
     assert "<script" not in out and "&lt;" in out  # corpus HTML shown escaped
     assert "True versus simulated" in out and "token-lookup baseline" in out
+    result = view.scores[(1, 0, "positive")]
+    shown = _visible_text(out)
+    for task in ("detection", "fuzzing"):  # the new scores beside the correlations, explanation and baseline
+        assert f"{task} balanced accuracy" in shown and f"{task} AUROC" in shown
+        for who in (result, result["baseline"]):
+            m = who[task]["balanced_accuracy"]
+            assert (f"{m['value']:.3f}" if m["value"] is not None else f"undefined: {m['reason']}") in shown
+    assert "stratified" in shown and f"{result['detection']['n_positive']} positive" in shown
+    assert "fuzzing items" in shown and "<u style=" in out  # judged items, marked tokens underlined
     rec = view.record(1, 0)
     scale = neuron_scale(rec)
     alphas = [float(a) for a in re.findall(r"rgba\((?:255,140,0|30,110,255),([0-9.]+)\)", out)]
@@ -157,11 +166,23 @@ def test_static_export_is_self_contained(run_dir, tmp_path):
 def test_report_figures_and_tables(run_dir, tmp_path):
     view = RunView.open(run_dir)
     paths = plots.write_report(view, tmp_path)
-    assert sorted(paths) == ["score_by_layer", "score_distributions", "simulated_vs_true"]
+    assert sorted(paths) == ["classification_scores", "score_by_layer", "score_distributions", "simulated_vs_true"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths.values())
     rows = plots.layer_rows(view)
     assert {r["layer"] for r in rows} == {1, 4} and all(r["n"] == 1 for r in rows if "top+random" in r["series"])
+    judged = plots.classification_rows(view)
+    assert {(r["task"], r["metric"], r["of"]) for r in judged} >= {
+        (t, m, w)
+        for t in ("detection", "fuzzing")
+        for m in ("balanced accuracy", "F1")
+        for w in ("explanation", "baseline")
+    }
+    bal = [r for r in judged if (r["task"], r["metric"], r["of"]) == ("detection", "balanced accuracy", "explanation")]
+    values = [view.scores[k]["detection"]["balanced_accuracy"]["value"] for k in view.scores]
+    assert bal[0]["mean"] == pytest.approx(np.mean([v for v in values if v is not None]))
+    assert any(r["series"] == "explanation, stratified" for r in rows)
     summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
+    assert "mean detection balanced accuracy, explanation" in summary
     assert summary["explanations (neuron sides)"] == 2 and summary["neurons collected"] == 12
     assert [r["stage"] for r in plots.usage_rows(view)] == ["02_explain", "03_score"]
     m, lo, hi = plots.mean_interval(np.array([0.0, 1.0, 2.0, 3.0]))

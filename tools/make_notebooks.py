@@ -166,9 +166,12 @@ SCORE = [
         """# 03 · Simulate and score
 
 A simulator LLM predicts each neuron's activations from its explanation alone, on held-out excerpts, in one
-forward pass per excerpt. Scores are pooled correlations on top-and-random, random-only and top-only
-excerpts (with bootstrap 95% intervals), beside the token-lookup baseline. A score is *undefined*, with the
-reason, where a correlation does not exist. Results: `output_dir/scores.jsonl` and `output_dir/simulations/`.""",
+forward pass per excerpt. Scores are pooled correlations on top-and-random, random-only, top-only and
+stratified excerpts (the same number from each activation quantile band), with bootstrap 95% intervals.
+Detection and fuzzing ask the same model yes/no questions instead: does this excerpt (detection), or do its
+marked tokens (fuzzing), match the explanation? They report balanced accuracy, F1 and AUROC. Everything is
+shown beside the token-lookup baseline. A score is *undefined*, with the reason, where it does not exist.
+Results: `output_dir/scores.jsonl` and `output_dir/simulations/` (which also holds every judged item).""",
     ),
     (
         "parameters",
@@ -180,6 +183,9 @@ base_url = None  # for "openai"
 api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the key
 simulation_mode = "auto"  # for "openai": "echo" (prompt log-probabilities), "chat" (no log-probabilities), or "auto"
 max_prompt_tokens = None  # cap on simulation prompt tokens (fewer worked examples, cheaper); None: the context
+per_band = 2  # stratified score: excerpts from each quantile band (0 turns it off)
+judges = ["detection", "fuzzing"]  # yes/no scorers run by the simulator model ([] for none)
+judge_per_class = 5  # detection/fuzzing: at most this many positive and as many negative excerpts per neuron
 n_boot = 1000  # bootstrap resamples for the 95% intervals
 prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens
 fail_on_errors = False  # True: neurons that failed (recorded with their reason) make the run's exit code non-zero
@@ -204,6 +210,9 @@ results = run_score_stage(
     api_key_env=api_key_env,
     simulation=simulation_mode,
     max_prompt_tokens=max_prompt_tokens,
+    per_band=per_band,
+    judges=judges,
+    judge_per_class=judge_per_class,
     n_boot=n_boot,
     seed=seed,
     prices=prices,
@@ -213,7 +222,8 @@ results = run_score_stage(
         "code",
         """# NBVAL_CHECK_OUTPUT
 print("scored:", len(results))
-print("score sets:", sorted(k for k in results[0] if k.endswith(("_random", "_only"))))
+print("score sets:", sorted(k for k in results[0] if k.endswith(("_random", "_only", "stratified"))))
+print("judges:", [t for t in ("detection", "fuzzing") if t in results[0]])
 print("baseline scored:", all("top_and_random" in r["baseline"] for r in results))""",
     ),
     (
@@ -273,8 +283,9 @@ REPORT = [
         "markdown",
         """# 05 · Report
 
-How well the run's explanations predict their neurons: score distributions beside the token-lookup baseline,
-scores by layer with 95% intervals, simulated against true activations for the best and worst neurons,
+How well the run's explanations predict their neurons: correlation score distributions (top+random,
+random-only, stratified over activation quantiles) beside the token-lookup baseline, scores by layer with 95%
+intervals, detection and fuzzing scores, simulated against true activations for the best and worst neurons,
 tokens and estimated cost per stage, and a summary of the run. Figures are saved as PNG in
 `output_dir/figures/`.""",
     ),
@@ -312,6 +323,12 @@ print("scored neurons:", len(view.scores), "| layers with scores:", sorted({k[0]
         """display(plots.score_distributions(view))
 display(plots.score_by_layer(view))
 display(HTML(table_html(plots.layer_rows(view))))""",
+    ),
+    ("markdown", "## Detection and fuzzing (0.5 is chance for balanced accuracy and AUROC)"),
+    (
+        "code",
+        """display(plots.classification_scores(view))
+display(HTML(table_html(plots.classification_rows(view))))""",
     ),
     ("markdown", "## Simulated versus true activations: best and worst neurons"),
     ("code", """display(plots.simulated_vs_true(view))"""),
