@@ -380,6 +380,8 @@ def collect_activations(
             f"Use excerpt_len <= {max_ctx}.",
         )
     parts = {"model": subject.spec, "site": site.as_dict(), "config": asdict(cfg), "layers": layers}
+    if getattr(model, "fingerprint", None):  # models defined by code (planted neurons): their source's hash
+        parts["model_fingerprint"] = model.fingerprint
     fingerprint = _fingerprint(parts, excerpts)
     meta_path = out / "collection.json"
     stamp_path = out / "fingerprint.txt"

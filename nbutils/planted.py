@@ -12,7 +12,8 @@ Define your own in a few lines, in a Python file holding a list named ``PLANTED`
     from nbutils.planted import PlantedNeuron, per_token
     PLANTED = [PlantedNeuron("commas", "commas", per_token(lambda toks, i: toks[i].strip() == ","))]
 
-and use ``model="planted:path/to/file.py"``. Tokens are those of the tokenizer (default: the embedded
+and use ``model="planted:path/to/file.py"``. After editing the file, collect into a new folder (a new run id):
+the old collection is refused as made with different settings rather than silently reused. Tokens are those of the tokenizer (default: the embedded
 model's), decoded one by one as the collection's vocabulary stores them.
 
 The `OracleJudge` is a simulator and judge that knows every rule: given a ground-truth explanation it
@@ -21,6 +22,7 @@ predicts the rule's values exactly (scores 1.0), which checks the scoring path e
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from collections.abc import Callable, Sequence
@@ -143,7 +145,10 @@ class PlantedModel(torch.nn.Module):
 def load_planted(spec: str = PREFIX, tokenizer: str = EMBEDDED) -> SubjectModel:
     """A `SubjectModel` of planted neurons: ``"planted"`` (the built-in set) or ``"planted:<file.py>"``."""
     tok = load_tokenizer(tokenizer)
-    return SubjectModel(model=PlantedModel(planted_neurons(spec), tok), tokenizer=tok, spec=spec)
+    model = PlantedModel(planted_neurons(spec), tok)
+    if spec != PREFIX:  # the collector's fingerprint sees edits to the rule file (no stale collection is reused)
+        model.fingerprint = hashlib.sha256(Path(spec[len(PREFIX) + 1 :]).expanduser().read_bytes()).hexdigest()
+    return SubjectModel(model=model, tokenizer=tok, spec=spec)
 
 
 def planted_neurons(spec: str = PREFIX) -> tuple[PlantedNeuron, ...]:

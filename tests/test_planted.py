@@ -81,6 +81,13 @@ def test_user_rules_from_a_file(tmp_path):
     toks = [subject.tokenizer.decode([i]) for i in ids[0].tolist()]
     assert got[:, 0].tolist() == [float(t.strip() == ",") for t in toks]
     assert got[:, 1].tolist() == [float(t.strip() == "of") for t in toks] and got[:, 1].sum() == 1
+    # an edited rule file is a different model: its finished collection is refused, not silently reused
+    excerpts = make_excerpts(subject.tokenizer, load_texts("embedded"), 16, 8, seed=0, corpus="embedded")
+    cfg = CollectConfig(top_k=2, n_random=2, band_size=1, quantile_warmup=4, batch_size=4)
+    collect_activations(subject, excerpts, tmp_path / "c", cfg, progress=False)
+    path.write_text(RULE_FILE.replace('"of"', '"to"'))
+    with pytest.raises(UserError, match="different settings"):
+        collect_activations(load_subject_model(f"planted:{path}"), excerpts, tmp_path / "c", cfg, progress=False)
     (tmp_path / "empty.py").write_text("X = 1\n")
     with pytest.raises(UserError, match="no list PLANTED"):
         planted_neurons(f"planted:{tmp_path / 'empty.py'}")
