@@ -30,11 +30,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nbutils.prompts import MAX_LABEL, JudgeItem, fit_examples, judge_piece, judge_prefix
+from nbutils.prompts import MAX_LABEL, TASKS, JudgeItem, fit_examples, judge_piece, judge_prefix
 from nbutils.records import Excerpt, NeuronRecord, split_excerpts
 from nbutils.scoring import classification_scores
 
-TASKS = ("detection", "fuzzing")
+JUDGE_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auroc", "AUROC"))
+"""The headline metrics of a task, with their display names."""
 ACTIVE_FRACTION = 1 / MAX_LABEL
 """An excerpt or token is active at or above this fraction of the explainer's largest shown activation."""
 

@@ -22,19 +22,15 @@ from nbutils.explain import EXPLANATIONS, NEURONS, run_explain_stage, token_look
 from nbutils.models import load_subject_model
 from nbutils.planted import planted_neurons
 from nbutils.records import NeuronEntries, atomic_write_json, split_excerpts, write_jsonl
-from nbutils.runview import main_score
+from nbutils.runview import judge_score, main_score
 from nbutils.simulate import run_score_stage
 
 METRICS = (
     ("r", lambda r: main_score(r)),
-    ("detection", lambda r: _value(r, "detection", "balanced_accuracy")),
-    ("fuzzing", lambda r: _value(r, "fuzzing", "balanced_accuracy")),
+    ("detection", lambda r: judge_score(r, "detection")),
+    ("fuzzing", lambda r: judge_score(r, "fuzzing")),
 )
 """What the table reports per explanation: top+random correlation, and detection and fuzzing balanced accuracy."""
-
-
-def _value(result: dict[str, Any] | None, task: str, metric: str) -> float | None:
-    return (((result or {}).get(task) or {}).get(metric) or {}).get("value")
 
 
 def write_truth_explanations(collection_dir: Path, out_dir: Path, spec: str) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from nbutils.classify import TASKS
-from nbutils.runview import RunView, main_score
+from nbutils.classify import JUDGE_METRICS, TASKS
+from nbutils.runview import RunView, judge_score, main_score
 
 SERIES = (
     ("explanation, top+random", lambda r: main_score(r)),
@@ -20,12 +20,6 @@ SERIES = (
     ("explanation, stratified", lambda r: main_score(r, "stratified")),
     ("baseline, top+random", lambda r: main_score(r.get("baseline"))),
 )
-JUDGE_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auroc", "AUROC"))
-
-
-def _judge_value(result: dict[str, Any] | None, task: str, metric: str) -> float | None:
-    value = (((result or {}).get(task) or {}).get(metric) or {}).get("value")
-    return value if value is not None and np.isfinite(value) else None
 
 
 def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
@@ -140,7 +134,7 @@ def classification_rows(view: RunView) -> list[dict[str, Any]]:
     for task in TASKS:
         for metric, label in JUDGE_METRICS:
             for who, pick in (("explanation", lambda r: r), ("baseline", lambda r: r.get("baseline"))):
-                v = [_judge_value(pick(r), task, metric) for r in view.scores.values()]
+                v = [judge_score(pick(r), task, metric) for r in view.scores.values()]
                 v = np.array([x for x in v if x is not None], dtype=float)
                 if not len(v):
                     continue

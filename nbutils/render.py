@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from nbutils.classify import TASKS
+from nbutils.classify import JUDGE_METRICS, TASKS
 from nbutils.records import Excerpt
 from nbutils.runview import Key, RunView
 from nbutils.summary import fmt_metric, heatmap_html, neuron_scale
@@ -72,9 +72,6 @@ def scores_table_html(result: dict[str, Any] | None) -> str:
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{classification_table_html(result)}{failure}"
-
-
-JUDGE_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auroc", "AUROC"))
 
 
 def classification_table_html(result: dict[str, Any]) -> str:

@@ -23,6 +23,12 @@ Key = tuple[int, int, str]
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
 
 
+def judge_score(result: dict[str, Any] | None, task: str, metric: str = "balanced_accuracy") -> float | None:
+    """A detection or fuzzing metric of a stage-03 result (None when missing, undefined or not finite)."""
+    value = (((result or {}).get(task) or {}).get(metric) or {}).get("value")
+    return value if value is not None and math.isfinite(value) else None
+
+
 def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
     """The pooled correlation of a stage-03 result (None when missing or undefined)."""
     if not result:
