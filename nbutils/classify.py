@@ -65,16 +65,18 @@ class Judged:
     """"activating", "silent"; for fuzzing "correct marks", "random marks" or "wrong marks"."""
 
 
-def active_threshold(record: NeuronRecord, negative: bool = False) -> float:
+def active_threshold(record: NeuronRecord, negative: bool = False, split: str = "nbutils") -> float:
     """The activation at which an excerpt or token counts as active (0 when the neuron never activates)."""
-    train = split_excerpts(record, negative)["train"]
+    train = split_excerpts(record, negative, split=split)["train"]
     top = max((float(np.max(e.activations)) for e in train if len(e.activations)), default=0.0)
     return ACTIVE_FRACTION * top if top > 0 else 0.0
 
 
-def candidate_excerpts(record: NeuronRecord, negative: bool = False) -> list[tuple[str, Excerpt]]:
+def candidate_excerpts(
+    record: NeuronRecord, negative: bool = False, split: str = "nbutils"
+) -> list[tuple[str, Excerpt]]:
     """Every excerpt the explainer did not see, once each, with its source (bands only for the positive side)."""
-    sp = split_excerpts(record, negative)
+    sp = split_excerpts(record, negative, split=split)
     seen = {e.index for e in sp["train"]}
     pool = [("top", e) for e in sp["calibration_top"] + sp["valid_top"]]
     if not negative:
@@ -92,13 +94,13 @@ def candidate_excerpts(record: NeuronRecord, negative: bool = False) -> list[tup
 
 
 def judge_items(
-    record: NeuronRecord, task: str, negative: bool = False, per_class: int = 10, seed: int = 0
+    record: NeuronRecord, task: str, negative: bool = False, per_class: int = 10, seed: int = 0, split: str = "nbutils"
 ) -> tuple[list[Judged], float]:
     """The items of one task for one neuron (at most ``per_class`` positives and as many negatives), and the
     activation threshold used."""
-    threshold = active_threshold(record, negative)
+    threshold = active_threshold(record, negative, split)
     rng = np.random.default_rng([seed, record.id.layer, record.id.neuron, TASKS.index(task)])
-    pool = candidate_excerpts(record, negative)
+    pool = candidate_excerpts(record, negative, split)
     if threshold <= 0:
         return [], threshold
     active = [(s, e) for s, e in pool if np.max(e.activations) >= threshold]

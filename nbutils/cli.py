@@ -23,47 +23,50 @@ def _params(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nbutils.pipeline import (
-        MAIN_JOB,
-        STAGES,
-        StageFailed,
-        declared_parameters,
-        load_config,
-        notebooks_dir,
-        run_pipeline,
-    )
+    from nbutils.config import PRESETS, defaults, schema
+    from nbutils.pipeline import STAGES, StageFailed, load_config, run_pipeline, where_to_look
 
-    nb_dir = Path(args.notebooks) if args.notebooks else notebooks_dir()
     if args.list_params:
+        main = defaults()
         for stage in STAGES:
-            print(f"{stage.folder} ({stage.notebook}):")
-            for name, info in declared_parameters(nb_dir / stage.notebook).items():
-                default = MAIN_JOB.get(name, info["default"])
-                print(f"  {name} = {default}   {info.get('help', '')}".rstrip())
+            names = [n for n, f in schema().items() if stage.folder in f.metadata["stages"]]
+            if names:
+                print(f"{stage.folder} ({stage.notebook}):")
+            for name in names:
+                print(f"  {name} = {main[name]!r}   {schema()[name].metadata['help']}".rstrip())
+        for name, values in PRESETS.items():
+            print(f"--preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         return 0
     params = load_config(args.config) if args.config else {}
     params.update(_params(args.param))
     stages = args.stages.split(",") if args.stages else None
+    nb_dir = Path(args.notebooks) if args.notebooks else None
     try:
-        run_dir = run_pipeline(params, run_id=args.run_id, output_root=args.output_root, stages=stages, nb_dir=nb_dir)
+        run_dir = run_pipeline(
+            params, run_id=args.run_id, output_root=args.output_root, stages=stages, nb_dir=nb_dir, preset=args.preset
+        )
     except StageFailed as e:
         print(f"error: stage {e.stage} failed: {e.reason}", file=sys.stderr)
         print(f"executed notebook with the error: {e.notebook}", file=sys.stderr)
         return 1
-    print(f"run folder: {run_dir}")
+    print("\n".join(where_to_look(run_dir)))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from nbutils.progress import progress_bar
     from nbutils.records import NeuronId, RecordStore, export_openai
 
+    if args.neuron is not None and args.layer is None:
+        raise UserError("--neuron was given without --layer.", "Name the layer too, e.g. --layer 15 --neuron 955.")
     store = RecordStore(args.collection)
-    ids = None
     if args.layer is not None:
         neurons = [args.neuron] if args.neuron is not None else store.neurons(args.layer).tolist()
         ids = [NeuronId(args.layer, int(n)) for n in neurons]
-    count = export_openai(store, args.out, ids)
-    print(f"wrote {count} NeuronRecord files under {args.out}")
+    else:
+        ids = list(store.all_ids())
+    count = export_openai(store, args.out, progress_bar(iterable=ids, desc="export", unit="neuron"))
+    print(f"wrote {count} NeuronRecord files under {Path(args.out) / '<layer>' / '<neuron>.json'}")
     return 0
 
 
@@ -73,19 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="execute the stage notebooks in order into outputs/<run_id>/")
     run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="a stage parameter")
     run.add_argument("--config", help="YAML file of parameters (command-line -p values win)")
+    run.add_argument("--preset", help="a named set of parameters, e.g. quick (a first look in a few minutes)")
     run.add_argument(
         "--run-id", help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)"
     )
     run.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
     run.add_argument("--stages", help="comma-separated stage numbers or names, e.g. 01")
-    run.add_argument("--notebooks", help="notebooks folder (default: the repository's notebooks/)")
+    run.add_argument("--notebooks", help="notebooks folder (default: the stage notebooks installed with nbutils)")
     run.add_argument("--list-params", action="store_true", help="print every stage's parameters and exit")
     run.set_defaults(func=_cmd_run)
     exp = sub.add_parser("export-openai", help="write OpenAI neuron-explainer NeuronRecord JSON files")
     exp.add_argument("collection", help="a stage-01 output folder")
     exp.add_argument("out", help="folder for <layer>/<neuron>.json files")
-    exp.add_argument("--layer", type=int)
-    exp.add_argument("--neuron", type=int)
+    exp.add_argument("--layer", type=int, help="only this layer (default: every collected layer)")
+    exp.add_argument("--neuron", type=int, help="only this neuron of --layer")
     exp.set_defaults(func=_cmd_export)
     return p
 

@@ -109,7 +109,7 @@ def _file_texts(path: Path, text_field: str) -> Iterator[str]:
                 if text_field not in obj:
                     raise UserError(
                         f"{path}:{lineno} has no {text_field!r} field (fields: {sorted(obj)[:8]}).",
-                        "Name the field that holds the text with corpus_text_field=...",
+                        f"Name the field that holds the text: -p corpus_text_field=<field> (one of {sorted(obj)[:8]}).",
                     )
                 obj = obj[text_field]
             if not isinstance(obj, str):

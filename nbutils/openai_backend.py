@@ -139,7 +139,8 @@ class OpenAIBackend:
 
     def _gather(self, fn: Callable[[Any, Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
         """``fn(client, item)`` for every item, at most ``max_concurrency`` at once; every request is allowed to
-        finish (and be cached) before the first error, if any, is raised."""
+        finish (and be cached) before an error, if any, is raised: a retryable one (a server fault) if there
+        is one, else the first."""
 
         async def main() -> list[Any]:
             limit = asyncio.Semaphore(max(1, self.max_concurrency))
@@ -152,9 +153,9 @@ class OpenAIBackend:
                 return await asyncio.gather(*(one(x) for x in items), return_exceptions=True)
 
         results = run_coroutine(main)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:  # a server fault first: the neuron is then retried on rerun, where the rest may succeed
+            raise next((e for e in errors if getattr(e, "retryable", False)), errors[0])
         return results
 
     async def _request(
@@ -188,11 +189,11 @@ class OpenAIBackend:
                         f"Check the key in the environment variable {self.api_key_env}.",
                     ) from None
                 if (status != 429 and status < 500) or attempt == self.max_retries:
-                    raise LLMFailed(_describe(e, endpoint, attempt), status) from None
+                    raise LLMFailed(_describe(e, endpoint, attempt, self.base_url), status) from None
                 wait = _retry_wait(e, delay)
             except (self._errors.APITimeoutError, self._errors.APIConnectionError) as e:
                 if attempt == self.max_retries:
-                    raise LLMFailed(_describe(e, endpoint, attempt)) from None
+                    raise LLMFailed(_describe(e, endpoint, attempt, self.base_url)) from None
                 wait = _retry_wait(e, delay)
             except (
                 SimulationFailed,
@@ -204,7 +205,7 @@ class OpenAIBackend:
             ) as e:
                 # truncated or malformed JSON, or a reply missing what was asked for: the server's fault; retry
                 if attempt == self.max_retries:
-                    raise LLMFailed(_describe(e, endpoint, attempt)) from None
+                    raise LLMFailed(_describe(e, endpoint, attempt, self.base_url)) from None
                 wait = delay
             await asyncio.sleep(wait)
             delay *= 2
@@ -370,9 +371,10 @@ def _yes_probability(probs: dict[str, float]) -> float:
     return yes / (yes + no) if yes + no > 0 else math.nan
 
 
-def _describe(error: Exception, endpoint: str, attempt: int) -> str:
+def _describe(error: Exception, endpoint: str, attempt: int, base_url: str | None) -> str:
     tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
-    return f"{endpoint} request failed after {tries}: {type(error).__name__}: {str(error)[:200]}"
+    where = base_url or "https://api.openai.com/v1"
+    return f"{endpoint} request to {where} failed after {tries}: {type(error).__name__}: {str(error)[:200]}"
 
 
 def _retry_wait(error: Exception, delay: float) -> float:

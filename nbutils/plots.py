@@ -6,13 +6,17 @@ token-lookup baseline's, and the detection and fuzzing scores (balanced accuracy
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nbutils.classify import JUDGE_METRICS, TASKS
+from nbutils.flags import copied_example, judge_notes, score_set_notes
 from nbutils.runview import RunView, judge_score, main_score
+
+SCORE_SETS = ("top_and_random", "random_only", "top_only", "stratified")
 
 SERIES = (
     ("explanation, top+random", lambda r: main_score(r)),
@@ -22,12 +26,28 @@ SERIES = (
 )
 
 
+DPI = 110
+
+
 def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
-    """A figure outside pyplot's global state (no backend needed; notebooks display it with ``display``)."""
+    """A figure outside pyplot's global state that notebooks display as a PNG (see `ReportFigure`)."""
+    fig = _figure_class()(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols)
+
+
+def _figure_class():
+    """`matplotlib.figure.Figure` with ``_repr_png_``: IPython's ``display(fig)`` then embeds an ``image/png``
+    output in the notebook (a plain Figure made without pyplot has no display formatter and shows only its
+    text, ``<Figure size ...>``), in papermill runs and in JupyterLab alike."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(1, ncols)
+    class ReportFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=DPI)
+            return buf.getvalue()
+
+    return ReportFigure
 
 
 def _empty(ax, text: str) -> None:
@@ -129,26 +149,39 @@ def simulated_vs_true(view: RunView, n: int = 2):
 
 def classification_rows(view: RunView) -> list[dict[str, Any]]:
     """Detection and fuzzing: per task and metric, the mean over neurons (with a bootstrap 95% interval) for
-    the explanations and for the token-lookup baseline."""
+    the explanations and for the token-lookup baseline, beside chance (0.5; for F1 the mean F1 of answering
+    yes to everything) and the number of neurons whose judge was degenerate (one answer for every item)."""
     rows = []
     for task in TASKS:
         for metric, label in JUDGE_METRICS:
             for who, pick in (("explanation", lambda r: r), ("baseline", lambda r: r.get("baseline"))):
-                v = [judge_score(pick(r), task, metric) for r in view.scores.values()]
-                v = np.array([x for x in v if x is not None], dtype=float)
-                if not len(v):
+                picked = [pick(r) for r in view.scores.values() if judge_score(pick(r), task, metric) is not None]
+                if not picked:
                     continue
+                v = np.array([judge_score(r, task, metric) for r in picked], dtype=float)
+                chance = [judge_score(r, task, "f1_chance") for r in picked] if metric == "f1" else [0.5]
+                chance = [c for c in chance if c is not None]
+                degenerate = sum(any(n.startswith("degenerate") for n in judge_notes(r.get(task))) for r in picked)
                 mean, low, high = mean_interval(v)
                 rows.append(
-                    {"task": task, "metric": label, "of": who, "n": len(v), "mean": mean, "low": low, "high": high}
-                )
+                    {"task": task, "metric": label, "of": who, "n": len(v), "mean": mean, "low": low, "high": high,
+                     "chance": float(np.mean(chance)) if chance else float("nan"), "degenerate judges": degenerate}
+                )  # fmt: skip
     return rows
 
 
+FIGURE_METRICS = tuple((m, label) for m, label in JUDGE_METRICS if m != "f1")
+"""The figure shows the metrics whose chance level is 0.5; F1's depends on the class balance (see the table)."""
+
+
 def classification_scores(view: RunView):
-    """Mean detection and fuzzing scores (balanced accuracy, F1, AUROC) of the explanations beside the
-    baseline's, with 95% intervals over neurons; 0.5 is chance for balanced accuracy and AUROC."""
-    rows = classification_rows(view)
+    """Mean detection and fuzzing balanced accuracy and AUROC of the explanations beside the baseline's, with
+    95% intervals over neurons; 0.5 (dashed) is chance for both. Bars whose neurons all had a degenerate
+    judge (one answer for every item) are hatched and labelled: their 0.5 is by construction. F1 is left to
+    the table, where it stands beside its always-yes level."""
+    from matplotlib.patches import Patch
+
+    rows = [r for r in classification_rows(view) if r["metric"] != "F1"]
     fig, axes = _figure(8.0, 3.4, ncols=len(TASKS))
     for ax, task in zip(np.atleast_1d(axes), TASKS):
         mine = [r for r in rows if r["task"] == task]
@@ -157,15 +190,22 @@ def classification_scores(view: RunView):
             continue
         for j, who in enumerate(("explanation", "baseline")):
             part = [r for r in mine if r["of"] == who]
-            x = np.array([[m for _, m in JUDGE_METRICS].index(r["metric"]) for r in part]) + (j - 0.5) * 0.35
+            x = np.array([[m for _, m in FIGURE_METRICS].index(r["metric"]) for r in part]) + (j - 0.5) * 0.35
             y = np.array([r["mean"] for r in part])
             err = np.array([[r["mean"] - r["low"] for r in part], [r["high"] - r["mean"] for r in part]])
-            ax.bar(x, y, width=0.35, yerr=err, capsize=3, label=who)
+            bars = ax.bar(x, y, width=0.35, yerr=err, capsize=3, color=f"C{j}")
+            for bar, r in zip(bars, part):
+                if r["metric"] == "balanced accuracy" and r["degenerate judges"] == r["n"]:
+                    bar.set_hatch("//")
+                    ax.text(bar.get_x() + bar.get_width() / 2, 0.03, "degenerate\njudges", ha="center", fontsize=7,
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
         ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
-        ax.set_xticks(range(len(JUDGE_METRICS)), [m for _, m in JUDGE_METRICS])
+        ax.set_xticks(range(len(FIGURE_METRICS)), [m for _, m in FIGURE_METRICS])
         ax.set_ylim(0, 1)
         ax.set_title(task)
-        ax.legend(fontsize=8)
+        ax.legend(
+            handles=[Patch(color=f"C{j}", label=w) for j, w in enumerate(("explanation", "baseline"))], fontsize=8
+        )
     return fig
 
 
@@ -206,8 +246,29 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
         items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
     for r in classification_rows(view):
         if r["metric"] == "balanced accuracy":
-            items[f"mean {r['task']} balanced accuracy, {r['of']}"] = f"{r['mean']:.3f}"
+            degenerate = f" ({r['degenerate judges']} of {r['n']} degenerate judges)" if r["degenerate judges"] else ""
+            items[f"mean {r['task']} balanced accuracy, {r['of']}"] = f"{r['mean']:.3f}{degenerate}"
+    explained = [e.get("explanation") for e in view.explanations.values() if e.get("explanation")]
+    if explained:
+        copies = sum(copied_example(e) is not None for e in explained)
+        repeated = sum(any(n.startswith("same as") for n in notes) for notes in view.explanation_notes.values())
+        items["explanations copying a worked example of the prompt"] = f"{copies} of {len(explained)}"
+        items["explanations the same as another neuron's"] = f"{repeated} of {len(explained)}"
     return [{"item": k, "value": v} for k, v in items.items()]
+
+
+def note_rows(view: RunView) -> list[dict[str, Any]]:
+    """Every note on the run's results (`nbutils.flags`), one row per neuron side and note: copied or repeated
+    explanations, degenerate judges, scores over too few items (the explanation's and the baseline's)."""
+    rows = []
+    for key in sorted(set(view.explanations) | set(view.scores)):
+        r = view.scores.get(key) or {}
+        found = [("explanation", n) for n in view.explanation_notes.get(key, [])]
+        for who, scores in (("explanation", r), ("baseline", r.get("baseline") or {})):
+            found += [(f"{who} {s.replace('_', ' ')}", n) for s in SCORE_SETS for n in score_set_notes(scores.get(s))]
+            found += [(f"{who} {t}", n) for t in TASKS for n in judge_notes(scores.get(t))]
+        rows += [{"layer": key[0], "neuron": key[1], "sign": key[2], "result": w, "note": n} for w, n in found]
+    return rows
 
 
 def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
@@ -223,7 +284,7 @@ def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
     ):
         fig = make(view)
         tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=DPI)
         tmp.replace(folder / f"{name}.png")
         paths[name] = folder / f"{name}.png"
     return paths

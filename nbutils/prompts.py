@@ -11,7 +11,9 @@ probability of each label 0..10 at each value slot gives an expected value per t
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,8 +29,11 @@ ZERO_FILTER_BELOW = 0.2
 
 
 def normalise(activations: np.ndarray, max_activation: float) -> np.ndarray:
-    """Integers 0..10: ``floor(10 * max(x, 0) / max_activation)``, clipped (all zero if the max is not positive)."""
-    a = np.asarray(activations, dtype=np.float64)
+    """Integers 0..10: ``floor(10 * max(x, 0) / max_activation)``, clipped (all zero if the max is not positive).
+
+    A NaN activation shows as 0 and an infinite one as 0 or 10 (a NaN cast to an integer would be a huge
+    negative number in the prompt)."""
+    a = np.nan_to_num(np.asarray(activations, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=0.0)
     if not math.isfinite(max_activation) or max_activation <= 0:
         return np.zeros(a.shape, dtype=np.int64)
     return np.clip(np.floor(MAX_LABEL * np.maximum(a, 0.0) / max_activation), 0, MAX_LABEL).astype(np.int64)
@@ -114,22 +119,83 @@ def zero_filtered_block(excerpts: Sequence[ShownExcerpt]) -> str | None:
     return "The same activations, listing only the non-zero ones:\n" + excerpt_block(*zip(*nonzero))
 
 
+def strongest_tokens(excerpts: Sequence[ShownExcerpt], n: int = 3) -> str:
+    """The ``n`` distinct tokens with the highest shown values (first seen first among equals), quoted:
+    ``"March", "July", "June"``."""
+    best: dict[str, int] = {}
+    for e in excerpts:
+        for tok, value in zip(e.tokens, e.values):
+            shown = show_token(tok).strip() or show_token(tok)
+            if value > 0 and value > best.get(shown, 0):
+                best[shown] = value
+    ranked = sorted(best, key=lambda t: -best[t])[:n]
+    return ", ".join(json.dumps(t, ensure_ascii=False) for t in ranked)
+
+
 def _neuron_text(name: str, excerpts: Sequence[ShownExcerpt]) -> str:
     text = f"Neuron {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
     repeat = zero_filtered_block(excerpts)
-    return text + (repeat or "") + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
+    strongest = strongest_tokens(excerpts)
+    listed = f"Strongest tokens: {strongest}\n" if strongest else ""
+    return text + (repeat or "") + listed + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
 
 
 def explanation_messages(
     excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES
 ) -> list[dict[str, str]]:
-    """Chat messages asking for an explanation; the reply should continue `EXPLANATION_PREFIX`."""
+    """Chat messages asking for an explanation; the reply should continue `EXPLANATION_PREFIX`.
+
+    Each neuron's message ends with its strongest tokens, and each worked answer starts by quoting its
+    neuron's strongest tokens before the description ('... find "March", "July", "June": names of months,
+    ...'). Without this, the embedded 135M explainer began all ten main-job explanations with the first
+    worked example's "names of months"; with it, none (README, "Explanations that copy the prompt")."""
     messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
     for i, ex in enumerate(examples):
         messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts)})
-        messages.append({"role": "assistant", "content": f"{EXPLANATION_PREFIX} {ex.explanation}."})
+        answer = f"{EXPLANATION_PREFIX} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
+        messages.append({"role": "assistant", "content": answer})
     messages.append({"role": "user", "content": _neuron_text("X", excerpts)})
     return messages
+
+
+_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "cf", "mr", "mrs", "ms", "dr", "st", "no", "fig", "approx", "incl"}
+_ABBREVIATIONS |= {
+    m.lower() for m in "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun".split()
+}
+
+
+def _is_abbreviation(word: str) -> bool:
+    """A word that ends with a full stop without ending a sentence: "U.S", "e.g", "etc", "Jan", "A"."""
+    word = word.lower().strip("(\"'")
+    return word in _ABBREVIATIONS or "." in word or (len(word) == 1 and word.isalpha())
+
+
+def _first_sentence_end(text: str) -> int:
+    """Where the first sentence of ``text`` ends: a full stop followed by a space and more text, or by a
+    closing quote, unless the word before it is an abbreviation ("U.S.", "e.g.", "etc.") or the stop sits
+    between numbers ("3. 5"); the whole text if there is none."""
+    for i, ch in enumerate(text):
+        after = text[i + 1 :]
+        if ch != "." or not after.strip():
+            continue
+        if after.startswith('"'):
+            return i
+        if not after.startswith(" "):
+            continue
+        before = text[:i].split()[-1] if text[:i].split() else ""
+        if _is_abbreviation(before) or (before[-1:].isdigit() and after.strip()[:1].isdigit()):
+            continue
+        return i
+    return len(text)
+
+
+def _unquoted(text: str) -> str:
+    """The text without quotes around the whole of it, when it is a phrase (a quoted single token, '"+"',
+    and quotes around a token inside stay)."""
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] == '"' and t.count('"') == 2 and " " in t.strip('"').strip():
+        return t[1:-1].strip()
+    return t
 
 
 def parse_explanation(text: str) -> str:
@@ -137,16 +203,22 @@ def parse_explanation(text: str) -> str:
 
     Returns "" when nothing usable is left (the caller records that as a failed explanation).
     """
-    t = text.strip().strip('"').strip()
+    t = _unquoted(text)
     low = t.lower()
     if EXPLANATION_PREFIX in low:
         t = t[low.index(EXPLANATION_PREFIX) + len(EXPLANATION_PREFIX) :]
-    t = t.strip().split("\n")[0]
-    for end in (". ", '."'):
-        if end in t:
-            t = t[: t.index(end)]
-    t = t.strip().rstrip(".").strip().strip('"').strip()
-    if not any(c.isalpha() for c in t) or len(t) > 400:
+    again = t.lower().find(EXPLANATION_PREFIX)  # a model that starts over has finished its first answer
+    t = (t[:again] if again >= 0 else t).strip().split("\n")[0]
+    t = _unquoted(t[: _first_sentence_end(t)])
+    last = t[:-1].split()[-1].lower() if t[:-1].split() else ""
+    if t.endswith(".") and not ("." in last or last in _ABBREVIATIONS):  # keep the stop of "i.e." or "etc."
+        t = t[:-1].strip()
+    t = t.rstrip(" ,;:")
+    for quote in ("'", '"'):  # a quote left open where the reply was cut
+        if t.endswith(quote) and t.count(quote) % 2:
+            t = t[:-1].rstrip(" ,;:")
+    quoted_token = re.search(r'"[^"\s][^"]*"', t)  # '"+"' names a token, letters or not
+    if not (any(c.isalpha() for c in t) or quoted_token) or len(t) > 400:
         return ""
     return t
 

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +283,18 @@ class RecordStore:
         out["neuron"] = self.neurons(layer)
         return out
 
+    def strength(self, layer: int) -> np.ndarray:
+        """Per neuron of a layer, its max activation over its standard deviation: large for neurons that fire
+        rarely and strongly (0 for a neuron that never varies)."""
+        s = self.stats(layer)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(s["variance"] > 0, s["max"] / np.sqrt(s["variance"]), 0.0)
+
+    def strongest(self, layer: int, n: int) -> list[int]:
+        """The ``n`` neurons of a layer with the largest `strength`, strongest first."""
+        order = np.argsort(-self.strength(layer), kind="stable")[:n]
+        return [int(self.neurons(layer)[i]) for i in order]
+
     def _row(self, layer: int, neuron: int) -> int:
         neurons = self.neurons(layer)
         row = int(np.searchsorted(neurons, neuron))
@@ -434,7 +446,7 @@ def openai_record_path(root: str | os.PathLike, nid: NeuronId) -> Path:
     return Path(root) / str(nid.layer) / f"{nid.neuron}.json"
 
 
-def export_openai(store: RecordStore, out_dir: str | os.PathLike, ids: list[NeuronId] | None = None) -> int:
+def export_openai(store: RecordStore, out_dir: str | os.PathLike, ids: Iterable[NeuronId] | None = None) -> int:
     """Write neuron-explainer ``NeuronRecord`` files for the given neurons (default: all). Returns the count."""
     count = 0
     for nid in ids if ids is not None else store.all_ids():
@@ -462,32 +474,53 @@ def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
     return [Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts]
 
 
-def split_excerpts(record: NeuronRecord, negative: bool = False, per_band: int = 0) -> dict[str, list[Excerpt]]:
+SPLITS = ("nbutils", "paper")
+"""How `split_excerpts` deals a record's excerpts into train / calibration / valid sets."""
+
+
+def split_excerpts(
+    record: NeuronRecord, negative: bool = False, per_band: int = 0, split: str = "nbutils"
+) -> dict[str, list[Excerpt]]:
     """Disjoint excerpt sets for explaining, calibrating and scoring one neuron.
 
     Top excerpts are dealt round-robin into train / calibration / valid / test, random ones into
     calibration / valid / test (the interleaved split of OpenAI's neuron-explainer). The explainer sees only
     ``train``; best-of-n choice and the linear calibration use ``calibration_*``; scores use ``valid_*``.
-    Random excerpts that the explainer also sees among its train excerpts are left out of scoring.
+
+    ``split="nbutils"`` (the default) uses every excerpt collected: ``train = top[0::4]``, ``valid_top =
+    top[2::4]``, ``valid_random = random[1::3]``, and leaves out of the random sets any excerpt the
+    explainer also sees among its train excerpts. With the main job's 20 top and 20 random excerpts that is
+    5 train, 5 + 6-7 calibration and 5 + 6-7 scored excerpts (top + random). ``split="paper"`` is
+    neuron-explainer's exact split (``ActivationRecordSliceParams`` with equal splits): ``n = min(len(top)
+    // 4, len(random) // 3)`` excerpts per split, ``train = top[0:4n:4]``, ``valid = top[2:4n:4] +
+    random[1:3n:3]`` (1:1, nothing removed), so scores compare with the paper's (which scored 5 + 5).
+
     With ``per_band``, ``stratified`` holds the same number of excerpts (at most ``per_band``) from every
-    non-empty quantile band, none of them shown to the explainer: a sample spread evenly over activation
-    levels (positive side only; bands are sampled by maximum activation).
+    non-empty quantile band, none of them a train or calibration excerpt: a sample spread evenly over
+    activation levels (positive side only; bands are sampled by maximum activation).
     With ``negative`` the bottom excerpts stand in for the top ones and every activation is negated, so the
     negative side of a signed neuron is explained like a positive one.
     """
+    if split not in SPLITS:
+        raise UserError(f"split={split!r} is not one of {SPLITS}.", 'Use split="nbutils" or split="paper".')
     top = _negated(record.bottom) if negative else record.top
     rand = _negated(record.random) if negative else record.random
+    if split == "paper":
+        n = min(len(top) // 4, len(rand) // 3)
+        top, rand = top[: 4 * n], rand[: 3 * n]
     train = top[0::4]
     shown = {e.index for e in train if e.index >= 0}
-    rand = [e for e in rand if e.index not in shown]  # a random excerpt may also be a top one
-    bands = [] if negative else [[e for e in band if e.index not in shown] for band in record.bands]
-    bands = [band for band in bands if band]
-    even = min([per_band] + [len(band) for band in bands]) if bands else 0
-    return {
+    if split == "nbutils":
+        rand = [e for e in rand if e.index not in shown]  # a random excerpt may also be a top one
+    sets = {
         "train": train,
         "calibration_top": top[1::4],
         "calibration_random": rand[0::3],
         "valid_top": top[2::4],
         "valid_random": rand[1::3],
-        "stratified": [e for band in bands for e in band[:even]],
     }
+    used = {e.index for name in ("train", "calibration_top", "calibration_random") for e in sets[name]} - {-1}
+    bands = [] if negative else [[e for e in band if e.index not in used] for band in record.bands]
+    bands = [band for band in bands if band]
+    even = min([per_band] + [len(band) for band in bands]) if bands else 0
+    return sets | {"stratified": [e for band in bands for e in band[:even]]}

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbutils.classify import JUDGE_METRICS, TASKS
+from nbutils.flags import WARN, score_set_notes, with_notes
 from nbutils.records import Excerpt
 from nbutils.runview import Key, RunView
-from nbutils.summary import fmt_metric, heatmap_html, neuron_scale
+from nbutils.summary import correlation_text, fmt_metric, heatmap_html, judge_text, neuron_scale
 
 STYLE = """
 .nbx { font-family: system-ui, sans-serif; font-size: 13px; color: #222; }
@@ -28,6 +29,7 @@ STYLE = """
 .nbx .nbx-excerpt { font-family: monospace; line-height: 1.7; margin: 2px 0; white-space: pre-wrap; }
 .nbx .nbx-row-label { display: inline-block; width: 6em; color: #777; font-family: sans-serif; }
 .nbx .nbx-muted { color: #777; }
+.nbx .nbx-warn { color: #a15c00; }
 .nbx .nbx-legend span { padding: 0 6px; margin-right: 4px; }
 """
 
@@ -47,10 +49,6 @@ def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: 
     return f"<h4>{_esc(title)} <span class='nbx-muted'>({len(excerpts)})</span></h4>{rows}"
 
 
-def _metric(m: dict[str, Any] | None) -> str:
-    return _esc(fmt_metric(m))
-
-
 SCORE_COLUMNS = (
     ("top_and_random", "correlation", "top+random"),
     ("random_only", "correlation", "random only"),
@@ -62,13 +60,17 @@ SCORE_COLUMNS = (
 
 
 def scores_table_html(result: dict[str, Any] | None) -> str:
-    """The explanation's and the token-lookup baseline's scores side by side (95% intervals in brackets)."""
+    """The explanation's and the token-lookup baseline's scores side by side (95% intervals in brackets, notes
+    on scores over too few excerpts)."""
     if not result:
         return "<p class='nbx-muted'>Not scored yet (stage 03).</p>"
     head = "".join(f"<th>{_esc(label)}</th>" for _, _, label in SCORE_COLUMNS)
     rows = []
     for name, scores in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
-        cells = "".join(f"<td>{_metric((scores.get(s) or {}).get(m))}</td>" for s, m, _ in SCORE_COLUMNS)
+        cells = "".join(
+            f"<td>{_esc(fmt_metric((scores.get(s) or {}).get(m), score_set_notes(scores.get(s))))}</td>"
+            for s, m, _ in SCORE_COLUMNS
+        )
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{classification_table_html(result)}{failure}"
@@ -82,7 +84,7 @@ def classification_table_html(result: dict[str, Any]) -> str:
     head = "".join(f"<th>{t} {_esc(label)}</th>" for t in tasks for _, label in JUDGE_METRICS)
     rows = []
     for name, scores in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
-        cells = "".join(f"<td>{_metric((scores.get(t) or {}).get(m))}</td>" for t in tasks for m, _ in JUDGE_METRICS)
+        cells = "".join(f"<td>{_esc(judge_text(scores, t, m))}</td>" for t in tasks for m, _ in JUDGE_METRICS)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     counts = "; ".join(
         f"{t}: {d.get('n_positive')} positive, {d.get('n_negative')} negative items"
@@ -93,13 +95,15 @@ def classification_table_html(result: dict[str, Any]) -> str:
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table><p class='nbx-muted'>{_esc(counts)}</p>"
 
 
-def explanation_html(entry: dict[str, Any] | None) -> str:
-    """The kept explanation, every candidate with its calibration score, and the baseline explanation."""
+def explanation_html(entry: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+    """The kept explanation (with notes: a copy of the prompt's worked example, the same as other neurons'),
+    every candidate with its calibration score, and the baseline explanation."""
     if not entry:
         return "<p class='nbx-muted'>Not explained yet (stage 02).</p>"
     kept = entry.get("explanation")
+    warn = "".join(f"<br><span class='nbx-warn'>{WARN} {_esc(n)}</span>" for n in notes)
     head = (
-        f"<p><b>Explanation:</b> {_esc(kept)}</p>"
+        f"<p><b>Explanation:</b> {_esc(kept)}{warn}</p>"
         if kept
         else f"<p><b>No explanation:</b> {_esc(entry.get('failure'))}</p>"
     )
@@ -198,7 +202,7 @@ def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", 
     ]
     if scale == 0.0:
         parts.append("<p>This neuron never varied on the corpus (all activations equal): nothing to explain.</p>")
-    parts.append(explanation_html(view.explanations.get(key)))
+    parts.append(explanation_html(view.explanations.get(key), view.explanation_notes.get(key, [])))
     parts.append(scores_table_html(view.scores.get(key)))
     parts.append(_excerpts_html("Top-activating excerpts", rec.top[:n_excerpts], scale, "top"))
     sim = view.simulation(key)
@@ -231,15 +235,18 @@ def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
     rows = []
     for k in keys:
         e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
-        base = (r.get("baseline") or {}).get("top_and_random", {}).get("correlation")
+        text = with_notes(e.get("explanation") or e.get("failure") or "", view.explanation_notes.get(k, []))
+        cells = [
+            correlation_text(r, "top_and_random"),
+            correlation_text(r, "random_only"),
+            correlation_text(r, "stratified"),
+            judge_text(r, "detection"),
+            judge_text(r, "fuzzing"),
+            correlation_text(r.get("baseline"), "top_and_random"),
+        ]
         rows.append(
             f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
-            f"<td>{_esc(e.get('explanation') or e.get('failure') or '')}</td>"
-            f"<td>{_metric((r.get('top_and_random') or {}).get('correlation'))}</td>"
-            f"<td>{_metric((r.get('random_only') or {}).get('correlation'))}</td>"
-            f"<td>{_metric((r.get('stratified') or {}).get('correlation'))}</td>"
-            f"<td>{_metric((r.get('detection') or {}).get('balanced_accuracy'))}</td>"
-            f"<td>{_metric((r.get('fuzzing') or {}).get('balanced_accuracy'))}</td><td>{_metric(base)}</td></tr>"
+            f"<td>{_esc(text)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>"
         )
     head = (
         "<tr><th>neuron</th><th>explanation</th><th>top+random</th><th>random only</th><th>stratified</th>"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from nbutils.errors import UserError
 from nbutils.explain import NEURONS
+from nbutils.flags import explanation_notes
 from nbutils.records import NeuronEntries, NeuronRecord, RecordStore
 from nbutils.simulate import simulation_path
 
@@ -70,10 +72,28 @@ class RunView:
         return view
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> RunView:
-        """Open a run folder written by ``nbutils run`` (``outputs/<run_id>``)."""
-        run = Path(run_dir)
-        return cls.from_dirs(run / "01_collect", run / "02_explain", run / "03_score")
+    def open(
+        cls,
+        run_dir: str | Path | None,
+        collection_dir: str | Path | None = None,
+        explanation_dir: str | Path | None = None,
+        score_dir: str | Path | None = None,
+    ) -> RunView:
+        """Open a run folder written by ``nbutils run`` (``outputs/<run_id>``); a stage folder given explicitly
+        replaces that stage's folder inside it (``run_dir`` may then be None)."""
+        if run_dir is None and collection_dir is None:
+            raise UserError("Neither a run folder nor a collection folder was given.", "Pass run_dir=outputs/<run_id>.")
+        run = Path(run_dir) if run_dir is not None else None
+        return cls.from_dirs(
+            collection_dir or run / "01_collect",
+            explanation_dir or (run / "02_explain" if run else None),
+            score_dir or (run / "03_score" if run else None),
+        )
+
+    @cached_property
+    def explanation_notes(self) -> dict[Key, list[str]]:
+        """Notes on explanations that copy a worked example or repeat other neurons' (`nbutils.flags`)."""
+        return explanation_notes({k: e.get("explanation") for k, e in self.explanations.items()})
 
     def record(self, layer: int, neuron: int) -> NeuronRecord:
         return self.store.record(layer, neuron)

@@ -66,6 +66,12 @@ def _flat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts]) if parts else np.zeros(0)
 
 
+def _non_finite(t: np.ndarray, p: np.ndarray) -> str | None:
+    """Why a score cannot be computed from these values (NaN or infinity on either side), or None."""
+    sides = [name for name, x in (("true activations", t), ("simulated activations", p)) if not np.isfinite(x).all()]
+    return f"non-finite values (NaN or infinity) among the {' and the '.join(sides)}" if sides else None
+
+
 def correlation(true: np.ndarray, pred: np.ndarray) -> Metric:
     """Pearson correlation of two flat vectors, undefined (with the reason) where it does not exist."""
     t, p = np.asarray(true, dtype=np.float64).ravel(), np.asarray(pred, dtype=np.float64).ravel()
@@ -73,8 +79,9 @@ def correlation(true: np.ndarray, pred: np.ndarray) -> Metric:
         raise ValueError(f"true and simulated activations differ in length ({t.size} vs {p.size})")
     if t.size < 2:
         return Metric(None, "fewer than two tokens to correlate")
-    if not (np.isfinite(t).all() and np.isfinite(p).all()):
-        return Metric(None, "non-finite values among the activations or simulations")
+    bad = _non_finite(t, p)
+    if bad:
+        return Metric(None, bad)
     tc, pc = t - t.mean(), p - p.mean()
     st, sp = math.sqrt(float(tc @ tc)), math.sqrt(float(pc @ pc))
     if st <= 1e-12 * max(1.0, float(np.abs(t).max())):
@@ -135,6 +142,9 @@ def score(
     if len(true) != len(pred):
         raise ValueError(f"{len(true)} true excerpts but {len(pred)} simulated ones")
     t, p = _flat(true), _flat(pred)
+    bad = _non_finite(t, p)
+    if bad:  # a NaN would make the ratio scores NaN without a reason: every metric is undefined instead
+        return ScoreSet(Metric(None, bad), Metric(None, bad), Metric(None, bad), len(true), int(t.size), calibration)
     corr = correlation(t, p)
     if corr.value is not None:
         corr.low, corr.high = bootstrap_interval(true, pred, n_boot, seed)
@@ -178,6 +188,11 @@ class ClassificationScores:
     n_positive: int
     n_negative: int
     n_unanswered: int
+    n_yes: int = 0
+    """Answered items judged yes (``P >= threshold``); equal to the answered count or 0 for a degenerate judge."""
+    f1_chance: Metric | None = None
+    """The F1 of a judge that answers yes to everything at this class balance, ``2P / (2P + N)``: the level
+    an F1 must beat to mean anything (an always-yes judge reaches it with balanced accuracy 0.5)."""
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> Metric:
@@ -230,4 +245,6 @@ def classification_scores(
         n_positive=int(y_all.sum()),
         n_negative=int((~y_all).sum()),
         n_unanswered=int((~answered).sum()),
+        n_yes=tp + fp,
+        f1_chance=ratio(2 * n_pos, 2 * n_pos + n_neg, "no answered items"),
     )

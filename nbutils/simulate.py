@@ -55,7 +55,7 @@ from nbutils.records import (
     split_excerpts,
     write_jsonl,
 )
-from nbutils.scoring import ScoreSet, calibrate, correlation, score
+from nbutils.scoring import Calibration, ScoreSet, calibrate, correlation, score
 
 SCORES = "scores.jsonl"
 SCORED_SETS = {
@@ -110,13 +110,15 @@ def judge_scores(
     per_class: int,
     seed: int,
     max_prompt_tokens: int | None,
+    split: str = "nbutils",
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Detection and fuzzing of one entry: the explanation's scores (none without a judge), the token-lookup
     baseline's, and the judged items to save. Raises LLMFailed from the judge."""
     mine, base, saved = {}, {}, {}
-    table = token_table(split_excerpts(rec, entry["sign"] == "negative")["train"])
+    negative = entry["sign"] == "negative"
+    table = token_table(split_excerpts(rec, negative, split=split)["train"])
     for task in tasks:
-        items, threshold = judge_items(rec, task, entry["sign"] == "negative", per_class, seed)
+        items, threshold = judge_items(rec, task, negative, per_class, seed, split)
         base[task] = task_result(items, baseline_judgements(table, items), True, threshold=threshold)
         if judge is not None:
             answers = judge_explanation(judge, task, entry["explanation"], [j.item for j in items], max_prompt_tokens)
@@ -135,23 +137,31 @@ def score_entry(
     per_band: int = 2,
     judges: Sequence[str] = TASKS,
     judge_per_class: int = 10,
+    split: str = "nbutils",
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Scores of one stage-02 entry, and the simulation record to save (None without an explanation).
 
     Correlation on each score set (``stratified``: ``per_band`` excerpts from every quantile band), then
-    each of ``judges`` (detection, fuzzing) with at most ``judge_per_class`` positive and negative items."""
+    each of ``judges`` (detection, fuzzing) with at most ``judge_per_class`` positive and negative items.
+    ``split`` must be the one stage 02 used (`nbutils.records.split_excerpts`)."""
     unknown = sorted(set(judges) - set(TASKS))
     if unknown:
         raise UserError(f"Unknown judges {unknown}.", f"Use a list of: {', '.join(TASKS)} (or [] for none).")
+    if entry.get("split", "nbutils") != split:
+        raise UserError(
+            f"L{entry['layer']} N{entry['neuron']} was explained from the split={entry['split']!r} excerpts; scoring it "
+            f"with split={split!r} could score excerpts the explainer saw.",
+            f"Run stage 03 with split={entry['split']!r} (nbutils run passes one split to both stages).",
+        )
     rec = store.record(entry["layer"], entry["neuron"])
-    splits = split_excerpts(rec, entry["sign"] == "negative", per_band)
+    splits = split_excerpts(rec, entry["sign"] == "negative", per_band, split)
     names = [n for n in splits if n != "train"]
     result: dict[str, Any] = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
     table = token_table(splits["train"])
     result["baseline"] = {
         "explanation": entry["baseline"]["explanation"],
         **score_predictions(splits, {n: token_lookup_simulate(table, splits[n]) for n in names}, n_boot, seed),
-        **judge_scores(rec, entry, None, judges, judge_per_class, seed, None)[1],
+        **judge_scores(rec, entry, None, judges, judge_per_class, seed, None, split)[1],
     }
     if not entry.get("explanation"):
         result["failure"] = entry.get("failure") or "no explanation"
@@ -163,19 +173,32 @@ def score_entry(
         result["failure"], result["retryable"] = f"simulation failed: {e}", e.retryable
         return result, None
     evs = expected_values(dists)
-    by_split: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for (n, _), ev in zip(scored, evs):
-        by_split[n].append(ev)
-    result.update(score_predictions(splits, by_split, n_boot, seed))
+    result.update(
+        score_predictions(splits, {n: [ev for (m, _), ev in zip(scored, evs) if m == n] for n in names}, n_boot, seed)
+    )
     judged: dict[str, Any] = {}
     try:
-        mine, _, judged = judge_scores(rec, entry, simulator, judges, judge_per_class, seed, max_prompt_tokens)
+        mine, _, judged = judge_scores(rec, entry, simulator, judges, judge_per_class, seed, max_prompt_tokens, split)
         result.update(mine)
     except LLMFailed as e:  # the correlation scores stay; a rerun retries the neuron if the fault was the server's
         result["failure"], result["retryable"] = f"detection/fuzzing failed: {e}", e.retryable
-    sim = {
+    return result, simulation_record(entry, scored, evs, dists, result["calibration"], judged)
+
+
+def simulation_record(
+    entry: dict[str, Any],
+    scored: list[tuple[str, Excerpt]],
+    evs: list[np.ndarray],
+    dists: list[np.ndarray],
+    calibration: dict[str, float],
+    judged: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``simulations/L*_N*_*.json`` holds: per scored excerpt its split, tokens, true activations,
+    expected values and label distributions; the calibration line; every judged item."""
+    return {
         **{k: entry[k] for k in ("layer", "neuron", "sign", "explanation")},
         "labels": [int(x) for x in LABELS],
+        "calibration": calibration,
         "excerpts": [
             {
                 "split": n,
@@ -189,7 +212,6 @@ def score_entry(
         ],
         "judged": judged,
     }
-    return result, sim
 
 
 def simulation_path(out: Path, layer: int, neuron: int, sign: str) -> Path:
@@ -214,6 +236,7 @@ def run_score_stage(
     per_band: int = 2,
     judges: Sequence[str] = TASKS,
     judge_per_class: int = 10,
+    split: str = "nbutils",
 ) -> list[dict[str, Any]]:
     """Simulate and score every stage-02 entry into ``out_dir`` (resumable); return all score lines."""
     store = RecordStore(collection_dir)
@@ -238,7 +261,7 @@ def run_score_stage(
         llm = make_backend(backend, model, base_url, api_key_env, simulation, cache_path=cache_path)
         for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
             result, sim = score_entry(
-                entry, store, llm, n_boot, seed, max_prompt_tokens, per_band, judges, judge_per_class
+                entry, store, llm, n_boot, seed, max_prompt_tokens, per_band, judges, judge_per_class, split
             )
             if sim is not None:
                 atomic_write_json(simulation_path(out, entry["layer"], entry["neuron"], entry["sign"]), sim)
@@ -256,12 +279,28 @@ def run_score_stage(
 
 
 def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
-    """A simulation record as neuron-explainer's ``NeuronSimulationResults`` (valid excerpts, one explanation)."""
+    """A simulation record as neuron-explainer's ``NeuronSimulationResults`` (valid excerpts, one explanation).
+
+    ``expected_activations`` stay on the simulator's 0..10 scale (``activation_scale`` says so) and
+    ``ev_correlation_score`` is computed from them. ``rsquared_score`` and ``absolute_dev_explained_score``
+    are computed after the record's linear calibration (`nbutils.scoring.calibrate`), per excerpt and pooled,
+    as stage 03 does; they are null when the record has no calibration (e.g. an imported one). Per-token
+    ``distribution_values`` are written as stored (imported records keep their own), else the labels 0..10.
+    """
     valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
     labels = [float(v) for v in sim["labels"]]
+    cal = sim.get("calibration")
+    line = Calibration(cal["slope"], cal["intercept"]) if cal else None
 
-    def corr(t, p) -> float | None:
-        return correlation(np.asarray(t), np.asarray(p)).value
+    def scores(t: list[float], p: list[float]) -> dict[str, float | None]:
+        out = {"ev_correlation_score": correlation(np.asarray(t), np.asarray(p)).value}
+        if line is None:
+            return out | {"rsquared_score": None, "absolute_dev_explained_score": None}
+        s = score([np.asarray(t)], [np.asarray(p)], calibration=line, n_boot=0)
+        return out | {
+            "rsquared_score": s.rsquared.value,
+            "absolute_dev_explained_score": s.absolute_dev_explained.value,
+        }
 
     seqs = [
         {
@@ -271,18 +310,16 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
                 "tokens": x["tokens"],
                 "expected_activations": x["expected"],
                 "activation_scale": "simulated_normalized_activations",
-                "distribution_values": [labels for _ in x["tokens"]],
+                "distribution_values": x.get("distribution_values") or [labels for _ in x["tokens"]],
                 "distribution_probabilities": x["distribution"],
                 "uncalibrated_simulation": None,
             },
             "true_activations": x["true"],
-            "ev_correlation_score": corr(x["true"], x["expected"]),
-            "rsquared_score": None,
-            "absolute_dev_explained_score": None,
+            **scores(x["true"], x["expected"]),
         }
         for x in valid
     ]
-    pooled = corr(sum((x["true"] for x in valid), []), sum((x["expected"] for x in valid), []))
+    pooled = scores(sum((x["true"] for x in valid), []), sum((x["expected"] for x in valid), []))
     return {
         "dataclass_name": "NeuronSimulationResults",
         "neuron_id": {"dataclass_name": "NeuronId", "layer_index": sim["layer"], "neuron_index": sim["neuron"]},
@@ -293,9 +330,7 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
                 "scored_simulation": {
                     "dataclass_name": "ScoredSimulation",
                     "scored_sequence_simulations": seqs,
-                    "ev_correlation_score": pooled,
-                    "rsquared_score": None,
-                    "absolute_dev_explained_score": None,
+                    **pooled,
                 },
             }
         ],
@@ -303,7 +338,11 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Simulation records (this project's layout) from a ``NeuronSimulationResults`` object, one per explanation."""
+    """Simulation records (this project's layout) from a ``NeuronSimulationResults`` object, one per explanation.
+
+    Each token keeps its own ``distribution_values`` (floats; neuron-explainer stores, per token, the values
+    its simulator saw among the top log-probabilities, so they differ from token to token) beside its
+    ``distribution_probabilities``."""
     if not isinstance(obj, dict) or obj.get("dataclass_name") != "NeuronSimulationResults":
         raise UserError(
             "Expected a neuron-explainer NeuronSimulationResults object (dataclass_name='NeuronSimulationResults').",
@@ -313,14 +352,13 @@ def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for scored in obj["scored_explanations"]:
         seqs = scored["scored_simulation"]["scored_sequence_simulations"]
-        labels = seqs[0]["simulation"]["distribution_values"][0] if seqs else [float(x) for x in LABELS]
         out.append(
             {
                 "layer": nid["layer_index"],
                 "neuron": nid["neuron_index"],
                 "sign": "positive",
                 "explanation": scored["explanation"],
-                "labels": [int(v) for v in labels],
+                "labels": [int(x) for x in LABELS],
                 "excerpts": [
                     {
                         "split": "valid",
@@ -329,6 +367,9 @@ def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
                         "true": s["true_activations"],
                         "expected": s["simulation"]["expected_activations"],
                         "distribution": s["simulation"]["distribution_probabilities"],
+                        "distribution_values": [
+                            [float(v) for v in vs] for vs in s["simulation"]["distribution_values"]
+                        ],
                     }
                     for s in seqs
                 ],

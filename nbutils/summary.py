@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from nbutils.flags import explanation_notes, f1_text, judge_notes, score_set_notes, with_notes
 from nbutils.records import NeuronRecord, RecordStore
 
 
@@ -22,8 +23,7 @@ def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
     rows = []
     for layer in store.layers:
         s = store.stats(layer)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(s["variance"] > 0, s["max"] / np.sqrt(s["variance"]), 0.0)
+        ratio = store.strength(layer)
         for i in np.argsort(-ratio)[:n]:
             rows.append(
                 {
@@ -102,19 +102,55 @@ def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3
     return f'<div style="{EXCERPTS_STYLE}">' + "\n".join(parts) + "</div>"
 
 
-def fmt_metric(m: dict[str, Any] | None) -> str:
-    """A stored metric as text: value with its 95% interval, or "undefined: reason"."""
+def fmt_metric(m: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+    """A stored metric as text: value with its 95% interval, or "undefined: reason"; then any notes on it
+    (`nbutils.flags`: a degenerate judge, too few items)."""
     if not m:
         return "-"
     if m.get("value") is None:
         return f"undefined: {m.get('reason')}"
     if m.get("low") is not None and m.get("high") is not None:
-        return f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]"
-    return f"{m['value']:.3f}"
+        return with_notes(f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]", notes)
+    return with_notes(f"{m['value']:.3f}", notes)
+
+
+def correlation_text(scores: dict[str, Any] | None, which: str) -> str:
+    """A score set's pooled correlation with its interval and notes (e.g. too few excerpts)."""
+    s = (scores or {}).get(which) or {}
+    return fmt_metric(s.get("correlation"), score_set_notes(s))
+
+
+def judge_text(scores: dict[str, Any] | None, task: str, metric: str = "balanced_accuracy") -> str:
+    """A detection/fuzzing metric with its notes; F1 always with its always-yes level."""
+    t = (scores or {}).get(task)
+    if metric == "f1":
+        return with_notes(f1_text(t), judge_notes(t))
+    return fmt_metric((t or {}).get(metric), judge_notes(t))
+
+
+def explanation_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of stage-02 entries, with notes on copied or repeated explanations."""
+    notes = explanation_notes({(e["layer"], e["neuron"], e["sign"]): e.get("explanation") for e in entries})
+    return [
+        {
+            "layer": e["layer"],
+            "neuron": e["neuron"],
+            "sign": e["sign"],
+            "explanation": with_notes(e["explanation"] or f"(failed: {e['failure']})", notes.get(_key(e), [])),
+            "baseline": e["baseline"]["explanation"],
+        }
+        for e in entries
+    ]
+
+
+def _key(r: dict[str, Any]) -> tuple[int, int, str]:
+    return (r["layer"], r["neuron"], r["sign"])
 
 
 def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows of stage-03 results: explanation and baseline correlations per score set."""
+    """Table rows of stage-03 results: explanation and baseline correlations per score set, detection and
+    fuzzing, each with its notes."""
+    notes = explanation_notes({_key(r): r.get("explanation") for r in results})
     rows = []
     for r in results:
         rows.append(
@@ -122,14 +158,16 @@ def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "layer": r["layer"],
                 "neuron": r["neuron"],
                 "sign": r["sign"],
-                "explanation": r.get("explanation") or f"(none: {r.get('failure')})",
-                "top+random": fmt_metric(r.get("top_and_random", {}).get("correlation")),
-                "random only": fmt_metric(r.get("random_only", {}).get("correlation")),
-                "stratified": fmt_metric(r.get("stratified", {}).get("correlation")),
-                "detection bal. acc.": fmt_metric(r.get("detection", {}).get("balanced_accuracy")),
-                "fuzzing bal. acc.": fmt_metric(r.get("fuzzing", {}).get("balanced_accuracy")),
-                "baseline top+random": fmt_metric(r["baseline"]["top_and_random"]["correlation"]),
-                "baseline random only": fmt_metric(r["baseline"]["random_only"]["correlation"]),
+                "explanation": with_notes(
+                    r.get("explanation") or f"(none: {r.get('failure')})", notes.get(_key(r), [])
+                ),
+                "top+random": correlation_text(r, "top_and_random"),
+                "random only": correlation_text(r, "random_only"),
+                "stratified": correlation_text(r, "stratified"),
+                "detection bal. acc.": judge_text(r, "detection"),
+                "fuzzing bal. acc.": judge_text(r, "fuzzing"),
+                "baseline top+random": correlation_text(r["baseline"], "top_and_random"),
+                "baseline random only": correlation_text(r["baseline"], "random_only"),
             }
         )
     return rows

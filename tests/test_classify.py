@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nbutils.classify import active_threshold, baseline_judgements, judge_items, task_result
+from nbutils.errors import UserError
 from nbutils.prompts import JudgeItem, judge_piece, judge_prefix, marked_text
 from nbutils.records import Excerpt, NeuronId, NeuronRecord, split_excerpts
 from nbutils.scoring import auroc, classification_scores
@@ -138,3 +139,26 @@ def test_stratified_split_takes_the_same_number_from_every_band():
     assert [e.index for e in strat] == [200, 203, 206, 209]
     assert len(split_excerpts(rec, per_band=0)["stratified"]) == 0
     assert split_excerpts(rec, negative=True, per_band=2)["stratified"] == []  # bands are positive-side samples
+
+
+def test_stratified_excerpts_are_never_train_or_calibration_excerpts():
+    rec = _record()
+    sp = split_excerpts(rec)
+    used = [sp["train"][0], sp["calibration_top"][0], sp["calibration_random"][1]]
+    rec.bands[2] = used + rec.bands[2]  # a band sample may hold any excerpt whose max fell in the band
+    strat = split_excerpts(rec, per_band=3)["stratified"]
+    assert len(strat) == 4 * 3 and not {e.index for e in strat} & {e.index for e in used}
+
+
+def test_paper_split_is_neuron_explainers_equal_interleaved_split():
+    rec = _record()  # 12 top, 15 random excerpts
+    ours = split_excerpts(rec)
+    assert [len(ours[k]) for k in ("train", "valid_top", "valid_random")] == [3, 3, 5]
+    paper = split_excerpts(rec, split="paper")
+    n = min(12 // 4, 15 // 3)  # ActivationRecordSliceParams(n_examples_per_split=None): equal splits
+    assert [e.index for e in paper["valid_top"]] == [e.index for e in rec.top[2 : 4 * n : 4]]
+    assert [e.index for e in paper["valid_random"]] == [e.index for e in rec.random[1 : 3 * n : 3]]
+    assert len(paper["valid_top"]) == len(paper["valid_random"]) == n  # 1:1
+    assert [e.index for e in paper["train"]] == [e.index for e in rec.top[0 : 4 * n : 4]]
+    with pytest.raises(UserError, match="split='papers'"):
+        split_excerpts(rec, split="papers")

@@ -88,10 +88,52 @@ def test_explain_and_score_stages(collection, tmp_path):
         valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
         assert [x["tokens"] for x in back["excerpts"]] == [x["tokens"] for x in valid]
         assert [x["expected"] for x in back["excerpts"]] == [x["expected"] for x in valid]
-        assert to_openai_results(back) == exported
-        pooled = exported["scored_explanations"][0]["scored_simulation"]["ev_correlation_score"]
-        assert pooled == pytest.approx(r["top_and_random"]["correlation"]["value"])
+        assert to_openai_results(back | {"calibration": sim["calibration"]}) == exported
+        pooled = exported["scored_explanations"][0]["scored_simulation"]
+        assert pooled["ev_correlation_score"] == pytest.approx(r["top_and_random"]["correlation"]["value"])
+        for name in ("rsquared", "absolute_dev_explained"):  # written when a calibration exists, as stage 03 scores
+            assert pooled[f"{name}_score"] == pytest.approx(r["top_and_random"][name]["value"])
+        uncalibrated = to_openai_results(back)["scored_explanations"][0]["scored_simulation"]
+        assert uncalibrated["rsquared_score"] is None and uncalibrated["absolute_dev_explained_score"] is None
     assert run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", n_boot=50) == results  # resumed
+
+
+def test_openai_results_keep_per_token_distribution_values():
+    """neuron-explainer stores, per token, the values its simulator saw; they differ from token to token."""
+    values = [[0.0, 1.0, 2.5], [0.0, 10.0], [3.0, 4.0, 5.0, 6.0]]
+    probs = [[0.5, 0.25, 0.25], [0.9, 0.1], [0.25, 0.25, 0.25, 0.25]]
+    seq = {
+        "dataclass_name": "SequenceSimulation",
+        "tokens": ["a", "b", "c"],
+        "expected_activations": [float(np.dot(v, p)) for v, p in zip(values, probs)],
+        "activation_scale": "simulated_normalized_activations",
+        "distribution_values": values,
+        "distribution_probabilities": probs,
+        "uncalibrated_simulation": None,
+    }
+    obj = {
+        "dataclass_name": "NeuronSimulationResults",
+        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": 3, "neuron_index": 7},
+        "scored_explanations": [
+            {
+                "dataclass_name": "ScoredExplanation",
+                "explanation": "letters",
+                "scored_simulation": {
+                    "dataclass_name": "ScoredSimulation",
+                    "scored_sequence_simulations": [
+                        {"dataclass_name": "ScoredSequenceSimulation", "simulation": seq, "true_activations": [0, 1, 2]}
+                    ],
+                },
+            }
+        ],
+    }
+    (rec,) = from_openai_results(obj)
+    assert rec["excerpts"][0]["distribution_values"] == values  # every token's own values, as floats
+    back = to_openai_results(rec)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"][0]
+    assert (
+        back["simulation"]["distribution_values"] == values
+        and back["simulation"]["distribution_probabilities"] == probs
+    )
 
 
 def test_a_neuron_that_never_activates(collection):

@@ -139,7 +139,9 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     summary = json.loads((tmp_path / "03" / "summary.json").read_text())
     failed = 1 + sum(bool(r.get("failure")) for r in others)
     assert (summary["succeeded"], summary["failed"], summary["retryable"]) == (3 - failed, failed, 1)
+    assert proxy.url in by[target]["failure"]  # the server the requests went to is named
     assert f"{3 - failed} succeeded, {failed} failed" in check_failures(tmp_path / "03")
+    assert "First failures: " in check_failures(tmp_path / "03") and "503" in check_failures(tmp_path / "03")
     with pytest.raises(StageHadFailures, match="L9 N1"):
         check_failures(tmp_path / "03", fail_on_errors=True)
     # the server recovers; the rerun sends requests for the failed neuron only

@@ -25,6 +25,7 @@ def test_cache_folder_follows_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
 
 
+USER_ENV = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user runs it
 CONVERT = "from nbutils.models import convert_gguf, embedded_gguf_path; print(convert_gguf(embedded_gguf_path()))"
 
 
@@ -39,6 +40,7 @@ def test_two_processes_converting_at_once_leave_one_good_cache(tmp_path):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert any("nbutils: converting SmolLM2-135M-Instruct.Q4_1.gguf" in o[1] for o in outs)  # announced
     folders = {o[0].strip().splitlines()[-1] for o in outs}
     assert len(folders) == 1
     entries = list((tmp_path / "models").iterdir())
@@ -60,3 +62,14 @@ def test_unknown_model_offline_and_bad_paths(tmp_path):
         load_subject_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(UserError, match="no config.json"):
         load_subject_model(str(tmp_path))
+    for path in ("./no-such-folder", str(tmp_path / "a" / "b"), "../x/y/z"):  # clearly paths, not hub ids
+        with pytest.raises(UserError, match=r"Model path .* does not exist"):
+            load_subject_model(path)
+
+
+def test_loading_the_embedded_model_prints_no_tokenizer_warning(embedded):
+    res = subprocess.run(
+        [sys.executable, "-c", "from nbutils.models import load_subject_model as m; m('embedded')"],
+        capture_output=True, text=True, timeout=300, env=USER_ENV,
+    )  # fmt: skip
+    assert res.returncode == 0 and "legacy" not in res.stderr, res.stderr[-2000:]

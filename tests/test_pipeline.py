@@ -1,18 +1,25 @@
-"""The `nbutils run` chain: papermill execution of stage 01, manifests, parameter checks, failures."""
+"""The `nbutils run` chain as a user meets it: papermill execution of the five stages, manifests, parameter
+checks before anything loads, visible failures, quiet logs, where to look at the end, a non-editable install."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import venv
 from pathlib import Path
 
+import nbformat
 import pytest
 
-from nbutils.pipeline import STAGES, parse_value
+from nbutils.corpus import load_texts
+from nbutils.pipeline import STAGES
 from nbutils.records import RecordStore
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
     "n_excerpts=32",
     "layers=[0, 29]",
@@ -24,32 +31,49 @@ SMALL = [
     "explain_neurons=[[29, 0]]",
     "n_boot=100",
 ]
+NOISE = ("Kernel is running over TCP", "KeyboardInterrupt", "legacy behaviour", "Traceback")
 
 
-def nbutils_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+USER_ENV = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # warnings shown, as a user sees
+
+
+def nbutils_run(*args: str, cwd: Path, command: str = "run") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nbutils", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=900
-    )
+        [sys.executable, "-m", "nbutils", command, *args],
+        cwd=cwd, capture_output=True, text=True, timeout=900, env=USER_ENV,
+    )  # fmt: skip
 
 
 def params(pairs: list[str]) -> list[str]:
     return [x for p in pairs for x in ("-p", p)]
 
 
-@pytest.mark.slow
-def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
-    res = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The five stages on a small job, run from a subfolder with a corpus path relative to it."""
+    root = tmp_path_factory.mktemp("chain")
+    (root / "texts").mkdir()
+    (root / "texts" / "corpus.txt").write_text("\n\n".join(load_texts("embedded")[:60]))
+    work = root / "work"
+    work.mkdir()
+    args = [*params(SMALL + ["corpus=../texts/corpus.txt"]), "--run-id", "small", "--output-root", "out"]
+    res = nbutils_run(*args, cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "small"
+    return work / "out" / "small", res, args
+
+
+@pytest.mark.slow
+def test_five_stages_run_through_papermill_with_manifests(small_run):
+    run, res, _ = small_run
     executed = json.loads((run / "01_collect_activations.ipynb").read_text())
     assert not any(o.get("output_type") == "error" for c in executed["cells"] for o in c.get("outputs", []))
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert "n_excerpts = 32" in "".join(injected[0]["source"])
-    assert "collect:" in res.stderr  # progress reached the terminal
 
     manifest = json.loads((run / "01_collect" / "manifest.json").read_text())
     assert manifest["parameters"]["layers"] == [0, 29]
     assert manifest["parameters"]["output_dir"] == str(run / "01_collect")
+    assert manifest["parameters"]["corpus"] == str(run.parent.parent.parent / "texts" / "corpus.txt")  # resolved
     assert {"python", "torch", "transformers", "nbutils"} <= set(manifest["versions"])
     listed = {a["path"]: a for a in manifest["artifacts"]}
     assert "01_collect/collection.json" in listed and "01_collect/layer_029/top_acts.npy" in listed
@@ -59,11 +83,14 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
 
     store = RecordStore(run / "01_collect")
     assert store.meta.layers == [0, 29] and store.meta.n_excerpts == 32
-
+    assert store.meta.corpus.endswith("texts/corpus.txt")
     assert len(store.record(29, int(store.neurons(29)[0])).top) == 8
-    for stage in ("02_explain", "03_score", "04_inspect", "05_report"):
+    for stage in ("02_explain", "03_score"):
         m = json.loads((run / stage / "manifest.json").read_text())
         assert m["parameters"]["collection_dir"] == str(run / "01_collect")
+    for stage in ("04_inspect", "05_report"):  # the viewer and the report take the run folder
+        m = json.loads((run / stage / "manifest.json").read_text())
+        assert m["parameters"]["run_dir"] == str(run) and "collection_dir" not in m["parameters"]
     page = (run / "04_inspect" / "run.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and 'data-layer="29" data-neuron="0"' in page
     assert {p.name for p in (run / "05_report" / "figures").iterdir()} == {
@@ -75,16 +102,85 @@ def test_stage01_runs_through_papermill_and_writes_a_manifest(tmp_path):
     scores = [json.loads(line) for line in (run / "03_score" / "scores.jsonl").read_text().splitlines()]
     assert [(s["layer"], s["neuron"]) for s in scores] == [(29, 0)] and "top_and_random" in scores[0]["baseline"]
 
-    again = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
 
-    # an artifact altered after its stage finished is caught before it is reused, and named
-    stats = run / "01_collect" / "layer_029" / "stats.npy"
+@pytest.mark.slow
+def test_the_report_notebook_holds_its_figures_as_images(small_run):
+    run, _, _ = small_run
+    report = nbformat.read(run / "05_report.ipynb", 4)
+    outputs = [o for c in report.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # distributions, by layer, detection/fuzzing, simulated vs true
+    assert all(o["data"]["image/png"][:8] == "iVBORw0K" for o in images)  # base64 of a PNG header
+    figures = [o for o in outputs if "<Figure size" in str(o.get("data", {}).get("text/plain", ""))]
+    assert figures and all("image/png" in o["data"] for o in figures)  # never the text alone
+
+
+@pytest.mark.slow
+def test_console_is_quiet_and_ends_saying_where_to_look(small_run):
+    run, res, _ = small_run
+    for noise in NOISE:
+        assert noise not in res.stderr, noise
+    assert res.stderr.count("collect:   0%") == 1  # each progress line once, not twice
+    assert "nbutils: converting" not in res.stderr  # the model was converted already (by the test session)
+    lines = dict(line.split(":", 1) for line in res.stdout.splitlines() if line.startswith(("neuron page", "report")))
+    page, report = (Path(lines[k].split()[0]) for k in ("neuron page", "report"))
+    assert page == run / "04_inspect" / "run.html" and page.is_file()
+    assert report == run / "05_report.ipynb" and report.is_file()
+    assert f"figures:      {run / '05_report' / 'figures'}/" in res.stdout
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage_and_an_altered_artifact_is_named(small_run, tmp_path):
+    run, _, args = small_run
+    again = nbutils_run(*args, cwd=run.parent.parent)
+    assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
+    copy = tmp_path / "out" / "small"
+    shutil.copytree(run, copy)
+    stats = copy / "01_collect" / "layer_029" / "stats.npy"
     stats.write_bytes(stats.read_bytes()[:-8])
-    broken = nbutils_run(*params(SMALL), "--run-id", "small", "--output-root", str(tmp_path), cwd=tmp_path)
+    broken = nbutils_run(*args[:-2], "--output-root", str(tmp_path / "out"), cwd=run.parent.parent)
     message = " ".join(broken.stderr.split())  # the command wraps its one paragraph
     assert broken.returncode == 2 and "layer_029/stats.npy was truncated or altered" in message
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.slow
+def test_a_stage_where_every_neuron_failed_exits_nonzero_with_the_reason(small_run, tmp_path):
+    run, _, _ = small_run
+    shutil.copytree(run / "01_collect", tmp_path / "failing" / "01_collect")
+    dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    args = ["explain_neurons=[[29, 0]]", "explainer_backend=openai", "explainer_model=x", f"base_url={dead}"]
+    res = nbutils_run(
+        *params(args), "--stages", "02", "--run-id", "failing", "--output-root", str(tmp_path), cwd=tmp_path
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    message = " ".join(res.stderr.split())
+    assert "every neuron failed" in message and "L29 N0" in message and dead in message
+    assert "APIConnectionError" in message and "executed notebook with the error" in message
+
+
+@pytest.mark.slow
+def test_export_openai_shows_progress_for_one_layer_or_neuron(small_run, tmp_path):
+    run, _, _ = small_run
+    res = nbutils_run(
+        str(run / "01_collect"), str(tmp_path / "x"), "--layer", "29", cwd=tmp_path, command="export-openai"
+    )
+    assert res.returncode == 0 and "export:" in res.stderr and "wrote 4 NeuronRecord files" in res.stdout
+    res = nbutils_run(
+        str(run / "01_collect"),
+        str(tmp_path / "y"),
+        "--layer",
+        "0",
+        "--neuron",
+        "2",
+        cwd=tmp_path,
+        command="export-openai",
+    )
+    assert res.returncode == 0 and [p.name for p in (tmp_path / "y" / "0").iterdir()] == ["2.json"]
+    bad = nbutils_run(
+        str(run / "01_collect"), str(tmp_path / "z"), "--neuron", "2", cwd=tmp_path, command="export-openai"
+    )
+    assert bad.returncode == 2 and "--neuron was given without --layer" in bad.stderr
 
 
 @pytest.mark.slow
@@ -95,7 +191,7 @@ def test_planted_neurons_flow_through_the_unchanged_pipeline(tmp_path):
         "from nbutils.planted import PlantedNeuron, per_token\n"
         "PLANTED = [PlantedNeuron('digits', 'digits', per_token(lambda t, i: any(c.isdigit() for c in t[i])))]\n"
     )
-    small = [f"model=planted:{rules}", "layers=null", "n_excerpts=48", "top_k=8", "n_random=6", "band_size=2"]
+    small = ["model=planted:rules.py", "layers=null", "n_excerpts=48", "top_k=8", "n_random=6", "band_size=2"]
     small += ["explain_neurons=all", "n_boot=50", "judge_per_class=3"]
     res = nbutils_run(
         *params(small), "--stages", "01,02,03", "--run-id", "p", "--output-root", str(tmp_path), cwd=tmp_path
@@ -115,24 +211,39 @@ def test_planted_neurons_flow_through_the_unchanged_pipeline(tmp_path):
 
 
 @pytest.mark.slow
-def test_yaml_config_and_default_run_id(tmp_path):
+def test_yaml_config_and_a_run_id_that_hashes_the_effective_parameters(tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text("\n".join(p.replace("=", ": ", 1) for p in SMALL) + "\nseed: 4\n")
-    res = nbutils_run("--config", str(cfg), "-p", "n_excerpts=24", "--output-root", str(tmp_path / "o"), cwd=tmp_path)
+    res = nbutils_run("--config", str(cfg), "-p", "n_excerpts=24", "--stages", "01", "--output-root", "o", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     (run,) = (tmp_path / "o").iterdir()
     assert run.name.startswith("run-")
     manifest = json.loads((run / "01_collect" / "manifest.json").read_text())
     assert manifest["parameters"]["seed"] == 4 and manifest["parameters"]["n_excerpts"] == 24
+    # stating a default (excerpt_len is 64) continues the same run instead of collecting again
+    same = nbutils_run("--config", str(cfg), "-p", "n_excerpts=24", "-p", "excerpt_len=64", "--stages", "01",
+                       "--output-root", "o", cwd=tmp_path)  # fmt: skip
+    assert same.returncode == 0 and "already done" in same.stdout and len(list((tmp_path / "o").iterdir())) == 1
 
 
-def test_unknown_and_owned_parameters_are_refused(tmp_path):
-    res = nbutils_run("-p", "n_exerpts=10", "--output-root", str(tmp_path), cwd=tmp_path)
-    assert res.returncode == 2
-    assert "Unknown parameter(s) ['n_exerpts']" in res.stderr and "n_excerpts" in res.stderr
-    assert "Traceback" not in res.stderr and not any(tmp_path.iterdir())
-    res = nbutils_run("-p", "output_dir=/tmp/x", "--output-root", str(tmp_path), cwd=tmp_path)
-    assert res.returncode == 2 and "set by the pipeline" in res.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "n_exerpts=10"], "Unknown parameter 'n_exerpts': no stage takes it. Did you mean 'n_excerpts'?"),
+        (["-p", "output_dir=/tmp/x"], "set by the pipeline"),
+        (["-p", "n_excerpts=abc"], "Parameter n_excerpts='abc': expected an integer or null (None)"),
+        (["-p", "corpus=../no-such.txt"], "The corpus '../no-such.txt' does not exist"),
+        (["-p", "model=./no-such-model"], "The model path './no-such-model' does not exist"),
+        (["--config", "bad.yaml"], "(while parsing a flow sequence that starts at line 2)"),
+        (["--preset", "quik"], "Unknown preset 'quik'. Did you mean 'quick'?"),
+    ],
+)
+def test_parameters_are_checked_before_anything_loads(tmp_path, args, message):
+    (tmp_path / "bad.yaml").write_text("n_excerpts: 10\nlayers: [0, 1\n")
+    res = nbutils_run(*args, "--output-root", "out", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in " ".join(res.stderr.split()) and "Fix:" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()  # nothing was started
 
 
 @pytest.mark.slow
@@ -147,8 +258,39 @@ def test_failed_stage_exits_nonzero_and_names_the_executed_notebook(tmp_path):
     assert not (tmp_path / "bad" / "01_collect" / "manifest.json").exists()
 
 
-def test_list_params_and_value_parsing(tmp_path):
+def test_list_params_shows_the_main_job_and_presets(tmp_path):
     res = nbutils_run("--list-params", cwd=tmp_path)
     assert res.returncode == 0 and "n_excerpts = 4000" in res.stdout and "layers" in res.stdout
-    assert parse_value("[0, 5]") == [0, 5] and parse_value("null") is None and parse_value("12") == 12
-    assert parse_value("embedded") == "embedded" and parse_value("0.5") == 0.5
+    assert "--preset quick:" in res.stdout and "corpus_text_field = 'text'" in res.stdout
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_its_notebooks(tmp_path):
+    """`pip install .` (a wheel, not an editable install) ships the stage notebooks inside the package."""
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(wheel_dir)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=False)  # dependencies from this environment
+    python = str(env_dir / "bin" / "python")
+    (wheel,) = wheel_dir.glob("nbutils-*.whl")
+    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-2000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    where = subprocess.run([python, "-c", "import nbutils.pipeline as p; print(p.__file__); print(p.notebooks_dir())"],
+                           cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+    module, notebooks = where.stdout.split()
+    assert module.startswith(site) and notebooks == str(Path(site) / "nbutils" / "notebooks"), where.stderr
+    small = ["model=planted", "layers=null", "n_excerpts=16", "top_k=4", "n_random=4", "band_size=1"]
+    res = subprocess.run(
+        [python, "-m", "nbutils", "run", *params(small), "--stages", "01", "--run-id", "w", "--output-root", "o"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert RecordStore(tmp_path / "o" / "w" / "01_collect").meta.n_excerpts == 16

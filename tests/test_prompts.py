@@ -25,6 +25,7 @@ def test_normalise_to_0_10():
     got = normalise(np.array([0.0, 0.5, 0.99, 1.0, -3.0, 2.5]), 1.0)
     assert got.tolist() == [0, 5, 9, 10, 0, 10]
     assert normalise(np.array([-1.0, -2.0]), -1.0).tolist() == [0, 0]
+    assert normalise(np.array([np.nan, 0.5, np.inf, -np.inf]), 1.0).tolist() == [0, 5, 10, 0]  # never -2**63
 
 
 def test_explanation_messages_layout_and_zero_filter():
@@ -36,6 +37,10 @@ def test_explanation_messages_layout_and_zero_filter():
     assert "<start>\na\t3\n b\t0\n\u21b5\t10\n<end>\n" in last and "only the non-zero" not in last
     sparse = ShownExcerpt(tuple(f"t{i}" for i in range(12)), (0,) * 11 + (7,))
     assert "only the non-zero ones:\n<start>\nt11\t7\n<end>" in explanation_messages([sparse])[-1]["content"]
+    # each neuron's strongest tokens are listed, and worked answers start by quoting their own
+    assert 'Strongest tokens: "\u21b5", "a"\n' in last
+    first = WORKED_EXAMPLES[0]
+    assert msgs[2]["content"] == f'{EXPLANATION_PREFIX} "July", "March", "June": {first.explanation}.'
 
 
 @pytest.mark.parametrize(
@@ -46,6 +51,16 @@ def test_explanation_messages_layout_and_zero_filter():
         ('"the main thing this neuron does is find dates"', "dates"),
         ("", ""),
         ("... !!! 123", ""),
+        ('the main thing this neuron does is find "+"', '"+"'),  # a quoted token is an explanation
+        ("U.S. state names", "U.S. state names"),
+        ("e.g. and i.e.", "e.g. and i.e."),
+        ("version numbers like 3. 5", "version numbers like 3. 5"),
+        ("abbreviations such as etc. and vs. in lists. Then more", "abbreviations such as etc. and vs. in lists"),
+        ("dates like Jan. 5 and Feb. 3. Also years", "dates like Jan. 5 and Feb. 3"),
+        ("rivers. it also fires on lakes", "rivers"),
+        ('the main thing this neuron does is find "March", "July": months.', '"March", "July": months'),
+        ('the main thing this neuron does is find the word "the".', 'the word "the"'),
+        ("the main thing this neuron does is find 'a', 'b', 'The main thing this neuron does is find 'c", "'a', 'b'"),
     ],
 )
 def test_parse_explanation(reply, want):

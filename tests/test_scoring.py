@@ -41,6 +41,15 @@ def test_undefined_correlation_says_why(true, pred, reason):
     assert "undefined" in str(m)
 
 
+@pytest.mark.parametrize("side", ["true", "simulated"])
+def test_a_nan_makes_every_score_undefined_with_the_reason(side):
+    good, bad = np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, 3.0])
+    true, pred = (bad, good) if side == "true" else (good, bad)
+    s = score([true], [pred], calibration=Calibration(1.0, 0.0), n_boot=10)
+    for m in (s.correlation, s.rsquared, s.absolute_dev_explained):
+        assert m.value is None and f"among the {side} activations" in m.reason
+
+
 def test_calibration_and_secondary_scores():
     p = np.array([0.0, 1.0, 2.0, 5.0])
     cal = calibrate([p[:2], p[2:]], [p[:2] * 0.5 - 1, p[2:] * 0.5 - 1])  # true = 2 * sim + 2

@@ -194,16 +194,9 @@ def test_report_figures_and_tables(run_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _inspect_notebook(run_dir: Path, path: Path, layer: int, neuron: int) -> None:
-    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "04_inspect_neurons.ipynb", 4)
-    params = {
-        "collection_dir": str(run_dir / "01_collect"),
-        "explanation_dir": str(run_dir / "02_explain"),
-        "score_dir": str(run_dir / "03_score"),
-        "output_dir": str(path.parent / "inspect-out"),
-        "layer": layer,
-        "neuron": neuron,
-    }
+def _stage_notebook(name: str, path: Path, **params) -> None:
+    """A copy of a stage notebook whose parameters cell ends with the given values (as a user would edit it)."""
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / name, 4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source += "\n# set by the test\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
     nbformat.write(nb, path)
@@ -219,7 +212,10 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _inspect_notebook(run_dir, tmp_path / "inspect.ipynb", 1, 0)
+    _stage_notebook("04_inspect_neurons.ipynb", tmp_path / "inspect.ipynb", run_dir=str(run_dir), layer=1, neuron=0,
+                    output_dir=str(tmp_path / "inspect-out"))  # fmt: skip
+    _stage_notebook("05_report.ipynb", tmp_path / "report.ipynb", run_dir=str(run_dir),
+                    output_dir=str(tmp_path / "report-out"))  # fmt: skip
     port, token = free_port(), "nbutils-test"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1"]
     cmd += [f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None"]
@@ -263,8 +259,54 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
         assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab.png"))
         driver.execute_script("arguments[0].scrollIntoView()", section)
         assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab_neuron.png"))
+
+        # the report notebook, run live, shows its figures as images (not "<Figure size ...>" text)
+        driver.get(f"http://127.0.0.1:{port}/lab/tree/report.ipynb?token={token}")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Idle')]")))
+        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
+        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        shown = ".jp-OutputArea-output img"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shown)) >= 4)
+        images = driver.find_elements(By.CSS_SELECTOR, shown)
+        assert all(driver.execute_script("return arguments[0].naturalWidth", i) > 300 for i in images)
+        assert "<Figure size" not in driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
+        driver.execute_script("arguments[0].scrollIntoView()", images[0])
+        assert driver.save_screenshot(str(ARTIFACTS / "report_jupyterlab.png"))
     finally:
         if driver is not None:
             driver.quit()
         lab.terminate()
         lab.wait(timeout=30)
+
+
+def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_dir):
+    from nbutils.prompts import WORKED_EXAMPLES
+
+    view = RunView.open(run_dir)
+    copied = WORKED_EXAMPLES[0].explanation + ", mostly in dates"
+    for key in view.explanations:  # both explanations copy the prompt's first worked example, so they repeat
+        view.explanations[key]["explanation"] = copied
+    key = (1, 0, "positive")
+    det = view.scores[key]["detection"]
+    answered = det["n_positive"] + det["n_negative"] - det["n_unanswered"]
+    det["n_yes"] = answered  # as if the judge had said yes to every item
+    shown = _visible_text(neuron_html(view, 1, 0))
+    assert "copies worked example 1 of the prompt" in shown and "same as the explanation of 1 other neuron" in shown
+    assert f"degenerate judge: answered yes to all {answered} items" in shown
+    assert "(always-yes " in shown  # F1 stands beside its chance level
+    page = _visible_text(run_html(view))
+    assert page.count("copies worked example 1") >= 4 and "degenerate judge" in page  # index and neuron sections
+    notes = plots.note_rows(view)
+    assert {(r["layer"], r["neuron"], r["result"]) for r in notes} >= {
+        (1, 0, "explanation"),
+        (1, 0, "explanation detection"),
+    }
+    summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
+    assert summary["explanations copying a worked example of the prompt"] == "2 of 2"
+    assert summary["explanations the same as another neuron's"] == "2 of 2"
+    rows = plots.classification_rows(view)
+    f1 = next(r for r in rows if (r["task"], r["metric"], r["of"]) == ("detection", "F1", "explanation"))
+    chances = [r["detection"]["f1_chance"]["value"] for r in view.scores.values() if r.get("detection")]
+    assert f1["chance"] == pytest.approx(np.mean(chances))
+    assert all(r["chance"] == 0.5 for r in rows if r["metric"] != "F1")

@@ -28,8 +28,10 @@ activation distribution, and its activation statistics. The records land in `out
         "parameters",
         """model = "embedded"  # "embedded", a Hugging Face id, a local model folder, or a .gguf file
 corpus = "embedded"  # "embedded", a .txt/.jsonl file or folder, or a Hugging Face dataset name
+corpus_text_field = "text"  # the field of .jsonl objects (or dataset rows) holding the text
 layers = [0, 15, 29]  # layer indices, or None for every layer
 neurons = None  # None for every neuron, an int for a seeded sample per layer, or a list of indices
+site = None  # None: the architecture's built-in neuron site; else {"module": "...{layer}...", "side": "input"}
 n_excerpts = 64  # how many excerpts to read (None for all)
 excerpt_len = 64  # tokens per excerpt
 top_k = 10  # top (and, for gated MLPs, bottom) excerpts kept per neuron
@@ -49,7 +51,8 @@ from nbutils.models import load_subject_model
 from nbutils.summary import neuron_excerpts_html, strongest_neurons, table_html
 
 subject = load_subject_model(model)
-excerpts = make_excerpts(subject.tokenizer, load_texts(corpus), excerpt_len, n_excerpts, seed, corpus=corpus)
+texts = load_texts(corpus, corpus_text_field)
+excerpts = make_excerpts(subject.tokenizer, texts, excerpt_len, n_excerpts, seed, corpus=corpus)
 print(f"{len(excerpts)} excerpts of {excerpt_len} tokens, from {excerpts.windows_available} available")""",
     ),
     (
@@ -63,7 +66,7 @@ print(f"{len(excerpts)} excerpts of {excerpt_len} tokens, from {excerpts.windows
     batch_size=batch_size,
     seed=seed,
 )
-store = collect_activations(subject, excerpts, output_dir, config)""",
+store = collect_activations(subject, excerpts, output_dir, config, site=site)""",
     ),
     (
         "code",
@@ -101,7 +104,7 @@ explanation that needs no LLM. Results: `output_dir/explanations.jsonl` (rerunni
     (
         "parameters",
         """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
-explain_neurons = 1  # an int (neurons per collected layer), "all", or [[layer, neuron], ...]
+explain_neurons = 1  # neurons per layer (an int, seeded), "strongest:N" per layer, "all", or [[layer, neuron], ...]
 explainer_backend = "local"  # "local" (transformers in the kernel) or "openai" (any compatible server)
 explainer_model = "embedded"  # local: "embedded", a Hugging Face id, folder or .gguf; openai: the model name
 base_url = None  # for "openai": e.g. "http://127.0.0.1:8080/v1"; None means the OpenAI API
@@ -109,6 +112,7 @@ api_key_env = "OPENAI_API_KEY"  # name of the environment variable holding the k
 n_samples = 1  # candidate explanations per neuron (best-of-n when > 1)
 temperature = 1.0
 explain_negative = False  # also explain the negative side of signed (gated) neurons
+split = "nbutils"  # "nbutils" (every collected excerpt) or "paper" (neuron-explainer's exact 1:1 split)
 prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate in usage.json
 fail_on_errors = False  # True: neurons that failed (recorded with their reason) make the run's exit code non-zero
 seed = 0
@@ -119,7 +123,7 @@ output_dir = "../outputs/interactive/02_explain\"""",
         """from IPython.display import HTML, display
 
 from nbutils.explain import check_failures, run_explain_stage
-from nbutils.summary import table_html, usage_line
+from nbutils.summary import explanation_rows, table_html, usage_line
 
 entries = run_explain_stage(
     collection_dir,
@@ -134,6 +138,7 @@ entries = run_explain_stage(
     explain_negative=explain_negative,
     seed=seed,
     prices=prices,
+    split=split,
 )""",
     ),
     (
@@ -144,17 +149,7 @@ print("every entry has a baseline:", all(e["baseline"]["explanation"] for e in e
     ),
     (
         "code",
-        """rows = [
-    {
-        "layer": e["layer"],
-        "neuron": e["neuron"],
-        "sign": e["sign"],
-        "explanation": e["explanation"] or f"(failed: {e['failure']})",
-        "baseline": e["baseline"]["explanation"],
-    }
-    for e in entries
-]
-display(HTML(table_html(rows)))
+        """display(HTML(table_html(explanation_rows(entries))))  # notes mark copies of the prompt's examples, duplicates
 print(usage_line(output_dir))
 print(check_failures(output_dir, fail_on_errors))  # failed neurons are retried when the same run is rerun""",
     ),
@@ -186,6 +181,7 @@ max_prompt_tokens = None  # cap on simulation prompt tokens (fewer worked exampl
 per_band = 2  # stratified score: excerpts from each quantile band (0 turns it off)
 judges = ["detection", "fuzzing"]  # yes/no scorers run by the simulator model ([] for none)
 judge_per_class = 5  # detection/fuzzing: at most this many positive and as many negative excerpts per neuron
+split = "nbutils"  # must match stage 02: "nbutils" or "paper" (neuron-explainer's exact 1:1 split)
 n_boot = 1000  # bootstrap resamples for the 95% intervals
 prices = None  # e.g. {"prompt": 0.15, "completion": 0.6} per million tokens
 fail_on_errors = False  # True: neurons that failed (recorded with their reason) make the run's exit code non-zero
@@ -216,6 +212,7 @@ results = run_score_stage(
     n_boot=n_boot,
     seed=seed,
     prices=prices,
+    split=split,
 )""",
     ),
     (
@@ -248,12 +245,13 @@ the run's explained neurons to `output_dir/run.html`.""",
     ),
     (
         "parameters",
-        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
-explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output (may be missing)
-score_dir = "../outputs/interactive/03_score"  # stage 03 output (may be missing)
+        """run_dir = "../outputs/interactive"  # a run folder (outputs/run-...): the one edit to open another run
+collection_dir = None  # None: run_dir/01_collect; or a stage-01 folder elsewhere
+explanation_dir = None  # None: run_dir/02_explain (may be missing)
+score_dir = None  # None: run_dir/03_score (may be missing)
 layer = None  # neuron to open first; None: the best-scored one
 neuron = None
-output_dir = "../outputs/interactive/04_inspect\"""",
+output_dir = None  # None: run_dir/04_inspect\"""",
     ),
     (
         "code",
@@ -262,15 +260,16 @@ output_dir = "../outputs/interactive/04_inspect\"""",
 from nbutils.runview import RunView
 from nbutils.viewer import NeuronViewer, export_html
 
-view = RunView.from_dirs(collection_dir, explanation_dir, score_dir)
+view = RunView.open(run_dir, collection_dir, explanation_dir, score_dir)
 viewer = NeuronViewer(view, layer, neuron)  # ordered by score when there are scores
-page = export_html(view, Path(output_dir) / "run.html")""",
+page = export_html(view, Path(output_dir or Path(run_dir) / "04_inspect") / "run.html")
+print("static page:", page.resolve())""",
     ),
     (
         "code",
         """# NBVAL_CHECK_OUTPUT
 print("layers:", view.store.layers, "| explained:", len(view.explanations), "| scored:", len(view.scores))
-print("viewer shows a neuron:", 'class="nbx-neuron"' in viewer.html.value, "| static page:", page.name)""",
+print("viewer shows a neuron:", 'class="nbx-neuron"' in viewer.html.value)""",
     ),
     (
         "code",
@@ -286,26 +285,29 @@ REPORT = [
 How well the run's explanations predict their neurons: correlation score distributions (top+random,
 random-only, stratified over activation quantiles) beside the token-lookup baseline, scores by layer with 95%
 intervals, detection and fuzzing scores, simulated against true activations for the best and worst neurons,
-tokens and estimated cost per stage, and a summary of the run. Figures are saved as PNG in
-`output_dir/figures/`.""",
+tokens and estimated cost per stage, a summary of the run, and the results that flag themselves as weak.
+Figures are shown here and saved as PNG in `output_dir/figures/`.""",
     ),
     (
         "parameters",
-        """collection_dir = "../outputs/interactive/01_collect"  # stage 01 output
-explanation_dir = "../outputs/interactive/02_explain"  # stage 02 output
-score_dir = "../outputs/interactive/03_score"  # stage 03 output
-output_dir = "../outputs/interactive/05_report\"""",
+        """run_dir = "../outputs/interactive"  # a run folder (outputs/run-...): the one edit to report on another run
+collection_dir = None  # None: run_dir/01_collect; or a stage folder elsewhere (likewise the next two)
+explanation_dir = None
+score_dir = None
+output_dir = None  # None: run_dir/05_report (figures go to its figures/ folder)\"""",
     ),
     (
         "code",
-        """from IPython.display import HTML, display
+        """from pathlib import Path
+
+from IPython.display import HTML, display
 
 from nbutils import plots
 from nbutils.runview import RunView
 from nbutils.summary import table_html
 
-view = RunView.from_dirs(collection_dir, explanation_dir, score_dir)
-figures = plots.write_report(view, output_dir)""",
+view = RunView.open(run_dir, collection_dir, explanation_dir, score_dir)
+figures = plots.write_report(view, output_dir or Path(run_dir) / "05_report")""",
     ),
     (
         "code",
@@ -315,6 +317,8 @@ print("scored neurons:", len(view.scores), "| layers with scores:", sorted({k[0]
     ),
     ("markdown", "## Run summary"),
     ("code", """display(HTML(table_html(plots.run_summary(view))))"""),
+    ("markdown", "## Weak results (each note also stands next to its number in the viewer and the static page)"),
+    ("code", """display(HTML(table_html(plots.note_rows(view))))"""),
     ("markdown", "## Tokens and cost per stage"),
     ("code", """display(HTML(table_html(plots.usage_rows(view))))"""),
     ("markdown", "## Scores"),
@@ -324,7 +328,7 @@ print("scored neurons:", len(view.scores), "| layers with scores:", sorted({k[0]
 display(plots.score_by_layer(view))
 display(HTML(table_html(plots.layer_rows(view))))""",
     ),
-    ("markdown", "## Detection and fuzzing (0.5 is chance for balanced accuracy and AUROC)"),
+    ("markdown", "## Detection and fuzzing (0.5 is chance for balanced accuracy and AUROC; F1 beside its always-yes level)"),
     (
         "code",
         """display(plots.classification_scores(view))

@@ -1,0 +1,125 @@
+"""The parameter schema: every value is checked before anything runs, and the notebooks agree with it."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from nbutils import config
+from nbutils.config import RunConfig, check_parameters, conforms, describe
+from nbutils.errors import UserError
+from nbutils.pipeline import (
+    STAGES,
+    declared_parameters,
+    default_run_id,
+    effective_parameters,
+    load_config,
+    notebooks_dir,
+    parse_value,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "nbutils"
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"n_excerpts": "abc"}, "n_excerpts='abc': expected an integer or null (None), got the string 'abc'"),
+        ({"layers": [0, "x"]}, "expected a list of integers or null"),
+        ({"temperature": True}, "expected a number"),  # a bool is not a number here
+        ({"n_exerpts": 10}, "Unknown parameter 'n_exerpts': no stage takes it. Did you mean 'n_excerpts'?"),
+        ({"explainer_backend": "opnai"}, "is not one of 'local', 'openai', 'oracle'. Did you mean 'openai'?"),
+        ({"judges": ["detection", "fuzing"]}, "judges='fuzing' is not one of"),
+        ({"explain_neurons": "strongest:x"}, 'is not "all" or "strongest:N"'),
+        ({"explain_neurons": [[0, 1, 2]]}, "not [layer, neuron] pairs"),
+        ({"output_dir": "/tmp/x"}, "set by the pipeline itself"),
+    ],
+)
+def test_bad_values_are_refused_with_the_fix(params, message):
+    with pytest.raises(UserError) as err:
+        check_parameters(params)
+    assert message in str(err.value) and err.value.fix
+
+
+def test_values_that_pass_and_are_normalised(tmp_path):
+    out = check_parameters({"temperature": 1, "neurons": [1, 2], "site": {"module": "a.{layer}.b", "side": "input"}})
+    assert out["temperature"] == 1.0 and isinstance(out["temperature"], float)
+    assert out["n_excerpts"] == RunConfig().n_excerpts  # defaults filled in
+    for text in ("None", "null", "~"):
+        assert parse_value(text) is None
+    assert parse_value("[0, 5]") == [0, 5] and parse_value("strongest:5") == "strongest:5"
+    assert check_parameters({"explain_neurons": parse_value("strongest:5")})["explain_neurons"] == "strongest:5"
+    assert describe(list[list[int]] | None) == "a list of lists of integers or null (None)"
+    assert conforms({"prompt": 1}, dict[str, float]) and not conforms({"prompt": "1"}, dict[str, float])
+
+
+def test_relative_paths_are_resolved_from_the_folder_the_command_runs_in(tmp_path):
+    (tmp_path / "corpus.txt").write_text("some text")
+    (tmp_path / "rules.py").write_text("PLANTED = []\n")
+    work = tmp_path / "sub"
+    work.mkdir()
+    out = check_parameters({"corpus": "../corpus.txt", "model": "planted:../rules.py"}, cwd=work)
+    assert out["corpus"] == str(tmp_path / "corpus.txt") and out["model"] == f"planted:{tmp_path / 'rules.py'}"
+    with pytest.raises(UserError, match=r"The corpus '\.\./missing\.txt' does not exist \(looked for .*/missing\.txt"):
+        check_parameters({"corpus": "../missing.txt"}, cwd=work)
+    with pytest.raises(UserError, match="model path './nope' does not exist"):
+        check_parameters({"model": "./nope"}, cwd=work)
+    with pytest.raises(UserError, match="does not exist"):
+        check_parameters({"explainer_model": "/no/such/model.gguf"}, cwd=work)
+    kept = check_parameters({"explainer_backend": "openai", "explainer_model": "org/some-model"}, cwd=work)
+    assert kept["explainer_model"] == "org/some-model"  # a server's model name is not a path
+    assert check_parameters({"corpus": "wikitext:wikitext-2-raw-v1"})["corpus"] == "wikitext:wikitext-2-raw-v1"
+
+
+def test_yaml_config_errors_are_one_paragraph(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_excerpts: 10\nlayers: [0, 1\nseed: 3\n")
+    with pytest.raises(UserError, match=r"bad\.yaml is not valid YAML at line \d+, column \d+: .* starts at line 2"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("neurons: None\nseed: 3\n")
+    assert load_config(good) == {"neurons": None, "seed": 3}
+
+
+def test_run_id_hashes_the_effective_parameters():
+    same = default_run_id(effective_parameters({}))
+    assert default_run_id(effective_parameters({"n_excerpts": 4000, "seed": 0})) == same  # defaults stated
+    assert default_run_id(effective_parameters({"seed": 1})) != same
+    quick = effective_parameters(preset="quick")
+    assert quick["n_excerpts"] == config.PRESETS["quick"]["n_excerpts"]
+    assert effective_parameters({"n_excerpts": 99}, preset="quick")["n_excerpts"] == 99  # -p wins
+    with pytest.raises(UserError, match="Unknown preset 'quik'. Did you mean 'quick'?"):
+        effective_parameters(preset="quik")
+
+
+def test_notebooks_declare_exactly_the_schema_parameters_with_its_types():
+    hints = config.hints()
+    for stage in STAGES:
+        declared = declared_parameters(notebooks_dir() / stage.notebook)
+        mine = {n for n in declared if n not in config.OWNED}
+        assert mine == set(config.stage_parameters(stage.folder)), stage.notebook
+        for name in mine:
+            assert conforms(declared[name], hints[name]), f"{stage.notebook}: {name} = {declared[name]!r}"
+
+
+def _fix_strings() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UserError" and len(node.args) > 1:
+                found.append((path.name, ast.get_source_segment(source, node.args[1]) or ""))
+    return found
+
+
+def test_every_parameter_an_error_message_suggests_exists():
+    """A fix that says `name=...` names a parameter the command line (or a notebook) accepts."""
+    fixes = _fix_strings()
+    assert len(fixes) > 40
+    accepted = set(config.schema()) | set(config.OWNED)
+    for where, text in fixes:
+        for name in re.findall(r"\b([a-z][a-z_0-9]*)=", text):
+            assert name in accepted, f"{where}: the fix {text[:80]} suggests {name}=, which no stage accepts"

@@ -1,0 +1,96 @@
+"""Results that flag their own weaknesses: degenerate judges, F1 beside its chance level, copied or repeated
+explanations, scores over too few items."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from nbutils.flags import (
+    copied_example,
+    explanation_notes,
+    f1_text,
+    judge_notes,
+    score_set_notes,
+    with_notes,
+)
+from nbutils.planted import BUILT_IN
+from nbutils.prompts import WORKED_EXAMPLES
+from nbutils.scoring import classification_scores
+from nbutils.summary import judge_text, score_rows
+
+
+def _task(labels, probs, has_probabilities=True):
+    return asdict(classification_scores(np.array(labels, bool), np.array(probs, float), has_probabilities))
+
+
+def test_an_always_yes_judge_is_degenerate_and_its_f1_is_chance():
+    labels = [1] * 10 + [0] * 6
+    task = _task(labels, np.linspace(0.6, 0.9, 16))  # every P(yes) above 0.5: yes to all 16 items
+    assert task["balanced_accuracy"]["value"] == 0.5
+    # an always-yes judge: precision 10/16, recall 1, so F1 = 2 * 10 / (2 * 10 + 6)
+    assert task["f1"]["value"] == pytest.approx(20 / 26) and task["f1_chance"]["value"] == pytest.approx(20 / 26)
+    notes = judge_notes(task)
+    assert notes == ["degenerate judge: answered yes to all 16 items (balanced accuracy 0.5 by construction)"]
+    assert judge_text({"detection": task}, "detection").endswith("\u26a0 " + notes[0])
+    assert f1_text(task) == "0.769 (always-yes 0.769)"
+    assert task["auroc"]["value"] is not None  # P(yes) still ranks the items: AUROC is not degenerate
+
+    always_no = _task([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [0.1] * 10)
+    assert judge_notes(always_no)[0].startswith("degenerate judge: answered no to all 10")
+    fine = _task([1] * 5 + [0] * 5, [0.9] * 4 + [0.2] + [0.1] * 5)
+    assert judge_notes(fine) == [] and "\u26a0" not in judge_text({"fuzzing": fine}, "fuzzing")
+
+
+def test_too_few_items_are_noted():
+    few = _task([1, 1, 1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.2, 0.9, 0.6, 0.1, 0.7])
+    assert judge_notes(few) == ["only 2 negative items"]
+    assert score_set_notes({"n_excerpts": 2, "correlation": {"value": 0.4}}) == ["only 2 excerpts"]
+    assert score_set_notes({"n_excerpts": 12}) == [] and score_set_notes(None) == []
+    assert with_notes("0.400", ["only 2 excerpts"]) == "0.400 \u26a0 only 2 excerpts"
+
+
+def test_copies_of_worked_examples_and_repeats_are_flagged():
+    first = WORKED_EXAMPLES[0].explanation  # "names of months, most of all when a date follows"
+    assert copied_example("names of months, most of them are never reached unless by a specific date") == 0
+    assert copied_example("Names of months and take them as an input") == 0  # case and punctuation ignored
+    assert copied_example("tokens in brackets, more strongly when deeply nested inside code") == 1  # 4 words shared
+    assert copied_example("the word 'the' at the start of a sentence") is None
+    for planted in BUILT_IN:  # hand-written ground truths are not copies
+        assert copied_example(planted.explanation) is None, planted.explanation
+    notes = explanation_notes(
+        {
+            (0, 1, "positive"): first,
+            (7, 2, "positive"): "words about cooking and recipes",
+            (7, 3, "positive"): "words about cooking and recipes, mostly verbs",
+            (9, 9, "positive"): None,
+        }
+    )
+    assert set(notes) == {(0, 1, "positive"), (7, 2, "positive"), (7, 3, "positive")}
+    assert notes[(0, 1, "positive")][0].startswith("copies worked example 1 of the prompt")
+    assert notes[(7, 2, "positive")] == ["same as the explanation of 1 other neuron (L7 N3)"]
+
+
+def test_stage_tables_carry_the_notes():
+    judged = _task([1] * 3 + [0] * 3, [0.9] * 6)
+    base = {"explanation": "the tokens", "top_and_random": {"correlation": {"value": 0.5}, "n_excerpts": 2}}
+    results = [
+        {
+            "layer": 0,
+            "neuron": n,
+            "sign": "positive",
+            "explanation": WORKED_EXAMPLES[0].explanation,
+            "top_and_random": {"correlation": {"value": 0.1, "low": 0.0, "high": 0.2}, "n_excerpts": 10},
+            "detection": judged,
+            "baseline": base,
+        }
+        for n in (1, 2)
+    ]
+    row = score_rows(results)[0]
+    assert (
+        "copies worked example 1" in row["explanation"] and "same as the explanation of 1 other" in row["explanation"]
+    )
+    assert "degenerate judge" in row["detection bal. acc."] and "only 3 negative items" in row["detection bal. acc."]
+    assert row["baseline top+random"] == "0.500 \u26a0 only 2 excerpts" and "\u26a0" not in row["top+random"]
