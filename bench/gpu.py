@@ -61,8 +61,8 @@ def bench_model(name: str, config: Any, device: torch.device, dtype: torch.dtype
     """Items 1, 2 and 4 on one random-initialised model built on ``device``; rows and peak GPU memory."""
     from transformers import AutoModelForCausalLM
 
-    from nbutils.backends import LocalBackend
-    from nbutils.models import SubjectModel, load_subject_model
+    from nbutils.llm.local import LocalBackend
+    from nbutils.subject.loading import SubjectModel, load_subject_model
 
     def sync() -> None:
         if device.type == "cuda":

@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
-    from nbutils.errors import UserError
-    from nbutils.planted_bench import explanations_table, markdown_table, run_planted_benchmark
+    from nbutils.core.errors import UserError
+    from nbutils.run.planted_bench import explanations_table, markdown_table, run_planted_benchmark
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--planted", default="planted", help="'planted' (built-in rules) or 'planted:<file.py>'")

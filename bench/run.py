@@ -44,8 +44,9 @@ def measure_collection(
 ) -> list[dict[str, Any]]:
     """Bare full forward, collector with every layer hooked, and collector for layers 0..L/2-1 only, on the
     same batches of [32, 64] token ids; rows with tokens/s and the speed against the bare forward."""
-    from nbutils.collect import CollectConfig, Collector, choose_neurons
-    from nbutils.hooks import NeuronCapture, neurons_per_layer, num_layers, resolve_site
+    from nbutils.collect.collector import CollectConfig, Collector
+    from nbutils.collect.stage import choose_neurons
+    from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
 
     site = resolve_site(model)
     width, n_layers = neurons_per_layer(model, site), num_layers(model)
@@ -95,8 +96,8 @@ def measure_collection(
 
 def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
     """Collector tokens/s (all layers hooked; and layers 0..L/2) over bare full-forward tokens/s."""
-    from nbutils.corpus import load_texts, make_excerpts
-    from nbutils.models import load_subject_model
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.subject.loading import load_subject_model
 
     subject = load_subject_model(model)
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
@@ -120,19 +121,19 @@ def measure_simulation(
 ) -> dict[str, Any]:
     """One explanation's all-at-once simulation of ``tokens`` excerpts: plain per-excerpt prompts against
     prefix reuse + batching, with the ideal speed-up from token counts and the largest probability difference."""
-    from nbutils.prompts import simulation_prefix
+    from nbutils.llm.prompts import simulation_prefix
 
     prefix = simulation_prefix("words about numbers and arithmetic")
     p_len = be.count_tokens(prefix)
     e_len = sum(len(be._excerpt_ids(t)[0]) + len(t) * len(be.labels.branch_tokens) for t in tokens)
     ideal = (len(tokens) * p_len + e_len) / (p_len + e_len)
-    reused = be.simulate(prefix, tokens, reuse_prefix=True)  # also the warm-up
-    plain = be.simulate(prefix, tokens, reuse_prefix=False)
+    reused = be.simulate_prompt(prefix, tokens, reuse_prefix=True)  # also the warm-up
+    plain = be.simulate_prompt(prefix, tokens, reuse_prefix=False)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(reused, plain))
     times: dict[str, list[float]] = {"plain per-excerpt prompt": [], "prefix reuse + batching": []}
     for _ in range(repeats):
         for name, reuse in (("plain per-excerpt prompt", False), ("prefix reuse + batching", True)):
-            times[name].append(_time(lambda r=reuse: be.simulate(prefix, tokens, reuse_prefix=r), sync))
+            times[name].append(_time(lambda r=reuse: be.simulate_prompt(prefix, tokens, reuse_prefix=r), sync))
     base = statistics.median(times["plain per-excerpt prompt"])
     rows = [
         {
@@ -151,8 +152,8 @@ def measure_simulation(
 
 def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
     """Local all-at-once simulation of one explanation over 10 excerpts: prefix reuse + batching vs plain."""
-    from nbutils.backends import LocalBackend
-    from nbutils.corpus import load_texts, make_excerpts
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.llm.local import LocalBackend
 
     be = LocalBackend(model, batch_size=5)
     ex = make_excerpts(be.tokenizer, load_texts("embedded"), 64, 10, seed=1)
@@ -168,10 +169,11 @@ def _collect_peak_memory(excerpts: int, model: str) -> dict[str, Any]:
     import resource
     import tempfile
 
-    from nbutils.collect import CollectConfig, Collector, choose_neurons, collect_activations
-    from nbutils.corpus import load_texts, make_excerpts
-    from nbutils.hooks import neurons_per_layer, resolve_site
-    from nbutils.models import load_subject_model
+    from nbutils.collect.collector import CollectConfig, Collector
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.collect.stage import choose_neurons, collect_activations
+    from nbutils.subject.loading import load_subject_model
+    from nbutils.subject.sites import neurons_per_layer, resolve_site
 
     subject = load_subject_model(model)
     out: dict[str, Any] = {"excerpts": excerpts}
@@ -228,13 +230,16 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     embedded model), where the time goes, and the LLM tokens processed per neuron against the floor."""
     import tempfile
 
-    import nbutils.simulate as simulate_mod
-    from nbutils.backends import LocalBackend
-    from nbutils.collect import CollectConfig, collect_activations
-    from nbutils.corpus import load_texts, make_excerpts
-    from nbutils.explain import fitted_simulation_prefix, run_explain_stage
-    from nbutils.models import load_subject_model
-    from nbutils.simulate import run_score_stage
+    from nbutils.collect.collector import CollectConfig
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.collect.stage import collect_activations
+    from nbutils.core.config import RunConfig
+    from nbutils.explain.stage import run_explain_stage
+    from nbutils.llm.contract import SimulationRequest
+    from nbutils.llm.local import LocalBackend
+    from nbutils.llm.prompts import simulation_prefix
+    from nbutils.score.stage import run_score_stage
+    from nbutils.subject.loading import load_subject_model
 
     subject = load_subject_model(model)
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
@@ -244,9 +249,9 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     collect_activations(subject, ex, tmp / "01", cfg, progress=False)
     t_collect = time.perf_counter() - t0
 
-    spent = {"simulation": 0.0, "judging": 0.0}
+    spent = {"simulate": 0.0, "judge": 0.0}
     judge_tokens = [0]
-    originals = {"simulation": simulate_mod.simulate_explanation, "judging": simulate_mod.judge_explanation}
+    originals = {part: getattr(LocalBackend, part) for part in spent}
 
     def timed(part: str) -> Callable[..., Any]:
         def run(backend: Any, *args: Any, **kwargs: Any) -> Any:
@@ -255,36 +260,38 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
                 return originals[part](backend, *args, **kwargs)
             finally:
                 spent[part] += time.perf_counter() - start
-                if part == "judging":
+                if part == "judge":
                     judge_tokens[0] += backend.usage.prompt_tokens - tokens
 
         return run
 
-    simulate_mod.simulate_explanation = timed("simulation")
-    simulate_mod.judge_explanation = timed("judging")
+    for part in spent:  # time the contract's calls of the local backend the stages make
+        setattr(LocalBackend, part, timed(part))
     try:
         t0 = time.perf_counter()
-        run_explain_stage(tmp / "01", tmp / "02", neurons=neurons // 2, progress=False)
+        run_explain_stage(tmp / "01", tmp / "02", RunConfig(explain_neurons=neurons // 2), progress=False)
         t_explain = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = run_score_stage(tmp / "01", tmp / "02", tmp / "03", progress=False)
         t_score = time.perf_counter() - t0
     finally:
-        simulate_mod.simulate_explanation = originals["simulation"]
-        simulate_mod.judge_explanation = originals["judging"]
+        for part, method in originals.items():
+            setattr(LocalBackend, part, method)
     n = len(results)
     usage = {s: json.loads((tmp / s / "usage.json").read_text()) for s in ("02", "03")}
     # the floor: each explanation's prompt prefix once, plus each simulated excerpt's own tokens
     be, floor = LocalBackend(model), 0
     for path in (tmp / "03" / "simulations").glob("*.json"):
         sim = json.loads(path.read_text())
-        floor += be.count_tokens(fitted_simulation_prefix(be, sim["explanation"], 64))
-        floor += sum(len(x["tokens"]) for x in sim["excerpts"])
+        excerpts_of = [tuple(x["tokens"]) for x in sim["simulation"]["excerpts"]]
+        request = SimulationRequest(sim["explanation"], tuple(excerpts_of))
+        floor += be.count_tokens(simulation_prefix(sim["explanation"], be.simulation_examples(request)))
+        floor += sum(len(t) for t in excerpts_of)
     stages = {
         "02 explain (generation)": t_explain,
-        "03 simulation (LLM forward passes)": spent["simulation"],
-        "03 detection + fuzzing (LLM forward passes)": spent["judging"],
-        "03 scoring, baseline, I/O": t_score - spent["simulation"] - spent["judging"],
+        "03 simulation (LLM forward passes)": spent["simulate"],
+        "03 detection + fuzzing (LLM forward passes)": spent["judge"],
+        "03 scoring, baseline, I/O": t_score - spent["simulate"] - spent["judge"],
     }
     rows = [{"variant": k, "seconds": v, "share": v / (t_explain + t_score)} for k, v in stages.items()]
     return {

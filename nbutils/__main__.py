@@ -1,5 +1,5 @@
 import sys
 
-from nbutils.cli import main
+from nbutils.run.cli import main
 
 sys.exit(main())

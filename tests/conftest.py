@@ -65,7 +65,7 @@ def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def embedded():
-    from nbutils.models import load_subject_model
+    from nbutils.subject.loading import load_subject_model
 
     return load_subject_model("embedded")
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from nbutils.models import embedded_gguf_path
+from nbutils.subject.models import embedded_gguf_path
 
 
 def free_port() -> int:

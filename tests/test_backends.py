@@ -1,4 +1,4 @@
-"""The local backend: exact label probabilities (two-token labels included) and prefix reuse."""
+"""The local backend: exact label probabilities (two-token labels included), prefix reuse, the contract."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.backends import LocalBackend, expected_values
-from nbutils.prompts import EXPLANATION_PREFIX, LABELS, ShownExcerpt, explanation_messages, simulation_prefix
+from nbutils.llm.local import LocalBackend
+from nbutils.llm.prompts import EXPLANATION_PREFIX, LABELS, ShownExcerpt, explanation_messages, simulation_prefix
+from nbutils.score.simulation import expected_values
 
 EXCERPTS = [
     ["The", " river", " ran", " dry", " after", " months", " without", " rain", "."],
@@ -23,8 +24,8 @@ def backend():
 
 def test_prefix_reuse_equals_plain_per_excerpt_forward(backend):
     prefix = simulation_prefix("words about water, such as rivers and rain")
-    reused = backend.simulate(prefix, EXCERPTS, reuse_prefix=True)
-    plain = backend.simulate(prefix, EXCERPTS, reuse_prefix=False)
+    reused = backend.simulate_prompt(prefix, EXCERPTS, reuse_prefix=True)
+    plain = backend.simulate_prompt(prefix, EXCERPTS, reuse_prefix=False)
     for a, b, tokens in zip(reused, plain, EXCERPTS):
         assert a.shape == (len(tokens), len(LABELS))
         np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
@@ -38,7 +39,7 @@ def test_label_probabilities_match_an_independent_plain_computation(backend):
     assert backend.labels.branch_tokens == [backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]]
     prefix = simulation_prefix("words about water")
     tokens = EXCERPTS[0]
-    dist = backend.simulate(prefix, [tokens])[0]
+    dist = backend.simulate_prompt(prefix, [tokens])[0]
     ids, slots = backend._excerpt_ids(tokens)
     context = list(backend._encode(prefix)) + ids[: slots[3]]  # everything before the 4th value slot
     one = backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]
@@ -67,13 +68,13 @@ def test_chat_replies_continue_the_explanation_prefix(backend):
 
 def test_judge_probability_matches_a_plain_forward_pass(backend):
     """P("1") against P("0") at the answer slot, recomputed from one ordinary forward pass per item."""
-    from nbutils.prompts import WORKED_EXAMPLES, JudgeItem, judge_piece, judge_prefix
+    from nbutils.llm.prompts import WORKED_EXAMPLES, JudgeItem, judge_piece, judge_prefix
 
     prefix = judge_prefix("fuzzing", "words about water", WORKED_EXAMPLES[:1])
     items = [JudgeItem(tuple(t), tuple(i % 2 == 1 for i in range(len(t)))) for t in EXCERPTS]
     items.append(JudgeItem(tuple(EXCERPTS[0])))
-    got = backend.judge(prefix, items)
-    plain = backend.judge(prefix, items, reuse_prefix=False)
+    got = backend.judge_prompt(prefix, items)
+    plain = backend.judge_prompt(prefix, items, reuse_prefix=False)
     one = backend.tokenizer("1", add_special_tokens=False)["input_ids"][0]
     zero = backend.tokenizer("0", add_special_tokens=False)["input_ids"][0]
     for item, p, q in zip(items, got, plain):
@@ -83,3 +84,24 @@ def test_judge_probability_matches_a_plain_forward_pass(backend):
         want = float(torch.softmax(logits[[one, zero]], -1)[0])
         assert p == pytest.approx(want, abs=1e-4) and q == pytest.approx(want, abs=1e-4)
     assert got.shape == (4,) and ((0 < got) & (got < 1)).all()
+
+
+def test_the_contract_renders_its_own_prompts(backend):
+    """Structured requests give what the prompt-level calls give on the prompts the backend renders."""
+    from nbutils.llm.contract import ExplainRequest, JudgeRequest, SimulationRequest
+    from nbutils.llm.prompts import JudgeItem, judge_prefix
+
+    request = SimulationRequest("words about water", tuple(tuple(t) for t in EXCERPTS[:2]))
+    prefix = simulation_prefix(request.explanation, backend.simulation_examples(request))
+    for a, b in zip(backend.simulate(request), backend.simulate_prompt(prefix, EXCERPTS[:2])):
+        np.testing.assert_array_equal(a, b)
+    items = (JudgeItem(tuple(EXCERPTS[0])), JudgeItem(tuple(EXCERPTS[1]), (True,) + (False,) * 6))
+    jrequest = JudgeRequest("fuzzing", "words about water", items)
+    judged = backend.judge(jrequest)
+    jprefix = judge_prefix("fuzzing", "words about water", backend.judge_examples(jrequest))
+    assert judged.probabilities and judged.p_yes.shape == (2,)
+    np.testing.assert_allclose(judged.p_yes, backend.judge_prompt(jprefix, items))
+    short = SimulationRequest("water", (tuple(EXCERPTS[0]),), max_prompt_tokens=400)
+    assert len(backend.simulation_examples(short)) < len(request.examples)  # a cap drops worked examples
+    (reply,) = backend.explain(ExplainRequest((ShownExcerpt(("The", " river"), (0, 9)),), seed=3))
+    assert reply.startswith(EXPLANATION_PREFIX)

@@ -9,14 +9,18 @@ import sys
 import numpy as np
 import pytest
 
-from nbutils.cache import RequestCache
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.errors import UserError
-from nbutils.explain import explain_neuron
-from nbutils.pipeline import artifact_list, verify_artifacts
-from nbutils.records import Excerpt, NeuronEntries, NeuronId, NeuronRecord, RecordStore, read_jsonl, write_jsonl
-from nbutils.scoring import score
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.errors import UserError
+from nbutils.core.io import read_jsonl, write_jsonl
+from nbutils.core.layout import explanations
+from nbutils.core.records import Excerpt, RecordStore, UnitEntries, UnitRecord
+from nbutils.core.units import UnitId
+from nbutils.explain.explainer import explain_unit
+from nbutils.llm.cache import RequestCache
+from nbutils.run.manifests import artifact_list, verify_artifacts
+from nbutils.score.metrics import score
 
 
 def test_corrupted_llm_cache(tmp_path):
@@ -56,7 +60,7 @@ def test_truncated_or_altered_artifacts_are_detected(embedded, tmp_path):
 
 
 def test_per_neuron_results_are_atomic_files_and_a_retry_replaces_its_file(tmp_path):
-    saved = NeuronEntries(tmp_path / "neurons")
+    saved = UnitEntries(explanations(tmp_path))
     saved.put({"layer": 1, "neuron": 2, "sign": "positive", "x": 1, "retryable": True})
     saved.put({"layer": 0, "neuron": 5, "sign": "negative", "x": 2})
     saved.put({"layer": 0, "neuron": 5, "sign": "positive", "x": 3})
@@ -73,8 +77,8 @@ def test_per_neuron_results_are_atomic_files_and_a_retry_replaces_its_file(tmp_p
 
 def test_neuron_that_never_activates(embedded):
     zeros = [Excerpt(["a", "b"], np.zeros(2), index=i) for i in range(8)]
-    rec = NeuronRecord(NeuronId(0, 0), zeros, zeros[:3], [zeros[:1]], [(0.0, 0.5)], [0.0, 0.0], 0, 0, 0, 0, 0.0, 0.0)
-    entry = explain_neuron(rec, explainer=None)  # no LLM is needed to see there is nothing to explain
+    rec = UnitRecord(UnitId(0, 0), zeros, zeros[:3], [zeros[:1]], [(0.0, 0.5)], [0.0, 0.0], 0, 0, 0, 0, 0.0, 0.0)
+    entry = explain_unit(rec, llm=None)  # no LLM is needed to see there is nothing to explain
     assert entry["explanation"] is None and "never activates" in entry["failure"] and not entry.get("retryable")
     m = score([np.zeros(4)], [np.arange(4.0)]).correlation
     assert m.value is None and "constant" in m.reason

@@ -52,7 +52,7 @@ def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):
 def test_planted_benchmark_reports_truth_generated_baseline_and_a_perfect_oracle(tmp_path):
     rules = tmp_path / "rules.py"
     rules.write_text(
-        "from nbutils.planted import PlantedNeuron, per_token\n"
+        "from nbutils.subject.planted import PlantedNeuron, per_token\n"
         "PLANTED = [\n"
         "    PlantedNeuron('digits', 'digits', per_token(lambda t, i: any(c.isdigit() for c in t[i]))),\n"
         "    PlantedNeuron('of', 'the word \"of\"', per_token(lambda t, i: t[i].strip() == 'of')),\n"

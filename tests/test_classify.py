@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbutils.classify import active_threshold, baseline_judgements, judge_items, task_result
-from nbutils.errors import UserError
-from nbutils.prompts import JudgeItem, judge_piece, judge_prefix, marked_text
-from nbutils.records import Excerpt, NeuronId, NeuronRecord, split_excerpts
-from nbutils.scoring import auroc, classification_scores
+from nbutils.core.errors import UserError
+from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
+from nbutils.core.units import UnitId
+from nbutils.llm.prompts import JudgeItem, judge_piece, judge_prefix, marked_text
+from nbutils.score.baseline import token_lookup_judge
+from nbutils.score.classification import active_threshold, judge_items, task_result
+from nbutils.score.metrics import auroc, classification_scores
 
 
 def test_classification_metrics_by_hand():
@@ -58,12 +60,12 @@ def _excerpt(index: int, acts: list[float]) -> Excerpt:
     return Excerpt([f" t{index}_{i}" for i in range(len(acts))], np.array(acts, dtype=np.float32), index=index)
 
 
-def _record() -> NeuronRecord:
+def _record() -> UnitRecord:
     top = [_excerpt(i, [0, 10 - i, 0, 1, 0, 0]) for i in range(12)]  # max 10 in the first (a train excerpt)
     rand = [_excerpt(100 + i, [0, 0.4 * (i % 4), 0, 0, 0, 0]) for i in range(15)]  # max 0 .. 1.2
     bands = [[_excerpt(200 + 3 * b + j, [0, 0, 2.0 * b, 0, 0, 0]) for j in range(3)] for b in range(4)]
-    return NeuronRecord(
-        NeuronId(3, 7), top, rand, bands, [(0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999)], [0, 1, 2, 3, 4],
+    return UnitRecord(
+        UnitId(3, 7), top, rand, bands, [(0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999)], [0, 1, 2, 3, 4],
         0.1, 1.0, 0.0, 0.0, 10.0, 0.0,
     )  # fmt: skip
 
@@ -105,7 +107,7 @@ def test_fuzzing_marks_the_active_tokens_or_only_silent_ones():
 
 def test_token_lookup_baseline_judge_by_hand():
     table = {" a": 2.0, " b": 0.5}
-    from nbutils.classify import Judged
+    from nbutils.score.classification import Judged
 
     items = [
         Judged(JudgeItem((" a", " c")), True, "top", 1, "activating"),
@@ -113,7 +115,7 @@ def test_token_lookup_baseline_judge_by_hand():
         Judged(JudgeItem((" a", " b"), (True, True)), True, "top", 1, "correct marks"),
         Judged(JudgeItem((" a", " c"), (False, True)), False, "top", 1, "wrong marks"),
     ]
-    got = baseline_judgements(table, items)
+    got = token_lookup_judge(table, [j.item for j in items])
     assert got.tolist() == [2.0, 0.5, 0.5, 0.0]  # max over tokens; min over marked tokens
     result = task_result(items[:2], got[:2], True, threshold=1.0)
     assert result["balanced_accuracy"]["value"] == 1.0 and result["auroc"]["value"] == 1.0

@@ -8,10 +8,11 @@ import torch
 from conftest import tiny_model
 from test_hooks import expected_neurons
 
-from nbutils.collect import CollectConfig, Collector, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.errors import UserError
-from nbutils.models import SubjectModel
+from nbutils.collect.collector import CollectConfig, Collector
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.errors import UserError
+from nbutils.subject.models import SubjectModel
 
 LAYERS = [0, 2]
 CFG = dict(layers=LAYERS, top_k=4, n_random=5, band_size=3, quantile_warmup=24, batch_size=8, seed=3)

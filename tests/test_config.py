@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from nbutils import config
-from nbutils.config import RunConfig, check_parameters, conforms, describe
-from nbutils.errors import UserError
-from nbutils.pipeline import (
-    STAGES,
+from nbutils.core import config
+from nbutils.core.config import RunConfig
+from nbutils.core.errors import UserError
+from nbutils.core.layout import STAGES
+from nbutils.run import params
+from nbutils.run.params import check_parameters, conforms, describe
+from nbutils.run.pipeline import (
     declared_parameters,
     default_run_id,
     effective_parameters,
@@ -32,7 +34,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbutils"
         ({"temperature": True}, "expected a number"),  # a bool is not a number here
         ({"n_exerpts": 10}, "Unknown parameter 'n_exerpts': no stage takes it. Did you mean 'n_excerpts'?"),
         ({"explainer_backend": "opnai"}, "is not one of 'local', 'openai', 'oracle'. Did you mean 'openai'?"),
-        ({"judges": ["detection", "fuzing"]}, "judges='fuzing' is not one of"),
+        ({"scorers": ["simulation", "fuzing"]}, "scorers='fuzing' is not one of"),
+        ({"explainer_backend": "vllm"}, "is not one of 'local', 'openai', 'oracle'"),
         ({"explain_neurons": "strongest:x"}, 'is not "all" or "strongest:N"'),
         ({"explain_neurons": [[0, 1, 2]]}, "not [layer, neuron] pairs"),
         ({"output_dir": "/tmp/x"}, "set by the pipeline itself"),
@@ -89,7 +92,7 @@ def test_run_id_hashes_the_effective_parameters():
     assert default_run_id(effective_parameters({"n_excerpts": 4000, "seed": 0})) == same  # defaults stated
     assert default_run_id(effective_parameters({"seed": 1})) != same
     quick = effective_parameters(preset="quick")
-    assert quick["n_excerpts"] == config.PRESETS["quick"]["n_excerpts"]
+    assert quick["n_excerpts"] == params.PRESETS["quick"]["n_excerpts"]
     assert effective_parameters({"n_excerpts": 99}, preset="quick")["n_excerpts"] == 99  # -p wins
     with pytest.raises(UserError, match="Unknown preset 'quik'. Did you mean 'quick'?"):
         effective_parameters(preset="quik")
@@ -99,7 +102,7 @@ def test_notebooks_declare_exactly_the_schema_parameters_with_its_types():
     hints = config.hints()
     for stage in STAGES:
         declared = declared_parameters(notebooks_dir() / stage.notebook)
-        mine = {n for n in declared if n not in config.OWNED}
+        mine = {n for n in declared if n not in params.OWNED}
         assert mine == set(config.stage_parameters(stage.folder)), stage.notebook
         for name in mine:
             assert conforms(declared[name], hints[name]), f"{stage.notebook}: {name} = {declared[name]!r}"
@@ -107,7 +110,7 @@ def test_notebooks_declare_exactly_the_schema_parameters_with_its_types():
 
 def _fix_strings() -> list[tuple[str, str]]:
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UserError" and len(node.args) > 1:
@@ -119,7 +122,7 @@ def test_every_parameter_an_error_message_suggests_exists():
     """A fix that says `name=...` names a parameter the command line (or a notebook) accepts."""
     fixes = _fix_strings()
     assert len(fixes) > 40
-    accepted = set(config.schema()) | set(config.OWNED)
+    accepted = set(config.schema()) | set(params.OWNED)
     for where, text in fixes:
         for name in re.findall(r"\b([a-z][a-z_0-9]*)=", text):
             assert name in accepted, f"{where}: the fix {text[:80]} suggests {name}=, which no stage accepts"

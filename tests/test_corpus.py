@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.errors import UserError
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.core.errors import UserError
 
 
 def test_embedded_corpus_is_real_prose_of_useful_size():

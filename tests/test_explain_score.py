@@ -7,18 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.explain import (
-    EXPLANATIONS,
-    explain_neuron,
-    run_explain_stage,
-    token_lookup_explanation,
-    token_lookup_simulate,
-    token_table,
-)
-from nbutils.records import Excerpt, NeuronId, NeuronRecord, read_jsonl, split_excerpts
-from nbutils.simulate import SCORES, from_openai_results, run_score_stage, score_entry, to_openai_results
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.config import RunConfig
+from nbutils.core.io import read_jsonl
+from nbutils.core.layout import explanations, scores
+from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
+from nbutils.core.units import UnitId
+from nbutils.explain.explainer import explain_unit
+from nbutils.explain.stage import run_explain_stage
+from nbutils.interop.neuron_explainer import from_openai_results, to_openai_results
+from nbutils.score.baseline import token_lookup_explanation, token_lookup_simulate, token_table
+from nbutils.score.contract import ScoreSettings, registered
+from nbutils.score.stage import run_score_stage, score_entry
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,8 @@ def test_token_lookup_baseline_by_hand():
 
 
 def test_explain_and_score_stages(collection, tmp_path):
-    entries = run_explain_stage(
-        collection.path, tmp_path / "02", neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, progress=False
-    )
+    config = RunConfig(explain_neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, n_boot=50)
+    entries = run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
     assert [(e["layer"], e["neuron"], e["sign"]) for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
     for e in entries:
         assert len(e["candidates"]) == 2 and e["baseline"]["explanation"].startswith("the tokens ")
@@ -57,25 +58,27 @@ def test_explain_and_score_stages(collection, tmp_path):
                 assert e["explanation"] == max(scored, key=lambda c: c["calibration_score"])["explanation"]
     usage = json.loads((tmp_path / "02" / "usage.json").read_text())
     assert usage["prompt_tokens"] > 1000 and usage["completion_tokens"] > 0
-    again = run_explain_stage(collection.path, tmp_path / "02", neurons=[[2, 5], [20, 77]], n_samples=2, seed=3)
+    again = run_explain_stage(collection.path, tmp_path / "02", config)
     assert again == entries  # nothing redone
-    assert len((tmp_path / "02" / EXPLANATIONS).read_text().splitlines()) == 2
+    assert len(explanations(tmp_path / "02").jsonl.read_text().splitlines()) == 2
 
-    results = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", n_boot=50, progress=False)
-    assert len(results) == 2 and read_jsonl(tmp_path / "03" / SCORES) == results
+    results = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
+    assert len(results) == 2 and read_jsonl(scores(tmp_path / "03").jsonl) == results
     for r in results:
+        assert r["format"] == 2 and {"simulation", "detection", "fuzzing"} <= set(r["baseline"])
         for key in ("top_and_random", "random_only", "top_only"):
-            assert set(r["baseline"][key]) >= {"correlation", "rsquared", "absolute_dev_explained"}
-            if r["explanation"]:
-                m = r[key]["correlation"]
+            assert set(r["baseline"]["simulation"][key]) >= {"correlation", "rsquared", "absolute_dev_explained"}
+            if r["explanation"] and "simulation" in r:
+                m = r["simulation"][key]["correlation"]
                 assert (m["value"] is None) == (m["reason"] is not None)
-        if not r["explanation"]:
+        if not r["explanation"] or "simulation" not in r:
             continue
-        sim = json.loads((tmp_path / "03" / "simulations" / f"L{r['layer']}_N{r['neuron']}_positive.json").read_text())
+        sim = json.loads(scores(tmp_path / "03").simulation((r["layer"], r["neuron"], "positive")).read_text())
         record = collection.record(r["layer"], r["neuron"])
         train = {e.index for e in split_excerpts(record)["train"]}
-        assert train and not train & {x["index"] for x in sim["excerpts"]}  # the explainer's excerpts are never scored
-        for x in sim["excerpts"]:
+        scored = sim["simulation"]["excerpts"]
+        assert train and not train & {x["index"] for x in scored}  # the explainer's excerpts are never scored
+        for x in scored:
             assert len(x["tokens"]) == len(x["true"]) == len(x["expected"]) == len(x["distribution"]) == 64
             np.testing.assert_allclose(np.array(x["distribution"]) @ np.arange(11), x["expected"], atol=1e-3)
         # OpenAI neuron-explainer results JSON round trip
@@ -85,17 +88,19 @@ def test_explain_and_score_stages(collection, tmp_path):
         assert {s["dataclass_name"] for s in seqs} == {"ScoredSequenceSimulation"}
         assert seqs[0]["simulation"]["dataclass_name"] == "SequenceSimulation"
         back = from_openai_results(json.loads(json.dumps(exported)))[0]
-        valid = [x for x in sim["excerpts"] if x["split"].startswith("valid")]
-        assert [x["tokens"] for x in back["excerpts"]] == [x["tokens"] for x in valid]
-        assert [x["expected"] for x in back["excerpts"]] == [x["expected"] for x in valid]
-        assert to_openai_results(back | {"calibration": sim["calibration"]}) == exported
+        valid = [x for x in scored if x["split"].startswith("valid")]
+        assert [x["tokens"] for x in back["simulation"]["excerpts"]] == [x["tokens"] for x in valid]
+        assert [x["expected"] for x in back["simulation"]["excerpts"]] == [x["expected"] for x in valid]
+        calibrated = back | {"simulation": back["simulation"] | {"calibration": sim["simulation"]["calibration"]}}
+        assert to_openai_results(calibrated) == exported
         pooled = exported["scored_explanations"][0]["scored_simulation"]
-        assert pooled["ev_correlation_score"] == pytest.approx(r["top_and_random"]["correlation"]["value"])
+        mine = r["simulation"]["top_and_random"]
+        assert pooled["ev_correlation_score"] == pytest.approx(mine["correlation"]["value"])
         for name in ("rsquared", "absolute_dev_explained"):  # written when a calibration exists, as stage 03 scores
-            assert pooled[f"{name}_score"] == pytest.approx(r["top_and_random"][name]["value"])
+            assert pooled[f"{name}_score"] == pytest.approx(mine[name]["value"])
         uncalibrated = to_openai_results(back)["scored_explanations"][0]["scored_simulation"]
         assert uncalibrated["rsquared_score"] is None and uncalibrated["absolute_dev_explained_score"] is None
-    assert run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", n_boot=50) == results  # resumed
+    assert run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config) == results  # resumed
 
 
 def test_openai_results_keep_per_token_distribution_values():
@@ -128,7 +133,7 @@ def test_openai_results_keep_per_token_distribution_values():
         ],
     }
     (rec,) = from_openai_results(obj)
-    assert rec["excerpts"][0]["distribution_values"] == values  # every token's own values, as floats
+    assert rec["simulation"]["excerpts"][0]["distribution_values"] == values  # every token's own values, as floats
     back = to_openai_results(rec)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"][0]
     assert (
         back["simulation"]["distribution_values"] == values
@@ -138,15 +143,15 @@ def test_openai_results_keep_per_token_distribution_values():
 
 def test_a_neuron_that_never_activates(collection):
     flat = [Excerpt(["x"] * 4, np.zeros(4), index=i) for i in range(8)]
-    record = NeuronRecord(NeuronId(2, 5), flat, flat[:6], [], [], [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    entry = explain_neuron(record, explainer=None)
+    record = UnitRecord(UnitId(2, 5), flat, flat[:6], [], [], [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    entry = explain_unit(record, llm=None)
     assert entry["explanation"] is None and "never activates" in entry["failure"]
 
     class Store:  # the scorer reads the record through the same interface as RecordStore
         def record(self, layer, neuron):
             return record
 
-    result, sim = score_entry(entry, Store(), simulator=None)
+    result, sim = score_entry(entry, Store(), None, registered(), ScoreSettings())
     assert sim is None and "never activates" in result["failure"]
-    corr = result["baseline"]["top_and_random"]["correlation"]
+    corr = result["baseline"]["simulation"]["top_and_random"]["correlation"]
     assert corr["value"] is None and "constant" in corr["reason"]

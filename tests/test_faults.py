@@ -11,18 +11,24 @@ import numpy as np
 import pytest
 from servers import FaultProxy
 
-from nbutils.cache import RequestCache
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.explain import EXPLANATIONS, StageHadFailures, check_failures, run_explain_stage
-from nbutils.openai_backend import LLMFailed, OpenAIBackend
-from nbutils.prompts import simulation_lines
-from nbutils.records import RecordStore, read_jsonl, split_excerpts
-from nbutils.simulate import run_score_stage
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.config import RunConfig
+from nbutils.core.failures import StageHadFailures, check_failures
+from nbutils.core.io import read_jsonl
+from nbutils.core.layout import explanations
+from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.explain.stage import run_explain_stage
+from nbutils.llm.cache import RequestCache
+from nbutils.llm.contract import LLMFailed, SimulationRequest
+from nbutils.llm.openai_compat import OpenAIBackend
+from nbutils.llm.prompts import simulation_lines
+from nbutils.score.stage import run_score_stage
 
 EXCERPT = ["The", " river", " ran", " dry", "."]
-# short (llama.cpp's prompt log-probabilities are slow), with a worked line so values follow each tab
-PREFIX = "Neuron: rivers.\n<start>\nThe\t0\n river\t9\n flows\t3\n<end>\n\n<start>\n"
+# short (llama.cpp's prompt log-probabilities are slow): no worked examples
+REQUEST = SimulationRequest("rivers", (tuple(EXCERPT),), examples=())
 
 
 @pytest.fixture
@@ -30,6 +36,10 @@ def proxy(llama_server):
     p = FaultProxy(llama_server, hang_s=20.0, refuse_s=1.5).start()
     yield p
     p.stop()
+
+
+def _explainer(proxy: FaultProxy) -> dict[str, str]:
+    return {"explainer_backend": "openai", "explainer_model": "smollm2", "explainer_base_url": proxy.url}
 
 
 def _backend(proxy: FaultProxy, tmp_path, **kw) -> OpenAIBackend:
@@ -42,13 +52,12 @@ def _backend(proxy: FaultProxy, tmp_path, **kw) -> OpenAIBackend:
     [["429"], ["500", "503"], ["hang"], ["refuse"], ["truncate"], ["malformed"], ["no_logprobs"], ["short_logprobs"]],
 )
 def test_each_fault_is_retried_and_the_result_is_exact(proxy, tmp_path, faults):
-    prefix = PREFIX
-    clean = _backend(proxy, tmp_path / "clean").simulate(prefix, [EXCERPT])[0]
+    clean = _backend(proxy, tmp_path / "clean").simulate(REQUEST)[0]
     proxy.log.clear()
     proxy.queue = list(faults)
     be = _backend(proxy, tmp_path / "faulty")
     start = time.monotonic()
-    got = be.simulate(prefix, [EXCERPT])[0]
+    got = be.simulate(REQUEST)[0]
     elapsed = time.monotonic() - start
     np.testing.assert_allclose(got, clean, atol=1e-9)  # the retry got the real answer
     sent = [e["fault"] for e in proxy.sent()]
@@ -60,7 +69,7 @@ def test_each_fault_is_retried_and_the_result_is_exact(proxy, tmp_path, faults):
     # the bad reply was not cached: a fresh backend on the same cache sends nothing and gets the good one
     again = _backend(proxy, tmp_path / "faulty")
     proxy.log.clear()
-    np.testing.assert_allclose(again.simulate(prefix, [EXCERPT])[0], clean, atol=1e-9)
+    np.testing.assert_allclose(again.simulate(REQUEST)[0], clean, atol=1e-9)
     assert proxy.sent() == [] and again.usage.cache_hits == 1
 
 
@@ -68,7 +77,7 @@ def test_retries_are_bounded_and_the_failure_names_the_reason(proxy, tmp_path):
     proxy.rules = [(lambda r: True, "503")]
     be = _backend(proxy, tmp_path, max_retries=2)
     with pytest.raises(LLMFailed, match=r"after 3 tries: InternalServerError.*503|after 3 tries: .*503"):
-        be.simulate(PREFIX, [EXCERPT])
+        be.simulate(REQUEST)
     assert len(proxy.sent()) == 3
 
 
@@ -95,8 +104,8 @@ def collection(embedded, tmp_path_factory):
 
 def test_garbage_explanation_is_a_recorded_failure(proxy, collection, tmp_path):
     proxy.rules = [(lambda r: "messages" in r, "garbage")]
-    opts = {"backend": "openai", "model": "smollm2", "base_url": proxy.url, "progress": False}
-    (entry,) = run_explain_stage(collection.path, tmp_path / "02", neurons=[[3, 1]], **opts, cache_path="none")
+    config = RunConfig(explain_neurons=[[3, 1]], **_explainer(proxy))
+    (entry,) = run_explain_stage(collection.path, tmp_path / "02", config, progress=False, cache_path="none")
     assert entry["explanation"] is None and entry["failure"] == "no usable explanation among 1 replies"
     assert entry["candidates"][0]["reply"] == "!!! ??? ..." and entry["baseline"]["explanation"]
 
@@ -106,24 +115,19 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     (tmp_path / "01").symlink_to(store.path)
     neurons = [[3, 1], [3, 2], [9, 1]]
     cache = str(tmp_path / "cache.sqlite")
-    opts = {"backend": "openai", "model": "smollm2", "base_url": proxy.url, "progress": False}
     # stage 02 through the proxy: one explanation request gets a 500 once (retried), the rest pass
     proxy.queue = ["500"]
-    entries = run_explain_stage(tmp_path / "01", tmp_path / "02", neurons=neurons, **opts, cache_path=cache)
+    config = RunConfig(explain_neurons=neurons, **_explainer(proxy))
+    entries = run_explain_stage(tmp_path / "01", tmp_path / "02", config, progress=False, cache_path=cache)
     assert all(e["explanation"] for e in entries) and proxy.sent("500")
 
     def score():  # stage 03 through the proxy, with short prompts
         run = tmp_path / "01", tmp_path / "02", tmp_path / "03"
-        return run_score_stage(
-            *run,
-            simulation="echo",
-            n_boot=20,
-            **opts,
-            cache_path=cache,
-            max_prompt_tokens=320,
-            judge_per_class=1,
-            per_band=0,
-        )
+        config = RunConfig(
+            simulator_backend="openai", simulator_model="smollm2", simulator_base_url=proxy.url,
+            simulation_mode="echo", n_boot=20, max_prompt_tokens=320, judge_per_class=1, per_band=0,
+        )  # fmt: skip
+        return run_score_stage(*run, config, progress=False, cache_path=cache)
 
     # stage 03: every simulation request of one neuron fails for good; the others are scored
     target = (9, 1)
@@ -134,8 +138,8 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     assert "503" in by[target]["failure"] and by[target]["retryable"]
     others = [by[k] for k in [(3, 1), (3, 2)]]
     # the others were simulated and scored; a weak model may still fail one (its own doing: not retried)
-    assert all("top_and_random" in r["baseline"] and not r.get("retryable") for r in others)
-    assert any("top_and_random" in r for r in others)
+    assert all("simulation" in r["baseline"] and not r.get("retryable") for r in others)
+    assert any("simulation" in r for r in others)
     summary = json.loads((tmp_path / "03" / "summary.json").read_text())
     failed = 1 + sum(bool(r.get("failure")) for r in others)
     assert (summary["succeeded"], summary["failed"], summary["retryable"]) == (3 - failed, failed, 1)
@@ -147,7 +151,8 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     # the server recovers; the rerun sends requests for the failed neuron only
     proxy.rules, proxy.log = [], []
     again = score()
-    target_expl = next(e for e in read_jsonl(tmp_path / "02" / EXPLANATIONS) if (e["layer"], e["neuron"]) == target)
+    explained = read_jsonl(explanations(tmp_path / "02").jsonl)
+    target_expl = next(e for e in explained if (e["layer"], e["neuron"]) == target)
     prompts = [e["request"].get("prompt") or "" for e in proxy.sent()]
     assert prompts and all(target_expl["explanation"] in p for p in prompts)
     assert len(again) == 3 and [r for r in again if r.get("retryable")] == []
@@ -155,3 +160,36 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     again_by = {(r["layer"], r["neuron"]): r for r in again}
     assert [again_by[k] for k in [(3, 1), (3, 2)]] == others  # finished neurons were left alone
     assert json.loads((tmp_path / "03" / "summary.json").read_text())["retryable"] == 0
+
+
+def test_explainer_and_simulator_on_two_servers_in_one_run(proxy, llama_server, tmp_path):
+    """`nbutils run` with the explainer behind one server (the proxy) and the simulator behind another."""
+    import os
+    import subprocess
+    import sys
+
+    from nbutils.core.layout import cache_dir
+
+    cache = tmp_path / "cache"  # a private request cache, so every request is really sent
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_dir() / "models")
+    params = [
+        "model=planted", "layers=null", "n_excerpts=32", "excerpt_len=8", "top_k=4", "n_random=3", "band_size=1",
+        "explain_neurons=[[0, 0], [0, 4]]", "explainer_backend=openai", "explainer_model=smollm2",
+        f"explainer_base_url={proxy.url}", "simulator_backend=openai", "simulator_model=smollm2",
+        f"simulator_base_url={llama_server}", "simulation_mode=echo", "max_prompt_tokens=320", "per_band=0",
+        "scorers=[detection]", "n_boot=20",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "nbutils", "run", *[x for p in params for x in ("-p", p)], "--stages", "01,02,03"]
+    cmd += ["--run-id", "two", "--output-root", str(tmp_path)]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "NBUTILS_CACHE": str(cache)}
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    sent = proxy.sent()
+    assert sent and all(e["path"].endswith("/chat/completions") for e in sent)  # only the explainer came this way
+    usage = json.loads((tmp_path / "two" / "03_score" / "usage.json").read_text())
+    assert usage["requests"] > 0 and usage["cache_misses"] == usage["requests"]  # the simulator's went elsewhere
+    explain = json.loads((tmp_path / "two" / "02_explain" / "manifest.json").read_text())["parameters"]
+    score = json.loads((tmp_path / "two" / "03_score" / "manifest.json").read_text())["parameters"]
+    assert explain["explainer_base_url"] == proxy.url and score["simulator_base_url"] == llama_server

@@ -8,18 +8,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from nbutils.flags import (
-    copied_example,
-    explanation_notes,
-    f1_text,
-    judge_notes,
-    score_set_notes,
-    with_notes,
-)
-from nbutils.planted import BUILT_IN
-from nbutils.prompts import WORKED_EXAMPLES
-from nbutils.scoring import classification_scores
-from nbutils.summary import judge_text, score_rows
+from nbutils.llm.prompts import WORKED_EXAMPLES
+from nbutils.score.contract import scorer
+from nbutils.score.flags import copied_example, explanation_notes, f1_text, judge_notes, score_set_notes, with_notes
+from nbutils.score.metrics import classification_scores
+from nbutils.subject.planted import BUILT_IN
+from nbutils.view.tables import column_text, score_rows
 
 
 def _task(labels, probs, has_probabilities=True):
@@ -34,14 +28,19 @@ def test_an_always_yes_judge_is_degenerate_and_its_f1_is_chance():
     assert task["f1"]["value"] == pytest.approx(20 / 26) and task["f1_chance"]["value"] == pytest.approx(20 / 26)
     notes = judge_notes(task)
     assert notes == ["degenerate judge: answered yes to all 16 items (balanced accuracy 0.5 by construction)"]
-    assert judge_text({"detection": task}, "detection").endswith("\u26a0 " + notes[0])
+    detection = scorer("detection")
+    assert column_text({"detection": task}, detection, detection.columns[0]).endswith("\u26a0 " + notes[0])
     assert f1_text(task) == "0.769 (always-yes 0.769)"
+    assert column_text({"detection": task}, detection, detection.columns[1]).startswith(
+        "0.769 (always-yes 0.769) \u26a0"
+    )
     assert task["auroc"]["value"] is not None  # P(yes) still ranks the items: AUROC is not degenerate
 
     always_no = _task([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [0.1] * 10)
     assert judge_notes(always_no)[0].startswith("degenerate judge: answered no to all 10")
     fine = _task([1] * 5 + [0] * 5, [0.9] * 4 + [0.2] + [0.1] * 5)
-    assert judge_notes(fine) == [] and "\u26a0" not in judge_text({"fuzzing": fine}, "fuzzing")
+    fuzzing = scorer("fuzzing")
+    assert judge_notes(fine) == [] and "\u26a0" not in column_text({"fuzzing": fine}, fuzzing, fuzzing.columns[0])
 
 
 def test_too_few_items_are_noted():
@@ -75,14 +74,19 @@ def test_copies_of_worked_examples_and_repeats_are_flagged():
 
 def test_stage_tables_carry_the_notes():
     judged = _task([1] * 3 + [0] * 3, [0.9] * 6)
-    base = {"explanation": "the tokens", "top_and_random": {"correlation": {"value": 0.5}, "n_excerpts": 2}}
+    base = {
+        "explanation": "the tokens",
+        "simulation": {"top_and_random": {"correlation": {"value": 0.5}, "n_excerpts": 2}},
+    }
     results = [
         {
             "layer": 0,
             "neuron": n,
             "sign": "positive",
             "explanation": WORKED_EXAMPLES[0].explanation,
-            "top_and_random": {"correlation": {"value": 0.1, "low": 0.0, "high": 0.2}, "n_excerpts": 10},
+            "simulation": {
+                "top_and_random": {"correlation": {"value": 0.1, "low": 0.0, "high": 0.2}, "n_excerpts": 10}
+            },
             "detection": judged,
             "baseline": base,
         }
@@ -92,5 +96,6 @@ def test_stage_tables_carry_the_notes():
     assert (
         "copies worked example 1" in row["explanation"] and "same as the explanation of 1 other" in row["explanation"]
     )
-    assert "degenerate judge" in row["detection bal. acc."] and "only 3 negative items" in row["detection bal. acc."]
+    detection = row["detection balanced accuracy"]
+    assert "degenerate judge" in detection and "only 3 negative items" in detection
     assert row["baseline top+random"] == "0.500 \u26a0 only 2 excerpts" and "\u26a0" not in row["top+random"]

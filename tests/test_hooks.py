@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ARCHS, tiny_model
 
-from nbutils.errors import UserError
-from nbutils.hooks import NeuronCapture, NeuronSite, capture_neurons, neurons_per_layer, resolve_site
+from nbutils.core.errors import UserError
+from nbutils.subject.sites import NeuronCapture, NeuronSite, capture_neurons, neurons_per_layer, resolve_site
 
 
 def _gelu_erf(h):

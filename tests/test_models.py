@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from nbutils.errors import UserError
-from nbutils.models import cache_dir, embedded_gguf_path, load_subject_model
+from nbutils.core.errors import UserError
+from nbutils.core.layout import cache_dir
+from nbutils.subject.loading import load_subject_model
+from nbutils.subject.models import embedded_gguf_path
 
 
 def test_embedded_is_smollm2(embedded):
@@ -26,7 +28,9 @@ def test_cache_folder_follows_environment(monkeypatch, tmp_path):
 
 
 USER_ENV = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user runs it
-CONVERT = "from nbutils.models import convert_gguf, embedded_gguf_path; print(convert_gguf(embedded_gguf_path()))"
+CONVERT = (
+    "from nbutils.subject.models import convert_gguf, embedded_gguf_path; print(convert_gguf(embedded_gguf_path()))"
+)
 
 
 @pytest.mark.slow
@@ -69,7 +73,7 @@ def test_unknown_model_offline_and_bad_paths(tmp_path):
 
 def test_loading_the_embedded_model_prints_no_tokenizer_warning(embedded):
     res = subprocess.run(
-        [sys.executable, "-c", "from nbutils.models import load_subject_model as m; m('embedded')"],
+        [sys.executable, "-c", "from nbutils.subject.loading import load_subject_model as m; m('embedded')"],
         capture_output=True, text=True, timeout=300, env=USER_ENV,
     )  # fmt: skip
     assert res.returncode == 0 and "legacy" not in res.stderr, res.stderr[-2000:]

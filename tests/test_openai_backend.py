@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from servers import free_port, start_server
 
-from nbutils.cache import RequestCache
-from nbutils.errors import UserError
-from nbutils.models import convert_gguf, embedded_gguf_path
-from nbutils.openai_backend import LOGPROBS, OpenAIBackend, SimulationFailed, label_distribution, parse_value_lines
-from nbutils.prompts import (
+from nbutils.core.errors import UserError
+from nbutils.llm.cache import RequestCache
+from nbutils.llm.contract import JudgeRequest, SimulationFailed, SimulationRequest
+from nbutils.llm.openai_compat import LOGPROBS, OpenAIBackend, label_distribution, parse_value_lines
+from nbutils.llm.prompts import (
     LABELS,
     WORKED_EXAMPLES,
     ShownExcerpt,
@@ -23,8 +23,13 @@ from nbutils.prompts import (
     simulation_lines,
     simulation_prefix,
 )
+from nbutils.subject.models import convert_gguf, embedded_gguf_path
 
 EXCERPTS = [["The", " river", " ran", " dry", "."], ["Tax", " forms", " are", " due", "."]]
+
+
+def request(explanation: str, excerpts: list[list[str]]) -> SimulationRequest:
+    return SimulationRequest(explanation, tuple(tuple(t) for t in excerpts))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(llama_server, 
     be = OpenAIBackend("smollm2", base_url=llama_server, cache=cache)
     assert be.detect_mode() == "echo"
     prefix = simulation_prefix("words about water")
-    dists = be.simulate(prefix, EXCERPTS)
+    dists = be.simulate(request("words about water", EXCERPTS))  # all worked examples fit: the same prefix
     for d, toks in zip(dists, EXCERPTS):
         assert d.shape == (len(toks), len(LABELS))
         np.testing.assert_allclose(d.sum(1), 1.0, atol=1e-9)
@@ -69,21 +74,23 @@ def test_echo_simulation_reads_prompt_logprobs_and_uses_the_cache(llama_server, 
     assert cache.stats()["misses"] >= 3 and cache.stats()["hits"] == 0
     again = OpenAIBackend("smollm2", base_url=llama_server, cache=RequestCache(tmp_path / "cache.sqlite"))
     again.mode = "echo"
-    assert all(np.array_equal(a, b) for a, b in zip(again.simulate(prefix, EXCERPTS), dists))
+    assert all(np.array_equal(a, b) for a, b in zip(again.simulate(request("words about water", EXCERPTS)), dists))
     assert again.usage.requests == 0 and again.cache.stats()["hits"] == 2  # nothing sent the second time
     assert (again.usage.cache_hits, again.usage.cache_misses) == (2, 0)
     assert be.usage.requests == requests and be.usage.prompt_tokens > 0 and be.usage.cache_misses == requests
 
 
 def test_judging_over_http_echo_and_chat_with_the_cache(llama_server, tmp_path):
-    from nbutils.prompts import JudgeItem, judge_piece, judge_prefix
+    from nbutils.llm.prompts import JudgeItem, judge_piece, judge_prefix
 
     prefix = judge_prefix("detection", "words about water", examples=())  # short prompts: echo is slow here
     items = [JudgeItem(tuple(t)) for t in EXCERPTS]
+    asked = JudgeRequest("detection", "words about water", tuple(items), examples=())
     cache = RequestCache(tmp_path / "cache.sqlite")
     be = OpenAIBackend("smollm2", base_url=llama_server, cache=cache, simulation="echo")
-    p = be.judge(prefix, items)
-    assert p.shape == (2,) and ((0 < p) & (p < 1)).all() and be.gives_probabilities
+    judged = be.judge(asked)
+    p = judged.p_yes
+    assert p.shape == (2,) and ((0 < p) & (p < 1)).all() and judged.probabilities
     # independent: the answer slot's top log-probabilities from a raw request, "1" against "0"
     text = prefix + judge_piece(items[0])
     top = _raw_completion(llama_server, text + "0\n")["choices"][0]["logprobs"]
@@ -92,14 +99,14 @@ def test_judging_over_http_echo_and_chat_with_the_cache(llama_server, tmp_path):
     assert p[0] == pytest.approx(yes / (yes + no), abs=1e-6)
     again = OpenAIBackend("smollm2", base_url=llama_server, cache=RequestCache(tmp_path / "cache.sqlite"))
     again.mode = "echo"
-    assert np.array_equal(again.judge(prefix, items), p) and again.usage.requests == 0  # all from the cache
+    assert np.array_equal(again.judge(asked).p_yes, p) and again.usage.requests == 0  # all from the cache
 
     chat = OpenAIBackend("smollm2", base_url=llama_server, simulation="chat")
-    q = chat.judge(
-        judge_prefix("fuzzing", "words about water", examples=()), [JudgeItem(("a", " river"), (False, True))]
-    )
+    marked = (JudgeItem(("a", " river"), (False, True)),)
+    answer = chat.judge(JudgeRequest("fuzzing", "words about water", marked, examples=()))
+    q = answer.p_yes
     assert q.shape == (1,) and chat.chat_logprobs
-    if chat.gives_probabilities:  # read from the reply's top_logprobs (llama.cpp sends them)
+    if answer.probabilities:  # read from the reply's top_logprobs (llama.cpp sends them)
         assert 0 <= q[0] <= 1
     else:  # the first reply token was no digit and had none among its alternatives: the written answer
         assert np.isnan(q[0]) or q[0] in (0.0, 1.0)
@@ -112,7 +119,7 @@ def test_chat_explanations_and_chat_mode_simulation(llama_server):
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
     assert be.usage.completion_tokens > 0
     try:
-        dists = be.simulate(simulation_prefix("rivers"), EXCERPTS[:1])
+        dists = be.simulate(request("rivers", EXCERPTS[:1]))
     except SimulationFailed as e:  # a weak model may not follow the format: then it is a failure with a reason
         assert "value lines" in str(e) or "aligned" in str(e)
     else:  # llama.cpp returns top_logprobs for chat replies: rows are distributions, not one-hot
@@ -130,7 +137,7 @@ def test_chat_only_server_without_logprobs(chat_only_server, tmp_path):
     (reply,) = be.chat(msgs, n=1, temperature=0.0, max_tokens=16)
     assert isinstance(reply, str) and reply.strip()  # the event stream was reassembled into text
     try:
-        dists = be.simulate(simulation_prefix("rivers"), EXCERPTS[:1])
+        dists = be.simulate(request("rivers", EXCERPTS[:1]))
     except SimulationFailed as e:  # recorded with its reason, never turned into zeros
         assert "value lines" in str(e) or "aligned" in str(e)
     else:  # no log-probabilities: each value is one-hot

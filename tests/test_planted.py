@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.errors import UserError
-from nbutils.models import load_subject_model
-from nbutils.planted import BUILT_IN, PlantedNeuron, parenthesis_depth, per_token, planted_neurons
-from nbutils.records import read_jsonl
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.errors import UserError
+from nbutils.core.io import read_jsonl
+from nbutils.subject.loading import load_subject_model
+from nbutils.subject.planted import BUILT_IN, PlantedNeuron, parenthesis_depth, per_token, planted_neurons
 
 RULE_FILE = """
-from nbutils.planted import PlantedNeuron, per_token
+from nbutils.subject.planted import PlantedNeuron, per_token
 
 PLANTED = [
     PlantedNeuron("commas", "commas", per_token(lambda t, i: t[i].strip() == ",")),
@@ -75,7 +76,7 @@ def test_user_rules_from_a_file(tmp_path):
     assert [n.name for n in neurons] == ["commas", "of"]
     subject = load_subject_model(f"planted:{path}")
     ids = subject.tokenizer("one, two of three", return_tensors="pt")["input_ids"]
-    from nbutils.hooks import capture_neurons
+    from nbutils.subject.sites import capture_neurons
 
     got = capture_neurons(subject.model, ids, [0])[0][0].numpy()
     toks = [subject.tokenizer.decode([i]) for i in ids[0].tolist()]
@@ -97,29 +98,28 @@ def test_user_rules_from_a_file(tmp_path):
 
 
 def test_the_oracle_scores_ground_truth_explanations_perfectly(planted_collection, tmp_path):
-    from nbutils.planted_bench import write_truth_explanations
-    from nbutils.simulate import run_score_stage
+    from nbutils.core.config import RunConfig
+    from nbutils.core.layout import explanations, scores
+    from nbutils.run.planted_bench import write_truth_explanations
+    from nbutils.score.stage import run_score_stage
 
     write_truth_explanations(planted_collection.path, tmp_path / "02", "planted")
-    results = run_score_stage(
-        planted_collection.path, tmp_path / "02", tmp_path / "03", backend="oracle", model="planted", n_boot=50,
-        judge_per_class=4, progress=False,
-    )  # fmt: skip
-    assert len(results) == len(BUILT_IN) and read_jsonl(tmp_path / "03" / "scores.jsonl") == results
+    oracle = RunConfig(simulator_backend="oracle", simulator_model="planted", n_boot=50, judge_per_class=4)
+    results = run_score_stage(planted_collection.path, tmp_path / "02", tmp_path / "03", oracle, progress=False)
+    assert len(results) == len(BUILT_IN) and read_jsonl(scores(tmp_path / "03").jsonl) == results
     for r in results:
         assert not r.get("failure"), r.get("failure")
-        assert r["top_and_random"]["correlation"]["value"] == pytest.approx(1.0)
+        assert r["simulation"]["top_and_random"]["correlation"]["value"] == pytest.approx(1.0)
         for task in ("detection", "fuzzing"):
             assert r[task]["balanced_accuracy"]["value"] == 1.0 and r[task]["auroc"]["value"] == 1.0
             assert r[task]["n_positive"] > 0 and r[task]["n_negative"] > 0
-        assert "top_and_random" in r["baseline"] and "detection" in r["baseline"]
+        assert "simulation" in r["baseline"] and "detection" in r["baseline"]
     # an explanation the oracle does not know is a recorded failure, not a score
-    entries = read_jsonl(tmp_path / "02" / "explanations.jsonl")
+    entries = read_jsonl(explanations(tmp_path / "02").jsonl)
     entries[0]["explanation"] = "something else entirely"
-    from nbutils.records import write_jsonl
+    from nbutils.core.io import write_jsonl
 
-    write_jsonl(tmp_path / "02b" / "explanations.jsonl", entries[:1])
-    (failed,) = run_score_stage(
-        planted_collection.path, tmp_path / "02b", tmp_path / "03b", backend="oracle", n_boot=0, progress=False
-    )
+    write_jsonl(explanations(tmp_path / "02b").jsonl, entries[:1])
+    unknown = RunConfig(simulator_backend="oracle", n_boot=0)
+    (failed,) = run_score_stage(planted_collection.path, tmp_path / "02b", tmp_path / "03b", unknown, progress=False)
     assert "knows no planted neuron" in failed["failure"] and not failed.get("retryable")

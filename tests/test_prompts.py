@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbutils.errors import UserError
-from nbutils.prompts import (
+from nbutils.core.errors import UserError
+from nbutils.llm.prompts import (
     EXPLANATION_PREFIX,
     UNKNOWN,
     WORKED_EXAMPLES,

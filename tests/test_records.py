@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.errors import UserError
-from nbutils.hooks import capture_neurons
-from nbutils.records import (
-    NeuronId,
-    RecordStore,
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.errors import UserError
+from nbutils.core.records import RecordStore
+from nbutils.core.units import UnitId
+from nbutils.interop.neuron_explainer import (
     export_openai,
     from_openai_json,
     import_openai,
     openai_record_path,
     to_openai_json,
 )
+from nbutils.subject.sites import capture_neurons
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_openai_round_trip(collection, tmp_path):
         assert raw["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": nid.layer, "neuron_index": nid.neuron}
         assert {r["dataclass_name"] for r in raw["most_positive_activation_records"]} == {"ActivationRecord"}
         original, back = store.record(nid.layer, nid.neuron), import_openai(path)
-        assert back.id == original.id == NeuronId(nid.layer, nid.neuron)
+        assert back.id == original.id == UnitId(nid.layer, nid.neuron)
         for mine, theirs in [(original.top, back.top), (original.random, back.random)] + list(
             zip(original.bands, back.bands)
         ):

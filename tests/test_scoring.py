@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from nbutils.scoring import Calibration, bootstrap_interval, calibrate, correlation, score
+from nbutils.score.metrics import Calibration, bootstrap_interval, calibrate, correlation, score
 
 
 def test_correlation_matches_hand_computation():
@@ -80,8 +80,8 @@ def test_bootstrap_interval_brackets_the_estimate():
 
 
 def test_usage_totals_and_cost_estimate(tmp_path):
-    from nbutils.backends import Usage
-    from nbutils.errors import UserError
+    from nbutils.core.errors import UserError
+    from nbutils.llm.contract import Usage
 
     path = tmp_path / "usage.json"
     Usage(2, 1_000_000, 10_000).save(path)

@@ -18,15 +18,17 @@ import numpy as np
 import pytest
 from servers import free_port
 
-from nbutils import plots
-from nbutils.collect import CollectConfig, collect_activations
-from nbutils.corpus import load_texts, make_excerpts
-from nbutils.explain import run_explain_stage
-from nbutils.records import Excerpt, NeuronRecord
-from nbutils.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
-from nbutils.runview import RunView
-from nbutils.simulate import run_score_stage
-from nbutils.viewer import NeuronViewer, export_html
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import load_texts, make_excerpts
+from nbutils.collect.stage import collect_activations
+from nbutils.core.config import RunConfig
+from nbutils.core.records import Excerpt, UnitRecord
+from nbutils.explain.stage import run_explain_stage
+from nbutils.score.stage import run_score_stage
+from nbutils.view import plots
+from nbutils.view.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
+from nbutils.view.runview import RunView
+from nbutils.view.widget import NeuronViewer, export_html
 
 SCRIPT = "<script>alert('x')</script> "
 ARTIFACTS = Path(
@@ -43,8 +45,9 @@ def run_dir(embedded, tmp_path_factory):
         layers=[1, 4], neurons=list(range(6)), top_k=6, n_random=6, band_size=2, quantile_warmup=16, batch_size=32
     )
     collect_activations(embedded, excerpts, run / "01_collect", cfg, progress=False)
-    run_explain_stage(run / "01_collect", run / "02_explain", neurons=[[1, 0], [4, 2]], progress=False)
-    run_score_stage(run / "01_collect", run / "02_explain", run / "03_score", n_boot=50, progress=False)
+    config = RunConfig(explain_neurons=[[1, 0], [4, 2]], n_boot=50)
+    run_explain_stage(run / "01_collect", run / "02_explain", config, progress=False)
+    run_score_stage(run / "01_collect", run / "02_explain", run / "03_score", config, progress=False)
     return run
 
 
@@ -72,13 +75,13 @@ def test_colour_scale_is_fixed_diverging_and_in_tooltips():
     assert "style=" not in flat
 
 
-def _record(values: list[list[float]]) -> NeuronRecord:
-    from nbutils.records import NeuronId
+def _record(values: list[list[float]]) -> UnitRecord:
+    from nbutils.core.units import UnitId
 
     ex = [Excerpt([f"t{i}" for i in range(len(v))], np.array(v)) for v in values]
     flat = np.concatenate([np.array(v) for v in values]) if values else np.zeros(1)
-    return NeuronRecord(
-        id=NeuronId(0, 0), top=ex, random=ex[:1], bands=[ex[:1]], band_quantiles=[(0.0, 0.5)], band_edges=[0.0, 1.0],
+    return UnitRecord(
+        id=UnitId(0, 0), top=ex, random=ex[:1], bands=[ex[:1]], band_quantiles=[(0.0, 0.5)], band_edges=[0.0, 1.0],
         mean=float(flat.mean()), variance=float(flat.var()), skewness=0.0, kurtosis=0.0,
         max=float(flat.max()), min=float(flat.min()),
     )  # fmt: skip
@@ -87,8 +90,8 @@ def _record(values: list[list[float]]) -> NeuronRecord:
 class _OneRecordView(RunView):
     """A real run's view whose neuron (0, 0) is replaced by a constructed record (constant or empty)."""
 
-    def __init__(self, base: RunView, record: NeuronRecord) -> None:
-        super().__init__(base.store, {}, {}, None, base.stage_dirs)
+    def __init__(self, base: RunView, record: UnitRecord) -> None:
+        super().__init__(base.store, {}, {}, None, base.usage_files)
         self._rec = record
 
     def record(self, layer, neuron):
@@ -202,6 +205,26 @@ def _stage_notebook(name: str, path: Path, **params) -> None:
     nbformat.write(nb, path)
 
 
+def _run_all_cells(driver, wait) -> None:
+    """Run every cell of the notebook shown, through the menu, once its kernel has started (retried until the
+    first code cell has run: a click before the kernel is ready does nothing)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    active = ".jp-NotebookPanel"  # the only notebook open in its workspace
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"{active} .jp-Notebook .jp-Cell")))
+    item = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"
+    for _ in range(20):
+        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
+        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        for _ in range(20):
+            prompt = driver.find_elements(By.CSS_SELECTOR, f"{active} .jp-CodeCell .jp-InputArea-prompt")[0].text
+            if re.search(r"\[[0-9*]+\]", prompt):
+                return
+            time.sleep(0.5)
+    raise AssertionError("the notebook's cells never ran")
+
+
 @pytest.mark.skipif(bool(os.environ.get("NBUTILS_SKIP_BROWSER")), reason="NBUTILS_SKIP_BROWSER is set")
 def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
     if not (shutil.which("chromedriver") and shutil.which("chromium")):
@@ -241,11 +264,7 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         driver.get(f"http://127.0.0.1:{port}/lab/tree/inspect.ipynb?token={token}")
         wait = WebDriverWait(driver, 180)
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
-        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Idle')]")))
-        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
-        item = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"
-        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        _run_all_cells(driver, wait)
         section = wait.until(
             ec.presence_of_element_located((By.CSS_SELECTOR, ".nbx-neuron[data-layer='1'][data-neuron='0']"))
         )
@@ -261,13 +280,14 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
         assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab_neuron.png"))
 
         # the report notebook, run live, shows its figures as images (not "<Figure size ...>" text)
-        driver.get(f"http://127.0.0.1:{port}/lab/tree/report.ipynb?token={token}")
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
-        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Idle')]")))
-        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
-        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
-        shown = ".jp-OutputArea-output img"
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shown)) >= 4)
+        driver.get(f"http://127.0.0.1:{port}/lab/workspaces/report/tree/report.ipynb?token={token}")  # its own tab
+        _run_all_cells(driver, wait)
+        shown = ".jp-NotebookPanel .jp-OutputArea-output img"
+        try:
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shown)) >= 4)
+        except Exception:
+            driver.save_screenshot(str(ARTIFACTS / "report_jupyterlab_failed.png"))
+            raise
         images = driver.find_elements(By.CSS_SELECTOR, shown)
         assert all(driver.execute_script("return arguments[0].naturalWidth", i) > 300 for i in images)
         assert "<Figure size" not in driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
@@ -281,7 +301,7 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
 
 
 def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_dir):
-    from nbutils.prompts import WORKED_EXAMPLES
+    from nbutils.llm.prompts import WORKED_EXAMPLES
 
     view = RunView.open(run_dir)
     copied = WORKED_EXAMPLES[0].explanation + ", mostly in dates"

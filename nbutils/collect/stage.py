@@ -1,0 +1,206 @@
+"""Stage 01: run the subject model over the excerpts and write every unit's record.
+
+`collect_activations` hooks the unit type's site in each requested layer (the MLP neuron by default, see
+`nbutils.subject.units`), feeds the unit values of every batch to the streaming `Collector`, checkpoints its
+state every ``checkpoint_every_s`` seconds, and writes the collection (format: `nbutils.core.records`).
+Calling it again with the same arguments continues from the checkpoint (the result equals an uninterrupted
+run) or, once finished, returns the collection; different arguments on the same folder are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nbutils.collect.collector import CollectConfig, Collector, band_quantiles, sorted_lists
+from nbutils.collect.corpus import ExcerptSet, load_texts, make_excerpts
+from nbutils.core.config import RunConfig
+from nbutils.core.errors import UserError
+from nbutils.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from nbutils.core.layout import CollectionLayout
+from nbutils.core.progress import progress_bar
+from nbutils.core.records import CollectionMeta, RecordStore
+from nbutils.core.units import NEURON
+from nbutils.subject.loading import SubjectModel, load_subject_model
+from nbutils.subject.sites import NeuronCapture, NeuronSite, check_layers, num_layers
+from nbutils.subject.units import MLPNeurons, UnitType
+
+
+def choose_neurons(width: int, layers: list[int], spec: int | list[int] | None, seed: int) -> dict[int, np.ndarray]:
+    """Which unit indices to collect in each layer (sorted)."""
+    if spec is None:
+        return {layer: np.arange(width, dtype=np.int64) for layer in layers}
+    if isinstance(spec, int):
+        if not 0 < spec <= width:
+            raise UserError(f"neurons={spec} is not between 1 and the layer width {width}.", "Ask for fewer neurons.")
+        return {
+            layer: np.sort(np.random.default_rng([seed, layer]).choice(width, spec, replace=False)).astype(np.int64)
+            for layer in layers
+        }
+    idx = np.unique(np.asarray(list(spec), dtype=np.int64))
+    bad = idx[(idx < 0) | (idx >= width)]
+    if len(bad) or not len(idx):
+        raise UserError(
+            f"Neuron indices {bad.tolist() or '[]'} are out of range: each layer has neurons 0..{width - 1}.",
+            f"Use indices between 0 and {width - 1}.",
+        )
+    return {layer: idx for layer in layers}
+
+
+def _fingerprint(parts: dict[str, Any], excerpts: ExcerptSet) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(excerpts.tokens).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _write_collection(
+    out: CollectionLayout, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, meta: CollectionMeta
+) -> None:
+    tok = subject.tokenizer
+    atomic_save_npy(out.tokens, excerpts.tokens.astype(np.int32))
+    atomic_save_npy(out.places, excerpts.places.astype(np.int64))
+    atomic_write_json(out.vocab, {int(i): tok.decode([int(i)]) for i in np.unique(excerpts.tokens)})
+    atomic_save_npy(out.random_sample, col.random_index)
+    for layer, state in col.layers.items():
+        t = state.t
+        atomic_save_npy(out.array(layer, "neurons"), col.neurons[layer])
+        atomic_save_npy(out.array(layer, "stats"), state.stats())
+        lists = {
+            "top": sorted_lists(t["top_key"], t["top_index"], t["top_acts"], largest=True),
+            "band": sorted_lists(t["band_key"], t["band_index"], t["band_acts"], largest=False),
+        }
+        if col.bottom_k:
+            lists["bottom"] = sorted_lists(t["bottom_key"], t["bottom_index"], t["bottom_acts"], largest=True)
+        for name, (index, acts) in lists.items():
+            atomic_save_npy(out.array(layer, f"{name}_index"), index.cpu().numpy())
+            atomic_save_npy(out.array(layer, f"{name}_acts"), acts.cpu().numpy())
+        atomic_save_npy(out.array(layer, "random_acts"), t["random_acts"].cpu().numpy())
+        atomic_save_npy(out.array(layer, "band_edges"), t["band_edges"].cpu().numpy())
+    fields = asdict(meta)
+    if meta.unit == {"kind": NEURON}:  # format 1 without a unit field means MLP neurons: keep it that way
+        del fields["unit"]
+    atomic_write_json(out.meta, fields)  # written last: marks the folder complete
+
+
+class _Plan:
+    """What one collection will do: the unit type and site, layers, units per layer, and its fingerprint."""
+
+    def __init__(self, subject: SubjectModel, excerpts: ExcerptSet, cfg: CollectConfig, unit: UnitType) -> None:
+        band_quantiles(cfg.bands)
+        model = subject.model
+        self.unit, self.site = unit, unit.site(model)
+        self.layers = check_layers(model, cfg.layers)
+        self.width = unit.width(model)
+        self.neurons = choose_neurons(self.width, self.layers, cfg.neurons, cfg.seed)
+        max_ctx = getattr(model.config, "max_position_embeddings", None)
+        if max_ctx is not None and excerpts.excerpt_len > max_ctx:
+            raise UserError(
+                f"Excerpts of {excerpts.excerpt_len} tokens are longer than the model's context ({max_ctx}).",
+                f"Use excerpt_len <= {max_ctx}.",
+            )
+        parts = {"model": subject.spec, "site": self.site.as_dict(), "config": asdict(cfg), "layers": self.layers}
+        if unit.as_dict() != {"kind": NEURON}:
+            parts["unit"] = unit.as_dict()
+        if getattr(model, "fingerprint", None):  # models defined by code (planted neurons): their source's hash
+            parts["model_fingerprint"] = model.fingerprint
+        self.fingerprint = _fingerprint(parts, excerpts)
+
+    def meta(self, subject: SubjectModel, excerpts: ExcerptSet, cfg: CollectConfig, col: Collector) -> CollectionMeta:
+        return CollectionMeta(
+            model=subject.spec, site=self.site.as_dict(), n_model_layers=num_layers(subject.model),
+            neurons_per_layer=self.width, layers=self.layers, excerpt_len=excerpts.excerpt_len,
+            n_excerpts=len(excerpts), top_k=cfg.top_k, bottom_k=col.bottom_k, n_random=len(col.random_index),
+            band_size=cfg.band_size, bands=[list(b) for b in cfg.bands], seed=cfg.seed, corpus=excerpts.corpus,
+            signed=self.unit.signed(subject.model), tokens_seen=col.tokens_seen, unit=self.unit.as_dict(),
+        )  # fmt: skip
+
+
+def _resume(out: CollectionLayout, fingerprint: str, col: Collector) -> None:
+    """Load a matching checkpoint into the collector; refuse one made with other settings."""
+    if not out.checkpoint.is_file():
+        return
+    saved = torch.load(out.checkpoint, weights_only=False)
+    if saved.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out.checkpoint} is a checkpoint of a collection with different settings.",
+            "Rerun with the settings of the interrupted run to resume it, or delete the checkpoint to start over.",
+        )
+    col.load_state_dict(saved["state"])
+
+
+def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Collector, out: CollectionLayout,
+            cfg: CollectConfig, progress: bool) -> None:  # fmt: skip
+    """Feed every remaining batch's unit values to the collector, checkpointing now and then."""
+    device = next(subject.model.parameters()).device
+    n, batch = len(excerpts), cfg.batch_size
+    bar = progress_bar(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
+    last_save = time.monotonic()
+    with NeuronCapture(subject.model, plan.site, plan.layers) as capture:
+        for start in range(col.position, n, batch):
+            ids = torch.from_numpy(excerpts.tokens[start : start + batch].astype(np.int64)).to(device)
+            captured = capture.run(ids)
+            col.update(start, {layer: plan.unit.transform(v, layer) for layer, v in captured.items()})
+            bar.update(len(ids))
+            if time.monotonic() - last_save > cfg.checkpoint_every_s and col.position < n:
+                buf = io.BytesIO()
+                torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
+                atomic_write_bytes(out.checkpoint, buf.getvalue())
+                last_save = time.monotonic()
+    bar.close()
+
+
+def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, progress: bool = True) -> RecordStore:
+    """Stage 01 as the chain runs it: load the subject model and the corpus that ``config`` names, cut the
+    excerpts, and collect (resuming an interrupted collection)."""
+    c = config or RunConfig()
+    subject = load_subject_model(c.model)
+    texts = load_texts(c.corpus, c.corpus_text_field)
+    excerpts = make_excerpts(subject.tokenizer, texts, c.excerpt_len, c.n_excerpts, c.seed, corpus=c.corpus)
+    print(f"{len(excerpts)} excerpts of {c.excerpt_len} tokens, from {excerpts.windows_available} available")
+    cfg = CollectConfig(
+        layers=c.layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
+        batch_size=c.batch_size, seed=c.seed,
+    )  # fmt: skip
+    return collect_activations(subject, excerpts, out_dir, cfg, site=c.site, progress=progress)
+
+
+def collect_activations(
+    subject: SubjectModel,
+    excerpts: ExcerptSet,
+    out_dir: str | Path,
+    config: CollectConfig | None = None,
+    site: NeuronSite | dict[str, Any] | None = None,
+    progress: bool = True,
+    unit: UnitType | None = None,
+) -> RecordStore:
+    """Run the collection pass (resuming from a checkpoint if one matches) and write the records.
+
+    ``unit``: the unit type (default: MLP neurons at ``site``, or the architecture's built-in site)."""
+    cfg = config or CollectConfig()
+    out = CollectionLayout(out_dir)
+    plan = _Plan(subject, excerpts, cfg, unit or MLPNeurons(site))
+    if out.meta.is_file():
+        if out.fingerprint.is_file() and out.fingerprint.read_text().strip() == plan.fingerprint:
+            return RecordStore(out.root)
+        raise UserError(
+            f"{out.root} already holds a finished collection made with different settings.",
+            "Choose another output folder (or run id), or delete that folder to recollect.",
+        )
+    device = next(subject.model.parameters()).device
+    signed = plan.unit.signed(subject.model)
+    col = Collector(len(excerpts), excerpts.excerpt_len, plan.neurons, cfg, signed=signed, device=device)
+    _resume(out, plan.fingerprint, col)
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
+    _stream(subject, excerpts, plan, col, out, cfg, progress)
+    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, cfg, col))
+    out.checkpoint.unlink(missing_ok=True)
+    return RecordStore(out.root)

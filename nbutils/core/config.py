@@ -1,0 +1,151 @@
+"""Every parameter of the stage chain, with its type, its main-job default and its help, in one place.
+
+`RunConfig` is the schema: one typed field per parameter a user can set (`nbutils run -p name=value`, a YAML
+file, or a preset); its field metadata says which stages take it, its help, and its choices. Its defaults
+are the main job's (``nbutils run`` with no arguments). The stage functions take a `RunConfig`; the stage
+notebooks' parameters cells hold the same names with smaller values sized for CI and JupyterLab (a test
+checks that they declare exactly the schema's names, with its types), and build one with `RunConfig.pick`.
+Folders the chain passes between stages (``output_dir``, ``collection_dir`` ...) are not parameters: the
+chain owns them. Checking user values against this schema is `nbutils.run.params`.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+COLLECT, EXPLAIN, SCORE, INSPECT = "01_collect", "02_explain", "03_score", "04_inspect"
+
+
+def _param(default: Any, stages: tuple[str, ...], help: str, **extra: Any) -> Any:
+    meta = {"stages": stages, "help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BOTH = (EXPLAIN, SCORE)
+
+
+@dataclass
+class RunConfig:
+    """The chain's parameters and the main job's values (see the module docstring)."""
+
+    # stage 01: collect
+    model: str = _param(
+        "embedded", (COLLECT,), '"embedded", a Hugging Face id, a model folder, a .gguf file, or "planted[:file.py]"',
+    )  # fmt: skip
+    corpus: str = _param(
+        "embedded", (COLLECT,), '"embedded", a .txt/.jsonl file or folder, or a Hugging Face dataset name'
+    )
+    corpus_text_field: str = _param(
+        "text", (COLLECT,), "the field of .jsonl objects (or dataset rows) holding the text"
+    )
+    layers: list[int] | None = _param([0, 7, 15, 22, 29], (COLLECT,), "layer indices, or None for every layer")
+    neurons: int | list[int] | None = _param(
+        None, (COLLECT,), "None for every neuron, an int for a seeded sample per layer, or a list of indices",
+        example="[0, 1, 2]",
+    )  # fmt: skip
+    site: dict[str, str | bool] | None = _param(
+        None, (COLLECT,), "None: the built-in neuron site of the architecture; else {module: ..., side: ..., signed: ...}",
+        example='{module: "model.layers.{layer}.mlp.down_proj", side: input, signed: true}',
+    )  # fmt: skip
+    n_excerpts: int | None = _param(4000, (COLLECT,), "how many excerpts to read (None for all)")
+    excerpt_len: int = _param(64, (COLLECT,), "tokens per excerpt")
+    top_k: int = _param(20, (COLLECT,), "top (and, for gated MLPs, bottom) excerpts kept per neuron")
+    n_random: int = _param(20, (COLLECT,), "size of the random sample shared by all neurons")
+    band_size: int = _param(5, (COLLECT,), "excerpts sampled per quantile band")
+    batch_size: int = _param(32, (COLLECT,), "excerpts per forward pass")
+    seed: int = _param(0, (COLLECT, EXPLAIN, SCORE), "seed for every random choice")
+    # stage 02: explain
+    explain_neurons: int | str | list[list[int]] = _param(
+        2, (EXPLAIN,), 'neurons per layer (an int, seeded), "strongest:N" per layer, "all", or [[layer, neuron], ...]'
+    )
+    explainer_backend: str = _param(
+        "local", (EXPLAIN,), '"local" (transformers in the kernel), "openai" (any compatible server), or another '
+        "registered backend", choices="backends",
+    )  # fmt: skip
+    explainer_model: str = _param(
+        "embedded", (EXPLAIN,), 'local: "embedded", a Hugging Face id, folder or .gguf; openai: the model name',
+    )  # fmt: skip
+    explainer_base_url: str | None = _param(
+        None, (EXPLAIN,), 'for "openai": e.g. "http://127.0.0.1:8080/v1"; None means the OpenAI API',
+        example="http://127.0.0.1:8080/v1",
+    )  # fmt: skip
+    explainer_api_key_env: str = _param(
+        "OPENAI_API_KEY", (EXPLAIN,), "name of the environment variable holding the explainer's key (never the key)"
+    )
+    n_samples: int = _param(1, (EXPLAIN,), "candidate explanations per neuron (best-of-n when > 1)")
+    temperature: float = _param(1.0, (EXPLAIN,), "explainer sampling temperature")
+    explain_negative: bool = _param(False, (EXPLAIN,), "also explain the negative side of signed (gated) neurons")
+    split: str = _param(
+        "nbutils", BOTH, '"nbutils" (every collected excerpt) or "paper" (neuron-explainer\'s exact 1:1 split)',
+        choices=("nbutils", "paper"),
+    )  # fmt: skip
+    prices: dict[str, float] | None = _param(
+        None, BOTH, 'e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate',
+        example="{prompt: 0.15, completion: 0.6}",
+    )  # fmt: skip
+    fail_on_errors: bool = _param(False, BOTH, "True: any failed neuron makes the run's exit code non-zero")
+    # stage 03: simulate and score
+    simulator_backend: str = _param(
+        "local", (SCORE,), '"local", "openai", "oracle" (planted neurons), or another registered backend',
+        choices="backends",
+    )  # fmt: skip
+    simulator_model: str = _param("embedded", (SCORE,), "as explainer_model")
+    simulator_base_url: str | None = _param(
+        None,
+        (SCORE,),
+        "as explainer_base_url (the simulator may be served elsewhere)",
+        example="http://127.0.0.1:8081/v1",
+    )
+    simulator_api_key_env: str = _param(
+        "OPENAI_API_KEY", (SCORE,), "name of the environment variable holding the simulator's key (never the key)"
+    )
+    simulation_mode: str = _param(
+        "auto", (SCORE,), 'for "openai": "echo" (prompt log-probabilities), "chat", or "auto"',
+        choices=("auto", "echo", "chat"),
+    )  # fmt: skip
+    max_prompt_tokens: int | None = _param(
+        None, (SCORE,), "cap on simulation prompt tokens; None: the context", example="4096"
+    )
+    per_band: int = _param(2, (SCORE,), "stratified score: excerpts from each quantile band (0 turns it off)")
+    scorers: list[str] = _param(
+        ["simulation", "detection", "fuzzing"], (SCORE,), "which registered scorers run (nbutils.score.contract)",
+        choices="scorers",
+    )  # fmt: skip
+    judge_per_class: int = _param(10, (SCORE,), "detection/fuzzing: positive (and as many negative) items per neuron")
+    n_boot: int = _param(1000, (SCORE,), "bootstrap resamples for the 95% intervals")
+    # stage 04: inspect
+    layer: int | None = _param(
+        None, (INSPECT,), "layer of the neuron to open first in the viewer; None: the best-scored one", example="15"
+    )
+    neuron: int | None = _param(None, (INSPECT,), "that neuron's index; None: the best-scored one", example="955")
+
+    @classmethod
+    def pick(cls, values: Mapping[str, Any]) -> RunConfig:
+        """A config from the schema's names found in ``values`` (a notebook's ``globals()``, a dict); the
+        others keep their defaults."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def schema() -> dict[str, Any]:
+    """Every parameter's dataclass field, by name."""
+    return {f.name: f for f in fields(RunConfig)}
+
+
+def defaults() -> dict[str, Any]:
+    """The main job's value of every parameter."""
+    return {name: getattr(RunConfig(), name) for name in schema()}
+
+
+def hints() -> dict[str, Any]:
+    """Every parameter's type."""
+    return typing.get_type_hints(RunConfig)
+
+
+def stage_parameters(stage: str) -> list[str]:
+    """The parameters a stage (``"01_collect"`` ...) takes, in schema order."""
+    return [name for name, f in schema().items() if stage in f.metadata["stages"]]

@@ -1,0 +1,62 @@
+"""Counting a stage's failed units, and making a run fail when it must.
+
+Stages 02 and 03 record a failed unit with its reason (``failure``) and whether a rerun could fix it
+(``retryable``: a server fault, not an unusable reply) and carry on with the others. `write_summary` counts
+them into the stage's ``summary.json`` (the chain reruns a stage that has retryable failures);
+`check_failures` is the line a stage notebook prints, and raises when every unit failed (or any, when asked).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nbutils.core.io import atomic_write_json
+from nbutils.core.layout import summary_path
+from nbutils.core.units import key_of, unit_name
+
+
+def write_summary(path: str | Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Count successes and failures of a stage's entries into ``path`` (its summary.json)."""
+    failed = [e for e in entries if e.get("failure")]
+    summary = {
+        "neurons": len(entries),
+        "succeeded": len(entries) - len(failed),
+        "failed": len(failed),
+        "retryable": sum(1 for e in failed if e.get("retryable")),
+        "failures": [{k: e.get(k) for k in ("layer", "neuron", "sign", "failure", "retryable")} for e in failed],
+    }
+    atomic_write_json(path, summary)
+    return summary
+
+
+def needs_work(entry: dict[str, Any] | None) -> bool:
+    """Not done yet, or failed for a reason a retry can fix (a server error, not an unusable reply)."""
+    return entry is None or bool(entry.get("retryable"))
+
+
+class StageHadFailures(Exception):
+    """Raised after a stage finished with every unit failed (or any, when asked), so the run exits non-zero."""
+
+
+def first_failures(summary: dict[str, Any], n: int = 3) -> str:
+    """``L0 N1: <reason>; ...`` for the first ``n`` failures of a summary."""
+    return "; ".join(f"{unit_name(key_of(f))}: {f['failure']}" for f in summary["failures"][:n])
+
+
+def check_failures(stage_dir: str | Path, fail_on_errors: bool = False) -> str:
+    """One line counting a stage's successes and failures (from its summary.json), with the first reasons.
+
+    Raises StageHadFailures (so the stage, and ``nbutils run``, exit non-zero) when every unit failed, or
+    when any failed and ``fail_on_errors`` is set."""
+    summary = json.loads(summary_path(stage_dir).read_text())
+    line = f"{summary['succeeded']} succeeded, {summary['failed']} failed ({summary['retryable']} will be retried on rerun)"
+    if not summary["failed"]:
+        return line
+    reasons = first_failures(summary)
+    if summary["failed"] == summary["neurons"]:
+        raise StageHadFailures(f"every neuron failed ({line}). First failures: {reasons}")
+    if fail_on_errors:
+        raise StageHadFailures(f"{line}. First failures: {reasons}")
+    return f"{line}. First failures: {reasons}"

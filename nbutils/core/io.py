@@ -1,0 +1,70 @@
+"""Files that are never seen half-written: atomic writes of bytes, JSON and arrays, JSON lines, and the
+per-unit result files of stages 02 and 03 (one file each, so a killed run loses at most the unit in
+progress and a retried unit replaces its own file)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file through a temporary file in the same folder and a rename, so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=_json_default).encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Entries of a JSON-lines artifact (empty if the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | os.PathLike, entries: list[dict[str, Any]]) -> None:
+    """All entries as JSON lines, written atomically."""
+    atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None if there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")

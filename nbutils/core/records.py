@@ -1,0 +1,349 @@
+"""Unit records: the plain data classes every stage shares, and the collection's on-disk format.
+
+A *collection* folder (`nbutils.core.layout.CollectionLayout`), written once by stage 01 and read by
+`RecordStore`, looks like this (``T`` = excerpt length, ``n`` = units collected in a layer, ``k`` =
+top/bottom excerpts kept):
+
+    collection.json                 metadata (`CollectionMeta`): model, unit type, site, layers, sizes, seed, corpus
+    excerpts/tokens.npy             int32  [n_excerpts, T]  token ids of every excerpt; row = excerpt index
+    excerpts/places.npy             int64  [n_excerpts, 2]  (document index, token offset in the document)
+    excerpts/vocab.json             {"token id": "token text"} for every id that occurs in an excerpt
+    random_sample.npy               int64  [n_random]       excerpt indices of the random sample, shared by all units
+    layer_LLL/neurons.npy           int64  [n]              unit indices collected in layer LLL (sorted)
+    layer_LLL/stats.npy             float64 [n, 6]          mean, variance, skewness, kurtosis, max, min over all tokens
+    layer_LLL/top_index.npy         int64  [n, k]           excerpts with the highest max activation, strongest first
+    layer_LLL/top_acts.npy          float32 [n, k, T]       their per-token activations
+    layer_LLL/bottom_index.npy      int64  [n, k]           signed units only: excerpts with the lowest min activation
+    layer_LLL/bottom_acts.npy       float32 [n, k, T]
+    layer_LLL/random_acts.npy       float32 [n, n_random, T] activations on the shared random sample
+    layer_LLL/band_index.npy        int64  [n, bands, m]    uniform samples of excerpts whose max lies in each band
+    layer_LLL/band_acts.npy         float32 [n, bands, m, T]
+    layer_LLL/band_edges.npy        float32 [n, bands + 1]  activation values at the band quantiles
+
+An excerpt index of -1 marks an empty slot (fewer excerpts qualified than were asked for). Every array is
+a plain ``.npy`` file opened memory-mapped, so loading one unit reads only that unit's rows. Token ids
+and corpus places are kept so any excerpt can be recomputed exactly. Format version 1; ``collection.json``
+of collections written before unit types existed has no ``unit`` field and means MLP neurons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.core.errors import UserError
+from nbutils.core.io import atomic_write_json, read_json
+from nbutils.core.layout import CollectionLayout, ResultsLayout
+from nbutils.core.units import NEURON, Key, UnitId, key_of
+
+FORMAT_VERSION = 1
+STAT_FIELDS = ("mean", "variance", "skewness", "kurtosis", "max", "min")
+DEFAULT_BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data classes
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Excerpt:
+    """One excerpt of text with one unit's activation on each of its tokens."""
+
+    tokens: list[str]
+    activations: np.ndarray
+    token_ids: list[int] = field(default_factory=list)
+    index: int = -1
+    """Row in the collection's excerpt table (-1 when unknown, e.g. imported from elsewhere)."""
+    doc: int = -1
+    """Index of the corpus document the excerpt starts in."""
+    offset: int = -1
+    """Token offset of the excerpt's first token within that document."""
+
+    @property
+    def max(self) -> float:
+        return float(np.max(self.activations)) if len(self.activations) else math.nan
+
+
+@dataclass
+class UnitRecord:
+    """Everything collected about one unit: its excerpts and activation statistics."""
+
+    id: UnitId
+    top: list[Excerpt]
+    random: list[Excerpt]
+    bands: list[list[Excerpt]]
+    band_quantiles: list[tuple[float, float]]
+    band_edges: list[float]
+    mean: float
+    variance: float
+    skewness: float
+    kurtosis: float
+    max: float
+    min: float
+    bottom: list[Excerpt] = field(default_factory=list)
+
+
+@dataclass
+class CollectionMeta:
+    """What a collection folder holds and how it was made (stored as collection.json)."""
+
+    model: str
+    site: dict[str, Any]
+    n_model_layers: int
+    neurons_per_layer: int
+    layers: list[int]
+    excerpt_len: int
+    n_excerpts: int
+    top_k: int
+    bottom_k: int
+    n_random: int
+    band_size: int
+    bands: list[list[float]]
+    seed: int
+    corpus: str
+    signed: bool
+    tokens_seen: int = 0
+    format_version: int = FORMAT_VERSION
+    unit: dict[str, Any] = field(default_factory=lambda: {"kind": NEURON})
+    """The unit type (`nbutils.subject.units`) as its kind and settings; MLP neurons when absent."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CollectionMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def kind(self) -> str:
+        return str(self.unit.get("kind", NEURON))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a collection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-map one array; a truncated or damaged file raises a UserError naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(
+            f"{path} is truncated or damaged ({e}).",
+            f"Restore it, or delete {path.parent.parent} and rerun stage 01 (same command) to collect again.",
+        ) from None
+
+
+class UnitEntries:
+    """Per-unit JSON results of a stage (``layout.unit(key)``: one atomically written file each), so a killed
+    run loses at most the unit in progress and a retried unit replaces its file."""
+
+    def __init__(self, layout: ResultsLayout) -> None:
+        self.layout = layout
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        return read_json(self.layout.unit(key))
+
+    def put(self, entry: dict[str, Any]) -> None:
+        atomic_write_json(self.layout.unit(key_of(entry)), entry)
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every entry, ordered by layer, index, sign."""
+        folder = self.layout.units
+        entries = [json.loads(p.read_text()) for p in folder.glob("L*_N*_*.json")] if folder.is_dir() else []
+        return sorted(entries, key=lambda e: (e["layer"], e["neuron"], e["sign"] != "positive"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a collection
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RecordStore:
+    """Read access to a collection folder; loads one unit at a time from memory-mapped arrays."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.layout = CollectionLayout(path)
+        self.path = self.layout.root
+        if not self.layout.meta.is_file():
+            raise UserError(
+                f"No finished activation collection at {self.path} (collection.json is missing).",
+                "Run stage 01 (`python -m nbutils run`, or nbutils.collect.stage.collect_activations) into that "
+                "folder first, or pass the folder that stage 01 wrote.",
+            )
+        self.meta = CollectionMeta.from_dict(json.loads(self.layout.meta.read_text()))
+        if self.meta.format_version != FORMAT_VERSION:
+            raise UserError(
+                f"{self.layout.meta} has record format {self.meta.format_version}; this nbutils reads "
+                f"{FORMAT_VERSION}.",
+                "Re-run stage 01 with this version of nbutils.",
+            )
+        self.tokens = _load_npy(self.layout.tokens)
+        self.places = _load_npy(self.layout.places)
+        self.random_index = np.asarray(_load_npy(self.layout.random_sample))
+        self.vocab = {int(k): v for k, v in json.loads(self.layout.vocab.read_text()).items()}
+        self._layers: dict[int, dict[str, np.ndarray]] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers)
+
+    def _layer(self, layer: int) -> dict[str, np.ndarray]:
+        if layer not in self._layers:
+            if layer not in self.meta.layers:
+                raise UserError(
+                    f"Layer {layer} is not in the collection at {self.path}; it holds layers {self.meta.layers}.",
+                    "Choose one of those layers, or collect this layer with stage 01.",
+                )
+            d = self.layout.layer_dir(layer)
+            self._layers[layer] = {p.stem: _load_npy(p) for p in sorted(d.glob("*.npy")) if not p.name.startswith(".")}
+        return self._layers[layer]
+
+    def neurons(self, layer: int) -> np.ndarray:
+        """Indices of the units collected in a layer."""
+        return np.asarray(self._layer(layer)["neurons"])
+
+    def unit(self, layer: int, index: int) -> UnitId:
+        return UnitId(layer, index, self.meta.kind)
+
+    def all_ids(self) -> Iterator[UnitId]:
+        for layer in self.layers:
+            for n in self.neurons(layer):
+                yield self.unit(layer, int(n))
+
+    def stats(self, layer: int) -> dict[str, np.ndarray]:
+        """Per-unit statistics of a layer as named columns (plus ``neuron``, the unit indices)."""
+        arr = np.asarray(self._layer(layer)["stats"])
+        out = {name: arr[:, i] for i, name in enumerate(STAT_FIELDS)}
+        out["neuron"] = self.neurons(layer)
+        return out
+
+    def strength(self, layer: int) -> np.ndarray:
+        """Per unit of a layer, its max activation over its standard deviation: large for units that fire
+        rarely and strongly (0 for a unit that never varies)."""
+        s = self.stats(layer)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(s["variance"] > 0, s["max"] / np.sqrt(s["variance"]), 0.0)
+
+    def strongest(self, layer: int, n: int) -> list[int]:
+        """The ``n`` units of a layer with the largest `strength`, strongest first."""
+        order = np.argsort(-self.strength(layer), kind="stable")[:n]
+        return [int(self.neurons(layer)[i]) for i in order]
+
+    def _row(self, layer: int, neuron: int) -> int:
+        neurons = self.neurons(layer)
+        row = int(np.searchsorted(neurons, neuron))
+        if row >= len(neurons) or neurons[row] != neuron:
+            noun = "neuron" if self.meta.kind == NEURON else "unit"
+            raise UserError(
+                f"{noun.capitalize()} {neuron} of layer {layer} was not collected (this layer holds {len(neurons)} "
+                f"{noun}s, indices {int(neurons[0])}..{int(neurons[-1])}).",
+                f"Pick a collected {noun}, or re-run stage 01 with that {noun} included.",
+            )
+        return row
+
+    def excerpt_tokens(self, index: int) -> list[str]:
+        return [self.vocab[int(t)] for t in self.tokens[index]]
+
+    def _excerpt(self, index: int, acts: np.ndarray) -> Excerpt:
+        ids = [int(t) for t in self.tokens[index]]
+        doc, offset = (int(x) for x in self.places[index])
+        return Excerpt(
+            tokens=[self.vocab[t] for t in ids],
+            activations=np.array(acts, dtype=np.float32),
+            token_ids=ids,
+            index=int(index),
+            doc=doc,
+            offset=offset,
+        )
+
+    def _excerpts(self, index: np.ndarray, acts: np.ndarray) -> list[Excerpt]:
+        return [self._excerpt(int(i), a) for i, a in zip(index, acts) if i >= 0]
+
+    def record(self, layer: int, neuron: int) -> UnitRecord:
+        """Load one unit's record, reading only its rows from disk."""
+        arrays = self._layer(layer)
+        row = self._row(layer, neuron)
+        stats = np.asarray(arrays["stats"][row], dtype=np.float64)
+        bottom = []
+        if "bottom_index" in arrays:
+            bottom = self._excerpts(arrays["bottom_index"][row], arrays["bottom_acts"][row])
+        bands = [self._excerpts(i, a) for i, a in zip(arrays["band_index"][row], arrays["band_acts"][row])]
+        return UnitRecord(
+            id=self.unit(layer, neuron),
+            top=self._excerpts(arrays["top_index"][row], arrays["top_acts"][row]),
+            bottom=bottom,
+            random=self._excerpts(self.random_index, arrays["random_acts"][row]),
+            bands=bands,
+            band_quantiles=[tuple(b) for b in self.meta.bands],
+            band_edges=[float(x) for x in arrays["band_edges"][row]],
+            **{name: float(stats[i]) for i, name in enumerate(STAT_FIELDS)},
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits of a record for explaining and scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
+    return [Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts]
+
+
+SPLITS = ("nbutils", "paper")
+"""How `split_excerpts` deals a record's excerpts into train / calibration / valid sets."""
+
+
+def split_excerpts(
+    record: UnitRecord, negative: bool = False, per_band: int = 0, split: str = "nbutils"
+) -> dict[str, list[Excerpt]]:
+    """Disjoint excerpt sets for explaining, calibrating and scoring one unit.
+
+    Top excerpts are dealt round-robin into train / calibration / valid / test, random ones into
+    calibration / valid / test (the interleaved split of OpenAI's neuron-explainer). The explainer sees only
+    ``train``; best-of-n choice and the linear calibration use ``calibration_*``; scores use ``valid_*``.
+
+    ``split="nbutils"`` (the default) uses every excerpt collected: ``train = top[0::4]``, ``valid_top =
+    top[2::4]``, ``valid_random = random[1::3]``, and leaves out of the random sets any excerpt the
+    explainer also sees among its train excerpts. With the main job's 20 top and 20 random excerpts that is
+    5 train, 5 + 6-7 calibration and 5 + 6-7 scored excerpts (top + random). ``split="paper"`` is
+    neuron-explainer's exact split (``ActivationRecordSliceParams`` with equal splits): ``n = min(len(top)
+    // 4, len(random) // 3)`` excerpts per split, ``train = top[0:4n:4]``, ``valid = top[2:4n:4] +
+    random[1:3n:3]`` (1:1, nothing removed), so scores compare with the paper's (which scored 5 + 5).
+
+    With ``per_band``, ``stratified`` holds the same number of excerpts (at most ``per_band``) from every
+    non-empty quantile band, none of them a train or calibration excerpt: a sample spread evenly over
+    activation levels (positive side only; bands are sampled by maximum activation).
+    With ``negative`` the bottom excerpts stand in for the top ones and every activation is negated, so the
+    negative side of a signed unit is explained like a positive one.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split={split!r} is not one of {SPLITS}.", 'Use split="nbutils" or split="paper".')
+    top = _negated(record.bottom) if negative else record.top
+    rand = _negated(record.random) if negative else record.random
+    if split == "paper":
+        n = min(len(top) // 4, len(rand) // 3)
+        top, rand = top[: 4 * n], rand[: 3 * n]
+    train = top[0::4]
+    shown = {e.index for e in train if e.index >= 0}
+    if split == "nbutils":
+        rand = [e for e in rand if e.index not in shown]  # a random excerpt may also be a top one
+    sets = {
+        "train": train,
+        "calibration_top": top[1::4],
+        "calibration_random": rand[0::3],
+        "valid_top": top[2::4],
+        "valid_random": rand[1::3],
+    }
+    used = {e.index for name in ("train", "calibration_top", "calibration_random") for e in sets[name]} - {-1}
+    bands = [] if negative else [[e for e in band if e.index not in used] for band in record.bands]
+    bands = [band for band in bands if band]
+    even = min([per_band] + [len(band) for band in bands]) if bands else 0
+    return sets | {"stratified": [e for band in bands for e in band[:even]]}

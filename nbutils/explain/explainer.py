@@ -1,0 +1,118 @@
+"""Explaining one unit: an LLM explanation (best-of-n) and the token-lookup baseline's.
+
+The explainer sees the unit's ``train`` excerpts (`nbutils.core.records.split_excerpts`) as 0..10 values and
+completes "the main thing this neuron does is find ...". With ``n_samples > 1`` every candidate is simulated
+on the calibration excerpts by the same backend, and the one with the highest correlation is kept; all
+candidates are recorded with their scores. Every unit also gets the token-lookup baseline's explanation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from nbutils.core.errors import UserError
+from nbutils.core.records import Excerpt, RecordStore, UnitRecord, split_excerpts
+from nbutils.core.units import UnitId
+from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
+from nbutils.llm.prompts import ShownExcerpt, normalise, parse_explanation
+from nbutils.score.baseline import token_lookup_explanation, token_table
+from nbutils.score.metrics import correlation
+from nbutils.score.simulation import expected_values, simulate, true_activations
+
+
+def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[ShownExcerpt]:
+    """Excerpts as the explainer sees them: tokens and their 0..10 values."""
+    return [
+        ShownExcerpt(tuple(e.tokens), tuple(int(v) for v in normalise(e.activations, max_activation))) for e in excerpts
+    ]
+
+
+def _candidate(
+    reply: str, llm: Backend, calibration: list[Excerpt], best_of_n: bool
+) -> tuple[dict[str, Any], bool | None]:
+    """One reply as a candidate (with its calibration score for best-of-n); if its simulation failed, whether
+    a retry could help (else None)."""
+    text = parse_explanation(reply)
+    cand: dict[str, Any] = {"explanation": text, "reply": reply, "calibration_score": None, "reason": None}
+    if not text:
+        cand["reason"] = "empty or unusable explainer reply"
+    elif best_of_n and calibration:
+        try:
+            ev = expected_values(simulate(llm, text, calibration))
+        except LLMFailed as e:
+            cand["reason"] = f"simulation failed: {e}"
+            return cand, e.retryable
+        m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
+        cand["calibration_score"], cand["reason"] = m.value, m.reason
+    return cand, None
+
+
+def explain_unit(
+    record: UnitRecord, llm: Backend | None, n_samples: int = 1, temperature: float = 1.0, negative: bool = False,
+    seed: int = 0, split: str = "nbutils",
+) -> dict[str, Any]:  # fmt: skip
+    """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl."""
+    sp = split_excerpts(record, negative, split=split)
+    train = sp["train"]
+    entry: dict[str, Any] = {
+        "layer": record.id.layer, "neuron": record.id.index, "sign": "negative" if negative else "positive",
+        "explanation": None, "failure": None, "candidates": [], "split": split,
+        "baseline": {"explanation": token_lookup_explanation(token_table(train)), "method": "token lookup"},
+    }  # fmt: skip
+    max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
+    if not train or max_act <= 0:
+        entry["failure"] = "the neuron never activates on its training excerpts, so there is nothing to explain"
+        return entry
+    request = ExplainRequest(tuple(shown_excerpts(train, max_act)), n_samples, temperature, seed)
+    try:
+        replies = llm.explain(request)
+    except LLMFailed as e:
+        entry["failure"], entry["retryable"] = f"explainer request failed: {e}", e.retryable
+        return entry
+    calibration = sp["calibration_top"] + sp["calibration_random"]
+    failed = []
+    for reply in replies:
+        cand, retryable = _candidate(reply, llm, calibration, n_samples > 1)
+        entry["candidates"].append(cand)
+        failed += [] if retryable is None else [retryable]
+    if failed:  # a candidate's simulation failed: retry the unit if a server fault was the cause
+        entry["retryable"] = any(failed)
+    usable = [c for c in entry["candidates"] if c["explanation"]]
+    if not usable:
+        entry["failure"] = f"no usable explanation among {len(replies)} replies"
+        return entry
+    best = max(usable, key=lambda c: -np.inf if c["calibration_score"] is None else c["calibration_score"])
+    entry["explanation"] = best["explanation"]
+    return entry
+
+
+def units_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[UnitId]:
+    """Which units to explain: "all"; an int (that many per collected layer, a seeded sample);
+    "strongest:N" (per layer, the N with the largest max activation over standard deviation, the most
+    selective ones, strongest first); or [[layer, index], ...]."""
+    if spec == "all" or spec is None:
+        return list(store.all_ids())
+    if isinstance(spec, str) and spec.startswith("strongest:") and spec[len("strongest:") :].isdigit():
+        n = int(spec[len("strongest:") :])
+        return [store.unit(layer, neuron) for layer in store.layers for neuron in store.strongest(layer, n)]
+    if isinstance(spec, int):
+        ids = []
+        for layer in store.layers:
+            neurons = store.neurons(layer)
+            pick = np.random.default_rng([seed, layer]).choice(len(neurons), min(spec, len(neurons)), replace=False)
+            ids += [store.unit(layer, int(neurons[i])) for i in sorted(pick)]
+        return ids
+    try:
+        ids = [store.unit(int(layer), int(neuron)) for layer, neuron in spec]
+    except (TypeError, ValueError):
+        raise UserError(
+            f"explain_neurons={spec!r} is not 'all', 'strongest:N', a number per layer, or a list of [layer, neuron] "
+            "pairs.",
+            "Write e.g. explain_neurons=4, explain_neurons=strongest:5 or explain_neurons=[[0, 12], [29, 700]].",
+        ) from None
+    for nid in ids:
+        store.record(nid.layer, nid.index)  # raises a clear error for units that were not collected
+    return ids

@@ -1,0 +1,256 @@
+"""The contract every LLM backend keeps, and the registry that makes one by name.
+
+A backend answers three structured requests and renders their prompts itself (the shared text is in
+`nbutils.llm.prompts`), fitting as many worked examples as its context allows:
+
+- `Backend.explain` (`ExplainRequest`: a unit's excerpts on the 0..10 scale) -> raw replies that continue the
+  explanation prefix;
+- `Backend.simulate` (`SimulationRequest`: an explanation and excerpts' tokens) -> per excerpt a
+  ``[tokens, 11]`` array of label probabilities;
+- `Backend.judge` (`JudgeRequest`: a detection or fuzzing task, an explanation, items) -> `Judgements`.
+
+It counts what it sends in ``usage`` and raises `LLMFailed` for a server fault that outlasted its retries
+(retried when the stage is rerun) or `SimulationFailed` for a reply that holds nothing usable (the model's
+doing; not retried). Adding a backend is one module with a `Backend` subclass and one line in `BACKENDS`
+(or a call to `register_backend`).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from nbutils.core.errors import UserError
+from nbutils.core.io import atomic_write_json
+from nbutils.core.registry import Registry
+from nbutils.llm.prompts import (
+    WORKED_EXAMPLES,
+    JudgeItem,
+    ShownExcerpt,
+    WorkedExample,
+    explanation_messages,
+    fit_examples,
+    judge_piece,
+    judge_prefix,
+    simulation_prefix,
+)
+
+
+class LLMFailed(Exception):
+    """An LLM call that gave no usable reply; the message says why.
+
+    Stages record it as the unit's failure and carry on with the other units. ``retryable``: a server fault
+    that outlasted the retries (a rerun tries again), as opposed to an unusable reply from the model.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SimulationFailed(LLMFailed):
+    """A reply that held no usable answer (the model's doing, so not retried on rerun)."""
+
+    retryable = False
+
+
+@dataclass
+class Usage:
+    """Token counts, for cost estimates and for comparing against the floor."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def add(self, other: Usage) -> None:
+        for name in USAGE_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def cost(self, prices: dict[str, float]) -> float:
+        """Estimated cost from a price table in currency units per million tokens: {"prompt": .., "completion": ..}."""
+        unknown = set(prices) - {"prompt", "completion"}
+        if unknown:
+            raise UserError(
+                f"Price table keys {sorted(unknown)} are not 'prompt' or 'completion'.", "Use those two keys."
+            )
+        return (
+            self.prompt_tokens * prices.get("prompt", 0.0) + self.completion_tokens * prices.get("completion", 0.0)
+        ) / 1e6
+
+    def save(self, path: str | Path, prices: dict[str, float] | None = None) -> dict[str, object]:
+        """Move these counts into the totals of a usage.json file (so resumed runs keep counting); returns them.
+
+        The counts here are reset, so calling this after every unit loses nothing if the run is killed.
+        """
+        path = Path(path)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        total = Usage(**{k: old.get(k, 0) for k in USAGE_FIELDS})
+        total.add(self)
+        for name in USAGE_FIELDS:
+            setattr(self, name, 0)
+        out: dict[str, object] = asdict(total)
+        looked_up = total.cache_hits + total.cache_misses
+        out["cache_hit_rate"] = total.cache_hits / looked_up if looked_up else None
+        if prices:
+            out["prices_per_million_tokens"] = prices
+            out["estimated_cost"] = total.cost(prices)
+        atomic_write_json(path, out)
+        return out
+
+
+USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """Explain one unit from its excerpts (values on the 0..10 scale); ``n`` candidate replies."""
+
+    excerpts: tuple[ShownExcerpt, ...]
+    n: int = 1
+    temperature: float = 1.0
+    seed: int = 0
+    examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+
+
+@dataclass(frozen=True)
+class SimulationRequest:
+    """Predict a unit's 0..10 value at every token of each excerpt from its explanation alone."""
+
+    explanation: str
+    excerpts: tuple[tuple[str, ...], ...]
+    max_prompt_tokens: int | None = None
+    """A cap on the prompt below the context (fewer worked examples, cheaper requests)."""
+    examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """Answer yes/no for each item: does the unit fire in it (detection), are its marked tokens the ones the
+    explanation describes (fuzzing)?"""
+
+    task: str
+    explanation: str
+    items: tuple[JudgeItem, ...]
+    max_prompt_tokens: int | None = None
+    examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+
+
+@dataclass
+class Judgements:
+    """P(yes) per item (NaN where a reply held no answer), and whether they are probabilities (else hard 0/1
+    answers, with which AUROC does not exist)."""
+
+    p_yes: np.ndarray
+    probabilities: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The contract
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to make a backend: its kind (a name in `BACKENDS`), the model, and where it is served."""
+
+    kind: str = "local"
+    model: str = "embedded"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    simulation_mode: str = "auto"
+    cache_path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """An LLM that explains, simulates and judges (see the module docstring)."""
+
+    name: ClassVar[str]
+    context: int = 8192
+    usage: Usage
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: BackendSpec) -> Backend: ...
+
+    @abstractmethod
+    def explain(self, request: ExplainRequest) -> list[str]: ...
+
+    @abstractmethod
+    def simulate(self, request: SimulationRequest) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def judge(self, request: JudgeRequest) -> Judgements: ...
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 3 + 1  # a conservative estimate where the tokenizer is unknown
+
+    def fit(
+        self, render: Callable[[Sequence[WorkedExample]], str], reserve: int, examples: Sequence[WorkedExample],
+        cap: int | None = None,
+    ) -> tuple[WorkedExample, ...]:  # fmt: skip
+        """The worked examples that leave ``reserve`` tokens free in the context (or under ``cap``)."""
+        limit = min(self.context, cap or self.context)
+        return fit_examples(lambda ex: self.count_tokens(render(ex)) + reserve, limit, examples)
+
+    def explanation_messages(self, request: ExplainRequest) -> list[dict[str, str]]:
+        """The explainer's chat, with as many worked examples as fit (120 tokens left for the reply)."""
+        examples = self.fit(
+            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex)), 120, request.examples
+        )
+        return explanation_messages(request.excerpts, examples)
+
+    def simulation_examples(self, request: SimulationRequest) -> tuple[WorkedExample, ...]:
+        """The worked examples of a simulation prompt that leave room for its longest excerpt."""
+        longest = max(len(tokens) for tokens in request.excerpts) * 8  # generous tokens per line + branch tokens
+        return self.fit(
+            lambda ex: simulation_prefix(request.explanation, ex), longest, request.examples, request.max_prompt_tokens
+        )
+
+    def judge_examples(self, request: JudgeRequest) -> tuple[WorkedExample, ...]:
+        """The worked examples of a judging prompt that leave room for its longest item."""
+        longest = max(self.count_tokens(judge_piece(i)) for i in request.items) + 4
+        return self.fit(
+            lambda ex: judge_prefix(request.task, request.explanation, ex), longest, request.examples,
+            request.max_prompt_tokens,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------
+
+BACKENDS = Registry(
+    "LLM backend",
+    {
+        "local": "nbutils.llm.local:LocalBackend",
+        "openai": "nbutils.llm.openai_compat:OpenAIBackend",
+        "oracle": "nbutils.llm.oracle:OracleBackend",
+    },
+)
+"""Backends by name: a class, or ``"module:Class"`` imported when first asked for."""
+
+
+def register_backend(name: str, backend: str | type[Backend]) -> None:
+    """Make a backend available by name (to `make_backend`, the stages and the command line)."""
+    BACKENDS[name] = backend
+
+
+def make_backend(spec: BackendSpec) -> Backend:
+    """A backend for explaining, simulating and judging, made from its spec."""
+    return BACKENDS.resolve(spec.kind).from_spec(spec)

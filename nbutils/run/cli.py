@@ -1,0 +1,108 @@
+"""The ``nbutils`` command (also ``python -m nbutils``): run the stage chain, list parameters, export records."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from nbutils.core.errors import UserError
+
+
+def _params(pairs: list[str]) -> dict[str, object]:
+    from nbutils.run.pipeline import parse_value
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UserError(f"Parameter {pair!r} is not of the form name=value.", "Write e.g. -p n_excerpts=500.")
+        out[name.strip()] = parse_value(value)
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nbutils.core.config import defaults, schema
+    from nbutils.run.params import PRESETS
+    from nbutils.run.pipeline import STAGES, StageFailed, load_config, run_pipeline, where_to_look
+
+    if args.list_params:
+        main = defaults()
+        for stage in STAGES:
+            names = [n for n, f in schema().items() if stage.folder in f.metadata["stages"]]
+            if names:
+                print(f"{stage.folder} ({stage.notebook}):")
+            for name in names:
+                print(f"  {name} = {main[name]!r}   {schema()[name].metadata['help']}".rstrip())
+        for name, values in PRESETS.items():
+            print(f"--preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+        return 0
+    params = load_config(args.config) if args.config else {}
+    params.update(_params(args.param))
+    stages = args.stages.split(",") if args.stages else None
+    nb_dir = Path(args.notebooks) if args.notebooks else None
+    try:
+        run_dir = run_pipeline(
+            params, run_id=args.run_id, output_root=args.output_root, stages=stages, nb_dir=nb_dir, preset=args.preset
+        )
+    except StageFailed as e:
+        print(f"error: stage {e.stage} failed: {e.reason}", file=sys.stderr)
+        print(f"executed notebook with the error: {e.notebook}", file=sys.stderr)
+        return 1
+    print("\n".join(where_to_look(run_dir)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nbutils.core.progress import progress_bar
+    from nbutils.core.records import RecordStore
+    from nbutils.interop.neuron_explainer import export_openai
+
+    if args.neuron is not None and args.layer is None:
+        raise UserError("--neuron was given without --layer.", "Name the layer too, e.g. --layer 15 --neuron 955.")
+    store = RecordStore(args.collection)
+    if args.layer is not None:
+        neurons = [args.neuron] if args.neuron is not None else store.neurons(args.layer).tolist()
+        ids = [store.unit(args.layer, int(n)) for n in neurons]
+    else:
+        ids = list(store.all_ids())
+    count = export_openai(store, args.out, progress_bar(iterable=ids, desc="export", unit="neuron"))
+    print(f"wrote {count} NeuronRecord files under {Path(args.out) / '<layer>' / '<neuron>.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbutils", description="Explain and score language-model neurons.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the stage notebooks in order into outputs/<run_id>/")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="a stage parameter")
+    run.add_argument("--config", help="YAML file of parameters (command-line -p values win)")
+    run.add_argument("--preset", help="a named set of parameters, e.g. quick (a first look in a few minutes)")
+    run.add_argument(
+        "--run-id", help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)"
+    )
+    run.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
+    run.add_argument("--stages", help="comma-separated stage numbers or names, e.g. 01")
+    run.add_argument("--notebooks", help="notebooks folder (default: the stage notebooks installed with nbutils)")
+    run.add_argument("--list-params", action="store_true", help="print every stage's parameters and exit")
+    run.set_defaults(func=_cmd_run)
+    exp = sub.add_parser("export-openai", help="write OpenAI neuron-explainer NeuronRecord JSON files")
+    exp.add_argument("collection", help="a stage-01 output folder")
+    exp.add_argument("out", help="folder for <layer>/<neuron>.json files")
+    exp.add_argument("--layer", type=int, help="only this layer (default: every collected layer)")
+    exp.add_argument("--neuron", type=int, help="only this neuron of --layer")
+    exp.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print("error: " + textwrap.fill(f"{e.problem} Fix: {e.fix}", width=100), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command with the same --run-id to continue", file=sys.stderr)
+        return 130

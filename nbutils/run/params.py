@@ -1,0 +1,214 @@
+"""Checking user parameters against the schema (`nbutils.core.config.RunConfig`) before anything runs.
+
+`check_parameters` validates a whole set of values: unknown names (with "did you mean"), types
+(``-p n_excerpts=abc`` is refused), choices (backends and scorers from their registries), the form of
+``explain_neurons``, and paths, which are resolved from the folder the command runs in and must exist when
+they are clearly paths. `PRESETS` are named sets of values (``nbutils run --preset quick``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from nbutils.core.config import defaults, hints, schema
+from nbutils.core.errors import UserError
+from nbutils.llm.contract import BACKENDS
+from nbutils.score.contract import SCORERS
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "n_excerpts": 512,
+        "layers": [0, 15, 29],
+        "explain_neurons": "strongest:1",
+        "judge_per_class": 5,
+        "n_boot": 200,
+    },
+}
+"""Named sets of values (``nbutils run --preset quick``); command-line values win over them. ``quick``: a first
+look in a few minutes (see README for the measured time)."""
+
+OWNED = ("output_dir", "run_dir", "collection_dir", "explanation_dir", "score_dir")
+"""Folders the chain sets itself: a stage's own output folder, the run folder and the earlier stages' folders."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Types
+# ----------------------------------------------------------------------------------------------------------
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null (None)"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", type(None): "nulls"}
+
+
+def describe(tp: Any, plural: bool = False) -> str:
+    """A type in words: ``list[int] | None`` -> "a list of integers or null (None)"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a, plural) for a in args)
+    if origin is list:
+        return ("lists of " if plural else "a list of ") + describe(args[0], plural=True)
+    if origin is dict:
+        return ("mappings" if plural else "a mapping") + f" of {describe(args[0], True)} to {describe(args[1], True)}"
+    if plural:
+        return _PLURALS.get(tp, getattr(tp, "__name__", str(tp)) + "s")
+    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether a parsed value has a type (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _shown(value: Any) -> str:
+    return f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a set of values
+# ----------------------------------------------------------------------------------------------------------
+
+
+def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_names(params: dict[str, Any]) -> None:
+    """Refuse names the chain owns or no stage takes (with the closest real name)."""
+    owned = sorted(set(params) & set(OWNED))
+    if owned:
+        raise UserError(
+            f"Parameter(s) {owned} are set by the pipeline itself (each stage's folder inside the run folder).",
+            "Leave them out; choose where runs go with --output-root and --run-id.",
+        )
+    known = list(schema())
+    for name in params:
+        if name not in known:
+            raise UserError(
+                f"Unknown parameter {name!r}: no stage takes it.{did_you_mean(name, known)}",
+                "See every parameter with `nbutils run --list-params`.",
+            )
+
+
+def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """Validate user values (names, types, choices, paths) and return every parameter's effective value:
+    defaults filled in, integers given for numbers turned into floats, relative paths made absolute from
+    ``cwd`` (default: the current folder). Raises `UserError` naming the first problem and its fix."""
+    check_names(params)
+    tps = hints()
+    out = {**defaults(), **params}
+    for name, value in params.items():
+        if not conforms(value, tps[name]):
+            meta = schema()[name].metadata
+            example = meta.get("example", _yaml(defaults()[name]))
+            raise UserError(
+                f"Parameter {name}={value!r}: expected {describe(tps[name])}, got {_shown(value)}.",
+                f"Give it as YAML, e.g. -p '{name}={example}' ({meta['help']}).",
+            )
+        if tps[name] is float and isinstance(value, int):
+            out[name] = float(value)
+    for name, f in schema().items():
+        _check_choice(name, out[name], choices(f.metadata.get("choices")))
+    _check_explain_neurons(out["explain_neurons"])
+    base = Path(cwd or os.getcwd())
+    out["model"] = resolve_model(out["model"], base, "model")
+    out["corpus"] = resolve_corpus(out["corpus"], base)
+    for name, backend in (("explainer_model", "explainer_backend"), ("simulator_model", "simulator_backend")):
+        if out[backend] == "local":
+            out[name] = resolve_model(out[name], base, name)
+    return out
+
+
+def choices(spec: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A field's allowed values: listed in the schema, or the names in a registry ("backends", "scorers")."""
+    if isinstance(spec, str):
+        return tuple({"backends": BACKENDS, "scorers": SCORERS}[spec])
+    return spec
+
+
+def _yaml(value: Any) -> str:
+    import json
+
+    return "null" if value is None else json.dumps(value).replace('"', "") if not isinstance(value, str) else value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...] | None) -> None:
+    if not choices:
+        return
+    for v in value if isinstance(value, list) else [value]:
+        if v not in choices:
+            raise UserError(
+                f"Parameter {name}={v!r} is not one of {', '.join(map(repr, choices))}.{did_you_mean(v, choices)}",
+                f"Use one of those, e.g. -p {name}={choices[0]}.",
+            )
+
+
+def _check_explain_neurons(value: Any) -> None:
+    fix = (
+        'Write e.g. -p explain_neurons=4, -p explain_neurons=strongest:5, or -p "explain_neurons=[[0, 12], [29, 700]]".'
+    )
+    if isinstance(value, str):
+        kind, _, n = value.partition(":")
+        if value != "all" and not (kind == "strongest" and n.isdigit() and int(n) > 0):
+            raise UserError(f'explain_neurons={value!r} is not "all" or "strongest:N" (N > 0).', fix)
+    elif isinstance(value, int) and value < 1:
+        raise UserError(f"explain_neurons={value} is not positive.", fix)
+    elif isinstance(value, list) and any(len(pair) != 2 for pair in value):
+        raise UserError(f"explain_neurons={value!r} holds entries that are not [layer, neuron] pairs.", fix)
+
+
+def looks_like_path(spec: str, suffixes: tuple[str, ...]) -> bool:
+    """A spec that can only be a local path: starts with . / ~, ends with a file suffix, or has two or more
+    slashes (Hugging Face ids have one)."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(suffixes) or spec.count("/") > 1 or "\\" in spec
+
+
+def _absolute(spec: str, base: Path, what: str, must_exist: bool) -> str:
+    path = Path(spec).expanduser()
+    path = path if path.is_absolute() else (base / path)
+    if must_exist and not path.exists():
+        raise UserError(
+            f"The {what} {spec!r} does not exist (looked for {path.resolve()}; relative paths are taken from the "
+            "folder the command runs in).",
+            "Check the path, or run the command from the folder the path is relative to.",
+        )
+    return str(path.resolve())
+
+
+def resolve_model(spec: str, base: Path, name: str = "model") -> str:
+    """A model spec with a local path made absolute; a path that does not exist is refused."""
+    if spec in ("embedded", "planted"):
+        return spec
+    if spec.startswith("planted:"):
+        return "planted:" + _absolute(spec[len("planted:") :], base, f"planted-neuron file of {name}", True)
+    if looks_like_path(spec, (".gguf", ".safetensors", ".bin")):
+        return _absolute(spec, base, f"{name} path", True)
+    if (base / spec).exists():
+        return _absolute(spec, base, name, True)
+    return spec  # a Hugging Face id
+
+
+def resolve_corpus(spec: str, base: Path) -> str:
+    """A corpus spec with a local path made absolute; a path that does not exist is refused."""
+    if spec == "embedded":
+        return spec
+    if looks_like_path(spec, (".txt", ".jsonl")) or (base / spec).exists():
+        return _absolute(spec, base, "corpus", True)
+    return spec  # a Hugging Face dataset name

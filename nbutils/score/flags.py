@@ -1,0 +1,116 @@
+"""Notes that travel with a number, so a weak or degenerate result says so wherever it is shown.
+
+Every view (stage tables, the viewer, the static page, the report) prints these next to the numbers they
+qualify. They are computed from what stages 02 and 03 store, so runs written before them get them too.
+
+- A *degenerate judge* gives the same answer to every item: its balanced accuracy is 0.5 by construction and
+  its F1 equals that of answering yes to everything (the *chance* F1, ``2P / (2P + N)``), however high that is.
+- A score over *too few items* (fewer than `MIN_CLASS_ITEMS` positives or negatives, fewer than
+  `MIN_SCORED_EXCERPTS` excerpts) is noted with its counts: its interval is wide and one item moves it a lot.
+- An explanation that *copies a worked example* of the prompt, or is the *same as other neurons'*
+  explanations, describes the prompt rather than the neuron. A copy: the explanation starts with the first
+  three words of a worked example's explanation, or shares four consecutive words with it (after lower-casing
+  and dropping punctuation). The same: the first five words (the whole text if shorter) are equal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nbutils.core.units import unit_name
+from nbutils.llm.prompts import WORKED_EXAMPLES
+
+MIN_CLASS_ITEMS = 5
+"""Detection/fuzzing scores with fewer positive or negative items than this are noted."""
+MIN_SCORED_EXCERPTS = 4
+"""Correlation scores over fewer excerpts than this are noted."""
+WARN = "\u26a0"
+
+
+def words(text: str | None) -> list[str]:
+    """Lower-case words of a text, punctuation dropped (what copy and duplicate checks compare)."""
+    return re.findall(r"[a-z0-9]+", (text or "").lower())
+
+
+def _ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
+
+
+def copied_example(explanation: str | None, examples: Iterable[str] | None = None) -> int | None:
+    """The (0-based) worked example an explanation copies, or None (see the module docstring)."""
+    mine = words(explanation)
+    for i, example in enumerate(examples if examples is not None else [e.explanation for e in WORKED_EXAMPLES]):
+        theirs = words(example)
+        if (len(mine) >= 3 and mine[:3] == theirs[:3]) or _ngrams(mine, 4) & _ngrams(theirs, 4):
+            return i
+    return None
+
+
+def explanation_notes(explanations: Mapping[Any, str | None]) -> dict[Any, list[str]]:
+    """Per key, notes on its explanation: copies a worked example, or is the same as other keys' ones.
+
+    ``explanations`` maps any key (e.g. ``(layer, neuron, sign)``) to an explanation (None: not explained)."""
+    examples = [e.explanation for e in WORKED_EXAMPLES]
+    heads: dict[tuple[str, ...], list[Any]] = {}
+    for key, text in explanations.items():
+        if words(text):
+            heads.setdefault(tuple(words(text)[:5]), []).append(key)
+    notes: dict[Any, list[str]] = {}
+    for key, text in explanations.items():
+        mine = []
+        copied = copied_example(text, examples)
+        if copied is not None:
+            mine.append(f'copies worked example {copied + 1} of the prompt ("{examples[copied]}")')
+        others = [k for k in heads.get(tuple(words(text)[:5]), []) if k != key] if words(text) else []
+        if others:
+            mine.append(
+                f"same as the explanation of {len(others)} other neuron{'s' if len(others) > 1 else ''}"
+                f" ({', '.join(unit_name(k) for k in others[:3])}{', ...' if len(others) > 3 else ''})"
+            )
+        if mine:
+            notes[key] = mine
+    return notes
+
+
+def judge_notes(task: Mapping[str, Any] | None) -> list[str]:
+    """Notes on a stored detection/fuzzing result: a degenerate judge, too few items of a class."""
+    if not task:
+        return []
+    notes = []
+    answered = task.get("n_positive", 0) + task.get("n_negative", 0) - task.get("n_unanswered", 0)
+    n_yes = task.get("n_yes")
+    if answered and n_yes is not None and n_yes in (0, answered):
+        notes.append(
+            f"degenerate judge: answered {'yes' if n_yes else 'no'} to all {answered} items "
+            "(balanced accuracy 0.5 by construction)"
+        )
+    for cls in ("positive", "negative"):
+        n = task.get(f"n_{cls}", 0)
+        if n < MIN_CLASS_ITEMS:
+            notes.append(f"only {n} {cls} item{'' if n == 1 else 's'}")
+    return notes
+
+
+def score_set_notes(scores: Mapping[str, Any] | None) -> list[str]:
+    """Notes on a stored correlation score set (``top_and_random`` ...): too few excerpts."""
+    n = (scores or {}).get("n_excerpts")
+    if n is not None and 0 < n < MIN_SCORED_EXCERPTS:
+        return [f"only {n} excerpt{'' if n == 1 else 's'}"]
+    return []
+
+
+def with_notes(text: str, notes: Iterable[str]) -> str:
+    """A number's text followed by its notes: ``0.500 ⚠ degenerate judge: ...``."""
+    notes = list(notes)
+    return f"{text} {WARN} {'; '.join(notes)}" if notes else text
+
+
+def f1_text(task: Mapping[str, Any] | None) -> str:
+    """F1 with its chance level, e.g. ``0.741 (always-yes 0.667)``; "-" when there is none."""
+    m = (task or {}).get("f1") or {}
+    if m.get("value") is None:
+        return f"undefined: {m['reason']}" if m.get("reason") else "-"
+    chance = ((task or {}).get("f1_chance") or {}).get("value")
+    return f"{m['value']:.3f}" + (f" (always-yes {chance:.3f})" if chance is not None else "")

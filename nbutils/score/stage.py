@@ -1,0 +1,125 @@
+"""Stage 03: score every explanation of stage 02 with the chosen scorers, beside the token-lookup baseline.
+
+For each unit side, every scorer (`nbutils.score.contract`; by default ``simulation``, ``detection`` and
+``fuzzing``) scores the token-lookup baseline and then the explanation, on excerpts the explainer never saw.
+A scorer whose LLM requests fail records the failure and the scorers after it do not run (a rerun retries the
+unit if the server was at fault); the baseline is always scored.
+
+Artifacts in the stage folder (`nbutils.core.layout.ResultsLayout`): one result file per unit side
+(written after its simulation file, so a score on disk always has its details), then ``scores.jsonl`` with
+all of them, ``simulations/`` (each scorer's details), ``summary.json`` and ``usage.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nbutils.core.config import RunConfig
+from nbutils.core.errors import UserError
+from nbutils.core.failures import write_summary
+from nbutils.core.io import atomic_write_json, read_jsonl, write_jsonl
+from nbutils.core.layout import explanations, scores
+from nbutils.core.progress import progress_bar
+from nbutils.core.records import RecordStore, UnitEntries, split_excerpts
+from nbutils.core.units import key_of
+from nbutils.llm.contract import Backend, BackendSpec, LLMFailed, make_backend
+from nbutils.score.baseline import token_table
+from nbutils.score.contract import RESULTS_FORMAT, Scorer, ScoreSettings, UnitContext, scorer, upgrade_result
+
+
+def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
+    """The simulator backend a config names (it also judges detection and fuzzing items)."""
+    return BackendSpec(
+        config.simulator_backend, config.simulator_model, config.simulator_base_url, config.simulator_api_key_env,
+        config.simulation_mode, cache_path,
+    )  # fmt: skip
+
+
+def settings(config: RunConfig) -> ScoreSettings:
+    c = config
+    return ScoreSettings(c.n_boot, c.seed, c.max_prompt_tokens, c.per_band, c.judge_per_class, c.split)
+
+
+def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings) -> UnitContext:
+    """What the scorers get for one stage-02 entry (refused if stage 02 split the excerpts differently)."""
+    if entry.get("split", "nbutils") != s.split:
+        raise UserError(
+            f"L{entry['layer']} N{entry['neuron']} was explained from the split={entry['split']!r} excerpts; scoring it "
+            f"with split={s.split!r} could score excerpts the explainer saw.",
+            f"Run stage 03 with split={entry['split']!r} (nbutils run passes one split to both stages).",
+        )
+    rec = store.record(entry["layer"], entry["neuron"])
+    splits = split_excerpts(rec, entry["sign"] == "negative", s.per_band, s.split)
+    return UnitContext(rec, entry, splits, token_table(splits["train"]), s)
+
+
+def score_entry(
+    entry: dict[str, Any], store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Scores of one stage-02 entry, and the details to save (None when no scorer of the explanation ran)."""
+    ctx = unit_context(entry, store, s)
+    head = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
+    result: dict[str, Any] = {
+        **head,
+        "format": RESULTS_FORMAT,
+        "baseline": {"explanation": entry["baseline"]["explanation"]},
+    }
+    for sc in scorers:
+        base = sc.baseline(ctx)
+        if base is not None:
+            result["baseline"][sc.name] = base
+    if not entry.get("explanation"):
+        result["failure"] = entry.get("failure") or "no explanation"
+        return result, None
+    details: dict[str, Any] = {}
+    for sc in scorers:
+        try:
+            result[sc.name], details[sc.name] = sc.explanation(ctx, llm)
+        except LLMFailed as e:  # the scores so far stay; a rerun retries the unit if the fault was the server's
+            result["failure"], result["retryable"] = f"{sc.name} failed: {e}", e.retryable
+            break
+    return result, ({**head, **details} if details else None)
+
+
+def _needs_scoring(old: dict[str, Any] | None, entry: dict[str, Any], scorers: list[Scorer]) -> bool:
+    """Not scored with this explanation, a retryable failure, or a scorer missing from its result."""
+    if old is None or old.get("retryable") or old["explanation"] != entry["explanation"]:
+        return True
+    return bool(entry.get("explanation")) and not old.get("failure") and any(sc.name not in old for sc in scorers)
+
+
+def run_score_stage(
+    collection_dir: str | Path,
+    explanation_dir: str | Path,
+    out_dir: str | Path,
+    config: RunConfig | None = None,
+    progress: bool = True,
+    cache_path: str | None = None,
+) -> list[dict[str, Any]]:
+    """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results."""
+    config = config or RunConfig()
+    store = RecordStore(collection_dir)
+    entries = read_jsonl(explanations(explanation_dir).jsonl)
+    if not entries:
+        raise UserError(
+            f"No explanations in {explanations(explanation_dir).jsonl}.",
+            "Run stage 02 first (python -m nbutils run runs every stage in order).",
+        )
+    out = scores(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    saved = UnitEntries(out)
+    chosen = [scorer(name) for name in config.scorers]
+    todo = [e for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
+    if todo:
+        llm = make_backend(simulator_spec(config, cache_path))
+        for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
+            result, details = score_entry(entry, store, llm, chosen, settings(config))
+            if details is not None:
+                atomic_write_json(out.simulation(key_of(entry)), details)
+            saved.put(result)
+            llm.usage.save(out.usage, config.prices)
+    results = [upgrade_result(saved.get(key_of(e))) for e in entries]
+    write_jsonl(out.jsonl, results)
+    write_summary(out.summary, results)
+    return results

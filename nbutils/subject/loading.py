@@ -1,0 +1,18 @@
+"""Any subject model by its spec: a language model (`nbutils.subject.models`) or planted neurons
+(`nbutils.subject.planted`: ``"planted"`` or ``"planted:<file.py>"``)."""
+
+from __future__ import annotations
+
+import torch
+
+from nbutils.subject.models import EMBEDDED, SubjectModel, load_hf_model
+from nbutils.subject.planted import PREFIX, load_planted
+
+__all__ = ["SubjectModel", "load_subject_model"]
+
+
+def load_subject_model(spec: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SubjectModel:
+    """A hub id, a local folder, a .gguf file or ``"embedded"`` (SmolLM2-135M-Instruct); or planted neurons."""
+    if spec == PREFIX or spec.startswith(PREFIX + ":"):
+        return load_planted(spec)
+    return load_hf_model(spec, dtype, device)

@@ -1,0 +1,80 @@
+"""What a unit is: the contract of a unit type, the MLP neuron (the default), and the registry of types.
+
+A unit type says where in the subject model a layer's units come from and how to turn what a forward hook
+captures there into unit values:
+
+- `UnitType.site`: the hook point (a module path with ``{layer}``, and which side of it to read);
+- `UnitType.width`: how many units a layer has;
+- `UnitType.transform`: captured ``[batch, tokens, d]`` -> unit values ``[batch, tokens, units]`` (the
+  identity for MLP neurons; an SAE encoder for latents; a reshape for attention heads);
+- `UnitType.signed`: whether negative values carry signal (bottom-k excerpts are then collected too);
+- `UnitType.as_dict`: what ``collection.json`` records about it, so a collection names its units.
+
+Adding a unit type is one module with a `UnitType` subclass and one line in `UNIT_TYPES` (or a call to
+`register_unit_type`); collection, explanation, scoring and every view then work on it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from nbutils.core.registry import Registry
+from nbutils.core.units import NEURON
+from nbutils.subject.sites import NeuronSite, neurons_per_layer, resolve_site
+
+
+class UnitType(ABC):
+    """How one kind of unit is read off a model (see the module docstring)."""
+
+    kind: ClassVar[str]
+    noun: ClassVar[str] = "unit"
+    """What one unit is called in prompts and views."""
+
+    @abstractmethod
+    def site(self, model: Any) -> NeuronSite: ...
+
+    @abstractmethod
+    def width(self, model: Any) -> int: ...
+
+    def signed(self, model: Any) -> bool:
+        return self.site(model).signed
+
+    def transform(self, captured: torch.Tensor, layer: int) -> torch.Tensor:
+        """Unit values ``[batch, tokens, units]`` from what the site's hook captured."""
+        return captured
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class MLPNeurons(UnitType):
+    """The MLP's hidden units, read where they enter the output projection (`nbutils.subject.sites`)."""
+
+    kind = NEURON
+    noun = "neuron"
+
+    def __init__(self, site: NeuronSite | dict[str, Any] | None = None) -> None:
+        """``site``: the architecture's built-in site when None."""
+        self._site = NeuronSite(**site) if isinstance(site, dict) else site
+
+    def site(self, model: Any) -> NeuronSite:
+        return resolve_site(model, self._site)
+
+    def width(self, model: Any) -> int:
+        return neurons_per_layer(model, self.site(model))
+
+
+UNIT_TYPES = Registry("unit type", {NEURON: MLPNeurons})
+"""Unit types by kind: a class, or ``"module:Class"`` imported when first asked for."""
+
+
+def register_unit_type(kind: str, unit_type: str | type[UnitType]) -> None:
+    """Make a unit type available by kind."""
+    UNIT_TYPES[kind] = unit_type
+
+
+def unit_type_class(kind: str) -> type[UnitType]:
+    return UNIT_TYPES.resolve(kind)

@@ -1,0 +1,324 @@
+"""Figures and tables for the run report (stage 05), from a ``RunView``; each figure is also saved as PNG.
+
+Every registered scorer with results appears in the tables (`scorer_rows`, `run_summary`, `note_rows`): its
+columns' means over units for the explanations and the token-lookup baseline, with bootstrap 95% intervals
+of the mean, chance levels and notes. The figures draw the built-in scorers: the simulation scorer's pooled
+correlations (distributions, by layer, simulated against true) and the judging scorers' balanced accuracy
+and AUROC.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.core.layout import figures_dir
+from nbutils.score.contract import Column, Scorer
+from nbutils.score.flags import copied_example
+from nbutils.view.runview import RunView, finite, main_score
+from nbutils.view.tables import label
+
+SERIES = (
+    ("explanation, top+random", lambda r: main_score(r)),
+    ("explanation, random only", lambda r: main_score(r, "random_only")),
+    ("explanation, stratified", lambda r: main_score(r, "stratified")),
+    ("baseline, top+random", lambda r: main_score(r.get("baseline"))),
+)
+
+
+DPI = 110
+
+
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
+    """A figure outside pyplot's global state that notebooks display as a PNG (see `ReportFigure`)."""
+    fig = _figure_class()(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols)
+
+
+def _figure_class():
+    """`matplotlib.figure.Figure` with ``_repr_png_``: IPython's ``display(fig)`` then embeds an ``image/png``
+    output in the notebook (a plain Figure made without pyplot has no display formatter and shows only its
+    text, ``<Figure size ...>``), in papermill runs and in JupyterLab alike."""
+    from matplotlib.figure import Figure
+
+    class ReportFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=DPI)
+            return buf.getvalue()
+
+    return ReportFigure
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def score_values(view: RunView) -> dict[str, np.ndarray]:
+    """Each series' defined scores over all scored neurons."""
+    out = {}
+    for name, get in SERIES:
+        values = [get(r) for r in view.scores.values()]
+        out[name] = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    return out
+
+
+def score_distributions(view: RunView):
+    """Histograms of the scores: explanation (top+random, random only) and the token-lookup baseline."""
+    fig, ax = _figure()
+    values = score_values(view)
+    if not any(len(v) for v in values.values()):
+        _empty(ax, "no scores yet (stage 03)")
+        return fig
+    bins = np.linspace(-1, 1, 41)
+    for name, v in values.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n={len(v)}, mean {v.mean():.3f})" if len(v) else name)
+    ax.set_xlabel("pooled correlation")
+    ax.set_ylabel("neurons")
+    ax.set_title("Score distributions")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean with a bootstrap 95% interval (the mean itself for a single value)."""
+    if len(values) < 2:
+        m = float(values.mean()) if len(values) else float("nan")
+        return m, m, m
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def layer_rows(view: RunView) -> list[dict[str, Any]]:
+    """Per layer and series: neurons scored and the mean score with its 95% interval."""
+    rows = []
+    for layer in sorted({k[0] for k in view.scores}):
+        results = [r for k, r in view.scores.items() if k[0] == layer]
+        for name, get in SERIES:
+            v = np.array([x for x in (get(r) for r in results) if x is not None and np.isfinite(x)], dtype=float)
+            mean, low, high = mean_interval(v)
+            rows.append({"layer": layer, "series": name, "n": len(v), "mean": mean, "low": low, "high": high})
+    return rows
+
+
+def score_by_layer(view: RunView):
+    """Mean score per layer with bootstrap 95% intervals, for the explanation and the baseline."""
+    fig, ax = _figure()
+    rows = layer_rows(view)
+    if not rows:
+        _empty(ax, "no scores yet (stage 03)")
+        return fig
+    for i, (name, _) in enumerate(SERIES):
+        mine = [r for r in rows if r["series"] == name and r["n"]]
+        x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1.5) * 0.2
+        y = np.array([r["mean"] for r in mine])
+        err = np.array([[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]])
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=name)
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean pooled correlation")
+    ax.set_title("Score by layer (95% interval over neurons)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def simulated_vs_true(view: RunView, n: int = 2):
+    """Scatter of simulated expected value against true activation (scored excerpts) for the ``n`` best and
+    ``n`` worst neurons."""
+    order = view.ranked()
+    picks = order[:n] + [p for p in order[-n:] if p not in order[:n]]
+    if not picks:
+        fig, ax = _figure()
+        _empty(ax, "no scored simulations yet (stage 03)")
+        return fig
+    fig, axes = _figure(3.2 * len(picks), 3.2, ncols=len(picks))
+    for ax, (score, key) in zip(np.atleast_1d(axes), picks):
+        detail = (view.simulation(key) or {}).get("simulation") or {"excerpts": []}
+        valid = [x for x in detail["excerpts"] if x["split"].startswith("valid")]
+        true = np.concatenate([x["true"] for x in valid]) if valid else np.zeros(0)
+        pred = np.concatenate([x["expected"] for x in valid]) if valid else np.zeros(0)
+        ax.scatter(true, pred, s=4, alpha=0.4)
+        ax.set_title(f"L{key[0]} N{key[1]} {key[2][:3]}: r={score:.2f}", fontsize=9)
+        ax.set_xlabel("true activation")
+        ax.set_ylabel("simulated (0..10)")
+    return fig
+
+
+def _notes(sc: Scorer, column: Column, part: dict[str, Any] | None) -> list[str]:
+    res = (part or {}).get(sc.name)
+    return column.notes(res) if res is not None and column.notes else []
+
+
+def _chance(sc: Scorer, column: Column, parts: list[dict[str, Any]]) -> float:
+    """A column's chance level: its own, or for F1 the mean F1 of answering yes to every item."""
+    if column.chance is not None:
+        return column.chance
+    if column.path == ("f1",):
+        levels = [finite(((p.get(sc.name) or {}).get("f1_chance") or {}).get("value")) for p in parts]
+        levels = [c for c in levels if c is not None]
+        return float(np.mean(levels)) if levels else float("nan")
+    return float("nan")
+
+
+def scorer_rows(view: RunView) -> list[dict[str, Any]]:
+    """Per scorer, column and who (explanation or baseline): units with a value, the mean with its 95%
+    interval, chance, and how many units' numbers carry a note (a degenerate judge, too few items)."""
+    rows = []
+    for sc in view.scorers:
+        for column in sc.columns:
+            for who in ("explanation", "baseline"):
+                parts = [r if who == "explanation" else r.get("baseline") or {} for r in view.scores.values()]
+                parts = [p for p in parts if finite(column.value(p.get(sc.name))) is not None]
+                if not parts:
+                    continue
+                v = np.array([column.value(p.get(sc.name)) for p in parts], dtype=float)
+                mean, low, high = mean_interval(v)
+                noted = sum(bool(_notes(sc, column, p)) for p in parts)
+                degenerate = sum(any(n.startswith("degenerate") for n in _notes(sc, column, p)) for p in parts)
+                rows.append(
+                    {"scorer": sc.name, "metric": column.label, "of": who, "n": len(v), "mean": mean, "low": low,
+                     "high": high, "chance": _chance(sc, column, parts), "noted": noted,
+                     "degenerate judges": degenerate}
+                )  # fmt: skip
+    return rows
+
+
+def classification_rows(view: RunView) -> list[dict[str, Any]]:
+    """`scorer_rows` of the judging scorers (detection, fuzzing), keyed by ``task``."""
+    judging = {sc.name for sc in view.scorers if sc.detail == "judged items"}
+    return [{"task": r["scorer"], **r} for r in scorer_rows(view) if r["scorer"] in judging]
+
+
+def classification_scores(view: RunView):
+    """Mean balanced accuracy and AUROC of each judging scorer (detection, fuzzing) for the explanations
+    beside the baseline's, with 95% intervals over units; 0.5 (dashed) is chance for both. Bars whose units
+    all had a degenerate judge (one answer for every item) are hatched and labelled: their 0.5 is by
+    construction. F1 is left to the table, where it stands beside its always-yes level."""
+    from matplotlib.patches import Patch
+
+    rows = [r for r in classification_rows(view) if r["chance"] == 0.5]
+    tasks = [sc.name for sc in view.scorers if sc.detail == "judged items"] or ["detection", "fuzzing"]
+    fig, axes = _figure(8.0, 3.4, ncols=len(tasks))
+    for ax, task in zip(np.atleast_1d(axes), tasks):
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            _empty(ax, f"no {task} scores yet (stage 03)")
+            continue
+        metrics = list(dict.fromkeys(r["metric"] for r in mine))
+        for j, who in enumerate(("explanation", "baseline")):
+            part = [r for r in mine if r["of"] == who]
+            x = np.array([metrics.index(r["metric"]) for r in part]) + (j - 0.5) * 0.35
+            y = np.array([r["mean"] for r in part])
+            err = np.array([[r["mean"] - r["low"] for r in part], [r["high"] - r["mean"] for r in part]])
+            bars = ax.bar(x, y, width=0.35, yerr=err, capsize=3, color=f"C{j}")
+            for bar, r in zip(bars, part):
+                if r["metric"] == "balanced accuracy" and r["degenerate judges"] == r["n"]:
+                    bar.set_hatch("//")
+                    ax.text(bar.get_x() + bar.get_width() / 2, 0.03, "degenerate\njudges", ha="center", fontsize=7,
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
+        ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+        ax.set_xticks(range(len(metrics)), metrics)
+        ax.set_ylim(0, 1)
+        ax.set_title(task)
+        ax.legend(
+            handles=[Patch(color=f"C{j}", label=w) for j, w in enumerate(("explanation", "baseline"))], fontsize=8
+        )
+    return fig
+
+
+def usage_rows(view: RunView) -> list[dict[str, Any]]:
+    """Tokens, requests, cache hits and estimated cost per LLM stage."""
+    rows = []
+    for stage, u in view.usage().items():
+        rows.append(
+            {
+                "stage": stage,
+                "requests sent": u.get("requests", 0),
+                "prompt tokens": u.get("prompt_tokens", 0),
+                "completion tokens": u.get("completion_tokens", 0),
+                "cache hits": u.get("cache_hits", 0),
+                "cache misses": u.get("cache_misses", 0),
+                "estimated cost": u.get("estimated_cost", "-"),
+            }
+        )
+    return rows
+
+
+def run_summary(view: RunView) -> list[dict[str, Any]]:
+    """What was run and how it went, as (item, value) rows."""
+    meta = view.store.meta
+    failed = [k for k, r in view.scores.items() if r.get("failure")]
+    values = score_values(view)
+    items = {
+        "model": meta.model,
+        "corpus": meta.corpus,
+        "layers collected": ", ".join(map(str, meta.layers)),
+        "neurons collected": sum(len(view.store.neurons(layer)) for layer in meta.layers),
+        "tokens seen": f"{meta.tokens_seen:,}" if meta.tokens_seen else "-",
+        "explanations (neuron sides)": len(view.explanations),
+        "scored": len(view.scores) - len(failed),
+        "failed (explanation or simulation)": len(failed),
+    }
+    for name, v in values.items():
+        items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
+    headlines = {(sc.name, sc.columns[0].label) for sc in view.scorers if sc.name != "simulation"}
+    for r in scorer_rows(view):
+        if (r["scorer"], r["metric"]) in headlines:
+            degenerate = f" ({r['degenerate judges']} of {r['n']} degenerate judges)" if r["degenerate judges"] else ""
+            items[f"mean {r['scorer']} {r['metric']}, {r['of']}"] = f"{r['mean']:.3f}{degenerate}"
+    explained = [e.get("explanation") for e in view.explanations.values() if e.get("explanation")]
+    if explained:
+        copies = sum(copied_example(e) is not None for e in explained)
+        repeated = sum(any(n.startswith("same as") for n in notes) for notes in view.explanation_notes.values())
+        items["explanations copying a worked example of the prompt"] = f"{copies} of {len(explained)}"
+        items["explanations the same as another neuron's"] = f"{repeated} of {len(explained)}"
+    return [{"item": k, "value": v} for k, v in items.items()]
+
+
+def _scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
+    """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
+    per_column = [(column, _notes(sc, column, part)) for column in sc.columns]
+    out: dict[tuple[str, str], None] = {}
+    for column, notes in per_column:
+        for n in notes:
+            shared = all(n in other for _, other in per_column)
+            out[(sc.name if shared else label(sc, column), n)] = None
+    return list(out)
+
+
+def note_rows(view: RunView) -> list[dict[str, Any]]:
+    """Every note on the run's results (`nbutils.score.flags`), one row per unit side and note: copied or
+    repeated explanations, degenerate judges, scores over too few items (the explanation's and the baseline's)."""
+    rows = []
+    for key in sorted(set(view.explanations) | set(view.scores)):
+        r = view.scores.get(key) or {}
+        found = [("explanation", n) for n in view.explanation_notes.get(key, [])]
+        for who, part in (("explanation", r), ("baseline", r.get("baseline") or {})):
+            found += [(f"{who} {what}", n) for sc in view.scorers for what, n in _scorer_notes(sc, part)]
+        rows += [{"layer": key[0], "neuron": key[1], "sign": key[2], "result": w, "note": n} for w, n in found]
+    return rows
+
+
+def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
+    """Save every report figure as PNG under ``out_dir/figures``; return their paths by name."""
+    folder = figures_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, make in (
+        ("score_distributions", score_distributions),
+        ("score_by_layer", score_by_layer),
+        ("simulated_vs_true", simulated_vs_true),
+        ("classification_scores", classification_scores),
+    ):
+        fig = make(view)
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=DPI)
+        tmp.replace(folder / f"{name}.png")
+        paths[name] = folder / f"{name}.png"
+    return paths

@@ -1,0 +1,261 @@
+"""HTML for one neuron and for a whole run: pure functions of a ``RunView``, shared by the widget and the export.
+
+Every token, explanation and reason is escaped (corpus text and LLM output are untrusted), so a corpus token
+``<script>`` shows literally. Colours use one fixed scale per neuron, the largest absolute activation it
+reached, so excerpts of one neuron compare at a glance: orange for positive values, blue for negative ones.
+Each token's value is in its tooltip. Simulated values (0..10) are shown in green on their own 0..10 scale.
+The output needs no kernel, no script and no network, so a page can be saved and shared as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from nbutils.core.records import Excerpt
+from nbutils.core.units import Key
+from nbutils.score.contract import Scorer
+from nbutils.score.flags import WARN, with_notes
+from nbutils.view.runview import RunView
+from nbutils.view.tables import column_text, heatmap_html, label, neuron_scale, scorers_of
+
+STYLE = """
+.nbx { font-family: system-ui, sans-serif; font-size: 13px; color: #222; }
+.nbx h3 { margin: 6px 0; } .nbx h4 { margin: 10px 0 4px; }
+.nbx table { border-collapse: collapse; margin: 4px 0; }
+.nbx td, .nbx th { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
+.nbx .nbx-excerpt { font-family: monospace; line-height: 1.7; margin: 2px 0; white-space: pre-wrap; }
+.nbx .nbx-row-label { display: inline-block; width: 6em; color: #777; font-family: sans-serif; }
+.nbx .nbx-muted { color: #777; }
+.nbx .nbx-warn { color: #a15c00; }
+.nbx .nbx-legend span { padding: 0 6px; margin-right: 4px; }
+"""
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _token_text(token: str) -> str:
+    return _esc(token).replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: str) -> str:
+    if not excerpts:
+        return ""
+    rows = "".join(heatmap_html(e.tokens, e.activations, scale, kind) for e in excerpts)
+    return f"<h4>{_esc(title)} <span class='nbx-muted'>({len(excerpts)})</span></h4>{rows}"
+
+
+def scorer_table_html(result: dict[str, Any], sc: Scorer) -> str:
+    """One scorer's numbers for the explanation and the token-lookup baseline, each with its notes."""
+    head = "".join(f"<th>{_esc(label(sc, c))}</th>" for c in sc.columns)
+    rows = []
+    for name, part in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
+        cells = "".join(f"<td>{_esc(column_text(part, sc, c))}</td>" for c in sc.columns)
+        rows.append(f"<tr><th>{name}</th>{cells}</tr>")
+    own = result.get(sc.name) or (result.get("baseline") or {}).get(sc.name) or {}
+    caption = sc.caption(own) if own else None
+    note = f"<p class='nbx-muted'>{_esc(caption)}</p>" if caption else ""
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def scores_table_html(result: dict[str, Any] | None, scorers: Sequence[Scorer] | None = None) -> str:
+    """Every scorer's numbers for the explanation beside the token-lookup baseline's (95% intervals in
+    brackets, notes beside weak numbers), one table per scorer, then any failure."""
+    if not result:
+        return "<p class='nbx-muted'>Not scored yet (stage 03).</p>"
+    present = [sc for sc in (scorers if scorers is not None else scorers_of([result]))]
+    tables = "".join(
+        scorer_table_html(result, sc) for sc in present if sc.name in result or sc.name in result.get("baseline", {})
+    )
+    failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
+    return tables + failure
+
+
+def explanation_html(entry: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+    """The kept explanation (with notes: a copy of the prompt's worked example, the same as other neurons'),
+    every candidate with its calibration score, and the baseline explanation."""
+    if not entry:
+        return "<p class='nbx-muted'>Not explained yet (stage 02).</p>"
+    kept = entry.get("explanation")
+    warn = "".join(f"<br><span class='nbx-warn'>{WARN} {_esc(n)}</span>" for n in notes)
+    head = (
+        f"<p><b>Explanation:</b> {_esc(kept)}{warn}</p>"
+        if kept
+        else f"<p><b>No explanation:</b> {_esc(entry.get('failure'))}</p>"
+    )
+    rows = []
+    for c in entry.get("candidates") or []:
+        score = c.get("calibration_score")
+        shown = f"{score:.3f}" if isinstance(score, float) else _esc(c.get("reason") or "-")
+        mark = " \u2713" if c.get("explanation") == kept and kept else ""
+        rows.append(f"<tr><td>{_esc(c.get('explanation'))}{mark}</td><td>{shown}</td></tr>")
+    table = f"<table><tr><th>candidate</th><th>calibration score</th></tr>{''.join(rows)}</table>" if rows else ""
+    base = (entry.get("baseline") or {}).get("explanation")
+    return head + table + (f"<p><b>Token-lookup baseline:</b> {_esc(base)}</p>" if base else "")
+
+
+def _sparkline(true: Sequence[float], simulated: Sequence[float], scale: float) -> str:
+    """True (orange) and simulated (green) values overlaid, each on its own scale, as a small inline SVG."""
+    n, w, h = len(true), 4, 36
+    if n < 2:
+        return ""
+
+    def points(values: Sequence[float], top: float) -> str:
+        top = top if top > 0 else 1.0
+        return " ".join(f"{i * w},{h - 2 - (h - 4) * min(max(v / top, 0.0), 1.0):.1f}" for i, v in enumerate(values))
+
+    return (
+        f'<svg width="{(n - 1) * w}" height="{h}" style="display:block">'
+        f'<polyline fill="none" stroke="rgb(255,140,0)" stroke-width="1.5" points="{points(true, scale)}"/>'
+        f'<polyline fill="none" stroke="rgb(40,170,80)" stroke-width="1.5" points="{points(simulated, 10.0)}"/>'
+        "</svg>"
+    )
+
+
+def simulation_html(detail: dict[str, Any] | None, scale: float) -> str:
+    """True versus simulated activations for each scored (validation) excerpt: two aligned rows and an overlay
+    (the details a scorer of the "simulation" kind saves)."""
+    if not detail:
+        return ""
+    parts = [
+        "<h4>True versus simulated (scored excerpts)</h4>",
+        "<p class='nbx-legend'><span style='background:rgba(255,140,0,0.6)'>true activation</span>"
+        "<span style='background:rgba(40,170,80,0.6)'>simulated, 0..10</span></p>",
+    ]
+    for x in detail["excerpts"]:
+        if not x["split"].startswith("valid"):
+            continue
+        parts.append(
+            f"<div data-split='{_esc(x['split'])}' style='margin:6px 0'>"
+            f"<span class='nbx-row-label'>true</span>{heatmap_html(x['tokens'], x['true'], scale, 'true')}"
+            f"<span class='nbx-row-label'>simulated</span>"
+            f"{heatmap_html(x['tokens'], x['expected'], 10.0, 'simulated', hue='green')}"
+            f"{_sparkline(x['true'], x['expected'], scale)}</div>"
+        )
+    return "".join(parts)
+
+
+def judged_html(task: str, items: list[dict[str, Any]], limit: int = 20) -> str:
+    """A judging scorer's items for one unit: truth, the judge's P(yes), and the text (marked tokens
+    underlined), so a researcher can see where the judge went wrong."""
+    if not items:
+        return ""
+    rows = []
+    for it in items[:limit]:
+        marked = set(it.get("marked") or [])
+        text = "".join(
+            f"<u style='background:#ffe9a8'>{_token_text(t)}</u>" if i in marked else _token_text(t)
+            for i, t in enumerate(it["tokens"])
+        )
+        p = "-" if it["p_yes"] is None else f"{it['p_yes']:.2f}"
+        wrong = it["p_yes"] is not None and (it["p_yes"] >= 0.5) != it["label"]
+        rows.append(
+            f"<tr><td>{_esc(it['kind'])}</td><td>{_esc(it['source'])}</td><td>{'yes' if it['label'] else 'no'}</td>"
+            f"<td{' style=color:#c00' if wrong else ''}>{p}</td><td class='nbx-excerpt'>{text}</td></tr>"
+        )
+    more = f" <span class='nbx-muted'>(first {limit} of {len(items)})</span>" if len(items) > limit else ""
+    return (
+        f"<details><summary>{_esc(task)} items{more}</summary><table><tr><th>kind</th><th>source</th>"
+        f"<th>truth</th><th>P(yes)</th><th>text</th></tr>{''.join(rows)}</table></details>"
+    )
+
+
+def details_html(view: RunView, key: Key, scale: float) -> str:
+    """Every scorer's saved details that views know how to draw (simulations, judged items)."""
+    sim = view.simulation(key) or {}
+    parts = []
+    for sc in view.scorers:
+        if sc.detail == "simulation":
+            parts.append(simulation_html(sim.get(sc.name), scale))
+        elif sc.detail == "judged items":
+            parts.append(judged_html(sc.name, sim.get(sc.name) or []))
+    return "".join(parts)
+
+
+def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", n_excerpts: int = 10) -> str:
+    """The full view of one neuron: statistics, explanation and scores, heatmaps, true versus simulated."""
+    rec = view.record(layer, neuron)
+    key: Key = (layer, neuron, sign)
+    scale = neuron_scale(rec)
+    stats = (
+        f"max {rec.max:.4g} \u00b7 min {rec.min:.4g} \u00b7 mean {rec.mean:.4g} \u00b7 "
+        f"sd {math.sqrt(max(rec.variance, 0.0)):.4g} \u00b7 colour scale \u00b1{scale:.4g}"
+    )
+    parts = [
+        f'<section class="nbx-neuron" id="L{layer}-N{neuron}-{_esc(sign)}" data-layer="{layer}" '
+        f'data-neuron="{neuron}" data-sign="{_esc(sign)}">',
+        f"<h3>Layer {layer}, neuron {neuron}" + (" (negative side)" if sign == "negative" else "") + "</h3>",
+        f"<p class='nbx-muted'>{stats}</p>",
+    ]
+    if scale == 0.0:
+        parts.append("<p>This neuron never varied on the corpus (all activations equal): nothing to explain.</p>")
+    parts.append(explanation_html(view.explanations.get(key), view.explanation_notes.get(key, [])))
+    parts.append(scores_table_html(view.scores.get(key), view.scorers))
+    parts.append(_excerpts_html("Top-activating excerpts", rec.top[:n_excerpts], scale, "top"))
+    parts.append(details_html(view, key, scale))
+    parts.append(_excerpts_html("Most negative excerpts", rec.bottom[:n_excerpts], scale, "bottom"))
+    for (lo, hi), band in zip(rec.band_quantiles, rec.bands):
+        parts.append(_excerpts_html(f"Quantile band {lo:g}-{hi:g} of excerpt maxima", band[:n_excerpts], scale, "band"))
+    parts.append(_excerpts_html("Random excerpts", rec.random[:n_excerpts], scale, "random"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def fragment(body: str) -> str:
+    """A renderable fragment for a notebook output or widget: the body wrapped with its stylesheet."""
+    return f"<div class='nbx'><style>{STYLE}</style>{body}</div>"
+
+
+def page(title: str, body: str) -> str:
+    """A complete, self-contained HTML document (inline CSS, no scripts, no external resources)."""
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_esc(title)}</title><style>{STYLE} body {{ margin: 16px; }}</style></head>"
+        f"<body class='nbx'>{body}</body></html>"
+    )
+
+
+def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
+    """A table of the given units with explanation and every scorer's compact columns (and the baseline's
+    headline), each row linking to its section."""
+    columns = [(sc, sc.columns[i], False) for sc in view.scorers for i in sc.compact]
+    columns += [(sc, sc.columns[0], True) for sc in view.scorers]
+    rows = []
+    for k in keys:
+        e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
+        text = with_notes(e.get("explanation") or e.get("failure") or "", view.explanation_notes.get(k, []))
+        cells = [column_text(r.get("baseline") if base else r, sc, c) for sc, c, base in columns]
+        rows.append(
+            f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
+            f"<td>{_esc(text)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>"
+        )
+    head = "".join(f"<th>{'baseline ' if base else ''}{_esc(label(sc, c))}</th>" for sc, c, base in columns)
+    return f"<table><tr><th>neuron</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int = 200) -> str:
+    """A shareable page for a run: summary, an index table and every chosen neuron's full view.
+
+    By default the neurons are the explained ones (all collected neurons if none is explained yet), at
+    most ``max_neurons`` of them, best score first; the page says when it was cut.
+    """
+    if keys is None:
+        scored = [k for _, k in view.ranked()]  # best score first, then the rest in index order
+        rest = list(view.explanations) or [n.key() for n in view.store.all_ids()]
+        keys = scored + [k for k in rest if k not in set(scored)]
+    shown = list(keys)[:max_neurons]
+    meta = view.store.meta
+    summary = (
+        f"<p>Model <b>{_esc(meta.model)}</b>, corpus <b>{_esc(meta.corpus)}</b>, layers {_esc(meta.layers)}, "
+        f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations)} explained, "
+        f"{len(view.scores)} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
+    )
+    cut = f"<p class='nbx-muted'>Showing {len(shown)} of {len(keys)} neurons.</p>" if len(shown) < len(keys) else ""
+    body = "<h2>Neuron explanations</h2>" + summary + cut + run_index_html(view, shown)
+    body += "".join("<hr>" + neuron_html(view, *k) for k in shown)
+    return page("Neuron explanations", body)

@@ -1,0 +1,146 @@
+"""Read-only access to a run for the viewer and the report: records, explanations, scores, simulations.
+
+A run folder holds the stage folders (`nbutils.core.layout.RunLayout`); only the collection is required:
+units that were not explained or scored yet still have their excerpts. Results written in format 1 are
+upgraded as they are read (`nbutils.score.contract.upgrade_result`), so older runs open unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from nbutils.core.errors import UserError
+from nbutils.core.io import read_json
+from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, scores
+from nbutils.core.records import RecordStore, UnitEntries, UnitRecord
+from nbutils.core.units import Key, key_of
+from nbutils.score.contract import Scorer, registered, upgrade_result, upgrade_simulation
+from nbutils.score.flags import explanation_notes
+
+SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
+
+
+def finite(value: Any) -> float | None:
+    """A number that can be averaged (None for missing, undefined or not finite values)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def scorer_value(result: dict[str, Any] | None, sc: Scorer, column: int = 0) -> float | None:
+    """A scorer's number (its headline by default) in a result or a result's baseline part."""
+    return finite(sc.columns[column].value((result or {}).get(sc.name)))
+
+
+def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
+    """The pooled correlation of the simulation scorer in a result (None when missing or undefined)."""
+    sets = ((result or {}).get("simulation") or {}).get(which) or {}
+    return finite((sets.get("correlation") or {}).get("value"))
+
+
+@dataclass
+class RunView:
+    """Everything the viewer and the report read from one run."""
+
+    store: RecordStore
+    explanations: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    scores: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    score_layout: ResultsLayout | None = None
+    usage_files: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_dirs(
+        cls,
+        collection_dir: str | Path,
+        explanation_dir: str | Path | None = None,
+        score_dir: str | Path | None = None,
+    ) -> RunView:
+        """Open the stage folders; the later two may be missing or empty."""
+        view = cls(store=RecordStore(collection_dir))
+        if explanation_dir is not None:
+            layout = explanations(explanation_dir)
+            view.explanations = {key_of(e): e for e in UnitEntries(layout).all()}
+            view.usage_files[STAGES[1].folder] = layout.usage
+        if score_dir is not None:
+            view.score_layout = scores(score_dir)
+            view.scores = {key_of(r): upgrade_result(r) for r in UnitEntries(view.score_layout).all()}
+            view.usage_files[STAGES[2].folder] = view.score_layout.usage
+        return view
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: str | Path | None,
+        collection_dir: str | Path | None = None,
+        explanation_dir: str | Path | None = None,
+        score_dir: str | Path | None = None,
+    ) -> RunView:
+        """Open a run folder written by ``nbutils run`` (``outputs/<run_id>``); a stage folder given explicitly
+        replaces that stage's folder inside it (``run_dir`` may then be None)."""
+        if run_dir is None and collection_dir is None:
+            raise UserError("Neither a run folder nor a collection folder was given.", "Pass run_dir=outputs/<run_id>.")
+        run = RunLayout(run_dir) if run_dir is not None else None
+        return cls.from_dirs(
+            collection_dir or run.collect.root,
+            explanation_dir or (run.explain.root if run else None),
+            score_dir or (run.score.root if run else None),
+        )
+
+    @cached_property
+    def explanation_notes(self) -> dict[Key, list[str]]:
+        """Notes on explanations that copy a worked example or repeat other units' (`nbutils.score.flags`)."""
+        return explanation_notes({k: e.get("explanation") for k, e in self.explanations.items()})
+
+    @cached_property
+    def scorers(self) -> list[Scorer]:
+        """The registered scorers with results in this run, in registry order."""
+        return [
+            sc
+            for sc in registered()
+            if any(sc.name in r or sc.name in r.get("baseline", {}) for r in self.scores.values())
+        ]
+
+    def record(self, layer: int, neuron: int) -> UnitRecord:
+        return self.store.record(layer, neuron)
+
+    def signs(self, layer: int, neuron: int) -> list[str]:
+        """The explained sides of a unit ("positive" first), or ["positive"] when it has none yet."""
+        found = [s for s in ("positive", "negative") if (layer, neuron, s) in self.explanations]
+        return found or ["positive"]
+
+    def simulation(self, key: Key) -> dict[str, Any] | None:
+        """A unit side's saved scorer details (format 2), if any."""
+        return upgrade_simulation(read_json(self.score_layout.simulation(key))) if self.score_layout else None
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
+        return {stage: read_json(path) for stage, path in self.usage_files.items() if path.is_file()}
+
+    def neuron_ids(self, sort: str = SORTS[0], text: str = "") -> list[tuple[int, int]]:
+        """Units to step through: all collected ones, or only those whose explanation contains ``text``;
+        sorted by index or by score (scored units first, then the rest by index)."""
+        if sort not in SORTS:
+            raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
+        if text:
+            needle = text.lower()
+            ids = sorted(
+                {(k[0], k[1]) for k, e in self.explanations.items() if needle in (e["explanation"] or "").lower()}
+            )
+        else:
+            ids = [(n.layer, n.index) for n in self.store.all_ids()]
+        if sort == SORTS[0]:
+            return ids
+        order = [(k[0], k[1]) for _, k in self.ranked(baseline=sort.startswith("baseline")) if k[2] == "positive"]
+        if "worst" in sort:
+            order.reverse()
+        wanted = set(ids)
+        known = [i for i in order if i in wanted]
+        placed = set(known)
+        return known + [i for i in ids if i not in placed]
+
+    def ranked(self, baseline: bool = False) -> list[tuple[float, Key]]:
+        """Scored unit sides with a defined top+random score (the baseline's with ``baseline``), best first."""
+        pairs = [(main_score(r.get("baseline") if baseline else r), k) for k, r in self.scores.items()]
+        return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])

@@ -1,0 +1,190 @@
+"""Tables and small displays for the stage notebooks and the views: strong units, excerpts coloured by
+activation, explanation and score tables with their notes, metric text.
+
+Every HTML function escapes every token and label (corpus text is untrusted input), so the output can be
+tested without a kernel and shown with ``IPython.display.HTML``. Score tables show every registered scorer
+that has results (`nbutils.score.contract`), each number with its notes (`nbutils.score.flags`).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.core.io import read_json
+from nbutils.core.layout import usage_path
+from nbutils.core.records import RecordStore, UnitRecord
+from nbutils.core.units import key_of
+from nbutils.score.contract import Column, Scorer, registered
+from nbutils.score.flags import explanation_notes, with_notes
+
+
+def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` neurons with the largest max activation relative to their standard deviation, all layers."""
+    rows = []
+    for layer in store.layers:
+        s = store.stats(layer)
+        ratio = store.strength(layer)
+        for i in np.argsort(-ratio)[:n]:
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": int(s["neuron"][i]),
+                    "max": float(s["max"][i]),
+                    "min": float(s["min"][i]),
+                    "mean": float(s["mean"][i]),
+                    "std": float(np.sqrt(s["variance"][i])),
+                    "max/std": float(ratio[i]),
+                }
+            )
+    rows.sort(key=lambda r: -r["max/std"])
+    return rows[:n]
+
+
+def table_html(rows: list[dict[str, Any]]) -> str:
+    """A plain HTML table of dict rows (floats to 3 significant digits)."""
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return html.escape(f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def colour(value: float, scale: float) -> str:
+    """Orange for positive, blue for negative values, alpha by magnitude relative to ``scale``."""
+    if not np.isfinite(value) or scale <= 0:
+        return "transparent"
+    a = min(abs(value) / scale, 1.0)
+    return f"rgba(255,140,0,{a:.2f})" if value >= 0 else f"rgba(30,110,255,{a:.2f})"
+
+
+EXCERPTS_STYLE = "font-family:monospace;line-height:1.7;white-space:pre-wrap"
+"""Inline layout for heatmaps shown without a stylesheet (inherited by the excerpt rows)."""
+
+
+def neuron_scale(record: UnitRecord) -> float:
+    """A neuron's fixed colour scale: its largest absolute activation (0 for a neuron that never varies)."""
+    values = [abs(v) for v in (record.max, record.min) if np.isfinite(v)]
+    return max(values, default=0.0)
+
+
+def heatmap_html(tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "") -> str:
+    """One excerpt as tokens shaded by value on a fixed ``scale``, with each value in the token's tooltip.
+
+    ``hue="green"`` shades simulated values instead of the orange/blue activation colours. Lay it out inside
+    ``EXCERPTS_STYLE`` (monospace, wrapping) or a stylesheet rule for ``.nbx-excerpt``.
+    """
+    spans = []
+    for tok, value in zip(tokens, values):
+        v = float(value)
+        bg = colour(v, scale)
+        if hue == "green" and bg != "transparent":
+            bg = f"rgba(40,170,80,{min(abs(v) / scale, 1.0):.2f})"
+        style = "" if bg == "transparent" else f' style="background:{bg}"'
+        text = html.escape(tok).replace("\n", "\u21b5").replace("\t", "\u21e5")
+        spans.append(f'<span title="{v:.4g}"{style}>{text}</span>')
+    return f'<div class="nbx-excerpt" data-kind="{html.escape(kind)}">{"".join(spans)}</div>'
+
+
+def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3) -> str:
+    """A neuron's strongest excerpts (and most negative ones for signed sites), on one colour scale."""
+    rec = store.record(layer, neuron)
+    scale = neuron_scale(rec)
+    parts = [f"<h4>layer {layer}, neuron {neuron}: max {rec.max:.3g}, min {rec.min:.3g}, mean {rec.mean:.3g}</h4>"]
+    parts += [heatmap_html(e.tokens, e.activations, scale, "top") for e in rec.top[:n]]
+    if rec.bottom:
+        parts.append("<p>most negative:</p>")
+        parts += [heatmap_html(e.tokens, e.activations, scale, "bottom") for e in rec.bottom[:n]]
+    return f'<div style="{EXCERPTS_STYLE}">' + "\n".join(parts) + "</div>"
+
+
+def fmt_metric(m: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+    """A stored metric as text: value with its 95% interval, or "undefined: reason"; then any notes on it
+    (`nbutils.score.flags`: a degenerate judge, too few items)."""
+    if not m:
+        return "-"
+    if m.get("value") is None:
+        return f"undefined: {m.get('reason')}"
+    if m.get("low") is not None and m.get("high") is not None:
+        return with_notes(f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]", notes)
+    return with_notes(f"{m['value']:.3f}", notes)
+
+
+def label(sc: Scorer, column: Column) -> str:
+    """A column's label in tables that show several scorers: "top+random", "detection balanced accuracy"."""
+    return f"{sc.label_prefix} {column.label}".strip()
+
+
+def column_text(part: dict[str, Any] | None, sc: Scorer, column: Column) -> str:
+    """One scorer's number in a result (or in its ``baseline`` part) as text, with its notes."""
+    res = (part or {}).get(sc.name)
+    if res is None:
+        return "-"
+    if column.text is not None:
+        return column.text(res)
+    return fmt_metric(column.metric(res), column.notes(res) if column.notes else ())
+
+
+def scorers_of(results: list[dict[str, Any]]) -> list[Scorer]:
+    """The registered scorers that have results among these, in registry order."""
+    present = {name for r in results for name in list(r or {}) + list((r or {}).get("baseline") or {})}
+    return [sc for sc in registered() if sc.name in present]
+
+
+def explanation_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of stage-02 entries, with notes on copied or repeated explanations."""
+    notes = explanation_notes({key_of(e): e.get("explanation") for e in entries})
+    return [
+        {
+            "layer": e["layer"],
+            "neuron": e["neuron"],
+            "sign": e["sign"],
+            "explanation": with_notes(e["explanation"] or f"(failed: {e['failure']})", notes.get(key_of(e), [])),
+            "baseline": e["baseline"]["explanation"],
+        }
+        for e in entries
+    ]
+
+
+def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of stage-03 results: each scorer's compact columns for the explanation, then its headline
+    for the token-lookup baseline, each number with its notes."""
+    notes = explanation_notes({key_of(r): r.get("explanation") for r in results})
+    present = scorers_of(results)
+    rows = []
+    for r in results:
+        row = {"layer": r["layer"], "neuron": r["neuron"], "sign": r["sign"]}
+        row["explanation"] = with_notes(r.get("explanation") or f"(none: {r.get('failure')})", notes.get(key_of(r), []))
+        for sc in present:
+            row |= {label(sc, sc.columns[i]): column_text(r, sc, sc.columns[i]) for i in sc.compact}
+        for sc in present:
+            row[f"baseline {label(sc, sc.columns[0])}"] = column_text(r.get("baseline"), sc, sc.columns[0])
+        rows.append(row)
+    return rows
+
+
+def usage_line(stage_dir: str | Path) -> str:
+    """One line on a stage's LLM use from its usage.json: requests, tokens, cache hits and an estimated cost."""
+    u = read_json(usage_path(stage_dir))
+    if u is None:
+        return "LLM usage: nothing was sent (no usage.json yet)"
+    parts = [
+        f"LLM requests sent {u['requests']}",
+        f"prompt tokens {u['prompt_tokens']:,}",
+        f"completion tokens {u['completion_tokens']:,}",
+    ]
+    looked_up = u.get("cache_hits", 0) + u.get("cache_misses", 0)
+    if looked_up:
+        parts.append(f"cache hits {u['cache_hits']}/{looked_up} ({u['cache_hits'] / looked_up:.0%})")
+    if "estimated_cost" in u:
+        parts.append(f"estimated cost {u['estimated_cost']:.4f}")
+    return " | ".join(parts)

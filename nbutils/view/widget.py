@@ -1,0 +1,140 @@
+"""The inline neuron viewer (ipywidgets) and the static HTML export.
+
+The widget only wires controls to the pure renderer in ``nbutils.view.render``: choosing a layer, typing a neuron
+index, stepping with next/previous through an order (by index or by score), or filtering by text in the
+explanation all end in one call, ``show``, which sets ``html.value`` to ``render.neuron_html(...)``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nbutils.core.errors import UserError
+from nbutils.core.io import atomic_write_bytes
+from nbutils.core.layout import page_path
+from nbutils.core.units import Key
+from nbutils.view.render import fragment, neuron_html, page, run_html
+from nbutils.view.runview import SORTS, RunView
+
+
+class NeuronViewer:
+    """Controls for choosing a neuron, above its rendered view. Display it with ``display(viewer)``."""
+
+    def __init__(
+        self, run: RunView | str | Path, layer: int | None = None, neuron: int | None = None, sort: str | None = None
+    ) -> None:
+        """Open a run; show ``layer``/``neuron``, else the first neuron in ``sort`` order (best score if scored)."""
+        import ipywidgets as w
+
+        self.view = run if isinstance(run, RunView) else RunView.open(run)
+        layers = self.view.store.layers
+        self.layer = w.Dropdown(options=layers, description="layer", layout=w.Layout(width="150px"))
+        self.neuron = w.BoundedIntText(
+            min=0, max=self.view.store.meta.neurons_per_layer - 1, description="neuron", layout=w.Layout(width="170px")
+        )
+        self.sign = w.ToggleButtons(options=["positive"], description="side", style={"button_width": "80px"})
+        self.previous = w.Button(description="\u25c0 previous", layout=w.Layout(width="100px"))
+        self.next = w.Button(description="next \u25b6", layout=w.Layout(width="100px"))
+        sort = sort or (SORTS[1] if self.view.scores else SORTS[0])
+        self.sort = w.Dropdown(options=SORTS, value=sort, description="order", layout=w.Layout(width="230px"))
+        self.filter = w.Text(placeholder="text in explanation", description="filter", continuous_update=False)
+        self.status = w.HTML()
+        self.html = w.HTML()
+        self.widget = w.VBox(
+            [
+                w.HBox([self.layer, self.neuron, self.sign]),
+                w.HBox([self.previous, self.next, self.sort, self.filter, self.status]),
+                self.html,
+            ]
+        )
+        self._order: list[tuple[int, int]] = []
+        self._busy = False
+        for control in (self.layer, self.neuron, self.sign):
+            control.observe(lambda _: self._from_controls(), names="value")
+        for control in (self.sort, self.filter):
+            control.observe(lambda _: self._reorder(), names="value")
+        self.next.on_click(lambda _: self.step(1))
+        self.previous.on_click(lambda _: self.step(-1))
+        self._reorder(show_first=False)
+        first = self._order[0] if self._order else (layers[0], int(self.view.store.neurons(layers[0])[0]))
+        if layer is not None and neuron is None:  # the first neuron of that layer in the chosen order
+            first = next((i for i in self._order if i[0] == layer), (layer, int(self.view.store.neurons(layer)[0])))
+        self.show(first[0] if layer is None else layer, first[1] if neuron is None else neuron)
+
+    @property
+    def current(self) -> Key:
+        """(layer, neuron, sign) shown now."""
+        return (int(self.layer.value), int(self.neuron.value), str(self.sign.value))
+
+    def show(self, layer: int, neuron: int, sign: str | None = None) -> None:
+        """Show a neuron: set the controls and render its view (an error message if it was not collected)."""
+        if layer not in self.view.store.layers:
+            self.html.value = fragment(f"<p>Layer {layer} was not collected; layers: {self.view.store.layers}.</p>")
+            return
+        self._busy = True
+        try:
+            self.layer.value = layer
+            self.neuron.value = neuron
+            signs = self.view.signs(layer, neuron)
+            self.sign.options = signs
+            self.sign.value = sign if sign in signs else signs[0]
+        finally:
+            self._busy = False
+        self._render()
+
+    def step(self, by: int) -> None:
+        """Move ``by`` places through the current order (wrapping around)."""
+        if not self._order:
+            return
+        here = (int(self.layer.value), int(self.neuron.value))
+        i = self._order.index(here) if here in self._order else (-1 if by > 0 else 0)
+        self.show(*self._order[(i + by) % len(self._order)])
+
+    def _from_controls(self) -> None:
+        if not self._busy:
+            self.show(int(self.layer.value), int(self.neuron.value), str(self.sign.value))
+
+    def _reorder(self, show_first: bool = True) -> None:
+        self._order = self.view.neuron_ids(self.sort.value, self.filter.value.strip())
+        self.status.value = f"<span style='color:#777'>{len(self._order):,} neurons in this order</span>"
+        if show_first and self._order:
+            self.show(*self._order[0])
+
+    def _render(self) -> None:
+        layer, neuron, sign = self.current
+        try:
+            self.html.value = fragment(neuron_html(self.view, layer, neuron, sign))
+        except UserError as e:
+            self.html.value = fragment(f"<p><b>{html.escape(e.problem)}</b> {html.escape(e.fix)}</p>")
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def export_html(
+    run: RunView | str | Path, path: str | Path, neurons: Sequence[Sequence[Any]] | None = None, max_neurons: int = 200
+) -> Path:
+    """Write a self-contained HTML page (no kernel, no network) for some neurons or a whole run.
+
+    ``neurons``: [(layer, neuron)] or [(layer, neuron, sign)]; None means the run's explained neurons.
+    """
+    view = run if isinstance(run, RunView) else RunView.open(run)
+    if neurons is not None and len(neurons) == 1:
+        layer, neuron, *rest = neurons[0]
+        body = neuron_html(view, int(layer), int(neuron), rest[0] if rest else "positive")
+        text = page(f"Layer {layer}, neuron {neuron}", body)
+    else:
+        keys = (
+            None if neurons is None else [(int(n[0]), int(n[1]), n[2] if len(n) > 2 else "positive") for n in neurons]
+        )
+        text = run_html(view, keys, max_neurons)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return Path(path)
+
+
+def write_page(view: RunView, inspect_dir: str | Path) -> Path:
+    """The static page of a run's explained units, where a stage-04 folder keeps it."""
+    return export_html(view, page_path(inspect_dir))

@@ -1,0 +1,194 @@
+"""The extension points: a scorer, a backend and a unit type defined here (one class and one registration
+each) flow through the stages and every view unchanged; and a run folder written in format 1 still opens."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import ExcerptSet
+from nbutils.collect.stage import collect_activations
+from nbutils.core.config import RunConfig
+from nbutils.core.io import read_json
+from nbutils.core.records import RecordStore
+from nbutils.core.units import UnitId
+from nbutils.explain.stage import run_explain_stage
+from nbutils.llm import contract as llm_contract
+from nbutils.llm.contract import Backend, BackendSpec, Judgements, Usage
+from nbutils.llm.prompts import EXPLANATION_PREFIX, LABELS
+from nbutils.score import contract as score_contract
+from nbutils.score.contract import Column, Scorer, UnitContext
+from nbutils.score.stage import run_score_stage
+from nbutils.subject import units as unit_registry
+from nbutils.subject.models import SubjectModel
+from nbutils.subject.sites import NeuronCapture, resolve_site
+from nbutils.subject.units import MLPNeurons
+from nbutils.view import plots
+from nbutils.view.render import neuron_html, run_html
+from nbutils.view.runview import RunView
+
+FORMAT1 = Path(__file__).resolve().parent / "data" / "run_format1"
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    """A run folder written before scorers had names (results and simulations in format 1)."""
+    shutil.copytree(FORMAT1, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _visible(html: str) -> str:
+    import html as h
+    import re
+
+    return h.unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def test_a_run_written_in_format_1_still_opens(old_run, tmp_path):
+    old = read_json(old_run / "03_score" / "neurons" / "L29_N0_positive.json")
+    assert "format" not in old and "top_and_random" in old  # really the old layout
+    view = RunView.open(old_run)
+    (key,) = view.scores
+    result = view.scores[key]
+    assert result["format"] == 2 and result["simulation"]["top_and_random"] == old["top_and_random"]
+    assert result["baseline"]["simulation"]["random_only"] == old["baseline"]["random_only"]
+    assert [sc.name for sc in view.scorers] == ["simulation", "detection", "fuzzing"]
+    shown = _visible(neuron_html(view, *key))
+    assert f"{old['top_and_random']['correlation']['value']:.3f}" in shown and "True versus simulated" in shown
+    assert "detection items" in shown and "detection balanced accuracy" in shown
+    assert view.simulation(key)["simulation"]["excerpts"] and view.simulation(key)["detection"]
+    assert plots.write_report(view, tmp_path / "report")["simulated_vs_true"].is_file()
+    assert any(r["scorer"] == "simulation" for r in plots.scorer_rows(view))
+
+
+class ExplanationLength(Scorer):
+    """A scorer that needs no LLM: the number of words of the explanation (the baseline's too)."""
+
+    name = "explanation_length"
+    title = "length of the explanation in words"
+    columns = (Column("words", ("words",), notes=lambda r: ["very short"] if r["words"]["value"] < 4 else []),)
+
+    def baseline(self, ctx: UnitContext) -> dict[str, Any]:
+        return {"words": {"value": float(len(ctx.entry["baseline"]["explanation"].split()))}}
+
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], dict[str, Any]]:
+        words = ctx.entry["explanation"].split()
+        return {"words": {"value": float(len(words))}}, {"first word": words[0]}
+
+
+def test_a_scorer_defined_here_reaches_every_view(old_run, monkeypatch):
+    monkeypatch.setitem(score_contract.SCORERS, "explanation_length", ExplanationLength)
+    config = RunConfig(scorers=["explanation_length"], simulator_backend="oracle")  # the oracle is never asked
+    (result,) = run_score_stage(old_run / "01_collect", old_run / "02_explain", old_run / "03_new", config)
+    words = float(len(result["explanation"].split()))
+    assert result["explanation_length"] == {"words": {"value": words}}
+    baseline_words = float(len(result["baseline"]["explanation"].split()))  # 'the tokens "a", "b", ...'
+    assert result["baseline"]["explanation_length"]["words"]["value"] == baseline_words
+    view = RunView.open(old_run, score_dir=old_run / "03_new")
+    key = (result["layer"], result["neuron"], result["sign"])
+    assert [sc.name for sc in view.scorers] == ["explanation_length"]
+    shown = _visible(neuron_html(view, *key))
+    assert "words" in shown and f"{words:.3f}" in shown and f"{baseline_words:.3f}" in shown  # both
+    page = _visible(run_html(view))
+    assert "words" in page and f"{words:.3f}" in page  # the static page's index has its headline
+    rows = [r for r in plots.scorer_rows(view) if r["scorer"] == "explanation_length"]
+    assert {(r["of"], r["mean"]) for r in rows} == {("explanation", words), ("baseline", baseline_words)}
+    summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
+    assert summary["mean explanation_length words, explanation"] == f"{words:.3f}"
+    notes = [r for r in plots.note_rows(view) if r["result"] == "explanation explanation_length"]
+    assert [n["note"] for n in notes] == (["very short"] if words < 4 else [])
+
+
+class Parrot(Backend):
+    """A backend that needs no model: it explains with the first token it is shown, simulates 10 wherever a
+    token starts with the explanation's first letter, and judges by the same rule."""
+
+    name = "parrot"
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Parrot:
+        return cls()
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    def explain(self, request):
+        self.usage.add(Usage(requests=request.n))
+        token = max((t for e in request.excerpts for t, v in zip(e.tokens, e.values) if v), key=len)
+        return [f"{EXPLANATION_PREFIX} {token.strip() or 'spaces'}"] * request.n
+
+    def _hits(self, explanation: str, tokens) -> np.ndarray:
+        return np.array([t.strip()[:1].lower() == explanation[:1].lower() for t in tokens], dtype=float)
+
+    def simulate(self, request):
+        out = []
+        for tokens in request.excerpts:
+            hit = self._hits(request.explanation, tokens)
+            dist = np.zeros((len(tokens), len(LABELS)))
+            dist[:, 0], dist[:, 10] = 1 - hit, hit
+            out.append(dist)
+        return out
+
+    def judge(self, request):
+        return Judgements(np.array([self._hits(request.explanation, i.tokens).max() for i in request.items]))
+
+
+def test_a_backend_defined_here_explains_simulates_and_judges(old_run, monkeypatch):
+    monkeypatch.setitem(llm_contract.BACKENDS, "parrot", Parrot)
+    config = RunConfig(
+        explain_neurons=[[0, 1], [29, 0]], explainer_backend="parrot", simulator_backend="parrot", n_boot=20
+    )
+    entries = run_explain_stage(old_run / "01_collect", old_run / "02_new", config, progress=False)
+    assert all(e["explanation"] and e["candidates"][0]["reply"].startswith(EXPLANATION_PREFIX) for e in entries)
+    results = run_score_stage(old_run / "01_collect", old_run / "02_new", old_run / "03_new", config, progress=False)
+    for r in results:
+        assert not r.get("failure") and {"simulation", "detection", "fuzzing"} <= set(r)
+    assert read_json(old_run / "03_new" / "usage.json")["requests"] == 0  # the parrot counts only explanations
+    assert read_json(old_run / "02_new" / "usage.json")["requests"] == 2
+
+
+class PairSums(MLPNeurons):
+    """A unit type with its own transform and width: the sum of each neighbouring pair of MLP neurons."""
+
+    kind = "neuron_pairs"
+    noun = "pair"
+
+    def width(self, model: Any) -> int:
+        return super().width(model) // 2
+
+    def transform(self, captured: torch.Tensor, layer: int) -> torch.Tensor:
+        return captured[..., 0::2] + captured[..., 1::2]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def test_a_unit_type_defined_here_is_collected_and_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(unit_registry.UNIT_TYPES, "neuron_pairs", PairSums)
+    model = tiny_model("llama")
+    tok = type("Tok", (), {"decode": lambda self, ids: f"t{ids[0]}"})()
+    subject = SubjectModel(model, tok, "tiny-llama")
+    tokens = torch.randint(0, 512, (24, 8), generator=torch.Generator().manual_seed(0)).numpy().astype(np.int32)
+    excerpts = ExcerptSet(tokens, np.zeros((24, 2), dtype=np.int64), "random", 0, 24)
+    cfg = CollectConfig(layers=[1], top_k=3, n_random=4, band_size=1, quantile_warmup=8, batch_size=8)
+    unit = unit_registry.unit_type_class("neuron_pairs")()
+    store = collect_activations(subject, excerpts, tmp_path / "c", cfg, progress=False, unit=unit)
+    assert store.meta.kind == "neuron_pairs" and store.meta.neurons_per_layer == 24  # 48 neurons, in pairs
+    assert read_json(tmp_path / "c" / "collection.json")["unit"] == {"kind": "neuron_pairs"}
+    assert store.unit(1, 5) == UnitId(1, 5, "neuron_pairs")
+    with NeuronCapture(model, resolve_site(model), [1]) as cap:  # independent: hook the MLP, add pairs by hand
+        mlp = cap.run(torch.from_numpy(tokens.astype(np.int64)))[1].numpy()
+    pairs = mlp[..., 0::2] + mlp[..., 1::2]
+    rec = store.record(1, 5)
+    for e in rec.random:
+        np.testing.assert_allclose(e.activations, pairs[e.index, :, 5], rtol=1e-5, atol=1e-6)
+    assert rec.top[0].max == pytest.approx(pairs[:, :, 5].max(), rel=1e-5)
+    neurons = RecordStore(collect_activations(subject, excerpts, tmp_path / "n", cfg, progress=False).path)
+    assert neurons.meta.kind == "mlp_neuron" and "unit" not in read_json(tmp_path / "n" / "collection.json")
