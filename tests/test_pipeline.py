@@ -170,7 +170,7 @@ def test_export_openai_shows_progress_for_one_layer_or_neuron(small_run, tmp_pat
     res = nbutils_run(
         str(run / "01_collect"), str(tmp_path / "x"), "--layer", "29", cwd=tmp_path, command="export-openai"
     )
-    assert res.returncode == 0 and "export:" in res.stderr and "wrote 4 UnitRecord files" in res.stdout
+    assert res.returncode == 0 and "export:" in res.stderr and "wrote 4 NeuronRecord files" in res.stdout
     res = nbutils_run(
         str(run / "01_collect"),
         str(tmp_path / "y"),
