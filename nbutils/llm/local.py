@@ -1,7 +1,7 @@
-"""LLM backends for explaining, simulating and judging. Here: a local transformers model.
+"""The local backend: a causal LM run in this process with transformers (`nbutils.llm.contract`).
 
-`LocalBackend` offers chat generation (for explanations) and all-at-once simulation: one forward pass per
-excerpt yields, at every token's value slot, the exact probability of every label 0..10.
+`LocalBackend` explains by chat generation and simulates all at once: one forward pass per excerpt yields,
+at every token's value slot, the exact probability of every label 0..10.
 
 Labels that take two tokens (SmolLM2 writes "10" as "1", "0") are computed exactly. Each slot also gets a
 *branch* token "1" placed at the slot's position that sees only the text before the slot; its output
@@ -298,9 +298,3 @@ class LocalBackend(Backend):
                     results += read(hidden, rows, len(prefix_ids))
                 self.usage.add(Usage(len(chunk), sum(len(r[0]) for r in rows), 0))
         return results
-
-
-def expected_values(distributions: list[np.ndarray]) -> list[np.ndarray]:
-    """Expected label (0..10) per token from [tokens, 11] probability arrays."""
-    labels = np.arange(len(LABELS), dtype=np.float64)
-    return [d @ labels for d in distributions]
