@@ -4,6 +4,8 @@
     python bench/run.py --only collect --excerpts 256 --repeats 5
     python bench/run.py --only memory --excerpts 128   # peak memory over N and 4N excerpts
     python bench/run.py --only e2e --neurons 6         # neurons per hour through explain + simulate + score
+    python bench/run.py --only throughput --latency 1  # LLM stages against an API taking 1 s per request
+    python bench/run.py --only ray --excerpts 512      # stage 01 on 1 and 2 local Ray workers
 
 Prints a table and writes JSON to bench/results/<benchmark>.json. Timings are medians over repeats, with
 the min-max spread; the baseline and the measured variant alternate within each repeat so machine noise
@@ -16,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -309,7 +312,31 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     }
 
 
-BENCHMARKS = {"collect": bench_collect, "simulate": bench_simulate, "memory": bench_memory, "e2e": bench_e2e}
+def bench_throughput(excerpts: int, repeats: int, latency: float = 1.0, limits: str = "1,8,64,256") -> dict[str, Any]:
+    """Stages 02 and 03 against an HTTP API with a fixed latency, at each cap on requests in flight
+    (`bench/throughput.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import bench_throughput as run
+
+    return run(excerpts, repeats, latency, [int(x) for x in limits.split(",")])
+
+
+def bench_ray(excerpts: int, repeats: int) -> dict[str, Any]:
+    """Stage 01 with 1 and 2 local Ray workers beside the single process (`bench/ray_scaling.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ray_scaling import bench_ray as run
+
+    return run(excerpts, repeats)
+
+
+BENCHMARKS = {
+    "collect": bench_collect,
+    "simulate": bench_simulate,
+    "memory": bench_memory,
+    "e2e": bench_e2e,
+    "throughput": bench_throughput,
+    "ray": bench_ray,
+}
 
 
 def main() -> None:
@@ -318,6 +345,8 @@ def main() -> None:
     p.add_argument("--excerpts", type=int, default=256, help="excerpts of 64 tokens (memory: N)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--neurons", type=int, default=6, help="e2e: neurons explained and scored")
+    p.add_argument("--latency", type=float, default=1.0, help="throughput: seconds the API takes per request")
+    p.add_argument("--limits", default="1,8,64,256", help="throughput: caps on requests in flight to compare")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -327,7 +356,9 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
     for name in args.only or sorted(BENCHMARKS):
-        kwargs = {"neurons": args.neurons} if name == "e2e" else {}
+        kwargs: dict[str, Any] = {"neurons": args.neurons} if name == "e2e" else {}
+        if name == "throughput":
+            kwargs = {"latency": args.latency, "limits": args.limits}
         result = BENCHMARKS[name](args.excerpts, args.repeats, **kwargs)
         result["machine"] = machine
         print_table(result)

@@ -55,7 +55,8 @@ class FaultProxy:
 
     ``queue``: faults for the next requests, one each, in order (``"ok"`` passes one through); ``rules``:
     (predicate on the request JSON, fault) applied to every matching request while the queue is empty.
-    ``log`` records each request: path, JSON body, Authorization header, fault and status sent.
+    ``log`` records each request: path, JSON body, Authorization header, arrival (``time.monotonic``), fault
+    and status sent.
     """
 
     def __init__(self, upstream: str, hang_s: float = 30.0, refuse_s: float = 2.0) -> None:
@@ -104,7 +105,7 @@ class FaultProxy:
             def _forward(self, body: bytes, request: dict[str, Any] | None) -> None:
                 fault = proxy._choose(request) if request is not None else None
                 entry = {"path": self.path, "request": request, "fault": fault,
-                         "authorization": self.headers.get("Authorization")}  # fmt: skip
+                         "authorization": self.headers.get("Authorization"), "time": time.monotonic()}  # fmt: skip
                 with proxy._lock:
                     proxy.log.append(entry)
                 if fault in ("429", "500", "503"):

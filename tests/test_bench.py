@@ -25,12 +25,16 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "1",
         "--neurons",
         "2",
+        "--latency",
+        "0.05",
+        "--limits",
+        "4",
         "--results",
         str(tmp_path),
         cwd=tmp_path,
     )
     results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert sorted(results) == ["collect", "e2e", "memory", "simulate"]
+    assert sorted(results) == ["collect", "e2e", "memory", "ray", "simulate", "throughput"]
     assert "| variant |" in out
     assert results["simulate"]["max_abs_difference"] < 1e-4  # prefix reuse changes no probability
     assert results["collect"]["rows"][-1]["ideal"] > 1.5
@@ -38,6 +42,10 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert [r["tokens"] for r in mem] == [0, 32 * 64, 4 * 32 * 64] and mem[1]["collector_state_mb"] > 0
     e2e = results["e2e"]
     assert e2e["neurons"] == 2 and e2e["simulate_tokens_per_neuron"] >= e2e["simulate_floor_per_neuron"] > 0
+    today, capped = results["throughput"]["rows"]
+    assert today["in_flight_max"] <= 8 and capped["in_flight_max"] == 4  # the cap reached, never passed
+    assert today["failed"] == capped["failed"] == 0 and capped["units"] == 8
+    assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
 
 
 def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):

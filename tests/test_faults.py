@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,8 +41,16 @@ def proxy(llama_server):
     p.stop()
 
 
-def _explainer(proxy: FaultProxy) -> dict[str, str]:
-    return {"explainer_backend": "openai", "explainer_model": "smollm2", "explainer_base_url": proxy.url}
+# llama.cpp serves one request at a time on 2 cores: a few in flight across units (concurrency > 1, as a run
+# against a hosted API has) without queueing so many that they time out there
+IN_FLIGHT = 3
+
+
+def _explainer(proxy: FaultProxy) -> dict[str, Any]:
+    return {
+        "explainer_backend": "openai", "explainer_model": "smollm2", "explainer_base_url": proxy.url,
+        "max_in_flight": IN_FLIGHT,
+    }  # fmt: skip
 
 
 def _backend(proxy: FaultProxy, tmp_path, **kw) -> OpenAIBackend:
@@ -128,6 +137,7 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
         config = RunConfig(
             simulator_backend="openai", simulator_model="smollm2", simulator_base_url=proxy.url,
             simulation_mode="echo", n_boot=20, max_prompt_tokens=320, judge_per_class=1, per_band=0,
+            max_in_flight=IN_FLIGHT,
         )  # fmt: skip
         return run_score_stage(*run, config, progress=False, cache_path=cache)
 
@@ -180,7 +190,7 @@ def test_explainer_and_simulator_on_two_servers_in_one_run(proxy, llama_server, 
         "explain_neurons=[[0, 0], [0, 4]]", "explainer_backend=openai", "explainer_model=smollm2",
         f"explainer_base_url={proxy.url}", "simulator_backend=openai", "simulator_model=smollm2",
         f"simulator_base_url={llama_server}", "simulation_mode=echo", "max_prompt_tokens=320", "per_band=0",
-        "scorers=[detection]", "n_boot=20",
+        "scorers=[detection]", "n_boot=20", f"max_in_flight={IN_FLIGHT}",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "nbutils", "run", *[x for p in params for x in ("-p", p)], "--stages", "01,02,03"]
     cmd += ["--run-id", "two", "--output-root", str(tmp_path)]

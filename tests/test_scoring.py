@@ -67,6 +67,35 @@ def test_calibration_and_secondary_scores():
     assert zero.rsquared.value is None and zero.correlation.value is None
 
 
+def _bootstrap_by_concatenation(true, pred, n_boot, seed=0):
+    """The interval computed the direct way: concatenate each resample's excerpts and correlate them."""
+    rng, values = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(true), len(true))
+        m = correlation(np.concatenate([true[i] for i in pick]), np.concatenate([pred[i] for i in pick]))
+        if m.value is not None:
+            values.append(m.value)
+    if len(values) < n_boot // 2:
+        return None, None
+    return tuple(float(x) for x in np.percentile(values, [2.5, 97.5]))
+
+
+def test_bootstrap_interval_equals_the_direct_computation_including_degenerate_resamples():
+    rng = np.random.default_rng(1)
+    undefined = 0
+    for _ in range(60):
+        n = int(rng.integers(2, 10))
+        # some excerpts silent (all zero) and some predictions constant: resamples of only those are undefined
+        true = [np.maximum(rng.normal(size=int(rng.integers(1, 12))), 0) * (rng.random() < 0.5) for _ in range(n)]
+        pred = [t * 0.5 + rng.normal(size=t.size) * 0.3 * (rng.random() < 0.7) for t in true]
+        direct, fast = _bootstrap_by_concatenation(true, pred, 200), bootstrap_interval(true, pred, 200)
+        assert (direct[0] is None) == (fast[0] is None)
+        undefined += direct[0] is None
+        if direct[0] is not None:
+            assert np.allclose(direct, fast, atol=1e-12, rtol=0)
+    assert 0 < undefined < 60  # both kinds of case were met
+
+
 def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(0)
     true = [rng.normal(size=16) for _ in range(30)]

@@ -55,6 +55,18 @@ class CollectConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def order_keys(keys: torch.Tensor, index: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int64 keys that order entries by their float32 key and, among equal keys, earlier excerpts first (as
+    better): so the lists kept do not depend on the order excerpts arrive in, and shards merge exactly.
+
+    The float's bits, mapped to an integer of the same order, fill the high 32 bits; the excerpt index (or
+    its complement, when larger is better) the low 32."""
+    bits = keys.contiguous().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+    tie = (2**31 - 1 - index) if largest else (index + 1)
+    return ordered * 2**32 + tie
+
+
 def _keep_best(
     keys: torch.Tensor,
     index: torch.Tensor,
@@ -67,16 +79,19 @@ def _keep_best(
     """Merge a batch into per-neuron lists of the m best keys with their excerpts, in place.
 
     keys/index [N, m] and acts [N, m, T] hold the lists, unordered (`sorted_lists` orders them at the end);
-    new_keys [N, B] and new_index [B] describe the batch, whose activations are batch_acts [B, T, N]. Only
-    the slots whose entry is displaced are written, so the cost follows the number of replacements.
+    new_keys [N, B] and new_index [B] describe the batch, whose activations are batch_acts [B, T, N]. Among
+    equal keys the earlier excerpt is kept (`order_keys`). Only the slots whose entry is displaced are
+    written, so the cost follows the number of replacements.
     """
-    worst = keys.amin(1, keepdim=True) if largest else keys.amax(1, keepdim=True)
-    rows = ((new_keys > worst) if largest else (new_keys < worst)).any(dim=1).nonzero().squeeze(1)
+    old = order_keys(keys, index, largest)
+    new = order_keys(new_keys, new_index.expand_as(new_keys), largest)
+    worst = old.amin(1, keepdim=True) if largest else old.amax(1, keepdim=True)
+    rows = ((new > worst) if largest else (new < worst)).any(dim=1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     m = keys.shape[1]
-    cand = torch.topk(new_keys[rows], min(m, new_keys.shape[1]), dim=1, largest=largest, sorted=False)
-    chosen = torch.topk(torch.cat([keys[rows], cand.values], dim=1), m, dim=1, largest=largest, sorted=False)
+    cand = torch.topk(new[rows], min(m, new.shape[1]), dim=1, largest=largest, sorted=False)
+    chosen = torch.topk(torch.cat([old[rows], cand.values], dim=1), m, dim=1, largest=largest, sorted=False)
     taken = torch.zeros(len(rows), m + cand.values.shape[1], dtype=torch.bool, device=keys.device)
     taken.scatter_(1, chosen.indices, True)
     # per row, the j-th displaced old slot receives the j-th taken candidate (both counts are equal)
@@ -84,7 +99,7 @@ def _keep_best(
     cand_row, cand_pos = taken[:, m:].nonzero(as_tuple=True)
     neuron = rows[slot_row]
     batch_pos = cand.indices[cand_row, cand_pos]
-    keys[neuron, slot] = cand.values[cand_row, cand_pos]
+    keys[neuron, slot] = new_keys[neuron, batch_pos]
     index[neuron, slot] = new_index[batch_pos]
     acts[neuron, slot] = batch_acts[batch_pos, :, neuron]
 
@@ -92,8 +107,9 @@ def _keep_best(
 def sorted_lists(
     keys: torch.Tensor, index: torch.Tensor, acts: torch.Tensor, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lists of `_keep_best` ordered best first; slots never filled (infinite key) get index -1."""
-    order = torch.argsort(keys, dim=-1, descending=largest, stable=True)
+    """The lists of `_keep_best` ordered best first (equal keys: earlier excerpt first); slots never filled
+    (infinite key) get index -1."""
+    order = torch.argsort(order_keys(keys, index, largest), dim=-1, descending=largest, stable=True)
     keys = torch.gather(keys, -1, order)
     index = torch.where(torch.isinf(keys), -1, torch.gather(index, -1, order))
     acts = torch.gather(acts, -2, order.unsqueeze(-1).expand(*order.shape, acts.shape[-1]))
@@ -129,11 +145,13 @@ class LayerState:
             "band_acts": torch.zeros((n, nb, m, T), dtype=f32),
         }
         self.t = {k: v.to(device) for k, v in self.t.items()}
+        self.shift_fixed = False
+        """True when ``shift`` was given (a shard takes the warm-up shard's, so shards' sums add up)."""
 
     def update_moments(self, x: torch.Tensor, scratch: list[torch.Tensor]) -> None:
         """Add a batch (x: [tokens, N]) to the shifted power sums, using two preallocated scratch buffers."""
         t = self.t
-        if float(t["count"]) == 0:
+        if float(t["count"]) == 0 and not self.shift_fixed:
             t["shift"] = x.mean(dim=0)
         d, p = scratch
         torch.sub(x, t["shift"], out=d)
@@ -263,6 +281,48 @@ class Collector:
         self.tokens_seen = int(state["tokens_seen"])
         for layer, tensors in state["layers"].items():
             self.layers[int(layer)].t = {k: v.to(self.device) for k, v in tensors.items()}
+
+
+def _best_of(parts: list[dict[str, torch.Tensor]], name: str, largest: bool, m: int) -> dict[str, torch.Tensor]:
+    """The ``m`` best entries (by `order_keys`) of several shards' lists ``<name>_key/_index/_acts``."""
+    keys = torch.cat([p[f"{name}_key"] for p in parts], dim=-1)
+    index = torch.cat([p[f"{name}_index"] for p in parts], dim=-1)
+    acts = torch.cat([p[f"{name}_acts"] for p in parts], dim=-2)
+    order = torch.topk(order_keys(keys, index, largest), m, dim=-1, largest=largest, sorted=False).indices
+    out_acts = torch.gather(acts, -2, order.unsqueeze(-1).expand(*order.shape, acts.shape[-1]))
+    return {f"{name}_key": torch.gather(keys, -1, order), f"{name}_index": torch.gather(index, -1, order),
+            f"{name}_acts": out_acts}  # fmt: skip
+
+
+def merge_states(col: Collector, parts: list[tuple[int, int, dict[str, Any]]]) -> None:
+    """Set ``col`` to the state of one collector that saw every excerpt, from the states (`state_dict`) of
+    collectors that each saw the excerpts ``lo..hi-1`` (``parts``: (lo, hi, state); together every excerpt
+    once, the first from excerpt 0 through the quantile warm-up, the others started with its shift and band
+    edges, all on the same batch boundaries as a single collector).
+
+    Exact: max/min; the top/bottom-k, band-sample and random lists (each the best keys over all excerpts, as
+    one collector keeps them; only exactly equal keys could be ordered differently); the power sums are the
+    same float64 sums added in another order (equal to about 1e-15 relative)."""
+    parts = sorted(parts, key=lambda p: p[0])
+    if parts[0][0] != 0 or any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"the shards' excerpt ranges {[p[:2] for p in parts]} do not cover 0..n once")
+    for layer, state in col.layers.items():
+        ts = [{k: v.cpu() for k, v in p[2]["layers"][layer].items()} for p in parts]
+        t = {k: v.cpu().clone() for k, v in state.t.items()}
+        t["count"] = sum(x["count"] for x in ts)
+        t["sums"] = sum(x["sums"] for x in ts)
+        t["shift"], t["warmup_max"], t["band_edges"] = ts[0]["shift"], ts[0]["warmup_max"], ts[0]["band_edges"]
+        t["max"] = torch.stack([x["max"] for x in ts]).amax(0)
+        t["min"] = torch.stack([x["min"] for x in ts]).amin(0)
+        t.update(_best_of(ts, "top", True, t["top_key"].shape[-1]))
+        t.update(_best_of(ts, "bottom", True, t["bottom_key"].shape[-1]))
+        t.update(_best_of(ts, "band", False, t["band_key"].shape[-1]))
+        for slot, excerpt in enumerate(col.random_index):  # each random excerpt from the shard that read it
+            owner = next(i for i, (lo, hi, _) in enumerate(parts) if lo <= excerpt < hi)
+            t["random_acts"][:, slot] = ts[owner]["random_acts"][:, slot]
+        state.t = {k: v.to(col.device) for k, v in t.items()}
+    col.position = parts[-1][1]
+    col.tokens_seen = sum(int(p[2]["tokens_seen"]) for p in parts)
 
 
 def band_quantiles(bands: list[list[float]]) -> list[float]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbutils.collect.collector import CollectConfig, Collector, band_quantiles, sorted_lists
+from nbutils.collect.collector import CollectConfig, Collector, band_quantiles, merge_states, sorted_lists
 from nbutils.collect.corpus import ExcerptSet, load_texts, make_excerpts
 from nbutils.core.config import RunConfig
+from nbutils.core.distribute import default_shards, run_shards
 from nbutils.core.errors import UserError
 from nbutils.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from nbutils.core.layout import CollectionLayout
@@ -136,23 +139,24 @@ def _resume(out: CollectionLayout, fingerprint: str, col: Collector) -> None:
     col.load_state_dict(saved["state"])
 
 
-def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Collector, out: CollectionLayout,
-            cfg: CollectConfig, progress: bool) -> None:  # fmt: skip
-    """Feed every remaining batch's unit values to the collector, checkpointing now and then."""
+def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Collector, checkpoint: Path | None,
+            cfg: CollectConfig, progress: bool, stop: int | None = None) -> None:  # fmt: skip
+    """Feed every remaining batch's unit values (up to excerpt ``stop``) to the collector, checkpointing now
+    and then (unless ``checkpoint`` is None)."""
     device = next(subject.model.parameters()).device
-    n, batch = len(excerpts), cfg.batch_size
+    n, batch = stop or len(excerpts), cfg.batch_size
     bar = progress_bar(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
     last_save = time.monotonic()
     with NeuronCapture(subject.model, plan.site, plan.layers) as capture:
         for start in range(col.position, n, batch):
-            ids = torch.from_numpy(excerpts.tokens[start : start + batch].astype(np.int64)).to(device)
+            ids = torch.from_numpy(excerpts.tokens[start : min(start + batch, n)].astype(np.int64)).to(device)
             captured = capture.run(ids)
             col.update(start, {layer: plan.unit.transform(v, layer) for layer, v in captured.items()})
             bar.update(len(ids))
-            if time.monotonic() - last_save > cfg.checkpoint_every_s and col.position < n:
+            if checkpoint and time.monotonic() - last_save > cfg.checkpoint_every_s and col.position < n:
                 buf = io.BytesIO()
                 torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
-                atomic_write_bytes(out.checkpoint, buf.getvalue())
+                atomic_write_bytes(checkpoint, buf.getvalue())
                 last_save = time.monotonic()
     bar.close()
 
@@ -169,6 +173,9 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
         layers=c.layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
         batch_size=c.batch_size, seed=c.seed,
     )  # fmt: skip
+    shards = c.shards or default_shards(c.executor, c.ray_address)
+    if shards > 1 or c.executor != "local":
+        return collect_sharded(subject, excerpts, out_dir, cfg, MLPNeurons(c.site), shards, c.executor, c.ray_address)
     return collect_activations(subject, excerpts, out_dir, cfg, site=c.site, progress=progress)
 
 
@@ -187,20 +194,108 @@ def collect_activations(
     cfg = config or CollectConfig()
     out = CollectionLayout(out_dir)
     plan = _Plan(subject, excerpts, cfg, unit or MLPNeurons(site))
-    if out.meta.is_file():
-        if out.fingerprint.is_file() and out.fingerprint.read_text().strip() == plan.fingerprint:
-            return RecordStore(out.root)
-        raise UserError(
-            f"{out.root} already holds a finished collection made with different settings.",
-            "Choose another output folder (or run id), or delete that folder to recollect.",
-        )
-    device = next(subject.model.parameters()).device
-    signed = plan.unit.signed(subject.model)
-    col = Collector(len(excerpts), excerpts.excerpt_len, plan.neurons, cfg, signed=signed, device=device)
+    if _finished(out, plan):
+        return RecordStore(out.root)
+    col = _collector(subject, excerpts, plan, cfg)
     _resume(out, plan.fingerprint, col)
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
-    _stream(subject, excerpts, plan, col, out, cfg, progress)
+    _stream(subject, excerpts, plan, col, out.checkpoint, cfg, progress)
     _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, cfg, col))
     out.checkpoint.unlink(missing_ok=True)
     return RecordStore(out.root)
+
+
+def _finished(out: CollectionLayout, plan: _Plan) -> bool:
+    """Whether ``out`` holds this collection, finished; a finished one with other settings is refused."""
+    if not out.meta.is_file():
+        return False
+    if out.fingerprint.is_file() and out.fingerprint.read_text().strip() == plan.fingerprint:
+        return True
+    raise UserError(
+        f"{out.root} already holds a finished collection made with different settings.",
+        "Choose another output folder (or run id), or delete that folder to recollect.",
+    )
+
+
+def _collector(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, cfg: CollectConfig) -> Collector:
+    device = next(subject.model.parameters()).device
+    signed = plan.unit.signed(subject.model)
+    return Collector(len(excerpts), excerpts.excerpt_len, plan.neurons, cfg, signed=signed, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded collection (executor="ray", or several shards in this process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def shard_ranges(n: int, warmup: int, batch: int, shards: int) -> list[tuple[int, int]]:
+    """Excerpt ranges: the quantile warm-up ``0..warmup-1`` first, the rest cut into ``shards`` pieces on batch
+    boundaries (so every batch is the one a single collector would feed, with the same band keys)."""
+    batches = list(range(warmup, n, batch))
+    cuts = [batches[round(i * len(batches) / shards)] for i in range(shards)] if batches else []
+    edges = sorted(set([warmup, *cuts, n]))
+    return [(0, warmup)] + [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def collect_shard(
+    model: str, excerpts: ExcerptSet, cfg: CollectConfig, unit: UnitType, lo: int, hi: int, warm: str | None,
+    path: str,
+) -> str:  # fmt: skip
+    """Collect excerpts ``lo..hi-1`` (one task of `collect_sharded`) and save the collector's state at ``path``.
+    ``warm``: the warm-up shard's state file, whose shift and band edges this shard starts from."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    subject = load_subject_model(model, device=device)
+    plan = _Plan(subject, excerpts, cfg, unit)
+    col = _collector(subject, excerpts, plan, cfg)
+    col.position = lo
+    if warm is not None:
+        start = torch.load(warm, weights_only=False)["state"]["layers"]
+        for layer, state in col.layers.items():
+            for name in ("shift", "band_edges"):
+                state.t[name] = start[layer][name].to(col.device)
+            state.shift_fixed = True
+    Path(path).with_suffix(".started").write_text(f"{os.getpid()}\n")  # which process works on it (tests)
+    _stream(subject, excerpts, plan, col, None, cfg, progress=False, stop=hi)
+    buf = io.BytesIO()
+    torch.save({"fingerprint": plan.fingerprint, "range": (lo, hi), "state": col.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def collect_sharded(
+    subject: SubjectModel, excerpts: ExcerptSet, out_dir: str | Path, config: CollectConfig, unit: UnitType,
+    shards: int, executor: str = "local", ray_address: str | None = None,
+) -> RecordStore:  # fmt: skip
+    """`collect_activations`, cut into excerpt shards run by ``executor`` (`nbutils.core.distribute`): the
+    warm-up shard first, then the others side by side; their states merge exactly (`merge_states`) into the
+    collection a single collector writes. A rerun skips the shards whose state is saved."""
+    out = CollectionLayout(out_dir)
+    plan = _Plan(subject, excerpts, config, unit)
+    if _finished(out, plan):
+        return RecordStore(out.root)
+    col = _collector(subject, excerpts, plan, config)
+    ranges = shard_ranges(len(excerpts), col.warmup, config.batch_size, shards)
+    out.shards.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
+
+    def calls(which: list[int]) -> list[dict[str, Any]]:
+        warm = str(out.shard(0)) if which != [0] else None
+        common = {"model": subject.spec, "excerpts": excerpts, "cfg": config, "unit": plan.unit, "warm": warm}
+        return [{**common, "lo": ranges[i][0], "hi": ranges[i][1], "path": str(out.shard(i))} for i in which]
+
+    for which in ([0], list(range(1, len(ranges)))):  # the warm-up sets the band edges the others use
+        todo = [i for i in which if not _shard_done(out.shard(i), plan.fingerprint, ranges[i])]
+        run_shards(collect_shard, calls(todo), executor, ray_address)
+    parts = [(*ranges[i], torch.load(out.shard(i), weights_only=False)["state"]) for i in range(len(ranges))]
+    merge_states(col, parts)
+    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, config, col))
+    shutil.rmtree(out.shards)
+    return RecordStore(out.root)
+
+
+def _shard_done(path: Path, fingerprint: str, excerpt_range: tuple[int, int]) -> bool:
+    if not path.is_file():
+        return False
+    saved = torch.load(path, weights_only=False)
+    return saved.get("fingerprint") == fingerprint and tuple(saved.get("range", ())) == tuple(excerpt_range)

@@ -27,6 +27,7 @@ def _param(default: Any, stages: tuple[str, ...], help: str, **extra: Any) -> An
 
 
 BOTH = (EXPLAIN, SCORE)
+WORK = (COLLECT, EXPLAIN, SCORE)
 
 
 @dataclass
@@ -59,6 +60,18 @@ class RunConfig:
     band_size: int = _param(5, (COLLECT,), "excerpts sampled per quantile band")
     batch_size: int = _param(32, (COLLECT,), "excerpts per forward pass")
     seed: int = _param(0, (COLLECT, EXPLAIN, SCORE), "seed for every random choice")
+    executor: str = _param(
+        "local", WORK, '"local" (this process) or "ray" (shards as Ray tasks; pip install "nbutils[ray]")',
+        choices=("local", "ray"),
+    )  # fmt: skip
+    ray_address: str | None = _param(
+        None, WORK, "with executor=ray: the cluster's address; None starts a Ray instance on this machine",
+        example="auto",
+    )  # fmt: skip
+    shards: int | None = _param(
+        None, WORK, "with executor=ray: shards per stage (None: twice the cluster's GPUs, or CPUs without GPUs)",
+        example="8",
+    )  # fmt: skip
     # stage 02: explain
     explain_neurons: int | str | list[list[int]] = _param(
         2, (EXPLAIN,), 'neurons per layer (an int, seeded), "strongest:N" per layer, "all", or [[layer, neuron], ...]'
@@ -70,8 +83,9 @@ class RunConfig:
     explainer_model: str = _param(
         "embedded", (EXPLAIN,), 'local: "embedded", a Hugging Face id, folder or .gguf; openai: the model name',
     )  # fmt: skip
-    explainer_base_url: str | None = _param(
-        None, (EXPLAIN,), 'for "openai": e.g. "http://127.0.0.1:8080/v1"; None means the OpenAI API',
+    explainer_base_url: str | list[str] | None = _param(
+        None, (EXPLAIN,), 'for "openai": e.g. "http://127.0.0.1:8080/v1" (a list: several servers, neurons dealt '
+        "over them); None means the OpenAI API",
         example="http://127.0.0.1:8080/v1",
     )  # fmt: skip
     explainer_api_key_env: str = _param(
@@ -88,6 +102,16 @@ class RunConfig:
         None, BOTH, 'e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate',
         example="{prompt: 0.15, completion: 0.6}",
     )  # fmt: skip
+    max_in_flight: int = _param(
+        64, BOTH, "HTTP backends: LLM requests in flight at once, across all neurons in progress"
+    )
+    requests_per_minute: float | None = _param(
+        None, BOTH, "HTTP backends: at most this many requests a minute (None: no limit)", example="500"
+    )
+    tokens_per_minute: float | None = _param(
+        None, BOTH, "HTTP backends: at most this many tokens a minute, prompt and reply (None: no limit)",
+        example="200000",
+    )  # fmt: skip
     fail_on_errors: bool = _param(False, BOTH, "True: any failed neuron makes the run's exit code non-zero")
     # stage 03: simulate and score
     simulator_backend: str = _param(
@@ -95,10 +119,10 @@ class RunConfig:
         choices="backends",
     )  # fmt: skip
     simulator_model: str = _param("embedded", (SCORE,), "as explainer_model")
-    simulator_base_url: str | None = _param(
+    simulator_base_url: str | list[str] | None = _param(
         None,
         (SCORE,),
-        "as explainer_base_url (the simulator may be served elsewhere)",
+        "as explainer_base_url (the simulator may be served elsewhere; a list: several servers)",
         example="http://127.0.0.1:8081/v1",
     )
     simulator_api_key_env: str = _param(

@@ -58,6 +58,8 @@ class CollectionLayout:
         self.meta = self.root / "collection.json"
         self.fingerprint = self.root / "fingerprint.txt"
         self.checkpoint = self.root / "checkpoint.pt"
+        self.shards = self.root / "shards"
+        """Partial collector states of a sharded collection (``shard-NNN.pt``), removed once merged."""
         self.tokens = self.root / "excerpts" / "tokens.npy"
         self.places = self.root / "excerpts" / "places.npy"
         self.vocab = self.root / "excerpts" / "vocab.json"
@@ -65,6 +67,9 @@ class CollectionLayout:
 
     def layer_dir(self, layer: int) -> Path:
         return self.root / f"layer_{layer:03d}"
+
+    def shard(self, i: int) -> Path:
+        return self.shards / f"shard-{i:03d}.pt"
 
     def array(self, layer: int, name: str) -> Path:
         """A per-layer array file (``neurons``, ``stats``, ``top_acts`` ...)."""

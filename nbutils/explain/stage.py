@@ -11,20 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from nbutils.core.config import RunConfig
+from nbutils.core.distribute import run_unit_shards
 from nbutils.core.failures import needs_work, write_summary
 from nbutils.core.io import write_jsonl
 from nbutils.core.layout import explanations
+from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, UnitEntries
 from nbutils.explain.explainer import explain_unit, units_to_explain
-from nbutils.llm.contract import BackendSpec, make_backend
+from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
 
 
 def explainer_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
     """The explainer backend a config names."""
     return BackendSpec(
         config.explainer_backend, config.explainer_model, config.explainer_base_url, config.explainer_api_key_env,
-        cache_path=cache_path,
+        cache_path=cache_path, **traffic_options(config),
     )  # fmt: skip
 
 
@@ -34,11 +36,14 @@ def run_explain_stage(
     config: RunConfig | None = None,
     progress: bool = True,
     cache_path: str | None = None,
+    workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Explain the units ``config.explain_neurons`` names into ``out_dir`` (resumable); return every entry.
 
     ``config.split`` says which excerpts the explainer sees (`nbutils.core.records.split_excerpts`); stage 03
-    must use the same."""
+    must use the same. ``workers``: units in progress at once (default: what the backend asks for). With
+    ``executor="ray"`` the units are dealt into shards run as Ray tasks; with several ``explainer_base_url``
+    they are dealt over the servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
     store = RecordStore(collection_dir)
     out = explanations(out_dir)
@@ -48,14 +53,35 @@ def run_explain_stage(
     chosen = [nid.key(sign) for nid in units_to_explain(store, config.explain_neurons, config.seed) for sign in signs]
     todo = [key for key in chosen if needs_work(saved.get(key))]
     if todo:
-        llm = make_backend(explainer_spec(config, cache_path))
-        for layer, neuron, sign in progress_bar(iterable=todo, desc="explain", unit="neuron", disable=not progress):
-            rec = store.record(layer, neuron)
-            negative = sign == "negative"
-            c = config
-            saved.put(explain_unit(rec, llm, c.n_samples, c.temperature, negative, c.seed, c.split))
-            llm.usage.save(out.usage, config.prices)
+        run_unit_shards(
+            explain_units, todo, config, "explainer_base_url", collection_dir=str(collection_dir),
+            out_dir=str(out_dir), cache_path=cache_path, workers=workers, progress=progress,
+        )  # fmt: skip
+        merge_shard_usage(out.usage, config.prices)
     entries = [saved.get(key) for key in chosen]
     write_jsonl(out.jsonl, entries)
     write_summary(out.summary, entries)
     return entries
+
+
+def explain_units(
+    collection_dir: str, out_dir: str, config: RunConfig, keys: list[tuple[int, int, str]], cache_path: str | None,
+    workers: int | None, progress: bool, shard: int | None,
+) -> int:  # fmt: skip
+    """Explain these units (one shard of `run_explain_stage`), writing each unit's file as it finishes; the
+    LLM usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
+    store, out, c = RecordStore(collection_dir), explanations(out_dir), config
+    saved = UnitEntries(out)
+    llm = make_backend(explainer_spec(config, cache_path))
+
+    def work(key: tuple[int, int, str]) -> dict[str, Any]:
+        rec = store.record(key[0], key[1])
+        return explain_unit(rec, llm, c.n_samples, c.temperature, key[2] == "negative", c.seed, c.split)
+
+    finished = as_finished(work, keys, workers or llm.parallel_units)
+    for _, entry in progress_bar(
+        iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
+    ):
+        saved.put(entry)
+        llm.usage.save(shard_usage(out.usage, shard), config.prices)
+    return len(keys)

@@ -31,6 +31,9 @@ class RequestCache:
         try:
             self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # no fsync per reply (WAL keeps the file whole if the process dies; a power cut may lose the last
+            # replies, which a rerun fetches again): a run with many requests in flight puts one per request
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, value TEXT, created REAL)")
             self._db.execute("SELECT count(*) FROM requests").fetchone()
         except sqlite3.DatabaseError as e:

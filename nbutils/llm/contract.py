@@ -18,14 +18,16 @@ doing; not retried). Adding a backend is one module with a `Backend` subclass an
 from __future__ import annotations
 
 import json
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
 from nbutils.core.io import atomic_write_json
 from nbutils.core.registry import Registry
@@ -71,10 +73,13 @@ class Usage:
     completion_tokens: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Requests are counted on the HTTP loop's thread while a stage saves the counts from its own."""
 
     def add(self, other: Usage) -> None:
-        for name in USAGE_FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        with self._lock:
+            for name in USAGE_FIELDS:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def cost(self, prices: dict[str, float]) -> float:
         """Estimated cost from a price table in currency units per million tokens: {"prompt": .., "completion": ..}."""
@@ -95,10 +100,11 @@ class Usage:
         path = Path(path)
         old = json.loads(path.read_text()) if path.is_file() else {}
         total = Usage(**{k: old.get(k, 0) for k in USAGE_FIELDS})
-        total.add(self)
-        for name in USAGE_FIELDS:
-            setattr(self, name, 0)
-        out: dict[str, object] = asdict(total)
+        with self._lock:
+            total.add(self)
+            for name in USAGE_FIELDS:
+                setattr(self, name, 0)
+        out: dict[str, object] = {name: getattr(total, name) for name in USAGE_FIELDS}
         looked_up = total.cache_hits + total.cache_misses
         out["cache_hit_rate"] = total.cache_hits / looked_up if looked_up else None
         if prices:
@@ -109,6 +115,20 @@ class Usage:
 
 
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses")
+
+
+def shard_usage(path: Path, shard: int | None) -> Path:
+    """Where a shard of a stage counts its usage: its own file beside ``usage.json`` (shards running at once
+    would race on one file); `merge_shard_usage` adds them into ``usage.json``."""
+    return path if shard is None else path.with_name(f"usage.shard-{shard:03d}.json")
+
+
+def merge_shard_usage(path: Path, prices: dict[str, float] | None) -> None:
+    """Add the shards' usage files into ``path`` and remove them."""
+    for part in sorted(path.parent.glob("usage.shard-*.json")):
+        counts = json.loads(part.read_text())
+        Usage(**{k: counts.get(k, 0) for k in USAGE_FIELDS}).save(path, prices)
+        part.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +194,10 @@ class BackendSpec:
     api_key_env: str = "OPENAI_API_KEY"
     simulation_mode: str = "auto"
     cache_path: str | None = None
+    max_in_flight: int = 64
+    """HTTP backends: requests in flight at once, across all units in progress."""
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,6 +207,10 @@ class Backend(ABC):
     name: ClassVar[str]
     context: int = 8192
     usage: Usage
+    parallel_units: int = 1
+    """How many units a stage keeps in progress at once with this backend (threads). 1 for a backend that
+    computes in this process (the local model already uses every core); an HTTP backend says enough to fill
+    its cap on requests in flight."""
 
     @classmethod
     @abstractmethod
@@ -249,6 +277,15 @@ BACKENDS = Registry(
 def register_backend(name: str, backend: str | type[Backend]) -> None:
     """Make a backend available by name (to `make_backend`, the stages and the command line)."""
     BACKENDS[name] = backend
+
+
+def traffic_options(config: RunConfig) -> dict[str, Any]:
+    """The request cap and rate limits a run config (`nbutils.core.config.RunConfig`) gives its backends."""
+    return {
+        "max_in_flight": config.max_in_flight,
+        "requests_per_minute": config.requests_per_minute,
+        "tokens_per_minute": config.tokens_per_minute,
+    }
 
 
 def make_backend(spec: BackendSpec) -> Backend:

@@ -12,9 +12,11 @@
   for the reply, each value's distribution comes from them (expected values); otherwise it is one-hot.
 - Detection and fuzzing (``judge``): one request per item; echo mode reads P("1") against P("0") at the
   answer slot, chat mode the first reply token's ``top_logprobs`` (or the written digit, without AUROC).
-- Requests run concurrently on asyncio (at most ``max_concurrency`` in flight), retry with exponential
-  backoff on 429, 5xx, timeouts and refused connections (honouring ``Retry-After``), each with a timeout,
-  and go through the persistent request cache. Hits and misses are counted in ``usage``.
+- Requests run on one shared event loop (`nbutils.llm.traffic.Traffic`): at most ``max_in_flight`` at once
+  across every unit the stage has in progress, within ``requests_per_minute`` / ``tokens_per_minute``. They
+  retry with exponential backoff on 429, 5xx, timeouts and refused connections; a 429's ``Retry-After``
+  pauses all of them. Each has a timeout and goes through the persistent request cache (hits and misses are
+  counted in ``usage``).
 - Some servers (``transformers serve``) answer chat requests with an event stream even when asked not to
   stream; such replies are reassembled into one completion.
 
@@ -29,8 +31,8 @@ import math
 import os
 import random
 import re
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -60,18 +62,9 @@ from nbutils.llm.prompts import (
     simulation_body,
     simulation_lines,
 )
+from nbutils.llm.traffic import Traffic
 
 LOGPROBS = 20
-
-
-def run_coroutine(make: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a coroutine to completion, also from inside Jupyter's already running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    with ThreadPoolExecutor(1) as pool:  # a kernel's loop is running: use a fresh loop on a helper thread
-        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 class OpenAIBackend(Backend):
@@ -83,7 +76,11 @@ class OpenAIBackend(Backend):
     def from_spec(cls, spec: BackendSpec) -> OpenAIBackend:
         """The persistent request cache is used unless ``spec.cache_path`` is ``"none"``."""
         cache = None if spec.cache_path == "none" else RequestCache(spec.cache_path)
-        return cls(spec.model, spec.base_url, spec.api_key_env, spec.simulation_mode, cache=cache, **spec.options)
+        traffic = Traffic(spec.max_in_flight, spec.requests_per_minute, spec.tokens_per_minute)
+        return cls(
+            spec.model, spec.base_url, spec.api_key_env, spec.simulation_mode, cache=cache, traffic=traffic,
+            **spec.options,
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -91,14 +88,15 @@ class OpenAIBackend(Backend):
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         simulation: str = "auto",
-        max_concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 5,
         context: int = 8192,
         cache: RequestCache | None = None,
         backoff: float = 1.0,
+        traffic: Traffic | None = None,
     ) -> None:
-        """``backoff``: seconds before the first retry, doubling after each (Retry-After wins when longer)."""
+        """``backoff``: seconds before the first retry, doubling after each (Retry-After wins when longer);
+        ``traffic``: the cap on requests in flight and the rate limits (default: 64 in flight, no limits)."""
         import openai
 
         key = os.environ.get(api_key_env)
@@ -116,7 +114,8 @@ class OpenAIBackend(Backend):
         self.api_key_env = api_key_env
         self._errors = openai
         self.mode = simulation
-        self.max_concurrency = max_concurrency
+        self.traffic = traffic or Traffic()
+        self._mode_lock = threading.Lock()
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -127,26 +126,38 @@ class OpenAIBackend(Backend):
 
     # -- requests: concurrency, retries and the cache -----------------------------------------------------
 
+    @property
+    def parallel_units(self) -> int:
+        """Units a stage should have in progress at once: enough that the cap on requests can be filled."""
+        return self.traffic.max_in_flight
+
     def _client(self):
-        key = os.environ.get(self.api_key_env) or "no-key-needed"  # local servers accept any key
-        return self._errors.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
+        """The HTTP client, one per backend, living on the traffic's loop (connections are reused)."""
+        client = self.traffic.resources.get("client")
+        if client is None:
+            import httpx
+
+            key = os.environ.get(self.api_key_env) or "no-key-needed"  # local servers accept any key
+            n = self.traffic.max_in_flight
+            http = self._errors.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+            )
+            client = self._errors.AsyncOpenAI(
+                base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0, http_client=http
+            )
+            self.traffic.resources["client"] = client
+        return client
 
     def _gather(self, fn: Callable[[Any, Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
-        """``fn(client, item)`` for every item, at most ``max_concurrency`` at once; every request is allowed to
-        finish (and be cached) before an error, if any, is raised: a retryable one (a server fault) if there
-        is one, else the first."""
+        """``fn(client, item)`` for every item, on the shared loop within its cap and limits; every request is
+        allowed to finish (and be cached) before an error, if any, is raised: a retryable one (a server
+        fault) if there is one, else the first."""
 
         async def main() -> list[Any]:
-            limit = asyncio.Semaphore(max(1, self.max_concurrency))
-            async with self._client() as client:
+            client = self._client()
+            return await asyncio.gather(*(fn(client, x) for x in items), return_exceptions=True)
 
-                async def one(item: Any) -> Any:
-                    async with limit:
-                        return await fn(client, item)
-
-                return await asyncio.gather(*(one(x) for x in items), return_exceptions=True)
-
-        results = run_coroutine(main)
+        results = self.traffic.run(main)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:  # a server fault first: the neuron is then retried on rerun, where the rest may succeed
             raise next((e for e in errors if getattr(e, "retryable", False)), errors[0])
@@ -161,20 +172,34 @@ class OpenAIBackend(Backend):
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                self.usage.cache_hits += 1
+                self.usage.add(Usage(cache_hits=1))
                 return hit
-            self.usage.cache_misses += 1
+            self.usage.add(Usage(cache_misses=1))
+        response = await self._send(client, endpoint, request, check)
+        usage = response.get("usage") or {}
+        self.usage.add(Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
+        if self.cache is not None:
+            self.cache.put(key, response)
+        return response
+
+    async def _send(
+        self, client, endpoint: str, request: dict[str, Any], check: Callable[[dict[str, Any]], None] | None
+    ) -> dict[str, Any]:
+        """Send one request within the traffic's cap and limits, retrying server faults."""
         api = client.chat.completions if endpoint == "chat" else client.completions
         delay = self.backoff
+        estimate = len(json.dumps(request.get("messages") or request.get("prompt"))) // 3 + request.get("max_tokens", 0)
         for attempt in range(self.max_retries + 1):
             try:
-                raw = await api.create(model=self.model_name, **request)
-                response = _event_stream_to_completion(raw) if isinstance(raw, str) else raw.model_dump()
+                async with self.traffic.slot(estimate) as used:
+                    raw = await api.create(model=self.model_name, **request)
+                    response = _event_stream_to_completion(raw) if isinstance(raw, str) else raw.model_dump()
+                    used(_total_tokens(response))
                 if not isinstance(response.get("choices"), list) or not response["choices"]:
                     raise SimulationFailed("the reply has no choices")
                 if check is not None:
                     check(response)
-                break
+                return response
             except self._errors.APIStatusError as e:
                 status = e.status_code
                 if status in (401, 403):
@@ -185,6 +210,8 @@ class OpenAIBackend(Backend):
                 if (status != 429 and status < 500) or attempt == self.max_retries:
                     raise LLMFailed(_describe(e, endpoint, attempt, self.base_url), status) from None
                 wait = _retry_wait(e, delay)
+                if status == 429:  # the server is over its limit for everyone: every request waits
+                    self.traffic.pause(wait)
             except (self._errors.APITimeoutError, self._errors.APIConnectionError) as e:
                 if attempt == self.max_retries:
                     raise LLMFailed(_describe(e, endpoint, attempt, self.base_url)) from None
@@ -203,11 +230,7 @@ class OpenAIBackend(Backend):
                 wait = delay
             await asyncio.sleep(wait)
             delay *= 2
-        usage = response.get("usage") or {}
-        self.usage.add(Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
-        if self.cache is not None:
-            self.cache.put(key, response)
-        return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     # -- explanations -------------------------------------------------------------------------------------
 
@@ -228,19 +251,22 @@ class OpenAIBackend(Backend):
 
     def detect_mode(self) -> str:
         """``echo`` if the server returns prompt log-probabilities, else ``chat``."""
-        if self.mode == "auto":
-
-            async def probe(client, _: Any) -> str:
-                req = {"prompt": "a\tb", "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
-                try:
-                    r = await self._request(client, "completions", req)
-                    lp = (r["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
-                    return "echo" if len(lp) >= 2 and any(lp[1:]) else "chat"
-                except (LLMFailed, KeyError, IndexError, AttributeError):
-                    return "chat"
-
-            self.mode = self._gather(probe, [None])[0]
+        with self._mode_lock:  # units on several threads ask at once: probe once
+            if self.mode == "auto":
+                self.mode = self._probe_mode()
         return self.mode
+
+    def _probe_mode(self) -> str:
+        async def probe(client, _: Any) -> str:
+            req = {"prompt": "a\tb", "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+            try:
+                r = await self._request(client, "completions", req)
+                lp = (r["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
+                return "echo" if len(lp) >= 2 and any(lp[1:]) else "chat"
+            except (LLMFailed, KeyError, IndexError, AttributeError):
+                return "chat"
+
+        return self._gather(probe, [None])[0]
 
     def simulate(self, request: SimulationRequest) -> list[np.ndarray]:
         """Per excerpt, a [tokens, 11] array of label probabilities; raises SimulationFailed with the reason."""
@@ -362,6 +388,12 @@ class OpenAIBackend(Backend):
         answers = self._gather(one, list(request.items))
         probabilities = all(from_logprobs for _, from_logprobs in answers)
         return Judgements(np.array([p for p, _ in answers], dtype=np.float64), probabilities)
+
+
+def _total_tokens(response: dict[str, Any]) -> int:
+    """Tokens a reply says it used (0 where the server does not say)."""
+    usage = response.get("usage") or {}
+    return (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
 
 
 def _yes_probability(probs: dict[str, float]) -> float:

@@ -40,6 +40,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     params = load_config(args.config) if args.config else {}
     params.update(_params(args.param))
+    if args.executor:
+        params["executor"] = args.executor
+    if args.ray_address:
+        params["ray_address"] = args.ray_address
     stages = args.stages.split(",") if args.stages else None
     nb_dir = Path(args.notebooks) if args.notebooks else None
     try:
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
     run.add_argument("--stages", help="comma-separated stage numbers or names, e.g. 01")
     run.add_argument("--notebooks", help="notebooks folder (default: the stage notebooks installed with nbutils)")
+    run.add_argument("--executor", choices=("local", "ray"), help="where stages 01-03 run (same as -p executor=...)")
+    run.add_argument("--ray-address", help="with --executor ray: the Ray cluster's address (default: start one here)")
     run.add_argument("--list-params", action="store_true", help="print every stage's parameters and exit")
     run.set_defaults(func=_cmd_run)
     exp = sub.add_parser("export-openai", help="write OpenAI neuron-explainer NeuronRecord JSON files")

@@ -112,19 +112,38 @@ def _ratio_score(num: float, den: float, what: str) -> Metric:
 def bootstrap_interval(
     true: list[np.ndarray], pred: list[np.ndarray], n_boot: int = 1000, seed: int = 0
 ) -> tuple[float | None, float | None]:
-    """2.5th and 97.5th percentiles of the pooled correlation over excerpts resampled with replacement."""
+    """2.5th and 97.5th percentiles of the pooled correlation over excerpts resampled with replacement.
+
+    Each resample's correlation is computed from per-excerpt sums (token count, sums of values, squares and
+    products, after centring on the pooled means), so ``n_boot`` resamples cost one matrix product rather
+    than ``n_boot`` concatenations; a resample is undefined by the same rules as `correlation`."""
     n = len(true)
     if n < 2 or n_boot <= 0:
         return None, None
-    rng = np.random.default_rng(seed)
     t = [np.asarray(x, dtype=np.float64).ravel() for x in true]
     p = [np.asarray(x, dtype=np.float64).ravel() for x in pred]
-    values = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, n, n)
-        m = correlation(np.concatenate([t[i] for i in pick]), np.concatenate([p[i] for i in pick]))
-        if m.value is not None:
-            values.append(m.value)
+    if _non_finite(_flat(t), _flat(p)):
+        return None, None
+    picks = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # the same draws as n_boot calls of size n
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], picks), 1.0)
+    mt, mp = _flat(t).mean(), _flat(p).mean()
+    sums = np.array(
+        [[x.size, (x - mt).sum(), (y - mp).sum(), ((x - mt) ** 2).sum(), ((y - mp) ** 2).sum(), ((x - mt) * (y - mp)).sum()]
+         for x, y in zip(t, p)]
+    )  # fmt: skip
+    size, st, sp, stt, spp, stp = (counts @ sums).T
+    var_t, var_p = np.maximum(stt - st**2 / size, 0.0), np.maximum(spp - sp**2 / size, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (stp - st * sp / size) / np.sqrt(var_t * var_p)
+    picked = counts > 0
+    ok = size >= 2
+    for var, xs in ((var_t, t), (var_p, p)):  # constant in a resample (or nearly): undefined, as in `correlation`
+        high = np.max(np.where(picked, [x.max(initial=-np.inf) for x in xs], -np.inf), axis=1)
+        low = np.min(np.where(picked, [x.min(initial=np.inf) for x in xs], np.inf), axis=1)
+        largest = np.maximum(np.abs(high), np.abs(low))
+        ok &= (high > low) & (np.sqrt(var) > 1e-12 * np.maximum(1.0, largest))
+    values = np.clip(r[ok], -1.0, 1.0)
     if len(values) < n_boot // 2:  # most resamples were degenerate: no honest interval
         return None, None
     lo, hi = np.percentile(values, [2.5, 97.5])

@@ -16,14 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from nbutils.core.config import RunConfig
+from nbutils.core.distribute import run_unit_shards
 from nbutils.core.errors import UserError
 from nbutils.core.failures import write_summary
 from nbutils.core.io import atomic_write_json, read_jsonl, write_jsonl
 from nbutils.core.layout import explanations, scores
+from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, UnitEntries, split_excerpts
-from nbutils.core.units import key_of
-from nbutils.llm.contract import Backend, BackendSpec, LLMFailed, make_backend
+from nbutils.core.units import Key, key_of
+from nbutils.llm.contract import (
+    Backend,
+    BackendSpec,
+    LLMFailed,
+    make_backend,
+    merge_shard_usage,
+    shard_usage,
+    traffic_options,
+)
 from nbutils.score.baseline import token_table
 from nbutils.score.contract import RESULTS_FORMAT, Scorer, ScoreSettings, UnitContext, scorer, upgrade_result
 
@@ -32,7 +42,7 @@ def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendS
     """The simulator backend a config names (it also judges detection and fuzzing items)."""
     return BackendSpec(
         config.simulator_backend, config.simulator_model, config.simulator_base_url, config.simulator_api_key_env,
-        config.simulation_mode, cache_path,
+        config.simulation_mode, cache_path, **traffic_options(config),
     )  # fmt: skip
 
 
@@ -96,10 +106,13 @@ def run_score_stage(
     config: RunConfig | None = None,
     progress: bool = True,
     cache_path: str | None = None,
+    workers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results."""
+    """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results.
+    ``workers``: units in progress at once (default: what the backend asks for). With ``executor="ray"`` the
+    units are dealt into shards run as Ray tasks; with several ``simulator_base_url`` they are dealt over the
+    servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
-    store = RecordStore(collection_dir)
     entries = read_jsonl(explanations(explanation_dir).jsonl)
     if not entries:
         raise UserError(
@@ -110,16 +123,36 @@ def run_score_stage(
     out.root.mkdir(parents=True, exist_ok=True)
     saved = UnitEntries(out)
     chosen = [scorer(name) for name in config.scorers]
-    todo = [e for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
+    todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
     if todo:
-        llm = make_backend(simulator_spec(config, cache_path))
-        for entry in progress_bar(iterable=todo, desc="simulate+score", unit="neuron", disable=not progress):
-            result, details = score_entry(entry, store, llm, chosen, settings(config))
-            if details is not None:
-                atomic_write_json(out.simulation(key_of(entry)), details)
-            saved.put(result)
-            llm.usage.save(out.usage, config.prices)
+        run_unit_shards(
+            score_units, todo, config, "simulator_base_url", collection_dir=str(collection_dir),
+            explanation_dir=str(explanation_dir), out_dir=str(out_dir), cache_path=cache_path, workers=workers,
+            progress=progress,
+        )  # fmt: skip
+        merge_shard_usage(out.usage, config.prices)
     results = [upgrade_result(saved.get(key_of(e))) for e in entries]
     write_jsonl(out.jsonl, results)
     write_summary(out.summary, results)
     return results
+
+
+def score_units(
+    collection_dir: str, explanation_dir: str, out_dir: str, config: RunConfig, keys: list[Key],
+    cache_path: str | None, workers: int | None, progress: bool, shard: int | None,
+) -> int:  # fmt: skip
+    """Score these units (one shard of `run_score_stage`), writing each unit's files as it finishes; the LLM
+    usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
+    store, out = RecordStore(collection_dir), scores(out_dir)
+    wanted = set(keys)
+    todo = [e for e in read_jsonl(explanations(explanation_dir).jsonl) if key_of(e) in wanted]
+    saved, chosen, s = UnitEntries(out), [scorer(name) for name in config.scorers], settings(config)
+    llm = make_backend(simulator_spec(config, cache_path))
+    finished = as_finished(lambda e: score_entry(e, store, llm, chosen, s), todo, workers or llm.parallel_units)
+    bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
+    for entry, (result, details) in bar:
+        if details is not None:
+            atomic_write_json(out.simulation(key_of(entry)), details)
+        saved.put(result)
+        llm.usage.save(shard_usage(out.usage, shard), config.prices)
+    return len(todo)

@@ -1,0 +1,161 @@
+"""Throughput of stages 02 and 03 against an HTTP API that answers after a fixed latency, as hosted APIs do.
+
+For each cap on requests in flight (``max_in_flight``) the same kind of units are explained and scored
+through the OpenAI-compatible backend against `bench/stand_in_api.py` (a separate process), beside today's
+path before this change: one unit at a time with at most 8 of its requests in flight. Each variant gets
+its own fresh request cache, so every request goes to the server. Rows: requests in flight (mean while
+units remain to be started, and max), neurons per hour, speed-up over the baseline, and the projected wall
+time for the 307,200 neurons of GPT-2 XL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+GPT2_XL_NEURONS = 307_200
+
+
+def start_stand_in(latency: float, log: Path) -> tuple[subprocess.Popen, str]:
+    """The stand-in API in its own process (so its threads do not compete with the client for the GIL)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parent / "stand_in_api.py"
+    cmd = [sys.executable, str(script), "--port", str(port), "--latency", str(latency)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the stand-in API did not start; see {log}")
+
+
+class Recorder:
+    """Catches the backend a stage makes (to read its traffic) and when each unit's work began."""
+
+    def __init__(self, module: Any) -> None:
+        self.module, self.backend, self.starts = module, None, []
+        self._make, self._finished = module.make_backend, module.as_finished
+
+    def __enter__(self) -> Recorder:
+        def make(spec: Any) -> Any:
+            self.backend = self._make(spec)
+            self.backend.traffic.stats.record = True
+            return self.backend
+
+        def finished(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Any:
+            def timed(item: Any) -> Any:
+                self.starts.append(time.monotonic())
+                return work(item)
+
+            return self._finished(timed, items, workers)
+
+        self.module.make_backend, self.module.as_finished = make, finished
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.make_backend, self.module.as_finished = self._make, self._finished
+
+    def in_flight(self) -> dict[str, float]:
+        """Mean requests in flight from the first request until the last unit started, and the max."""
+        traffic = self.backend.traffic
+        end = max(self.starts) - traffic._t0 if traffic._t0 is not None else 0.0
+        stats = traffic.stats
+        mean = stats.mean_between(0.0, end) if end > 0.5 else stats.mean_in_flight  # a single wave: all of it
+        return {"mean": mean, "max": stats.max_in_flight, "requests": stats.sent}
+
+
+def run_variant(collection: Path, units: list[list[int]], url: str, limit: int, workers: int | None) -> dict[str, Any]:
+    """Stages 02 and 03 on ``units`` with ``max_in_flight=limit`` (and ``workers`` units at once if given)."""
+    import nbutils.explain.stage as explain_stage
+    import nbutils.score.stage as score_stage
+    from nbutils.core.config import RunConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
+    config = RunConfig(
+        explain_neurons=units, explainer_backend="openai", explainer_model="stand-in", explainer_base_url=url,
+        simulator_backend="openai", simulator_model="stand-in", simulator_base_url=url, simulation_mode="chat",
+        max_in_flight=limit,
+    )  # fmt: skip
+    cache = str(tmp / "cache.sqlite")
+    seconds, flights, failed = {}, {}, 0
+    for name, module, run in (
+        ("02", explain_stage, lambda: explain_stage.run_explain_stage(collection, tmp / "02", config, False, cache, workers)),
+        ("03", score_stage, lambda: score_stage.run_score_stage(collection, tmp / "02", tmp / "03", config, False, cache, workers)),
+    ):  # fmt: skip
+        with Recorder(module) as rec:
+            start = time.perf_counter()
+            entries = run()
+            seconds[name] = time.perf_counter() - start
+        flights[name] = rec.in_flight()
+        failed += sum(1 for e in entries if e.get("failure"))
+    total = seconds["02"] + seconds["03"]
+    return {
+        "units": len(units),
+        "failed": failed,
+        "seconds": total,
+        "in_flight_mean_02": flights["02"]["mean"],
+        "in_flight_mean_03": flights["03"]["mean"],
+        "in_flight_max": max(f["max"] for f in flights.values()),
+        "requests_per_unit": sum(f["requests"] for f in flights.values()) / len(units),
+        "neurons_per_hour": 3600 * len(units) / total,
+    }
+
+
+def bench_throughput(
+    excerpts: int, repeats: int, latency: float = 1.0, limits: Sequence[int] = (1, 8, 64, 256), per_slot: float = 2.0
+) -> dict[str, Any]:
+    """Rows for today's path and each cap in ``limits``; ``per_slot`` units per place in flight (at least 2)."""
+    from nbutils.collect.collector import CollectConfig
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.collect.stage import collect_activations
+    from nbutils.core.records import RecordStore
+    from nbutils.subject.loading import load_subject_model
+    from nbutils.subject.sites import num_layers
+
+    tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
+    need = max(4, int(per_slot * max(limits)))
+    subject = load_subject_model("embedded")
+    layers = list(range(num_layers(subject.model)))
+    ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
+    per_layer = -(-need // len(layers))
+    cfg = CollectConfig(
+        layers=layers, neurons=per_layer, top_k=10, n_random=10, band_size=3, quantile_warmup=excerpts // 2
+    )
+    collect_activations(subject, ex, tmp / "01", cfg, progress=False)
+    all_units = [[u.layer, u.index] for u in RecordStore(tmp / "01").all_ids()]
+    proc, url = start_stand_in(latency, tmp / "stand_in.log")
+    rows = []
+    try:
+        variants = [("today: one unit at a time, 8 in flight", 8, 1, 4)]
+        variants += [(f"max_in_flight={n}", n, None, max(2, int(per_slot * n))) for n in limits]
+        for label, limit, workers, n_units in variants:
+            row = {"variant": label, **run_variant(tmp / "01", all_units[:n_units], url, limit, workers)}
+            row["in_flight_vs_limit"] = min(row["in_flight_mean_02"], row["in_flight_mean_03"]) / limit
+            rows.append(row)
+            print(f"  {label}: {row['neurons_per_hour']:,.0f} neurons/hour", flush=True)
+    finally:
+        proc.kill()
+    base = rows[0]["neurons_per_hour"]
+    for row in rows:
+        row["speedup"] = row["neurons_per_hour"] / base
+        row["projected_hours_307200"] = GPT2_XL_NEURONS / row["neurons_per_hour"]
+    return {
+        "benchmark": "throughput",
+        "model": f"stand-in API, {latency:g} s per request",
+        "latency_s": latency,
+        "rows": rows,
+    }
