@@ -91,6 +91,8 @@ def test_run_id_hashes_the_effective_parameters():
     same = default_run_id(effective_parameters({}))
     assert default_run_id(effective_parameters({"n_excerpts": 4000, "seed": 0})) == same  # defaults stated
     assert default_run_id(effective_parameters({"seed": 1})) != same
+    how = {"executor": "ray", "shards": 4, "max_in_flight": 8, "requests_per_minute": 500.0}
+    assert default_run_id(effective_parameters(how)) == same  # how the run is carried out: the same run
     quick = effective_parameters(preset="quick")
     assert quick["n_excerpts"] == params.PRESETS["quick"]["n_excerpts"]
     assert effective_parameters({"n_excerpts": 99}, preset="quick")["n_excerpts"] == 99  # -p wins

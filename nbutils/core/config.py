@@ -20,6 +20,8 @@ COLLECT, EXPLAIN, SCORE, INSPECT = "01_collect", "02_explain", "03_score", "04_i
 
 
 def _param(default: Any, stages: tuple[str, ...], help: str, **extra: Any) -> Any:
+    """A parameter: its default (the main job's value), the stages that take it, its help; ``how=True`` marks
+    one that says how a run is carried out, not what it computes (left out of the run id)."""
     meta = {"stages": stages, "help": help, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -62,15 +64,15 @@ class RunConfig:
     seed: int = _param(0, (COLLECT, EXPLAIN, SCORE), "seed for every random choice")
     executor: str = _param(
         "local", WORK, '"local" (this process) or "ray" (shards as Ray tasks; pip install "nbutils[ray]")',
-        choices=("local", "ray"),
+        choices=("local", "ray"), how=True,
     )  # fmt: skip
     ray_address: str | None = _param(
         None, WORK, "with executor=ray: the cluster's address; None starts a Ray instance on this machine",
-        example="auto",
+        example="auto", how=True,
     )  # fmt: skip
     shards: int | None = _param(
         None, WORK, "with executor=ray: shards per stage (None: twice the cluster's GPUs, or CPUs without GPUs)",
-        example="8",
+        example="8", how=True,
     )  # fmt: skip
     # stage 02: explain
     explain_neurons: int | str | list[list[int]] = _param(
@@ -103,14 +105,14 @@ class RunConfig:
         example="{prompt: 0.15, completion: 0.6}",
     )  # fmt: skip
     max_in_flight: int = _param(
-        64, BOTH, "HTTP backends: LLM requests in flight at once, across all neurons in progress"
+        64, BOTH, "HTTP backends: LLM requests in flight at once, across all neurons in progress", how=True
     )
     requests_per_minute: float | None = _param(
-        None, BOTH, "HTTP backends: at most this many requests a minute (None: no limit)", example="500"
+        None, BOTH, "HTTP backends: at most this many requests a minute (None: no limit)", example="500", how=True
     )
     tokens_per_minute: float | None = _param(
         None, BOTH, "HTTP backends: at most this many tokens a minute, prompt and reply (None: no limit)",
-        example="200000",
+        example="200000", how=True,
     )  # fmt: skip
     fail_on_errors: bool = _param(False, BOTH, "True: any failed neuron makes the run's exit code non-zero")
     # stage 03: simulate and score

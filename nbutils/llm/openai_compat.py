@@ -116,6 +116,7 @@ class OpenAIBackend(Backend):
         self.mode = simulation
         self.traffic = traffic or Traffic()
         self._mode_lock = threading.Lock()
+        self._async_client: Any = None
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -132,8 +133,8 @@ class OpenAIBackend(Backend):
         return self.traffic.max_in_flight
 
     def _client(self):
-        """The HTTP client, one per backend, living on the traffic's loop (connections are reused)."""
-        client = self.traffic.resources.get("client")
+        """The HTTP client, one per backend, made on the traffic's loop (its connections are reused there)."""
+        client = self._async_client
         if client is None:
             import httpx
 
@@ -145,7 +146,7 @@ class OpenAIBackend(Backend):
             client = self._errors.AsyncOpenAI(
                 base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0, http_client=http
             )
-            self.traffic.resources["client"] = client
+            self._async_client = client
         return client
 
     def _gather(self, fn: Callable[[Any, Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:

@@ -1,5 +1,5 @@
-"""Request traffic of an HTTP backend: one event loop for the whole process, a cap on requests in flight,
-rate limits, and a shared pause when the server says to slow down.
+"""Request traffic of an HTTP backend: one event loop for all the units a stage has in progress, a cap on
+requests in flight, rate limits, and a shared pause when the server says to slow down.
 
 Stages run many units at once on threads (`nbutils.core.parallel`); each unit's requests are coroutines on
 the one loop that `Traffic` keeps on a helper thread, so explanations, simulations and judgements of
@@ -10,6 +10,7 @@ The limits are token buckets refilled continuously at ``limit / 60`` per second 
 second's worth (so a run never bursts a minute's quota at once and trips a server's shorter windows); a
 request larger than a bucket still goes when the bucket is full. Tokens are estimated before a request
 (prompt characters / 3 + the reply's ``max_tokens``) and corrected by the ``usage`` the server reports.
+Backends given the same `Traffic` share its cap and limits (one API key used for two roles, say).
 """
 
 from __future__ import annotations
@@ -119,8 +120,6 @@ class Traffic:
         self._start_lock = threading.Lock()
         self._gate: asyncio.Lock | None = None
         self._cap: asyncio.Semaphore | None = None
-        self.resources: dict[str, Any] = {}
-        """Objects that belong to the loop (an HTTP client), made by their users on first need."""
 
     # -- the loop -----------------------------------------------------------------------------------------
 

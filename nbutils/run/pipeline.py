@@ -126,8 +126,11 @@ def effective_parameters(
 
 def default_run_id(effective: dict[str, Any]) -> str:
     """``run-<hash of every effective parameter>``: the same run lands in (and resumes) the same folder,
-    whether a default is stated or not."""
-    digest = hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    whether a default is stated or not. Parameters of how the run is carried out (executor, shards, requests
+    in flight, rate limits) are left out: the same job on Ray or with another cap continues the same run."""
+    fields = schema()
+    what = {k: v for k, v in effective.items() if not (k in fields and fields[k].metadata.get("how"))}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"run-{digest}"
 
 
