@@ -79,6 +79,7 @@ def test_shard_ranges_start_with_the_warmup_and_cut_on_batch_boundaries():
     assert shard_ranges(96, 24, 8, 3) == [(0, 24), (24, 48), (48, 72), (72, 96)]
     assert shard_ranges(100, 24, 8, 2) == [(0, 24), (24, 64), (64, 100)]
     assert shard_ranges(20, 20, 8, 4) == [(0, 20)]  # everything is warm-up
+    assert shard_ranges(40, 32, 8, 4) == [(0, 32), (32, 40)]  # fewer batches than shards asked for
 
 
 def test_sharded_collection_equals_the_single_process_one_and_a_rerun_skips_finished_shards(

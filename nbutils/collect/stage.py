@@ -233,7 +233,7 @@ def shard_ranges(n: int, warmup: int, batch: int, shards: int) -> list[tuple[int
     """Excerpt ranges: the quantile warm-up ``0..warmup-1`` first, the rest cut into ``shards`` pieces on batch
     boundaries (so every batch is the one a single collector would feed, with the same band keys)."""
     batches = list(range(warmup, n, batch))
-    cuts = [batches[round(i * len(batches) / shards)] for i in range(shards)] if batches else []
+    cuts = [batches[i * len(batches) // shards] for i in range(shards)] if batches else []
     edges = sorted(set([warmup, *cuts, n]))
     return [(0, warmup)] + [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
 
