@@ -128,3 +128,13 @@ def test_every_parameter_an_error_message_suggests_exists():
     for where, text in fixes:
         for name in re.findall(r"\b([a-z][a-z_0-9]*)=", text):
             assert name in accepted, f"{where}: the fix {text[:80]} suggests {name}=, which no stage accepts"
+
+
+def test_papermill_reads_every_declared_parameter():
+    """papermill's own reader of the parameters cell (a line it cannot parse is an "unknown parameter" it only
+    warns about) finds every parameter the chain passes."""
+    import papermill
+
+    for stage in STAGES:
+        path = notebooks_dir() / stage.notebook
+        assert set(papermill.inspect_notebook(str(path))) == set(declared_parameters(path)), stage.notebook

@@ -272,7 +272,8 @@ def test_list_params_shows_the_main_job_and_presets(tmp_path):
 
 @pytest.mark.slow
 def test_a_non_editable_install_finds_its_notebooks(tmp_path):
-    """`pip install .` (a wheel, not an editable install) ships the stage notebooks inside the package."""
+    """`pip install .` (a wheel, not an editable install) ships the stage notebooks inside the package, and its
+    `nbutils` command runs."""
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(wheel_dir)],
@@ -294,8 +295,9 @@ def test_a_non_editable_install_finds_its_notebooks(tmp_path):
     module, notebooks = where.stdout.split()
     assert module.startswith(site) and notebooks == str(Path(site) / "nbutils" / "notebooks"), where.stderr
     small = ["model=planted", "layers=null", "n_excerpts=16", "top_k=4", "n_random=4", "band_size=1"]
+    script = str(env_dir / "bin" / "nbutils")  # the installed command, as README uses it
     res = subprocess.run(
-        [python, "-m", "nbutils", "run", *params(small), "--stages", "01", "--run-id", "w", "--output-root", "o"],
+        [script, "run", *params(small), "--stages", "01", "--run-id", "w", "--output-root", "o"],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

@@ -25,7 +25,7 @@ import torch
 from nbutils.collect.collector import CollectConfig, Collector, band_quantiles, merge_states, sorted_lists
 from nbutils.collect.corpus import ExcerptSet, load_texts, make_excerpts
 from nbutils.core.config import RunConfig
-from nbutils.core.distribute import default_shards, run_shards
+from nbutils.core.distribute import default_shards, release_ray, run_shards
 from nbutils.core.errors import UserError
 from nbutils.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from nbutils.core.layout import CollectionLayout
@@ -284,9 +284,12 @@ def collect_sharded(
         common = {"model": subject.spec, "excerpts": excerpts, "cfg": config, "unit": plan.unit, "warm": warm}
         return [{**common, "lo": ranges[i][0], "hi": ranges[i][1], "path": str(out.shard(i))} for i in which]
 
-    for which in ([0], list(range(1, len(ranges)))):  # the warm-up sets the band edges the others use
-        todo = [i for i in which if not _shard_done(out.shard(i), plan.fingerprint, ranges[i])]
-        run_shards(collect_shard, calls(todo), executor, ray_address)
+    try:
+        for which in ([0], list(range(1, len(ranges)))):  # the warm-up sets the band edges the others use
+            todo = [i for i in which if not _shard_done(out.shard(i), plan.fingerprint, ranges[i])]
+            run_shards(collect_shard, calls(todo), executor, ray_address)
+    finally:
+        release_ray()
     parts = [(*ranges[i], torch.load(out.shard(i), weights_only=False)["state"]) for i in range(len(ranges))]
     merge_states(col, parts)
     _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, config, col))

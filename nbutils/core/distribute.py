@@ -25,6 +25,7 @@ from nbutils.core.errors import UserError
 
 EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3
+_STARTED: list[bool] = []  # whether this process connected to Ray itself (then `release_ray` disconnects)
 
 
 def run_shards(
@@ -75,6 +76,7 @@ def start_ray(address: str | None) -> Any:
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+            _STARTED.append(True)
         except ConnectionError as e:
             raise UserError(
                 f"No Ray cluster answers at ray_address={address!r} ({e}).",
@@ -82,6 +84,16 @@ def start_ray(address: str | None) -> Any:
                 "Ray instance on this machine.",
             ) from None
     return ray
+
+
+def release_ray() -> None:
+    """Disconnect from Ray if `start_ray` connected (a stage's end): otherwise Ray's signal handler prints a
+    stack report when the kernel is stopped. A connection the user made is left alone."""
+    if _STARTED:
+        import ray
+
+        ray.shutdown()
+        _STARTED.clear()
 
 
 def default_shards(executor: str, ray_address: str | None) -> int:
@@ -113,4 +125,7 @@ def run_unit_shards(fn: Callable[..., Any], keys: list[Any], config: Any, url_fi
          "shard": i if len(groups) > 1 else None}
         for i, (part, url) in enumerate(groups)
     ]  # fmt: skip
-    run_shards(fn, calls, c.executor, c.ray_address, threads=len(calls))
+    try:
+        run_shards(fn, calls, c.executor, c.ray_address, threads=len(calls))
+    finally:
+        release_ray()
