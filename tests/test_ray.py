@@ -166,3 +166,13 @@ def _assert_close(a, b, path: str = "") -> None:
         assert a == pytest.approx(b, abs=1e-6, nan_ok=True), path
     else:
         assert a == b, path
+
+
+def test_a_users_mistake_in_a_ray_task_reaches_the_driver_as_the_same_error(ray_instance, tmp_path):
+    from nbutils.core.distribute import run_shards
+    from nbutils.core.errors import UserError
+    from nbutils.core.records import RecordStore
+
+    with pytest.raises(UserError, match="No finished activation collection") as caught:
+        run_shards(RecordStore, [{"path": str(tmp_path / "missing")}], "ray")
+    assert "Run stage 01" in caught.value.fix  # both parts arrive, so the command line prints its paragraph

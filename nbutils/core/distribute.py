@@ -50,7 +50,12 @@ def run_shards(
     ray = start_ray(ray_address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_retries=RAY_RETRIES)(_in_worker)
-    return ray.get([task.remote(fn, kw) for kw in calls])
+    try:
+        return ray.get([task.remote(fn, kw) for kw in calls])
+    except ray.exceptions.RayTaskError as e:  # the stage's own error (a UserError, say) as if raised here
+        if isinstance(getattr(e, "cause", None), Exception):
+            raise e.cause from None
+        raise
 
 
 def _in_worker(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:

@@ -14,3 +14,7 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} Fix: {fix}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled as its two parts (a Ray task's error reaches the driver as the same UserError)."""
+        return (type(self), (self.problem, self.fix))
