@@ -300,5 +300,5 @@ def collect_sharded(
 def _shard_done(path: Path, fingerprint: str, excerpt_range: tuple[int, int]) -> bool:
     if not path.is_file():
         return False
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=False, mmap=True)  # reads the header fields, not the large arrays
     return saved.get("fingerprint") == fingerprint and tuple(saved.get("range", ())) == tuple(excerpt_range)
