@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,46 @@ def test_loading_one_neuron_reads_memory_mapped_rows(collection):
         store.record(1, int(np.setdiff1d(np.arange(1536), store.neurons(1))[0]))
     with pytest.raises(UserError, match="not in the collection"):
         store.record(2, 0)
+
+
+def test_records_read_from_many_threads_load_each_layer_once(collection, monkeypatch):
+    """Stages 02/03 read units from many threads at once. Each layer's files are opened once, and every
+    thread gets the same records as a sequential read (CPython 3.11's parser is not safe for np.load headers
+    read on two threads at once; CI saw it fail)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    import nbutils.core.records as records
+
+    store, _ = collection
+    ids = list(store.all_ids())  # before the patch: the fixture's store loads its layers here
+    fresh = RecordStore(store.path)
+    opened: list[str] = []
+    real = records._load_npy
+
+    def slow_load(path):
+        opened.append(str(path))
+        time.sleep(0.01)  # widens the window in which an unguarded second thread would load the layer again
+        return real(path)
+
+    monkeypatch.setattr(records, "_load_npy", slow_load)
+    start = Barrier(8)
+
+    def read(u):
+        start.wait() if ids.index(u) < 8 else None
+        return fresh.record(u.layer, u.neuron)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(read, ids))
+    assert (
+        len(opened)
+        == len(set(opened))
+        == sum(len(list(store.layout.layer_dir(layer).glob("*.npy"))) for layer in store.layers)
+    )
+    for u, rec in zip(ids, got):
+        want = store.record(u.layer, u.neuron)
+        assert [e.index for e in rec.top] == [e.index for e in want.top]
+        np.testing.assert_array_equal(rec.top[0].activations, want.top[0].activations)
 
 
 def test_missing_collection_is_a_user_error(tmp_path):

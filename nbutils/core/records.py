@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,12 +191,20 @@ class RecordStore:
         self.random_index = np.asarray(_load_npy(self.layout.random_sample))
         self.vocab = {int(k): v for k, v in json.loads(self.layout.vocab.read_text()).items()}
         self._layers: dict[int, dict[str, np.ndarray]] = {}
+        # Units are read from several threads (stages 02/03 keep many in flight). The lock makes each layer
+        # load once, and keeps np.load's header parsing (ast.literal_eval) on one thread at a time: CPython
+        # 3.11 can raise "AST constructor recursion depth mismatch" when two threads parse at once.
+        self._layers_lock = threading.Lock()
 
     @property
     def layers(self) -> list[int]:
         return list(self.meta.layers)
 
     def _layer(self, layer: int) -> dict[str, np.ndarray]:
+        with self._layers_lock:
+            return self._load_layer(layer)
+
+    def _load_layer(self, layer: int) -> dict[str, np.ndarray]:
         if layer not in self._layers:
             if layer not in self.meta.layers:
                 raise UserError(
