@@ -11,7 +11,9 @@ bottleneck, and it rarely writes a value line per token in chat mode):
 - an explainer request gets a short phrase naming a token of the prompt;
 - a chat simulation request ("Rewrite the last excerpt ...") gets one ``token<TAB>value`` line per token, the
   values drawn from a hash of the request (the same request always gets the same reply);
-- a judging request ("Reply with the digit only.") gets "1" or "0" with ``top_logprobs`` for both digits.
+- a judging request ("Reply with the digit only.") gets "1" or "0" with ``top_logprobs`` for both digits;
+  one with several numbered items ("Answer each of the N texts") gets a line ``k: digit`` for each, the
+  digit's token with ``top_logprobs`` for both digits.
 
 The legacy completions endpoint answers 404 (hosted chat models have no prompt log-probabilities), so the
 client simulates in chat mode. ``GET /stats`` returns the requests served and the most served at once;
@@ -24,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +39,18 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
+def _digit(h: int) -> tuple[str, dict[str, Any]]:
+    """A judging answer drawn from a hash: the digit and its reply token with both digits' log-probabilities."""
+    p_yes = 0.2 + 0.6 * ((h % 1000) / 1000)
+    digit = "1" if p_yes >= 0.5 else "0"
+    alts = [{"token": "1", "logprob": math.log(p_yes)}, {"token": "0", "logprob": math.log(1 - p_yes)}]
+    return digit, {"token": digit, "logprob": math.log(p_yes if digit == "1" else 1 - p_yes), "top_logprobs": alts}
+
+
+def _plain(text: str) -> dict[str, Any]:
+    return {"token": text, "logprob": 0.0, "top_logprobs": [{"token": text, "logprob": 0.0}]}
+
+
 def reply_text(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]] | None]:
     """The reply's content and, for a judging request, its first token's log-probabilities."""
     last = messages[-1]["content"]
@@ -45,11 +60,14 @@ def reply_text(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
         values = [(h >> (i % 56)) % 23 for i in range(len(tokens))]  # mostly zero, now and then high
         return "".join(f"{t}\t{v if v <= 10 else 0}\n" for t, v in zip(tokens, values)), None
     if "Reply with the digit only" in last:
-        p_yes = 0.2 + 0.6 * ((h % 1000) / 1000)
-        digit = "1" if p_yes >= 0.5 else "0"
-        alts = [{"token": "1", "logprob": math.log(p_yes)}, {"token": "0", "logprob": math.log(1 - p_yes)}]
-        chosen = next(a for a in alts if a["token"] == digit)
-        return digit, [{"token": digit, "logprob": chosen["logprob"], "top_logprobs": alts}]
+        return _digit(h)[0], [_digit(h)[1]]
+    batch = re.search(r"Answer each of the (\d+) texts", last)
+    if batch:
+        tokens = []
+        for k in range(1, int(batch.group(1)) + 1):
+            digit, token = _digit(_hash(f"{h}:{k}"))
+            tokens += [_plain(f"{k}: "), token, _plain("\n")]
+        return "".join(t["token"] for t in tokens), tokens
     words = [w for w in last.replace("\t", " ").split() if w.isalpha()]
     word = words[h % len(words)] if words else "text"
     return f' the word "{word}" and words like it.', None

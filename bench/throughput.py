@@ -3,9 +3,12 @@
 For each cap on requests in flight (``max_in_flight``) the same kind of units are explained and scored
 through the OpenAI-compatible backend against `bench/stand_in_api.py` (a separate process), beside today's
 path before this change: one unit at a time with at most 8 of its requests in flight. Each variant gets
-its own fresh request cache, so every request goes to the server. Rows: requests in flight (mean while
-units remain to be started, and max), neurons per hour, speed-up over the baseline, and the projected wall
-time for the 307,200 neurons of GPT-2 XL.
+its own fresh request cache, so every request goes to the server. Stage 02 (one request per unit) explains
+more units than stage 03 scores, so that it lasts several rounds of requests, not only its ramp-up; the
+neurons per hour add up both stages' seconds per unit. The largest caps are run again with several
+detection/fuzzing items per chat request (``judge_items_per_request``). Rows: requests in flight (mean
+while units remain to be started, and max), requests per unit, neurons per hour, speed-up over the
+baseline, and the projected wall time for the 307,200 neurons of GPT-2 XL.
 """
 
 from __future__ import annotations
@@ -78,47 +81,70 @@ class Recorder:
         return {"mean": mean, "max": stats.max_in_flight, "requests": stats.sent}
 
 
-def run_variant(collection: Path, units: list[list[int]], url: str, limit: int, workers: int | None) -> dict[str, Any]:
-    """Stages 02 and 03 on ``units`` with ``max_in_flight=limit`` (and ``workers`` units at once if given)."""
+def run_variant(
+    collection: Path, units: list[list[int]], n_scored: int, url: str, limit: int, workers: int | None, per_request: int
+) -> dict[str, Any]:
+    """Stage 02 on ``units`` and stage 03 on the first ``n_scored`` of them, with ``max_in_flight=limit`` (and
+    ``workers`` units at once if given) and ``per_request`` judging items per request."""
     import nbutils.explain.stage as explain_stage
     import nbutils.score.stage as score_stage
     from nbutils.core.config import RunConfig
+    from nbutils.core.io import read_jsonl
+    from nbutils.core.layout import explanations, scores
+    from nbutils.core.records import UnitEntries
+    from nbutils.core.units import key_of
 
     tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
     config = RunConfig(
         explain_neurons=units, explainer_backend="openai", explainer_model="stand-in", explainer_base_url=url,
         simulator_backend="openai", simulator_model="stand-in", simulator_base_url=url, simulation_mode="chat",
-        max_in_flight=limit,
+        max_in_flight=limit, judge_items_per_request=per_request,
     )  # fmt: skip
     cache = str(tmp / "cache.sqlite")
-    seconds, flights, failed = {}, {}, 0
+    scored: list[Any] = []  # the stage-02 keys of the first n_scored units, once stage 02 has run
+
+    def score() -> None:
+        first = {tuple(u) for u in units[:n_scored]}
+        scored.extend(key_of(e) for e in read_jsonl(explanations(tmp / "02").jsonl) if key_of(e)[:2] in first)
+        score_stage.score_units(str(collection), str(tmp / "02"), str(tmp / "03"), config, scored, cache, workers,
+                                False, None)  # fmt: skip
+
+    seconds, flights = {}, {}
     for name, module, run in (
         ("02", explain_stage, lambda: explain_stage.run_explain_stage(collection, tmp / "02", config, False, cache, workers)),
-        ("03", score_stage, lambda: score_stage.run_score_stage(collection, tmp / "02", tmp / "03", config, False, cache, workers)),
+        ("03", score_stage, score),
     ):  # fmt: skip
         with Recorder(module) as rec:
             start = time.perf_counter()
-            entries = run()
+            run()
             seconds[name] = time.perf_counter() - start
         flights[name] = rec.in_flight()
-        failed += sum(1 for e in entries if e.get("failure"))
-    total = seconds["02"] + seconds["03"]
+    counts = {"02": len(units), "03": len(scored)}
+    failed = sum(1 for e in read_jsonl(explanations(tmp / "02").jsonl) if e.get("failure"))
+    saved = UnitEntries(scores(tmp / "03"))
+    failed += sum(1 for k in scored if (saved.get(k) or {"failure": "missing"}).get("failure"))
+    per_unit = seconds["02"] / counts["02"] + seconds["03"] / counts["03"]
     return {
-        "units": len(units),
+        "units": len(scored),
+        "units_02": len(units),
         "failed": failed,
-        "seconds": total,
+        "seconds_02": seconds["02"],
+        "seconds_03": seconds["03"],
         "in_flight_mean_02": flights["02"]["mean"],
         "in_flight_mean_03": flights["03"]["mean"],
         "in_flight_max": max(f["max"] for f in flights.values()),
-        "requests_per_unit": sum(f["requests"] for f in flights.values()) / len(units),
-        "neurons_per_hour": 3600 * len(units) / total,
+        "requests_per_unit": sum(flights[s]["requests"] / counts[s] for s in counts),
+        "neurons_per_hour": 3600 / per_unit,
     }
 
 
 def bench_throughput(
-    excerpts: int, repeats: int, latency: float = 1.0, limits: Sequence[int] = (1, 8, 64, 256), per_slot: float = 2.0
-) -> dict[str, Any]:
-    """Rows for today's path and each cap in ``limits``; ``per_slot`` units per place in flight (at least 2)."""
+    excerpts: int, repeats: int, latency: float = 1.0, limits: Sequence[int] = (1, 8, 64, 256), per_slot: float = 2.0,
+    per_slot_02: float = 6.0, judge_batch: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """Rows for today's path and each cap in ``limits``, and the caps of 64 and more (else the largest) with
+    ``judge_batch`` items per judging request; stage 03 scores ``per_slot`` units per place in flight (at
+    least 2), stage 02 explains ``per_slot_02``."""
     from nbutils.collect.collector import CollectConfig
     from nbutils.collect.corpus import load_texts, make_excerpts
     from nbutils.collect.stage import collect_activations
@@ -127,7 +153,7 @@ def bench_throughput(
     from nbutils.subject.sites import num_layers
 
     tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
-    need = max(4, int(per_slot * max(limits)))
+    need = max(4, int(per_slot_02 * max(limits)))
     subject = load_subject_model("embedded")
     layers = list(range(num_layers(subject.model)))
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
@@ -140,10 +166,22 @@ def bench_throughput(
     proc, url = start_stand_in(latency, tmp / "stand_in.log")
     rows = []
     try:
-        variants = [("today: one unit at a time, 8 in flight", 8, 1, 4)]
-        variants += [(f"max_in_flight={n}", n, None, max(2, int(per_slot * n))) for n in limits]
-        for label, limit, workers, n_units in variants:
-            row = {"variant": label, **run_variant(tmp / "01", all_units[:n_units], url, limit, workers)}
+        variants = [("today: one unit at a time, 8 in flight", 8, 1, 4, 1)]
+        variants += [(f"max_in_flight={n}", n, None, max(2, int(per_slot * n)), 1) for n in limits]
+        variants += [
+            (
+                f"max_in_flight={n}, {judge_batch} judging items per request",
+                n,
+                None,
+                max(2, int(per_slot * n)),
+                judge_batch,
+            )
+            for n in ([n for n in limits if n >= 64] or [max(limits)])
+        ]
+        for label, limit, workers, n_units, per_request in variants:
+            n_02 = n_units if workers == 1 else max(n_units, int(per_slot_02 * limit))
+            row = run_variant(tmp / "01", all_units[:n_02], n_units, url, limit, workers, per_request)
+            row = {"variant": label, "judge_items_per_request": per_request, **row}
             row["in_flight_vs_limit"] = min(row["in_flight_mean_02"], row["in_flight_mean_03"]) / limit
             rows.append(row)
             print(f"  {label}: {row['neurons_per_hour']:,.0f} neurons/hour", flush=True)

@@ -44,9 +44,11 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert [r["tokens"] for r in mem] == [0, 32 * 64, 4 * 32 * 64] and mem[1]["collector_state_mb"] > 0
     e2e = results["e2e"]
     assert e2e["neurons"] == 2 and e2e["simulate_tokens_per_neuron"] >= e2e["simulate_floor_per_neuron"] > 0
-    today, capped = results["throughput"]["rows"]
+    today, capped, batched = results["throughput"]["rows"]
     assert today["in_flight_max"] <= 8 and capped["in_flight_max"] == 4  # the cap reached, never passed
-    assert today["failed"] == capped["failed"] == 0 and capped["units"] == 8
+    assert today["failed"] == capped["failed"] == batched["failed"] == 0 and capped["units"] == 8
+    assert capped["units_02"] == 24 and batched["judge_items_per_request"] == 5
+    assert batched["requests_per_unit"] < capped["requests_per_unit"]  # several judging items per request
     assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
 
 

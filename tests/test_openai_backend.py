@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import urllib.request
 
@@ -200,3 +201,79 @@ def test_missing_api_key_for_the_openai_api(monkeypatch):
     monkeypatch.delenv("NBUTILS_TEST_MISSING_KEY", raising=False)
     with pytest.raises(UserError, match="NBUTILS_TEST_MISSING_KEY is not set"):
         OpenAIBackend("gpt-4o-mini", api_key_env="NBUTILS_TEST_MISSING_KEY")
+
+
+class _ScriptedJudge:
+    """An HTTP chat server whose answers to numbered judging items are known: item texts holding "river" get
+    P("1") = 0.9, others 0.25; items holding "skip" get no line; lines come back in reverse order."""
+
+    def __init__(self) -> None:
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer, self.requests = self, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(request)
+                texts = re.findall(r"^Text (\d+): (.*)$", request["messages"][-1]["content"], re.MULTILINE)
+                tokens = []
+                for k, text in reversed(texts):
+                    if "skip" in text:
+                        continue
+                    p = 0.9 if "river" in text else 0.25
+                    alts = [{"token": "1", "logprob": math.log(p)}, {"token": "0", "logprob": math.log(1 - p)}]
+                    digit = "1" if p > 0.5 else "0"
+                    tokens += [{"token": f"{k}: ", "logprob": 0.0, "top_logprobs": []}]
+                    tokens += [{"token": digit, "logprob": 0.0, "top_logprobs": alts}]
+                    tokens += [{"token": "\n", "logprob": 0.0, "top_logprobs": []}]
+                content = "".join(t["token"] for t in tokens)
+                message = {"role": "assistant", "content": content}
+                choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": {"content": tokens}}
+                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                   "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_several_judging_items_per_chat_request_map_back_to_their_items():
+    from nbutils.llm.prompts import JudgeItem
+
+    server = _ScriptedJudge()
+    words = [" river", " tax", " river", " form", " skip", " river", " day"]
+    items = tuple(JudgeItem(("The", w, " ran")) for w in words)
+    be = OpenAIBackend("m", base_url=server.url, simulation="chat")
+    judged = be.judge(JudgeRequest("detection", "rivers", items, examples=(), per_request=3))
+    assert len(server.requests) == 3 == be.usage.requests  # 7 items, 3 per request
+    assert sorted(len(r["messages"][-1]["content"].split("\nText ")) - 1 for r in server.requests) == [1, 3, 3]
+    want = [0.9 if "river" in w else math.nan if "skip" in w else 0.25 for w in words]
+    np.testing.assert_allclose(judged.p_yes, want, atol=1e-12)
+    assert judged.probabilities
+    # positives and negatives share requests: the items are mixed, not sent in their given order
+    shown = [re.findall(r"^Text \d+: The (\w+)", r["messages"][-1]["content"], re.M) for r in server.requests]
+    assert any(len(set(s)) > 1 for s in shown)
+    server.server.shutdown()
+
+
+def test_several_judging_items_per_request_against_llama_cpp(llama_server):
+    """The embedded 135M model may not write every answer line; those it writes are read from its log-probs."""
+    from nbutils.llm.prompts import JudgeItem
+
+    items = tuple(JudgeItem(tuple(t)) for t in EXCERPTS * 2)
+    be = OpenAIBackend("smollm2", base_url=llama_server, simulation="chat")
+    judged = be.judge(JudgeRequest("detection", "words about water", items, examples=(), per_request=4))
+    assert be.usage.requests == 1 and judged.p_yes.shape == (4,)
+    answered = judged.p_yes[np.isfinite(judged.p_yes)]
+    assert ((answered >= 0) & (answered <= 1)).all()

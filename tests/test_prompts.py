@@ -86,3 +86,17 @@ def test_fit_examples_drops_whole_excerpts_then_examples():
     assert fit_examples(size, 60) == ()
     with pytest.raises(UserError, match="even without worked examples"):
         fit_examples(size, 10)
+
+
+def test_batched_judging_prompt_and_its_answer_lines():
+    from nbutils.llm.prompts import JudgeItem, judge_batch_answers, judge_batch_message
+
+    items = [JudgeItem(("The", " river")), JudgeItem(("Tax", " day"), (False, True))]
+    msg = judge_batch_message("BODY\n", items)
+    assert msg.startswith("BODY\nText 1: The river\nText 2: Tax <<day>>\n") and "each of the 2 texts" in msg
+    reply = "Text 2: 1\n1. 0\n2: 0\n7: 1\nsomething else\n"
+    # numbered as "Text k:", "k." or "k:"; a repeated number keeps its first answer; out of range is dropped
+    places = judge_batch_answers(reply, 2)
+    assert places == {1: reply.index("1\n"), 0: reply.index("0\n")}
+    assert {k: reply[v] for k, v in places.items()} == {1: "1", 0: "0"}
+    assert judge_batch_answers("1\n0\n", 2) == {}  # bare digits are not matched to items

@@ -143,6 +143,10 @@ class RunConfig:
         choices="scorers",
     )  # fmt: skip
     judge_per_class: int = _param(10, (SCORE,), "detection/fuzzing: positive (and as many negative) items per neuron")
+    judge_items_per_request: int = _param(
+        1, (SCORE,), "detection/fuzzing, HTTP chat mode: items shown in one request (1: each its own question)",
+        example="5",
+    )  # fmt: skip
     n_boot: int = _param(1000, (SCORE,), "bootstrap resamples for the 95% intervals")
     # stage 04: inspect
     layer: int | None = _param(

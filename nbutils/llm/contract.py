@@ -168,6 +168,9 @@ class JudgeRequest:
     items: tuple[JudgeItem, ...]
     max_prompt_tokens: int | None = None
     examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+    per_request: int = 1
+    """Items shown in one chat request (HTTP backends in chat mode); backends that answer each item from its
+    own prompt at no cost per request (local, oracle) judge one item at a time whatever this says."""
 
 
 @dataclass

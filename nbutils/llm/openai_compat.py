@@ -12,6 +12,8 @@
   for the reply, each value's distribution comes from them (expected values); otherwise it is one-hot.
 - Detection and fuzzing (``judge``): one request per item; echo mode reads P("1") against P("0") at the
   answer slot, chat mode the first reply token's ``top_logprobs`` (or the written digit, without AUROC).
+  In chat mode ``per_request`` > 1 shows that many numbered items in one request (mixed in a fixed order)
+  and reads each answer line's digit the same way: fewer requests per unit, answers no longer independent.
 - Requests run on one shared event loop (`nbutils.llm.traffic.Traffic`): at most ``max_in_flight`` at once
   across every unit the stage has in progress, within ``requests_per_minute`` / ``tokens_per_minute``. They
   retry with exponential backoff on 429, 5xx, timeouts and refused connections; a 429's ``Retry-After``
@@ -56,6 +58,8 @@ from nbutils.llm.prompts import (
     SIMULATE_HEADER,
     UNKNOWN,
     JudgeItem,
+    judge_batch_answers,
+    judge_batch_message,
     judge_body,
     judge_piece,
     show_token,
@@ -386,9 +390,48 @@ class OpenAIBackend(Backend):
                 written = ((choice.get("message") or {}).get("content") or "").strip()[:1]
                 return _yes_probability({written: 1.0}), False  # no log-probabilities: the written digit
 
+            if request.per_request > 1:
+                return self._judge_in_batches(header, body, request)
         answers = self._gather(one, list(request.items))
         probabilities = all(from_logprobs for _, from_logprobs in answers)
         return Judgements(np.array([p for p, _ in answers], dtype=np.float64), probabilities)
+
+    def _judge_in_batches(self, header: str, body: str, request: JudgeRequest) -> Judgements:
+        """Chat-mode judging with ``request.per_request`` numbered items per request. Items are shown in a fixed
+        shuffled order, so positives and negatives share requests; an item the reply skips stays NaN."""
+        items = list(request.items)
+        order = np.random.default_rng(len(items)).permutation(len(items))
+        chunks = [order[i : i + request.per_request] for i in range(0, len(items), request.per_request)]
+
+        async def one(client, chunk: np.ndarray) -> list[tuple[float, bool]]:
+            shown = [items[j] for j in chunk]
+            messages = [
+                {"role": "system", "content": header.strip()},
+                {"role": "user", "content": judge_batch_message(body, shown)},
+            ]
+            reply = await self._chat(client, {"messages": messages, "temperature": 0, "max_tokens": 6 * len(shown) + 8})
+            choice = reply["choices"][0]
+            content = (choice.get("message") or {}).get("content") or ""
+            reply_tokens = (choice.get("logprobs") or {}).get("content") or []
+            places = judge_batch_answers(content, len(shown))
+            out = []
+            for i in range(len(shown)):
+                if i not in places:
+                    out.append((math.nan, True))
+                    continue
+                dist = label_distribution(reply_tokens, content, places[i])
+                if dist is not None and dist[0] + dist[1] > 0:
+                    out.append((float(dist[1] / (dist[0] + dist[1])), True))
+                else:  # no log-probabilities: the written digit
+                    out.append((float(content[places[i]]), False))
+            return out
+
+        p_yes, probabilities = np.full(len(items), np.nan), True
+        for chunk, answers in zip(chunks, self._gather(one, chunks)):
+            for j, (p, from_logprobs) in zip(chunk, answers):
+                p_yes[j] = p
+                probabilities &= from_logprobs
+        return Judgements(p_yes, probabilities)
 
 
 def _total_tokens(response: dict[str, Any]) -> int:

@@ -378,3 +378,30 @@ def judge_prefix(task: str, explanation: str, examples: Sequence[WorkedExample] 
     """Instructions, worked examples with answers, and the unit's explanation; items follow it."""
     body = judge_body(task, explanation, examples)
     return JUDGE_HEADERS[task] + body
+
+
+# Several items in one chat request (``judge_items_per_request`` > 1): fewer requests per unit against a
+# hosted API, at the price of answers that may lean on the other items of the request. delphi shows several
+# examples per prompt in the same way (its classifier scorers' batch size); here the default stays 1.
+
+_BATCH_LINE = re.compile(r"^[ \t]*(?:Text[ \t]*)?(\d+)[ \t]*[:.)][ \t]*([01])", re.MULTILINE)
+
+
+def judge_batch_message(body: str, items: Sequence[JudgeItem]) -> str:
+    """A chat user message asking for one answer per numbered item, after the worked examples and explanation."""
+    pieces = "".join(f"Text {i + 1}: {marked_text(it.tokens, it.marked)}\n" for i, it in enumerate(items))
+    return (
+        f"{body}{pieces}\nAnswer each of the {len(items)} texts above on its own line, written as the text's "
+        f"number, a colon and the digit, and nothing else."
+    )
+
+
+def judge_batch_answers(reply: str, n: int) -> dict[int, int]:
+    """Where each item's answer digit sits in a reply to `judge_batch_message`: {item index: character offset}.
+    Items the reply skips, numbers out of range and repeated numbers (after the first) are left out."""
+    found: dict[int, int] = {}
+    for m in _BATCH_LINE.finditer(reply):
+        k = int(m.group(1)) - 1
+        if 0 <= k < n and k not in found:
+            found[k] = m.start(2)
+    return found

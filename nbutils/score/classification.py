@@ -171,8 +171,9 @@ class _JudgeScorer(Scorer):
 
     def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         items, _ = self.items(ctx)
+        s = ctx.settings
         request = JudgeRequest(self.name, ctx.entry["explanation"], tuple(j.item for j in items),
-                               ctx.settings.max_prompt_tokens)  # fmt: skip
+                               s.max_prompt_tokens, per_request=s.judge_items_per_request)  # fmt: skip
         answers = llm.judge(request)
         return task_result(items, answers.p_yes, answers.probabilities), item_records(items, answers.p_yes)
 

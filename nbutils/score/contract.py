@@ -40,6 +40,7 @@ class ScoreSettings:
     per_band: int = 2
     judge_per_class: int = 10
     split: str = "nbutils"
+    judge_items_per_request: int = 1
 
 
 @dataclass

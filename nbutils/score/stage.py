@@ -48,7 +48,14 @@ def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendS
 
 def settings(config: RunConfig) -> ScoreSettings:
     c = config
-    return ScoreSettings(c.n_boot, c.seed, c.max_prompt_tokens, c.per_band, c.judge_per_class, c.split)
+    if c.judge_items_per_request < 1:
+        raise UserError(
+            f"judge_items_per_request={c.judge_items_per_request} must be at least 1.",
+            "Give 1 (each item its own question) or e.g. 5 items per request.",
+        )
+    return ScoreSettings(
+        c.n_boot, c.seed, c.max_prompt_tokens, c.per_band, c.judge_per_class, c.split, c.judge_items_per_request
+    )
 
 
 def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings) -> UnitContext:
