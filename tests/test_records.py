@@ -138,3 +138,21 @@ def test_openai_import_rejects_other_json(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         import_openai(bad)
+
+
+def test_records_hold_what_each_unit_writes(embedded, collection):
+    from nbutils.subject.outputs import logit_effects
+    from nbutils.subject.units import MLPNeurons
+
+    store, _ = collection
+    nid = next(iter(store.all_ids()))
+    rec = store.record(nid.layer, nid.neuron)
+    assert len(rec.writes["promotes"]) == len(rec.writes["suppresses"]) == 10
+    with torch.no_grad():
+        effects = logit_effects(
+            embedded.model, MLPNeurons().output_directions(embedded.model, nid.layer, [nid.neuron])
+        )[0]
+    top = effects.topk(10)
+    assert [t for t, _ in rec.writes["promotes"]] == [embedded.tokenizer.decode([int(i)]) for i in top.indices]
+    np.testing.assert_allclose([v for _, v in rec.writes["promotes"]], top.values.numpy(), rtol=1e-5)
+    assert rec.writes["suppresses"][0][1] == pytest.approx(float(effects.min()), rel=1e-5)

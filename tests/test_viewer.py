@@ -131,6 +131,12 @@ def test_neuron_view_of_a_real_run(run_dir):
     assert max(alphas) == 1.0 and scale == pytest.approx(max(abs(rec.max), abs(rec.min)))
     unexplained = neuron_html(view, 4, 5)
     assert "Not explained yet" in unexplained and "Top-activating excerpts" in unexplained
+    # what it writes: the stored tokens in order, escaped, with their logit changes
+    assert "What it writes" in shown
+    promoted = rec.writes["promotes"]
+    row = re.search(r"<th>promotes</th><td[^>]*>(.*?)</td>", out).group(1)
+    assert _visible_text(row).split(" +")[0] == promoted[0][0].replace("\n", "\u21b5")
+    assert f"{promoted[0][1]:+.2f}" in _visible_text(row) and "<script" not in row
 
 
 def test_widget_wiring(run_dir):
@@ -188,6 +194,9 @@ def test_report_figures_and_tables(run_dir, tmp_path):
     assert "mean detection balanced accuracy, explanation" in summary
     assert summary["explanations (neuron sides)"] == 2 and summary["neurons collected"] == 12
     assert [r["stage"] for r in plots.usage_rows(view)] == ["02_explain", "03_score"]
+    writes = {(r["layer"], r["neuron"]): r for r in plots.writes_rows(view)}
+    assert set(writes) == {(1, 0), (4, 2)}
+    assert writes[(4, 2)]["raises"].startswith(repr(view.record(4, 2).writes["promotes"][0][0]))
     m, lo, hi = plots.mean_interval(np.array([0.0, 1.0, 2.0, 3.0]))
     assert m == 1.5 and 0.0 <= lo < m < hi <= 3.0
 

@@ -33,6 +33,7 @@ from nbutils.core.progress import progress_bar
 from nbutils.core.records import CollectionMeta, RecordStore
 from nbutils.core.units import NEURON
 from nbutils.subject.loading import SubjectModel, load_subject_model
+from nbutils.subject.outputs import written_tokens
 from nbutils.subject.sites import NeuronCapture, NeuronSite, check_layers, num_layers
 from nbutils.subject.units import MLPNeurons, UnitType
 
@@ -65,16 +66,22 @@ def _fingerprint(parts: dict[str, Any], excerpts: ExcerptSet) -> str:
 
 
 def _write_collection(
-    out: CollectionLayout, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, meta: CollectionMeta
-) -> None:
+    out: CollectionLayout, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, meta: CollectionMeta,
+    unit: UnitType,
+) -> None:  # fmt: skip
     tok = subject.tokenizer
     atomic_save_npy(out.tokens, excerpts.tokens.astype(np.int32))
     atomic_save_npy(out.places, excerpts.places.astype(np.int64))
-    atomic_write_json(out.vocab, {int(i): tok.decode([int(i)]) for i in np.unique(excerpts.tokens)})
     atomic_save_npy(out.random_sample, col.random_index)
+    vocab = set(np.unique(excerpts.tokens).tolist())
     for layer, state in col.layers.items():
         t = state.t
         atomic_save_npy(out.array(layer, "neurons"), col.neurons[layer])
+        writes = written_tokens(subject.model, unit.output_directions(subject.model, layer, col.neurons[layer]))
+        for name, arr in (writes or {}).items():  # what each unit writes (nbutils.subject.outputs)
+            atomic_save_npy(out.array(layer, f"writes_{name}"), arr)
+            if name.endswith("_ids"):
+                vocab |= set(np.unique(arr).tolist())
         atomic_save_npy(out.array(layer, "stats"), state.stats())
         lists = {
             "top": sorted_lists(t["top_key"], t["top_index"], t["top_acts"], largest=True),
@@ -87,6 +94,7 @@ def _write_collection(
             atomic_save_npy(out.array(layer, f"{name}_acts"), acts.cpu().numpy())
         atomic_save_npy(out.array(layer, "random_acts"), t["random_acts"].cpu().numpy())
         atomic_save_npy(out.array(layer, "band_edges"), t["band_edges"].cpu().numpy())
+    atomic_write_json(out.vocab, {int(i): tok.decode([int(i)]) for i in sorted(vocab)})
     fields = asdict(meta)
     if meta.unit == {"kind": NEURON}:  # format 1 without a unit field means MLP neurons: keep it that way
         del fields["unit"]
@@ -201,7 +209,7 @@ def collect_activations(
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
     _stream(subject, excerpts, plan, col, out.checkpoint, cfg, progress)
-    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, cfg, col))
+    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, cfg, col), plan.unit)
     out.checkpoint.unlink(missing_ok=True)
     return RecordStore(out.root)
 
@@ -292,7 +300,7 @@ def collect_sharded(
         release_ray()
     parts = [(*ranges[i], torch.load(out.shard(i), weights_only=False)["state"]) for i in range(len(ranges))]
     merge_states(col, parts)
-    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, config, col))
+    _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, config, col), plan.unit)
     shutil.rmtree(out.shards)
     return RecordStore(out.root)
 

@@ -90,6 +90,9 @@ class UnitRecord:
     max: float
     min: float
     bottom: list[Excerpt] = field(default_factory=list)
+    writes: dict[str, list[tuple[str, float]]] | None = None
+    """What the unit writes (`nbutils.subject.outputs`): ``{"promotes": [(token, logit change), ...],
+    "suppresses": [...]}``, strongest first; None where the collection has none (older ones, planted)."""
 
 
 @dataclass
@@ -285,6 +288,15 @@ class RecordStore:
         if "bottom_index" in arrays:
             bottom = self._excerpts(arrays["bottom_index"][row], arrays["bottom_acts"][row])
         bands = [self._excerpts(i, a) for i, a in zip(arrays["band_index"][row], arrays["band_acts"][row])]
+        writes = None
+        if "writes_promote_ids" in arrays:
+            writes = {
+                plural: [
+                    (self.vocab[int(t)], float(v))
+                    for t, v in zip(arrays[f"writes_{side}_ids"][row], arrays[f"writes_{side}_logits"][row])
+                ]
+                for side, plural in (("promote", "promotes"), ("suppress", "suppresses"))
+            }
         return UnitRecord(
             id=self.unit(layer, neuron),
             top=self._excerpts(arrays["top_index"][row], arrays["top_acts"][row]),
@@ -293,6 +305,7 @@ class RecordStore:
             bands=bands,
             band_quantiles=[tuple(b) for b in self.meta.bands],
             band_edges=[float(x) for x in arrays["band_edges"][row]],
+            writes=writes,
             **{name: float(stats[i]) for i, name in enumerate(STAT_FIELDS)},
         )
 

@@ -8,7 +8,9 @@ captures there into unit values:
 - `UnitType.transform`: captured ``[batch, tokens, d]`` -> unit values ``[batch, tokens, units]`` (the
   identity for MLP neurons; an SAE encoder for latents; a reshape for attention heads);
 - `UnitType.signed`: whether negative values carry signal (bottom-k excerpts are then collected too);
-- `UnitType.as_dict`: what ``collection.json`` records about it, so a collection names its units.
+- `UnitType.as_dict`: what ``collection.json`` records about it, so a collection names its units;
+- `UnitType.output_directions`: what a unit adds to the residual stream, for what it writes
+  (`nbutils.subject.outputs`; optional).
 
 Adding a unit type is one module with a `UnitType` subclass and one line in `UNIT_TYPES` (or a call to
 `register_unit_type`); collection, explanation, scoring and every view then work on it.
@@ -17,13 +19,14 @@ Adding a unit type is one module with a `UnitType` subclass and one line in `UNI
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from nbutils.core.registry import Registry
 from nbutils.core.units import NEURON
-from nbutils.subject.sites import NeuronSite, neurons_per_layer, resolve_site
+from nbutils.subject.sites import NeuronSite, neurons_per_layer, resolve_site, site_module
 
 
 class UnitType(ABC):
@@ -49,6 +52,11 @@ class UnitType(ABC):
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    def output_directions(self, model: Any, layer: int, indices: Sequence[int]) -> torch.Tensor | None:
+        """What one unit of each unit's value adds to the residual stream, ``[units, d_model]``, read by
+        `nbutils.subject.outputs`; None where the unit type has no single such direction."""
+        return None
+
 
 class MLPNeurons(UnitType):
     """The MLP's hidden units, read where they enter the output projection (`nbutils.subject.sites`)."""
@@ -65,6 +73,16 @@ class MLPNeurons(UnitType):
 
     def width(self, model: Any) -> int:
         return neurons_per_layer(model, self.site(model))
+
+    def output_directions(self, model: Any, layer: int, indices: Sequence[int]) -> torch.Tensor | None:
+        """The neurons' columns of the output projection (rows of GPT-2's transposed Conv1D weight)."""
+        site = self.site(model)
+        module = site_module(model, site, layer)
+        weight = getattr(module, "weight", None)
+        if site.side != "input" or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=weight.device)
+        return weight.detach()[:, idx].T if isinstance(module, torch.nn.Linear) else weight.detach()[idx, :]
 
 
 UNIT_TYPES = Registry("unit type", {NEURON: MLPNeurons})

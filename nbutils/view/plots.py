@@ -281,6 +281,24 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
     return [{"item": k, "value": v} for k, v in items.items()]
 
 
+def writes_rows(view: RunView, n: int = 6) -> list[dict[str, Any]]:
+    """For each explained unit side: its explanation beside the tokens it writes most (raises and lowers;
+    swapped for a negative side), so an explanation of its inputs can be read against its effect on the output."""
+    rows = []
+    for key, entry in sorted(view.explanations.items()):
+        writes = view.record(key[0], key[1]).writes
+        if not writes:
+            continue
+        up, down = ("promotes", "suppresses") if key[2] != "negative" else ("suppresses", "promotes")
+        rows.append({
+            "layer": key[0], "neuron": key[1], "sign": key[2],
+            "explanation": entry.get("explanation") or entry.get("failure") or "",
+            "raises": " ".join(repr(t) for t, _ in writes[up][:n]),
+            "lowers": " ".join(repr(t) for t, _ in writes[down][:n]),
+        })  # fmt: skip
+    return rows
+
+
 def _scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
     """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
     per_column = [(column, _notes(sc, column, part)) for column in sc.columns]

@@ -50,6 +50,29 @@ def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: 
     return f"<h4>{_esc(title)} <span class='nbx-muted'>({len(excerpts)})</span></h4>{rows}"
 
 
+def writes_html(writes: dict[str, list[tuple[str, float]]] | None, sign: str = "positive", n: int = 10) -> str:
+    """What a unit writes (`nbutils.subject.outputs`): the tokens whose logits its output direction raises and
+    lowers most, with the change per unit of its value. Empty when the collection has none."""
+    if not writes:
+        return ""
+    rows = []
+    for name in ("promotes", "suppresses"):
+        cells = " ".join(
+            f"<span title='{v:+.3g}'>{_token_text(t)}<span class='nbx-muted'> {v:+.2f}</span></span>"
+            for t, v in writes[name][:n]
+        )
+        rows.append(f"<tr><th>{name}</th><td class='nbx-excerpt'>{cells}</td></tr>")
+    flip = (
+        " Its negative side writes the reverse: it lowers the first row and raises the second."
+        if sign == "negative"
+        else ""
+    )
+    return (
+        "<h4>What it writes <span class='nbx-muted'>(output direction through the final norm and unembedding; "
+        f"logit change per unit of its value){_esc(flip)}</span></h4><table>{''.join(rows)}</table>"
+    )
+
+
 def scorer_table_html(result: dict[str, Any], sc: Scorer) -> str:
     """One scorer's numbers for the explanation and the token-lookup baseline, each with its notes."""
     head = "".join(f"<th>{_esc(label(sc, c))}</th>" for c in sc.columns)
@@ -196,6 +219,7 @@ def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", 
         parts.append("<p>This neuron never varied on the corpus (all activations equal): nothing to explain.</p>")
     parts.append(explanation_html(view.explanations.get(key), view.explanation_notes.get(key, [])))
     parts.append(scores_table_html(view.scores.get(key), view.scorers))
+    parts.append(writes_html(rec.writes, sign))
     parts.append(_excerpts_html("Top-activating excerpts", rec.top[:n_excerpts], scale, "top"))
     parts.append(details_html(view, key, scale))
     parts.append(_excerpts_html("Most negative excerpts", rec.bottom[:n_excerpts], scale, "bottom"))
