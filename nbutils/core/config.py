@@ -143,6 +143,9 @@ class RunConfig:
         choices="scorers",
     )  # fmt: skip
     judge_per_class: int = _param(10, (SCORE,), "detection/fuzzing: positive (and as many negative) items per neuron")
+    ablation: bool = _param(
+        False, (SCORE,), "also score by ablation: the unit replaced by its calibrated simulation (runs the subject model)"
+    )
     judge_items_per_request: int = _param(
         1, (SCORE,), "detection/fuzzing, HTTP chat mode: items shown in one request (1: each its own question)",
         example="5",

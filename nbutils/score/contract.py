@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nbutils.core.records import Excerpt, UnitRecord
@@ -53,6 +53,11 @@ class UnitContext:
     splits: dict[str, list[Excerpt]]
     table: dict[str, float]
     settings: ScoreSettings
+    subject: Any = None
+    """The subject model run with a unit's values set (`nbutils.subject.intervene.UnitIntervention`), for
+    scorers with ``needs_subject``; None otherwise."""
+    done: dict[str, tuple[dict[str, Any], Any]] = field(default_factory=dict)
+    """What the scorers that ran before on this unit side returned, by name: (result, details)."""
 
     @property
     def negative(self) -> bool:
@@ -95,6 +100,8 @@ class Scorer(ABC):
     """What views show; the first is the headline (the static page's index, the report's summary)."""
     detail: ClassVar[str | None] = None
     """What its saved details are, for views that draw them: "simulation", "judged items" or None."""
+    needs_subject: ClassVar[bool] = False
+    """Whether it runs the subject model (stage 03 then loads it once and passes it as `UnitContext.subject`)."""
     label_prefix: ClassVar[str] = ""
     """Put before its columns' labels in tables that show several scorers (e.g. "detection")."""
     compact: ClassVar[tuple[int, ...]] = (0,)
@@ -119,6 +126,7 @@ SCORERS = Registry(
         "simulation": "nbutils.score.simulation:SimulationScorer",
         "detection": "nbutils.score.classification:DetectionScorer",
         "fuzzing": "nbutils.score.classification:FuzzingScorer",
+        "ablation": "nbutils.score.ablation:AblationScorer",
     },
 )
 """Scorers by name, in the order they run and are shown: a class, or ``"module:Class"`` imported when needed."""

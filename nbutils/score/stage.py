@@ -36,6 +36,7 @@ from nbutils.llm.contract import (
 )
 from nbutils.score.baseline import token_table
 from nbutils.score.contract import RESULTS_FORMAT, Scorer, ScoreSettings, UnitContext, scorer, upgrade_result
+from nbutils.subject.intervene import intervention_for
 
 
 def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
@@ -58,7 +59,13 @@ def settings(config: RunConfig) -> ScoreSettings:
     )
 
 
-def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings) -> UnitContext:
+def chosen_scorers(config: RunConfig) -> list[Scorer]:
+    """The scorers a config asks for: ``scorers``, and ``ablation`` when ``ablation=True``."""
+    names = list(config.scorers) + (["ablation"] if config.ablation and "ablation" not in config.scorers else [])
+    return [scorer(name) for name in names]
+
+
+def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings, subject: Any = None) -> UnitContext:
     """What the scorers get for one stage-02 entry (refused if stage 02 split the excerpts differently)."""
     if entry.get("split", "nbutils") != s.split:
         raise UserError(
@@ -68,14 +75,16 @@ def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings) ->
         )
     rec = store.record(entry["layer"], entry["neuron"])
     splits = split_excerpts(rec, entry["sign"] == "negative", s.per_band, s.split)
-    return UnitContext(rec, entry, splits, token_table(splits["train"]), s)
+    return UnitContext(rec, entry, splits, token_table(splits["train"]), s, subject)
 
 
 def score_entry(
-    entry: dict[str, Any], store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Scores of one stage-02 entry, and the details to save (None when no scorer of the explanation ran)."""
-    ctx = unit_context(entry, store, s)
+    entry: dict[str, Any], store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings,
+    subject: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """Scores of one stage-02 entry, and the details to save (None when no scorer of the explanation ran).
+    ``subject``: the subject model for scorers that run it (`nbutils.subject.intervene.UnitIntervention`)."""
+    ctx = unit_context(entry, store, s, subject)
     head = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
     result: dict[str, Any] = {
         **head,
@@ -93,6 +102,7 @@ def score_entry(
     for sc in scorers:
         try:
             result[sc.name], details[sc.name] = sc.explanation(ctx, llm)
+            ctx.done[sc.name] = (result[sc.name], details[sc.name])
         except LLMFailed as e:  # the scores so far stay; a rerun retries the unit if the fault was the server's
             result["failure"], result["retryable"] = f"{sc.name} failed: {e}", e.retryable
             break
@@ -129,7 +139,7 @@ def run_score_stage(
     out = scores(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     saved = UnitEntries(out)
-    chosen = [scorer(name) for name in config.scorers]
+    chosen = chosen_scorers(config)
     todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
     if todo:
         run_unit_shards(
@@ -153,9 +163,13 @@ def score_units(
     store, out = RecordStore(collection_dir), scores(out_dir)
     wanted = set(keys)
     todo = [e for e in read_jsonl(explanations(explanation_dir).jsonl) if key_of(e) in wanted]
-    saved, chosen, s = UnitEntries(out), [scorer(name) for name in config.scorers], settings(config)
+    saved, chosen, s = UnitEntries(out), chosen_scorers(config), settings(config)
     llm = make_backend(simulator_spec(config, cache_path))
-    finished = as_finished(lambda e: score_entry(e, store, llm, chosen, s), todo, workers or llm.parallel_units)
+    subject = None
+    if any(sc.needs_subject for sc in chosen):  # loaded once, shared by the units in progress
+        subject = intervention_for(store.meta.model, store.meta.unit, store.meta.site)
+    work = lambda e: score_entry(e, store, llm, chosen, s, subject)  # noqa: E731
+    finished = as_finished(work, todo, workers or llm.parallel_units)
     bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
     for entry, (result, details) in bar:
         if details is not None:
