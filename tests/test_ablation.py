@@ -80,7 +80,9 @@ def test_the_stage_scores_ablation_beside_the_baseline(embedded, collection, tmp
     (result,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
     for part in (result, result["baseline"]):
         ablation = part["ablation"]
-        assert ablation["n_excerpts"] == sum(len(v) for k, v in split_excerpts(collection.record(LAYER, 7)).items() if k in SETS)
+        assert ablation["n_excerpts"] == sum(
+            len(v) for k, v in split_excerpts(collection.record(LAYER, 7)).items() if k in SETS
+        )
         assert ablation["kl_mean_ablated"] > 0 and ablation["score"]["value"] is not None
         assert ablation["score"]["value"] <= 1.0
     # the baseline's mean-ablation KL is the explanation's: computed once per unit side

@@ -156,3 +156,22 @@ def test_a_neuron_that_never_activates(collection):
     assert sim is None and "never activates" in result["failure"]
     corr = result["baseline"]["simulation"]["top_and_random"]["correlation"]
     assert corr["value"] is None and "constant" in corr["reason"]
+
+
+def test_the_output_aware_explainer_sees_what_the_neuron_writes(collection, embedded):
+    from nbutils.explain.explainer import outputs_shown
+    from nbutils.llm.local import LocalBackend
+    from nbutils.llm.prompts import EXPLAIN_OUTPUTS_NOTE, explanation_messages, show_token
+
+    record = collection.record(20, 77)
+    raised, lowered = outputs_shown(record)
+    assert raised == tuple(t for t, _ in record.writes["promotes"][:8])
+    assert outputs_shown(record, negative=True) == (lowered, raised)  # a negative side writes the reverse
+    llm = LocalBackend(embedded)
+    entry = explain_unit(record, llm, seed=1, with_outputs=True)
+    assert entry["outputs_shown"] == {"raises": list(raised), "lowers": list(lowered)} and entry["explanation"]
+    assert "outputs_shown" not in explain_unit(record, llm, seed=1)
+    shown = explanation_messages((), writes=(raised, lowered))
+    assert shown[0]["content"].endswith(EXPLAIN_OUTPUTS_NOTE)
+    assert f"Makes more likely as the next token: {json.dumps(show_token(raised[0]))}" in shown[-1]["content"]
+    assert "Makes more likely" not in explanation_messages(())[-1]["content"]

@@ -96,6 +96,9 @@ class RunConfig:
     n_samples: int = _param(1, (EXPLAIN,), "candidate explanations per neuron (best-of-n when > 1)")
     temperature: float = _param(1.0, (EXPLAIN,), "explainer sampling temperature")
     explain_negative: bool = _param(False, (EXPLAIN,), "also explain the negative side of signed (gated) neurons")
+    explain_with_outputs: bool = _param(
+        False, (EXPLAIN,), "the explainer also sees the tokens each neuron makes more and less likely next"
+    )
     split: str = _param(
         "nbutils", BOTH, '"nbutils" (every collected excerpt) or "paper" (neuron-explainer\'s exact 1:1 split)',
         choices=("nbutils", "paper"),
@@ -144,7 +147,9 @@ class RunConfig:
     )  # fmt: skip
     judge_per_class: int = _param(10, (SCORE,), "detection/fuzzing: positive (and as many negative) items per neuron")
     ablation: bool = _param(
-        False, (SCORE,), "also score by ablation: the unit replaced by its calibrated simulation (runs the subject model)"
+        False,
+        (SCORE,),
+        "also score by ablation: the unit replaced by its calibrated simulation (runs the subject model)",
     )
     judge_items_per_request: int = _param(
         1, (SCORE,), "detection/fuzzing, HTTP chat mode: items shown in one request (1: each its own question)",

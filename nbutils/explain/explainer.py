@@ -17,7 +17,7 @@ from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, RecordStore, UnitRecord, split_excerpts
 from nbutils.core.units import UnitId
 from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
-from nbutils.llm.prompts import ShownExcerpt, normalise, parse_explanation
+from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise, parse_explanation
 from nbutils.score.baseline import token_lookup_explanation, token_table
 from nbutils.score.metrics import correlation
 from nbutils.score.simulation import expected_values, simulate, true_activations
@@ -50,11 +50,21 @@ def _candidate(
     return cand, None
 
 
+def outputs_shown(record: UnitRecord, negative: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The tokens a unit side raises and lowers as the next token (a negative side lowers what the unit's
+    direction promotes), for the output-aware explainer; None where the collection has none."""
+    if not record.writes:
+        return None
+    up, down = (tuple(t for t, _ in record.writes[k][:WRITES_SHOWN]) for k in ("promotes", "suppresses"))
+    return (down, up) if negative else (up, down)
+
+
 def explain_unit(
     record: UnitRecord, llm: Backend | None, n_samples: int = 1, temperature: float = 1.0, negative: bool = False,
-    seed: int = 0, split: str = "nbutils",
+    seed: int = 0, split: str = "nbutils", with_outputs: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl."""
+    """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl. ``with_outputs``:
+    the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`)."""
     sp = split_excerpts(record, negative, split=split)
     train = sp["train"]
     entry: dict[str, Any] = {
@@ -66,7 +76,10 @@ def explain_unit(
     if not train or max_act <= 0:
         entry["failure"] = "the neuron never activates on its training excerpts, so there is nothing to explain"
         return entry
-    request = ExplainRequest(tuple(shown_excerpts(train, max_act)), n_samples, temperature, seed)
+    writes = outputs_shown(record, negative) if with_outputs else None
+    if writes is not None:
+        entry["outputs_shown"] = {"raises": list(writes[0]), "lowers": list(writes[1])}
+    request = ExplainRequest(tuple(shown_excerpts(train, max_act)), n_samples, temperature, seed, writes=writes)
     try:
         replies = llm.explain(request)
     except LLMFailed as e:

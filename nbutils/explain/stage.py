@@ -76,7 +76,9 @@ def explain_units(
 
     def work(key: tuple[int, int, str]) -> dict[str, Any]:
         rec = store.record(key[0], key[1])
-        return explain_unit(rec, llm, c.n_samples, c.temperature, key[2] == "negative", c.seed, c.split)
+        return explain_unit(
+            rec, llm, c.n_samples, c.temperature, key[2] == "negative", c.seed, c.split, c.explain_with_outputs
+        )
 
     finished = as_finished(work, keys, workers or llm.parallel_units)
     for _, entry in progress_bar(

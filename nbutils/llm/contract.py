@@ -145,6 +145,8 @@ class ExplainRequest:
     temperature: float = 1.0
     seed: int = 0
     examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+    writes: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    """For the output-aware explainer: the tokens the unit raises and lowers as the next token."""
 
 
 @dataclass(frozen=True)
@@ -242,9 +244,10 @@ class Backend(ABC):
     def explanation_messages(self, request: ExplainRequest) -> list[dict[str, str]]:
         """The explainer's chat, with as many worked examples as fit (120 tokens left for the reply)."""
         examples = self.fit(
-            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex)), 120, request.examples
-        )
-        return explanation_messages(request.excerpts, examples)
+            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex, request.writes)),
+            120, request.examples,
+        )  # fmt: skip
+        return explanation_messages(request.excerpts, examples, request.writes)
 
     def simulation_examples(self, request: SimulationRequest) -> tuple[WorkedExample, ...]:
         """The worked examples of a simulation prompt that leave room for its longest excerpt."""

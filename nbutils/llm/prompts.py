@@ -132,29 +132,53 @@ def strongest_tokens(excerpts: Sequence[ShownExcerpt], n: int = 3) -> str:
     return ", ".join(json.dumps(t, ensure_ascii=False) for t in ranked)
 
 
-def _neuron_text(name: str, excerpts: Sequence[ShownExcerpt]) -> str:
+WRITES_SHOWN = 8
+"""Tokens listed on each side of what a neuron writes, in the output-aware explainer's prompt."""
+
+EXPLAIN_OUTPUTS_NOTE = (
+    " The real neuron also lists the tokens its activation makes more likely and less likely as the next "
+    "token; a neuron may be best described by what it predicts, so use them where the activations leave "
+    "it unclear."
+)
+
+
+def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
+    """The lines of an output-aware prompt that list what a neuron writes: (raised tokens, lowered tokens)."""
+    raised, lowered = (
+        ", ".join(json.dumps(show_token(t), ensure_ascii=False) for t in side[:WRITES_SHOWN]) for side in writes
+    )
+    return f"Makes more likely as the next token: {raised}\nMakes less likely: {lowered}\n"
+
+
+def _neuron_text(
+    name: str, excerpts: Sequence[ShownExcerpt], writes: tuple[Sequence[str], Sequence[str]] | None = None
+) -> str:
     text = f"Neuron {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
     repeat = zero_filtered_block(excerpts)
     strongest = strongest_tokens(excerpts)
     listed = f"Strongest tokens: {strongest}\n" if strongest else ""
-    return text + (repeat or "") + listed + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
+    outputs = writes_text(writes) if writes else ""
+    return text + (repeat or "") + listed + outputs + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
 
 
 def explanation_messages(
-    excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES
-) -> list[dict[str, str]]:
+    excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES,
+    writes: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> list[dict[str, str]]:  # fmt: skip
     """Chat messages asking for an explanation; the reply should continue `EXPLANATION_PREFIX`.
 
     Each neuron's message ends with its strongest tokens, and each worked answer starts by quoting its
     neuron's strongest tokens before the description ('... find "March", "July", "June": names of months,
     ...'). Without this, the embedded 135M explainer began all ten main-job explanations with the first
-    worked example's "names of months"; with it, none (README, "Explanations that copy the prompt")."""
-    messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
+    worked example's "names of months"; with it, none (README, "Explanations that copy the prompt").
+    ``writes`` (the output-aware explainer): the tokens the neuron raises and lowers as the next token, listed
+    after its activations (`writes_text`)."""
+    messages = [{"role": "system", "content": EXPLAIN_SYSTEM + (EXPLAIN_OUTPUTS_NOTE if writes else "")}]
     for i, ex in enumerate(examples):
         messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts)})
         answer = f"{EXPLANATION_PREFIX} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": _neuron_text("X", excerpts)})
+    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes)})
     return messages
 
 
