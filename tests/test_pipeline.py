@@ -31,6 +31,7 @@ SMALL = [
     "band_size=2",
     "explain_neurons=[[29, 0]]",
     "n_boot=100",
+    "ablation=true",
 ]
 NOISE = ("Kernel is running over TCP", "KeyboardInterrupt", "legacy behaviour", "Traceback")
 
@@ -112,10 +113,10 @@ def test_the_report_notebook_holds_its_figures_as_images(small_run):
     report = nbformat.read(run / "05_report.ipynb", 4)
     outputs = [o for c in report.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # distributions, by layer, detection/fuzzing, simulated vs true
+    assert len(images) == 5  # distributions, by layer, detection/fuzzing, simulated vs true, output side
     assert all(o["data"]["image/png"][:8] == "iVBORw0K" for o in images)  # base64 of a PNG header
     figures = [o for o in outputs if re.search(r"<\w*Figure size", str(o.get("data", {}).get("text/plain", "")))]
-    assert len(figures) == 4 and all("image/png" in o["data"] for o in figures)  # never the text alone
+    assert len(figures) == 5 and all("image/png" in o["data"] for o in figures)  # never the text alone
 
 
 @pytest.mark.slow

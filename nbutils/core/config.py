@@ -151,6 +151,9 @@ class RunConfig:
         (SCORE,),
         "also score by ablation: the unit replaced by its calibrated simulation (runs the subject model)",
     )
+    intervention: bool = _param(
+        False, (SCORE,), "also score by intervention: steer the unit, ask the judge which continuation it changed"
+    )
     judge_items_per_request: int = _param(
         1, (SCORE,), "detection/fuzzing, HTTP chat mode: items shown in one request (1: each its own question)",
         example="5",

@@ -316,7 +316,7 @@ def fit_examples(
 # Detection and fuzzing prompts: a yes/no judgement per excerpt, read as P("1") against P("0")
 # ----------------------------------------------------------------------------------------------------------
 
-TASKS = ("detection", "fuzzing")
+TASKS = ("detection", "fuzzing", "intervention")
 ANSWER = "Match:\t"
 """The text just before the answer slot; the judge's next token is "1" (yes) or "0" (no)."""
 
@@ -330,6 +330,12 @@ JUDGE_HEADERS = {
         "Each neuron below responds to some tokens in text; its explanation says which. After the explanation "
         "come pieces of text in which some tokens are marked <<like this>>. For each piece, answer 1 if the "
         "marked tokens are the ones the explanation describes, or 0 if they are not.\n\n"
+    ),
+    "intervention": (
+        "Each neuron below responds to some tokens in text; its explanation says which. After the explanation "
+        "come pieces of text, each followed by two continuations written by the model, [A] and [B]: in one of "
+        "them the neuron was turned up. For each piece, answer 1 if the neuron was turned up in [A], or 0 if "
+        "in [B], going by the explanation.\n\n"
     ),
 }
 
@@ -365,6 +371,11 @@ def marked_text(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> 
 def judge_piece(item: JudgeItem) -> str:
     """The text of one item up to its answer slot."""
     return f"Text: {marked_text(item.tokens, item.marked)}\n{ANSWER}"
+
+
+def steering_pair(prompt: str, first: str, second: str) -> JudgeItem:
+    """An intervention item: a prompt and two continuations, shown as one line of text."""
+    return JudgeItem((f"{prompt} [A]{first} [B]{second}",))
 
 
 def _example_items(task: str, ex: WorkedExample) -> list[tuple[JudgeItem, int]]:

@@ -127,6 +127,7 @@ SCORERS = Registry(
         "detection": "nbutils.score.classification:DetectionScorer",
         "fuzzing": "nbutils.score.classification:FuzzingScorer",
         "ablation": "nbutils.score.ablation:AblationScorer",
+        "intervention": "nbutils.score.intervention:InterventionScorer",
     },
 )
 """Scorers by name, in the order they run and are shown: a class, or ``"module:Class"`` imported when needed."""

@@ -60,8 +60,9 @@ def settings(config: RunConfig) -> ScoreSettings:
 
 
 def chosen_scorers(config: RunConfig) -> list[Scorer]:
-    """The scorers a config asks for: ``scorers``, and ``ablation`` when ``ablation=True``."""
-    names = list(config.scorers) + (["ablation"] if config.ablation and "ablation" not in config.scorers else [])
+    """The scorers a config asks for: ``scorers``, and ``ablation`` / ``intervention`` when those are True."""
+    names = list(config.scorers)
+    names += [n for n in ("ablation", "intervention") if getattr(config, n) and n not in names]
     return [scorer(name) for name in names]
 
 

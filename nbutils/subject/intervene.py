@@ -1,19 +1,23 @@
-"""Running the subject model with one unit's values set by hand, for scores of what a unit does to the output.
+"""Running the subject model with one unit's values set or shifted by hand, for scores of what a unit does to
+the output (`nbutils.score.ablation`, `nbutils.score.intervention`).
 
-`UnitIntervention.kl_from_original` runs excerpts through the whole model as it is and with one unit's value
-replaced at every position by given values, and returns how far each replacement moves the next-token
-distributions (mean KL per excerpt), one batch at a time so that no [excerpts, tokens, vocab] tensor is kept.
-For an MLP neuron the replaced value is the one that enters the output projection (`nbutils.subject.sites`),
-so everything downstream of the neuron, and nothing else, sees the new value.
+- `UnitIntervention.kl_from_original`: excerpts through the whole model as it is and with one unit's value
+  replaced at every position by given values; how far each replacement moves the next-token distributions
+  (mean KL per excerpt), one batch at a time so that no ``[excerpts, tokens, vocab]`` tensor is kept.
+- `UnitIntervention.steering_for`: how much to add to a unit's value at every position so that the
+  next-token distributions move by a target KL (bisection), and `UnitIntervention.continue_text`: greedy
+  continuations with that shift applied (or without).
 
-Hooks are process-wide state on the model's modules, so calls hold a lock: stage 03 may score several units
-on threads at once.
+For an MLP neuron the value set is the one that enters the output projection (`nbutils.subject.sites`), so
+everything downstream of the neuron, and nothing else, sees the new value. Hooks are process-wide state on
+the model's modules, so calls hold a lock: stage 03 may score several units on threads at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,45 +31,58 @@ from nbutils.subject.units import UnitType
 
 
 class UnitIntervention:
-    """One subject model and its unit type, run with a unit's values replaced (see the module docstring)."""
+    """One subject model and its unit type, run with a unit's values set or shifted (module docstring)."""
 
-    def __init__(self, model: Any, unit: UnitType, batch_size: int = 8) -> None:
+    def __init__(self, model: Any, unit: UnitType, tokenizer: Any = None, batch_size: int = 8) -> None:
         if unit.kind != NEURON:
             raise UserError(
-                f"Ablation is built for MLP neurons; this collection's units are {unit.kind!r}.",
-                "Score these units without ablation (ablation=False).",
+                f"Interventions (ablation, intervention scores) are built for MLP neurons; these units are "
+                f"{unit.kind!r}.",
+                "Score these units without them (ablation=False, intervention=False).",
             )
-        self.model, self.unit, self.batch_size = model, unit, batch_size
+        self.model, self.unit, self.tokenizer, self.batch_size = model, unit, tokenizer, batch_size
         self.site = unit.site(model)
+        self.device = next(model.parameters()).device
         self._lock = threading.Lock()
 
-    def _hook(self, index: int, values: torch.Tensor):  # noqa: ANN202
-        def replace(x: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _set(self, layer: int, index: int, values: torch.Tensor | float | None, add: bool = False) -> Iterator[None]:
+        """Within the block, unit ``index`` of ``layer`` is set to ``values`` (or shifted by them, ``add``):
+        a tensor ``[batch, tokens]`` or one number for every position. None: the model as it is."""
+        if values is None:
+            yield
+            return
+
+        def change(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
-            x[..., index] = values.to(x.dtype)
+            v = values.to(x.dtype) if isinstance(values, torch.Tensor) else values
+            x[..., index] = x[..., index] + v if add else v
             return x
 
+        module = site_module(self.model, self.site, layer)
         if self.site.side == "input":
-            return lambda module, args: (replace(args[0]), *args[1:])
-        return lambda module, args, output: (
-            (replace(output[0]), *output[1:]) if isinstance(output, tuple) else replace(output)
-        )
-
-    def _logprobs(self, batch: torch.Tensor, layer: int, index: int, values: torch.Tensor | None) -> torch.Tensor:
-        """Next-token log-probabilities ``[batch, tokens, vocab]``, unit ``index`` of ``layer`` set to
-        ``values`` ``[batch, tokens]`` (None: the model as it is)."""
-        handle = None
-        if values is not None:
-            module, hook = site_module(self.model, self.site, layer), self._hook(index, values)
-            if self.site.side == "input":
-                handle = module.register_forward_pre_hook(hook)
-            else:
-                handle = module.register_forward_hook(hook)
+            handle = module.register_forward_pre_hook(lambda m, args: (change(args[0]), *args[1:]))
+        else:
+            handle = module.register_forward_hook(
+                lambda m, args, out: (change(out[0]), *out[1:]) if isinstance(out, tuple) else change(out)
+            )
         try:
-            return torch.log_softmax(self.model(input_ids=batch, use_cache=False).logits.double(), dim=-1)
+            yield
         finally:
-            if handle is not None:
-                handle.remove()
+            handle.remove()
+
+    def _logprobs(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model(input_ids=batch, use_cache=False).logits.double(), dim=-1)
+
+    def _batches(self, token_ids: Sequence[Sequence[int]]) -> Iterator[tuple[int, torch.Tensor]]:
+        ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
+        for start in range(0, len(ids), self.batch_size):
+            yield start, ids[start : start + self.batch_size].to(self.device)
+
+    @staticmethod
+    def _kl(original: torch.Tensor, changed: torch.Tensor) -> np.ndarray:
+        """Mean over positions of KL(original || changed) per excerpt (log-probabilities in)."""
+        return (original.exp() * (original - changed)).sum(-1).clamp_min(0.0).mean(-1).cpu().numpy()
 
     @torch.inference_mode()
     def kl_from_original(
@@ -73,19 +90,70 @@ class UnitIntervention:
     ) -> dict[str, np.ndarray]:
         """For each named replacement (values ``[excerpts, tokens]`` for unit ``index`` of ``layer``), the
         mean over positions of KL(original || replaced) per excerpt, in nats (computed in float64)."""
-        ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
-        device = next(self.model.parameters()).device
         out: dict[str, list[np.ndarray]] = {name: [] for name in replacements}
         with self._lock:
-            for start in range(0, len(ids), self.batch_size):
-                batch = ids[start : start + self.batch_size].to(device)
-                original = self._logprobs(batch, layer, index, None)
+            for start, batch in self._batches(token_ids):
+                original = self._logprobs(batch)
                 for name, values in replacements.items():
-                    v = torch.as_tensor(np.asarray(values)[start : start + self.batch_size], device=device)
-                    changed = self._logprobs(batch, layer, index, v)
-                    kl = (original.exp() * (original - changed)).sum(-1).clamp_min(0.0)
-                    out[name].append(kl.mean(-1).cpu().numpy())
+                    v = torch.as_tensor(np.asarray(values)[start : start + len(batch)], device=self.device)
+                    with self._set(layer, index, v):
+                        out[name].append(self._kl(original, self._logprobs(batch)))
         return {name: np.concatenate(v) if v else np.zeros(0) for name, v in out.items()}
+
+    @torch.inference_mode()
+    def steering_for(
+        self, layer: int, index: int, token_ids: Sequence[Sequence[int]], target_kl: float, scale: float,
+        direction: float = 1.0, steps: int = 6,
+    ) -> tuple[float, float]:  # fmt: skip
+        """The shift (in ``direction``, a multiple of ``scale``) whose mean KL(original || shifted) over every
+        position of the excerpts is closest to ``target_kl``: doubled from ``scale`` until it passes the
+        target (at most 2^12 x ``scale``), then bisected ``steps`` times. Returns (shift, its KL)."""
+        with self._lock:
+            batches = [batch for _, batch in self._batches(token_ids)]
+            originals = [self._logprobs(batch) for batch in batches]
+
+            def kl_of(shift: float) -> float:
+                kls = []
+                for batch, original in zip(batches, originals):
+                    with self._set(layer, index, direction * shift, add=True):
+                        kls.append(self._kl(original, self._logprobs(batch)))
+                return float(np.concatenate(kls).mean()) if kls else 0.0
+
+            lo, hi = 0.0, abs(scale) if scale else 1.0
+            kl_hi = kl_of(hi)
+            for _ in range(12):
+                if kl_hi >= target_kl:
+                    break
+                lo, hi = hi, hi * 2
+                kl_hi = kl_of(hi)
+            best = (hi, kl_hi)
+            for _ in range(steps if kl_hi >= target_kl else 0):
+                mid = (lo + hi) / 2
+                kl = kl_of(mid)
+                lo, hi = (mid, hi) if kl < target_kl else (lo, mid)
+                if abs(kl - target_kl) < abs(best[1] - target_kl):
+                    best = (mid, kl)
+        return direction * best[0], best[1]
+
+    @torch.inference_mode()
+    def continue_text(
+        self, layer: int, index: int, token_ids: Sequence[Sequence[int]], n_tokens: int, shift: float | None = None
+    ) -> list[list[int]]:
+        """Greedy continuations of ``n_tokens`` tokens for each prompt (all of one length), with ``shift``
+        added to the unit at every position, prompt and continuation (None: the model as it is)."""
+        out: list[list[int]] = []
+        with self._lock:
+            for _, batch in self._batches(token_ids):
+                with self._set(layer, index, shift, add=True):  # with the key/value cache, each step's new
+                    ids, past = batch, None  # position is shifted as it is computed, like the prompt's
+                    for _ in range(n_tokens):
+                        step = self.model(
+                            input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True
+                        )
+                        past = step.past_key_values
+                        ids = torch.cat([ids, step.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                out += ids[:, batch.shape[1] :].cpu().tolist()
+        return out
 
 
 def intervention_for(model_spec: str, unit: dict[str, Any], site: dict[str, Any] | None) -> UnitIntervention:
@@ -95,15 +163,16 @@ def intervention_for(model_spec: str, unit: dict[str, Any], site: dict[str, Any]
 
     if unit.get("kind", NEURON) != NEURON:
         raise UserError(
-            f"Ablation is built for MLP neurons; this collection's units are {unit.get('kind')!r}.",
-            "Score these units without ablation (ablation=False).",
+            f"Interventions (ablation, intervention scores) are built for MLP neurons; these units are "
+            f"{unit.get('kind')!r}.",
+            "Score these units without them (ablation=False, intervention=False).",
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_subject_model(model_spec, device=device).model
-    if unembedding(model) is None:
+    subject = load_subject_model(model_spec, device=device)
+    if unembedding(subject.model) is None:
         raise UserError(
             f"The subject model {model_spec!r} predicts no next token (planted neurons have no language model head), "
-            "so ablation has nothing to compare.",
-            "Score it without ablation (ablation=False).",
+            "so there is no output to compare.",
+            "Score it without ablation or intervention (ablation=False, intervention=False).",
         )
-    return UnitIntervention(model, MLPNeurons(site))
+    return UnitIntervention(subject.model, MLPNeurons(site), subject.tokenizer)

@@ -150,6 +150,50 @@ def simulated_vs_true(view: RunView, n: int = 2):
     return fig
 
 
+OUTPUT_SIDE = (
+    ("ablation", ("score",), "ablation score (0: mean ablation, 1: truth)", 0.0),
+    ("intervention", ("balanced_accuracy",), "intervention balanced accuracy", 0.5),
+)
+"""The output-side scores set against the correlation: scorer, path to its metric, axis label, chance level."""
+
+
+def _metric_at(part: dict[str, Any] | None, scorer_name: str, path: tuple[str, ...]) -> float | None:
+    node: Any = (part or {}).get(scorer_name)
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node.get("value") if isinstance(node, dict) else None
+
+
+def output_side_scores(view: RunView):
+    """Each unit's correlation score (top+random) against its ablation and intervention scores, for the
+    explanation and the baseline: whether explaining when a unit fires also explains what it does."""
+    present = [(name, path, axis, chance) for name, path, axis, chance in OUTPUT_SIDE
+               if any(_metric_at(r, name, path) is not None for r in view.scores.values())]  # fmt: skip
+    if not present:
+        fig, ax = _figure()
+        _empty(ax, "no ablation or intervention scores (stage 03 with ablation=True or intervention=True)")
+        return fig
+    fig, axes = _figure(3.6 * len(present), 3.4, ncols=len(present))
+    for ax, (name, path, axis, chance) in zip(np.atleast_1d(axes), present):
+        for who, colour in (("explanation", "C0"), ("baseline", "C1")):
+            points = []
+            for r in view.scores.values():
+                part = r if who == "explanation" else r.get("baseline")
+                x = _metric_at(part, "simulation", ("top_and_random", "correlation"))
+                y = _metric_at(part, name, path)
+                if x is not None and y is not None:
+                    points.append((x, y))
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, s=14, color=colour, alpha=0.7, label=f"{who} ({len(points)})")
+        ax.axhline(chance, color="0.7", lw=0.8)
+        ax.set_xlabel("correlation score (top+random)")
+        ax.set_ylabel(axis)
+        ax.legend(fontsize=8)
+    fig.suptitle("Does predicting when a unit fires predict what it does?", fontsize=10)
+    return fig
+
+
 def _notes(sc: Scorer, column: Column, part: dict[str, Any] | None) -> list[str]:
     res = (part or {}).get(sc.name)
     return column.notes(res) if res is not None and column.notes else []
@@ -333,6 +377,7 @@ def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
         ("score_by_layer", score_by_layer),
         ("simulated_vs_true", simulated_vs_true),
         ("classification_scores", classification_scores),
+        ("output_side_scores", output_side_scores),
     ):
         fig = make(view)
         tmp = folder / f".{name}.tmp.png"
