@@ -39,6 +39,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbutils"
         ({"explain_neurons": "strongest:x"}, 'is not "all" or "strongest:N"'),
         ({"explain_neurons": [[0, 1, 2]]}, "not [layer, neuron] pairs"),
         ({"output_dir": "/tmp/x"}, "set by the pipeline itself"),
+        ({"model": "planted", "ablation": True}, "ablation scores compare the model's next-token predictions"),
+        ({"model": "planted", "scorers": ["intervention"]}, "set intervention=false and leave them out of scorers"),
     ],
 )
 def test_bad_values_are_refused_with_the_fix(params, message):

@@ -127,6 +127,7 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
     for name, f in schema().items():
         _check_choice(name, out[name], choices(f.metadata.get("choices")))
     _check_explain_neurons(out["explain_neurons"])
+    _check_output_scores(out)
     base = Path(cwd or os.getcwd())
     out["model"] = resolve_model(out["model"], base, "model")
     out["corpus"] = resolve_corpus(out["corpus"], base)
@@ -134,6 +135,17 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
         if out[backend] == "local":
             out[name] = resolve_model(out[name], base, name)
     return out
+
+
+def _check_output_scores(values: dict[str, Any]) -> None:
+    """Ablation and intervention run the subject model's language-model head, which planted neurons lack."""
+    asked = [n for n in ("ablation", "intervention") if values[n] or n in values["scorers"]]
+    if asked and str(values["model"]).startswith("planted"):
+        raise UserError(
+            f"{' and '.join(asked)} scores compare the model's next-token predictions, and the planted model "
+            "predicts no next token.",
+            f"For model={values['model']}, set {' and '.join(f'{n}=false' for n in asked)} and leave them out of scorers.",
+        )
 
 
 def choices(spec: str | tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -57,7 +57,9 @@ class UnitContext:
     """The subject model run with a unit's values set (`nbutils.subject.intervene.UnitIntervention`), for
     scorers with ``needs_subject``; None otherwise."""
     done: dict[str, tuple[dict[str, Any], Any]] = field(default_factory=dict)
-    """What the scorers that ran before on this unit side returned, by name: (result, details)."""
+    """What the scorers that ran before on this unit side returned, by name: (result, details); a scorer
+    may also keep its own work for the unit there under ``"<its name>:<what>"`` (shared by its baseline and
+    explanation calls, e.g. the intervention scorer's continuations)."""
 
     @property
     def negative(self) -> bool:

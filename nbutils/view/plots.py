@@ -173,7 +173,7 @@ def output_side_scores(view: RunView):
         fig, ax = _figure()
         _empty(ax, "no ablation or intervention scores (stage 03 with ablation=True or intervention=True)")
         return fig
-    fig, axes = _figure(3.6 * len(present), 3.4, ncols=len(present))
+    fig, axes = _figure(max(5.4, 3.8 * len(present)), 3.6, ncols=len(present))
     for ax, (name, path, axis, chance) in zip(np.atleast_1d(axes), present):
         for who, colour in (("explanation", "C0"), ("baseline", "C1")):
             points = []
@@ -190,7 +190,7 @@ def output_side_scores(view: RunView):
         ax.set_xlabel("correlation score (top+random)")
         ax.set_ylabel(axis)
         ax.legend(fontsize=8)
-    fig.suptitle("Does predicting when a unit fires predict what it does?", fontsize=10)
+    fig.suptitle("Does predicting when a unit fires predict what it does?", fontsize=9)
     return fig
 
 
