@@ -4,6 +4,7 @@ notebooks are sources without outputs (but their checks), and ruff finds nothing
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,8 @@ def test_committed_notebooks_are_sources_with_only_their_check_outputs():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(path, 4)
         assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1, path.name
+        ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]  # as stored (nbformat.read adds them)
+        assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: cells without ids, or repeated ids"
         for cell in nb.cells:
             if cell.cell_type != "code":
                 continue
