@@ -72,8 +72,8 @@ class AblationScorer(Scorer):
 
     def caption(self, result: dict[str, Any]) -> str:
         return (
-            f"{result.get('n_excerpts')} excerpts; mean KL per token: simulated {result.get('kl_simulated', 0):.3g}, "
-            f"mean-ablated {result.get('kl_mean_ablated', 0):.3g} nats"
+            f"{result.get('n_excerpts')} excerpts; mean KL per token: simulated {result.get('kl_simulated') or 0.0:.3g}, "
+            f"mean-ablated {result.get('kl_mean_ablated') or 0.0:.3g} nats"
         )
 
     def score_values(self, ctx: UnitContext, values: list[np.ndarray]) -> dict[str, Any]:
