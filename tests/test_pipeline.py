@@ -97,6 +97,7 @@ def test_five_stages_run_through_papermill_with_manifests(small_run):
     assert page.startswith("<!DOCTYPE html>") and 'data-layer="29" data-neuron="0"' in page
     assert {p.name for p in (run / "05_report" / "figures").iterdir()} == {
         "classification_scores.png",
+        "output_side_scores.png",
         "score_distributions.png",
         "score_by_layer.png",
         "simulated_vs_true.png",
