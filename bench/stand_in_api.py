@@ -60,7 +60,8 @@ def reply_text(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
         values = [(h >> (i % 56)) % 23 for i in range(len(tokens))]  # mostly zero, now and then high
         return "".join(f"{t}\t{v if v <= 10 else 0}\n" for t, v in zip(tokens, values)), None
     if "Reply with the digit only" in last:
-        return _digit(h)[0], [_digit(h)[1]]
+        digit, token = _digit(h)
+        return digit, [token]
     batch = re.search(r"Answer each of the (\d+) texts", last)
     if batch:
         tokens = []
