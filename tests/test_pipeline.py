@@ -3,6 +3,7 @@ checks before anything loads, visible failures, quiet logs, where to look at the
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -188,6 +189,21 @@ def test_export_openai_shows_progress_for_one_layer_or_neuron(small_run, tmp_pat
         str(run / "01_collect"), str(tmp_path / "z"), "--neuron", "2", cwd=tmp_path, command="export-openai"
     )
     assert bad.returncode == 2 and "--neuron was given without --layer" in bad.stderr
+
+
+def test_export_neuronpedia_writes_a_neuron_run_in_its_format(small_run, tmp_path):
+    from test_latent_chain import check_neuronpedia_export
+
+    run, _, _ = small_run
+    res = nbutils_run(str(run), str(tmp_path / "np"), cwd=tmp_path, command="export-neuronpedia")
+    assert res.returncode == 0, res.stderr[-2000:]
+    check_neuronpedia_export(tmp_path / "np", tmp_path / "np" / "smollm2-135m-instruct" / "29-mlp-neurons", 1)
+    (feature,) = [json.loads(x) for x in gzip.decompress(
+        (tmp_path / "np" / "smollm2-135m-instruct" / "29-mlp-neurons" / "features" / "batch-0.jsonl.gz").read_bytes()
+    ).decode().splitlines()]  # fmt: skip
+    rec = RecordStore(run / "01_collect").record(29, 0)
+    assert feature["index"] == "0" and feature["pos_str"] == [t for t, _ in rec.writes["promotes"]]
+    assert feature["hookName"] == "blocks.29.mlp.hook_post"
 
 
 @pytest.mark.slow

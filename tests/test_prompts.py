@@ -100,3 +100,69 @@ def test_batched_judging_prompt_and_its_answer_lines():
     assert places == {1: reply.index("1\n"), 0: reply.index("0\n")}
     assert {k: reply[v] for k, v in places.items()} == {1: "1", 0: "0"}
     assert judge_batch_answers("1\n0\n", 2) == {}  # bare digits are not matched to items
+
+
+def test_prompts_about_latents_say_feature_and_keep_the_explanation_as_written():
+    """For SAE latents (noun "feature") no instruction or worked example says "neuron", the explanation is
+    inserted unchanged even when it says "neuron", and replies starting with either prefix parse."""
+    import re
+
+    from nbutils.llm.prompts import JUDGE_HEADERS, judge_prefix, speak_of
+
+    ex = [ShownExcerpt(("a", " b"), (0, 10))]
+    messages = explanation_messages(ex, noun="feature")
+    text = "".join(m["content"] for m in messages)
+    assert not re.search(r"\b[Nn]eurons?\b", text) and "Feature X" in text
+    assert "the main thing this feature does is find" in messages[0]["content"]
+    assert explanation_messages(ex) == explanation_messages(ex, noun="neuron")  # neurons: unchanged prompts
+    sim = simulation_prefix("words like neuron", noun="feature")
+    assert sim.endswith("Explanation: the main thing this feature does is find words like neuron.\n<start>\n")
+    assert not re.search(r"\b[Nn]eurons?\b", sim.replace("words like neuron", ""))
+    for task in JUDGE_HEADERS:
+        assert not re.search(r"\b[Nn]eurons?\b", judge_prefix(task, "x", noun="feature")), task
+    assert speak_of("Each neuron's value; neurons. Neuron A", "feature") == "Each feature's value; features. Feature A"
+    assert parse_explanation("the main thing this feature does is find dates.") == "dates"
+    assert parse_explanation(f"{EXPLANATION_PREFIX} years") == "years"
+
+
+def test_the_explainer_is_asked_about_a_feature_when_the_unit_is_a_latent():
+    """explain_unit passes the record's noun to the backend, whose prompt then speaks of features."""
+    from nbutils.core.records import Excerpt, UnitRecord
+    from nbutils.core.units import UnitId
+    from nbutils.explain.explainer import explain_unit
+    from nbutils.llm.contract import Backend
+
+    seen = []
+
+    class Recording(Backend):  # the contract's own prompt building, a canned reply instead of a model
+        context = 4096
+
+        @classmethod
+        def from_spec(cls, spec):
+            return cls()
+
+        def count_tokens(self, text):
+            return len(text) // 4
+
+        def explain(self, request):
+            seen.append(self.explanation_messages(request))
+            return ["the main thing this feature does is find the letter b"]
+
+        def simulate(self, request):
+            raise NotImplementedError
+
+        def judge(self, request):
+            raise NotImplementedError
+
+    def excerpt(i):
+        return Excerpt(["a", " b", " c"], np.array([0.0, float(i + 1), 0.0], dtype=np.float32), [1, 2, 3], i, 0, 0)
+
+    rec = UnitRecord(
+        id=UnitId(3, 7, "sae_latent"), top=[excerpt(i) for i in range(8)], random=[excerpt(i) for i in range(8, 12)],
+        bands=[], band_quantiles=[], band_edges=[], mean=0.1, variance=0.2, skewness=0, kurtosis=0, max=8, min=0,
+        noun="feature",
+    )  # fmt: skip
+    entry = explain_unit(rec, Recording())
+    assert entry["explanation"] == "the letter b"
+    text = "".join(m["content"] for m in seen[0])
+    assert "Feature X" in text and "neuron" not in text.lower()

@@ -131,6 +131,7 @@ class LayerState:
             "sums": torch.zeros(4, n, dtype=torch.float64),
             "max": torch.full((n,), -math.inf, dtype=f32),
             "min": torch.full((n,), math.inf, dtype=f32),
+            "active": torch.zeros(n, dtype=i64),  # tokens with a value > 0 (!= 0 if signed): dead and rare units
             "top_key": torch.full((n, cfg.top_k), -math.inf, dtype=f32),
             "top_index": torch.full((n, cfg.top_k), -1, dtype=i64),
             "top_acts": torch.zeros((n, cfg.top_k, T), dtype=f32),
@@ -197,6 +198,7 @@ class Collector:
     ):
         """State lives on ``device`` (the model's), so a GPU model's activations never leave the GPU."""
         self.cfg = cfg
+        self.signed = signed
         self.device = torch.device(device)
         self.bottom_k = (cfg.top_k if signed else 0) if cfg.bottom_k is None else cfg.bottom_k
         rng = np.random.default_rng(cfg.seed)
@@ -243,6 +245,7 @@ class Collector:
             state.update_moments(acts.reshape(B * T, N), self._scratch(B * T, N))
             t["max"] = torch.maximum(t["max"], bmax.amax(1))
             t["min"] = torch.minimum(t["min"], bmin.amin(1))
+            t["active"] += ((acts != 0) if self.signed else (acts > 0)).sum(dim=(0, 1))
             _keep_best(t["top_key"], t["top_index"], t["top_acts"], bmax, index, acts, largest=True)
             if self.bottom_k:
                 _keep_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bmin, index, acts, largest=True)
@@ -314,6 +317,7 @@ def merge_states(col: Collector, parts: list[tuple[int, int, dict[str, Any]]]) -
         t["shift"], t["warmup_max"], t["band_edges"] = ts[0]["shift"], ts[0]["warmup_max"], ts[0]["band_edges"]
         t["max"] = torch.stack([x["max"] for x in ts]).amax(0)
         t["min"] = torch.stack([x["min"] for x in ts]).amin(0)
+        t["active"] = sum(x["active"] for x in ts)
         t.update(_best_of(ts, "top", True, t["top_key"].shape[-1]))
         t.update(_best_of(ts, "bottom", True, t["bottom_key"].shape[-1]))
         t.update(_best_of(ts, "band", False, t["band_key"].shape[-1]))

@@ -35,7 +35,7 @@ from nbutils.core.units import NEURON
 from nbutils.subject.loading import SubjectModel, load_subject_model
 from nbutils.subject.outputs import written_tokens
 from nbutils.subject.sites import NeuronCapture, NeuronSite, check_layers, num_layers
-from nbutils.subject.units import MLPNeurons, UnitType
+from nbutils.subject.units import MLPNeurons, UnitType, unit_for
 
 
 def choose_neurons(width: int, layers: list[int], spec: int | list[int] | None, seed: int) -> dict[int, np.ndarray]:
@@ -83,6 +83,7 @@ def _write_collection(
             if name.endswith("_ids"):
                 vocab |= set(np.unique(arr).tolist())
         atomic_save_npy(out.array(layer, "stats"), state.stats())
+        atomic_save_npy(out.array(layer, "active"), t["active"].cpu().numpy().astype(np.int64))
         lists = {
             "top": sorted_lists(t["top_key"], t["top_index"], t["top_acts"], largest=True),
             "band": sorted_lists(t["band_key"], t["band_index"], t["band_acts"], largest=False),
@@ -177,14 +178,18 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
     texts = load_texts(c.corpus, c.corpus_text_field)
     excerpts = make_excerpts(subject.tokenizer, texts, c.excerpt_len, c.n_excerpts, c.seed, corpus=c.corpus)
     print(f"{len(excerpts)} excerpts of {c.excerpt_len} tokens, from {excerpts.windows_available} available")
+    unit = unit_for(c.units, c.site)
+    layers = unit.own_layers(subject.model) or c.layers
+    if layers != c.layers:
+        print(f"units: the {unit.noun}s of {c.units} at layer(s) {layers} (the layers parameter is not used)")
     cfg = CollectConfig(
-        layers=c.layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
+        layers=layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
         batch_size=c.batch_size, seed=c.seed,
     )  # fmt: skip
     shards = c.shards or default_shards(c.executor, c.ray_address)
     if shards > 1 or c.executor != "local":
-        return collect_sharded(subject, excerpts, out_dir, cfg, MLPNeurons(c.site), shards, c.executor, c.ray_address)
-    return collect_activations(subject, excerpts, out_dir, cfg, site=c.site, progress=progress)
+        return collect_sharded(subject, excerpts, out_dir, cfg, unit, shards, c.executor, c.ray_address)
+    return collect_activations(subject, excerpts, out_dir, cfg, progress=progress, unit=unit)
 
 
 def collect_activations(

@@ -55,6 +55,11 @@ class RunConfig:
         None, (COLLECT,), "None: the built-in neuron site of the architecture; else {module: ..., side: ..., signed: ...}",
         example='{module: "model.layers.{layer}.mlp.down_proj", side: input, signed: true}',
     )  # fmt: skip
+    units: str = _param(
+        "mlp_neurons", (COLLECT,), '"mlp_neurons", or a folder holding an SAE or transcoder (SAELens or sparsify '
+        "format): its latents are the units, at the layers of its hook points (layers is then not used)",
+        example="outputs/sae-l15",
+    )  # fmt: skip
     n_excerpts: int | None = _param(4000, (COLLECT,), "how many excerpts to read (None for all)")
     excerpt_len: int = _param(64, (COLLECT,), "tokens per excerpt")
     top_k: int = _param(20, (COLLECT,), "top (and, for gated MLPs, bottom) excerpts kept per neuron")
@@ -96,6 +101,9 @@ class RunConfig:
     n_samples: int = _param(1, (EXPLAIN,), "candidate explanations per neuron (best-of-n when > 1)")
     temperature: float = _param(1.0, (EXPLAIN,), "explainer sampling temperature")
     explain_negative: bool = _param(False, (EXPLAIN,), "also explain the negative side of signed (gated) neurons")
+    min_active: int = _param(
+        10, BOTH, "units active (> 0) on fewer tokens than this are dead or rare: listed, not explained or scored"
+    )
     explain_with_outputs: bool = _param(
         False, (EXPLAIN,), "the explainer also sees the tokens each neuron makes more and less likely next"
     )

@@ -17,8 +17,13 @@ from nbutils.core.layout import summary_path
 from nbutils.core.units import key_of, unit_name
 
 
-def write_summary(path: str | Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Count successes and failures of a stage's entries into ``path`` (its summary.json)."""
+def write_summary(
+    path: str | Path, entries: list[dict[str, Any]], rare: dict[tuple[int, int], int] | None = None,
+    min_active: int = 1, skipped: int = 0, noun: str = "neuron",
+) -> dict[str, Any]:  # fmt: skip
+    """Count successes and failures of a stage's entries into ``path`` (its summary.json). ``rare``: the
+    collection's dead and rare units (`RecordStore.rare_units`), listed with their active-token counts;
+    ``skipped``: how many of the units asked for were left out as rare."""
     failed = [e for e in entries if e.get("failure")]
     summary = {
         "neurons": len(entries),
@@ -27,8 +32,39 @@ def write_summary(path: str | Path, entries: list[dict[str, Any]]) -> dict[str, 
         "retryable": sum(1 for e in failed if e.get("retryable")),
         "failures": [{k: e.get(k) for k in ("layer", "neuron", "sign", "failure", "retryable")} for e in failed],
     }
+    if rare is not None:
+        summary["rare"] = rare_listing(rare, min_active, skipped, noun)
     atomic_write_json(path, summary)
     return summary
+
+
+def rare_listing(
+    rare: dict[tuple[int, int], int], min_active: int, skipped: int = 0, noun: str = "neuron"
+) -> dict[str, Any]:
+    """Dead and rare units as a stage summary lists them: the rule, counts, and every unit with its count."""
+    return {
+        "noun": noun,
+        "min_active": min_active,
+        "reason": f"active (> 0) on fewer than min_active={min_active} tokens of the collection: not explained or scored",
+        "count": len(rare),
+        "dead": sum(1 for n in rare.values() if n == 0),
+        "skipped_of_asked": skipped,
+        "units": [[layer, index, n] for (layer, index), n in sorted(rare.items())],
+    }
+
+
+def rare_line(stage_dir: str | Path) -> str:
+    """One line on the dead and rare units a stage left out (from its summary.json; "" when there are none)."""
+    rare = json.loads(summary_path(stage_dir).read_text()).get("rare")
+    if not rare or not rare["count"]:
+        return ""
+    noun = rare.get("noun", "neuron")
+    first = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:5])
+    asked = f"; {rare['skipped_of_asked']} of those asked for were skipped" if rare.get("skipped_of_asked") else ""
+    return (
+        f"{rare['count']} {noun}s are dead or rare ({rare['dead']} never active; active on fewer than "
+        f"{rare['min_active']} tokens): not explained or scored{asked}. First: {first}"
+    )
 
 
 def needs_work(entry: dict[str, Any] | None) -> bool:

@@ -11,6 +11,7 @@ top/bottom excerpts kept):
     random_sample.npy               int64  [n_random]       excerpt indices of the random sample, shared by all units
     layer_LLL/neurons.npy           int64  [n]              unit indices collected in layer LLL (sorted)
     layer_LLL/stats.npy             float64 [n, 6]          mean, variance, skewness, kurtosis, max, min over all tokens
+    layer_LLL/active.npy            int64  [n]              tokens where the unit's value is > 0 (signed: != 0): dead, rare units
     layer_LLL/top_index.npy         int64  [n, k]           excerpts with the highest max activation, strongest first
     layer_LLL/top_acts.npy          float32 [n, k, T]       their per-token activations
     layer_LLL/bottom_index.npy      int64  [n, k]           signed units only: excerpts with the lowest min activation
@@ -93,6 +94,10 @@ class UnitRecord:
     writes: dict[str, list[tuple[str, float]]] | None = None
     """What the unit writes (`nbutils.subject.outputs`): ``{"promotes": [(token, logit change), ...],
     "suppresses": [...]}``, strongest first; None where the collection has none (older ones, planted)."""
+    active: int | None = None
+    """Tokens of the collection on which the unit's value is > 0 (None in collections made before it was kept)."""
+    noun: str = "neuron"
+    """What prompts and views call the unit ("feature" for SAE latents)."""
 
 
 @dataclass
@@ -127,6 +132,11 @@ class CollectionMeta:
     @property
     def kind(self) -> str:
         return str(self.unit.get("kind", NEURON))
+
+    @property
+    def noun(self) -> str:
+        """What prompts and views call one unit: "neuron", or the unit type's word ("feature" for latents)."""
+        return str(self.unit.get("noun", "neuron"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,6 +247,23 @@ class RecordStore:
         out["neuron"] = self.neurons(layer)
         return out
 
+    def active(self, layer: int) -> np.ndarray | None:
+        """Per unit of a layer, the tokens on which its value is > 0 (None for collections without the count)."""
+        arrays = self._layer(layer)
+        return np.asarray(arrays["active"]) if "active" in arrays else None
+
+    def rare_units(self, min_active: int) -> dict[tuple[int, int], int]:
+        """Dead and rare units: ``{(layer, index): active tokens}`` for every unit active on fewer than
+        ``min_active`` tokens (empty when the collection has no counts)."""
+        out = {}
+        for layer in self.layers:
+            counts = self.active(layer)
+            if counts is None:
+                continue
+            for i in np.flatnonzero(counts < min_active):
+                out[(layer, int(self.neurons(layer)[i]))] = int(counts[i])
+        return out
+
     def strength(self, layer: int) -> np.ndarray:
         """Per unit of a layer, its max activation over its standard deviation: large for units that fire
         rarely and strongly (0 for a unit that never varies)."""
@@ -253,7 +280,7 @@ class RecordStore:
         neurons = self.neurons(layer)
         row = int(np.searchsorted(neurons, neuron))
         if row >= len(neurons) or neurons[row] != neuron:
-            noun = "neuron" if self.meta.kind == NEURON else "unit"
+            noun = self.meta.noun
             raise UserError(
                 f"{noun.capitalize()} {neuron} of layer {layer} was not collected (this layer holds {len(neurons)} "
                 f"{noun}s, indices {int(neurons[0])}..{int(neurons[-1])}).",
@@ -306,6 +333,8 @@ class RecordStore:
             band_quantiles=[tuple(b) for b in self.meta.bands],
             band_edges=[float(x) for x in arrays["band_edges"][row]],
             writes=writes,
+            active=int(arrays["active"][row]) if "active" in arrays else None,
+            noun=self.meta.noun,
             **{name: float(stats[i]) for i, name in enumerate(STAT_FIELDS)},
         )
 

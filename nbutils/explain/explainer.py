@@ -31,7 +31,7 @@ def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[S
 
 
 def _candidate(
-    reply: str, llm: Backend, calibration: list[Excerpt], best_of_n: bool
+    reply: str, llm: Backend, calibration: list[Excerpt], best_of_n: bool, noun: str = "neuron"
 ) -> tuple[dict[str, Any], bool | None]:
     """One reply as a candidate (with its calibration score for best-of-n); if its simulation failed, whether
     a retry could help (else None)."""
@@ -41,7 +41,7 @@ def _candidate(
         cand["reason"] = "empty or unusable explainer reply"
     elif best_of_n and calibration:
         try:
-            ev = expected_values(simulate(llm, text, calibration))
+            ev = expected_values(simulate(llm, text, calibration, noun=noun))
         except LLMFailed as e:
             cand["reason"] = f"simulation failed: {e}"
             return cand, e.retryable
@@ -74,12 +74,13 @@ def explain_unit(
     }  # fmt: skip
     max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
     if not train or max_act <= 0:
-        entry["failure"] = "the neuron never activates on its training excerpts, so there is nothing to explain"
+        entry["failure"] = f"the {record.noun} never activates on its training excerpts, so there is nothing to explain"
         return entry
     writes = outputs_shown(record, negative) if with_outputs else None
     if writes is not None:
         entry["outputs_shown"] = {"raises": list(writes[0]), "lowers": list(writes[1])}
-    request = ExplainRequest(tuple(shown_excerpts(train, max_act)), n_samples, temperature, seed, writes=writes)
+    shown = tuple(shown_excerpts(train, max_act))
+    request = ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun)
     try:
         replies = llm.explain(request)
     except LLMFailed as e:
@@ -88,7 +89,7 @@ def explain_unit(
     calibration = sp["calibration_top"] + sp["calibration_random"]
     failed = []
     for reply in replies:
-        cand, retryable = _candidate(reply, llm, calibration, n_samples > 1)
+        cand, retryable = _candidate(reply, llm, calibration, n_samples > 1, record.noun)
         entry["candidates"].append(cand)
         failed += [] if retryable is None else [retryable]
     if failed:  # a candidate's simulation failed: retry the unit if a server fault was the cause
@@ -102,20 +103,35 @@ def explain_unit(
     return entry
 
 
-def units_to_explain(store: RecordStore, spec: Any, seed: int = 0) -> list[UnitId]:
+def units_to_explain(
+    store: RecordStore, spec: Any, seed: int = 0, skip: set[tuple[int, int]] | None = None
+) -> list[UnitId]:
     """Which units to explain: "all"; an int (that many per collected layer, a seeded sample);
     "strongest:N" (per layer, the N with the largest max activation over standard deviation, the most
-    selective ones, strongest first); or [[layer, index], ...]."""
+    selective ones, strongest first); or [[layer, index], ...]. ``skip``: (layer, index) of dead and rare
+    units, which a sample or "strongest:N" passes over (a rare unit is often the "strongest"); "all" and a
+    list still name them, and the stage lists them as skipped."""
+    skip = skip or set()
     if spec == "all" or spec is None:
         return list(store.all_ids())
     if isinstance(spec, str) and spec.startswith("strongest:") and spec[len("strongest:") :].isdigit():
         n = int(spec[len("strongest:") :])
-        return [store.unit(layer, neuron) for layer in store.layers for neuron in store.strongest(layer, n)]
+        ids = []
+        for layer in store.layers:
+            kept = [x for x in store.strongest(layer, n + len(skip)) if (layer, x) not in skip][:n]
+            ids += [store.unit(layer, x) for x in kept]
+        return ids
     if isinstance(spec, int):
         ids = []
         for layer in store.layers:
             neurons = store.neurons(layer)
-            pick = np.random.default_rng([seed, layer]).choice(len(neurons), min(spec, len(neurons)), replace=False)
+            rng = np.random.default_rng([seed, layer])
+            pick = set(rng.choice(len(neurons), min(spec, len(neurons)), replace=False).tolist())
+            pick = {i for i in pick if (layer, int(neurons[i])) not in skip}
+            # rare units drawn are replaced by a further draw from the rest (no rare unit: the same sample)
+            rest = [i for i in range(len(neurons)) if i not in pick and (layer, int(neurons[i])) not in skip]
+            more = min(spec - len(pick), len(rest))
+            pick |= {rest[i] for i in rng.choice(len(rest), more, replace=False)} if more > 0 else set()
             ids += [store.unit(layer, int(neurons[i])) for i in sorted(pick)]
         return ids
     try:

@@ -50,7 +50,9 @@ def run_explain_stage(
     out.root.mkdir(parents=True, exist_ok=True)
     saved = UnitEntries(out)
     signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
-    chosen = [nid.key(sign) for nid in units_to_explain(store, config.explain_neurons, config.seed) for sign in signs]
+    rare = store.rare_units(config.min_active)
+    asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
+    chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
     todo = [key for key in chosen if needs_work(saved.get(key))]
     if todo:
         run_unit_shards(
@@ -60,7 +62,8 @@ def run_explain_stage(
         merge_shard_usage(out.usage, config.prices)
     entries = [saved.get(key) for key in chosen]
     write_jsonl(out.jsonl, entries)
-    write_summary(out.summary, entries)
+    skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
+    write_summary(out.summary, entries, rare, config.min_active, skipped, store.meta.noun)
     return entries
 
 

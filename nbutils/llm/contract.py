@@ -147,6 +147,8 @@ class ExplainRequest:
     examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
     writes: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     """For the output-aware explainer: the tokens the unit raises and lowers as the next token."""
+    noun: str = "neuron"
+    """What the prompt calls the unit ("feature" for SAE latents; `nbutils.llm.prompts.speak_of`)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class SimulationRequest:
     max_prompt_tokens: int | None = None
     """A cap on the prompt below the context (fewer worked examples, cheaper requests)."""
     examples: tuple[WorkedExample, ...] = WORKED_EXAMPLES
+    noun: str = "neuron"
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class JudgeRequest:
     per_request: int = 1
     """Items shown in one chat request (HTTP backends in chat mode); backends that answer each item from its
     own prompt at no cost per request (local, oracle) judge one item at a time whatever this says."""
+    noun: str = "neuron"
 
 
 @dataclass
@@ -244,23 +248,26 @@ class Backend(ABC):
     def explanation_messages(self, request: ExplainRequest) -> list[dict[str, str]]:
         """The explainer's chat, with as many worked examples as fit (120 tokens left for the reply)."""
         examples = self.fit(
-            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex, request.writes)),
+            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex, request.writes, request.noun)),
             120, request.examples,
         )  # fmt: skip
-        return explanation_messages(request.excerpts, examples, request.writes)
+        return explanation_messages(request.excerpts, examples, request.writes, request.noun)
 
     def simulation_examples(self, request: SimulationRequest) -> tuple[WorkedExample, ...]:
         """The worked examples of a simulation prompt that leave room for its longest excerpt."""
         longest = max(len(tokens) for tokens in request.excerpts) * 8  # generous tokens per line + branch tokens
         return self.fit(
-            lambda ex: simulation_prefix(request.explanation, ex), longest, request.examples, request.max_prompt_tokens
+            lambda ex: simulation_prefix(request.explanation, ex, request.noun),
+            longest,
+            request.examples,
+            request.max_prompt_tokens,
         )
 
     def judge_examples(self, request: JudgeRequest) -> tuple[WorkedExample, ...]:
         """The worked examples of a judging prompt that leave room for its longest item."""
         longest = max(self.count_tokens(judge_piece(i)) for i in request.items) + 4
         return self.fit(
-            lambda ex: judge_prefix(request.task, request.explanation, ex), longest, request.examples,
+            lambda ex: judge_prefix(request.task, request.explanation, ex, request.noun), longest, request.examples,
             request.max_prompt_tokens,
         )  # fmt: skip
 

@@ -33,9 +33,9 @@ from nbutils.llm.contract import (
     Usage,
 )
 from nbutils.llm.prompts import (
-    EXPLANATION_PREFIX,
     LABELS,
     JudgeItem,
+    explanation_prefix,
     judge_piece,
     judge_prefix,
     simulation_lines,
@@ -112,26 +112,29 @@ class LocalBackend(Backend):
     # -- the contract ----------------------------------------------------------------------------------------
 
     def explain(self, request: ExplainRequest) -> list[str]:
-        return self.chat(self.explanation_messages(request), request.n, request.temperature, seed=request.seed)
+        messages = self.explanation_messages(request)
+        return self.chat(messages, request.n, request.temperature, seed=request.seed, noun=request.noun)
 
     def simulate(self, request: SimulationRequest) -> list[np.ndarray]:
-        prefix = simulation_prefix(request.explanation, self.simulation_examples(request))
+        prefix = simulation_prefix(request.explanation, self.simulation_examples(request), request.noun)
         return self.simulate_prompt(prefix, request.excerpts)
 
     def judge(self, request: JudgeRequest) -> Judgements:
         if not request.items:
             return Judgements(np.zeros(0))
-        prefix = judge_prefix(request.task, request.explanation, self.judge_examples(request))
+        prefix = judge_prefix(request.task, request.explanation, self.judge_examples(request), request.noun)
         return Judgements(self.judge_prompt(prefix, request.items))
 
     # -- generation --------------------------------------------------------------------------------------
 
     def chat(
-        self, messages: list[dict[str, str]], n: int = 1, temperature: float = 1.0, max_tokens: int = 40, seed: int = 0
-    ) -> list[str]:
-        """n replies to a chat, each continuing `EXPLANATION_PREFIX` (the explainer's completion format)."""
+        self, messages: list[dict[str, str]], n: int = 1, temperature: float = 1.0, max_tokens: int = 40, seed: int = 0,
+        noun: str = "neuron",
+    ) -> list[str]:  # fmt: skip
+        """n replies to a chat, each continuing `explanation_prefix` (the explainer's completion format)."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([self._encode(prompt + EXPLANATION_PREFIX)], device=self.device)
+        prefix = explanation_prefix(noun)
+        ids = torch.tensor([self._encode(prompt + prefix)], device=self.device)
         if ids.shape[1] + max_tokens > self.context:
             raise UserError(
                 f"The explanation prompt has {ids.shape[1]} tokens; with {max_tokens} to generate it exceeds the "
@@ -156,7 +159,7 @@ class LocalBackend(Backend):
             )
         replies = [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
         self.usage.add(Usage(n, ids.shape[1] * n, sum(len(row) - ids.shape[1] for row in out)))
-        return [EXPLANATION_PREFIX + r for r in replies]
+        return [prefix + r for r in replies]
 
     # -- all-at-once simulation ------------------------------------------------------------------------
 

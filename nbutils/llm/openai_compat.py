@@ -65,6 +65,7 @@ from nbutils.llm.prompts import (
     show_token,
     simulation_body,
     simulation_lines,
+    speak_of,
 )
 from nbutils.llm.traffic import Traffic
 
@@ -275,9 +276,10 @@ class OpenAIBackend(Backend):
 
     def simulate(self, request: SimulationRequest) -> list[np.ndarray]:
         """Per excerpt, a [tokens, 11] array of label probabilities; raises SimulationFailed with the reason."""
-        body = simulation_body(request.explanation, self.simulation_examples(request))
+        header = speak_of(SIMULATE_HEADER, request.noun)
+        body = simulation_body(request.explanation, self.simulation_examples(request), request.noun)
         one = self._simulate_echo if self.detect_mode() == "echo" else self._simulate_chat
-        return self._gather(lambda client, toks: one(client, body, toks), list(request.excerpts))
+        return self._gather(lambda client, toks: one(client, header, body, toks), list(request.excerpts))
 
     async def _echo_slots(self, client, text: str, slots: list[int]) -> list[dict[str, float]]:
         """The top next-token log-probabilities at character offsets ``slots`` of ``text`` (one echo request)."""
@@ -303,8 +305,8 @@ class OpenAIBackend(Backend):
             out.append(lp["top_logprobs"][i])
         return out
 
-    async def _simulate_echo(self, client, body: str, tokens: Sequence[str]) -> np.ndarray:
-        text, slots = SIMULATE_HEADER + body, []
+    async def _simulate_echo(self, client, header: str, body: str, tokens: Sequence[str]) -> np.ndarray:
+        text, slots = header + body, []
         for before, after in simulation_lines(tokens):
             text += before
             slots.append(len(text))
@@ -319,10 +321,10 @@ class OpenAIBackend(Backend):
             rows.append(probs / probs.sum())
         return np.stack(rows)
 
-    async def _simulate_chat(self, client, body: str, tokens: Sequence[str]) -> np.ndarray:
+    async def _simulate_chat(self, client, header: str, body: str, tokens: Sequence[str]) -> np.ndarray:
         lines = "".join(f"{show_token(t)}\t{UNKNOWN}\n" for t in tokens)
         messages = [
-            {"role": "system", "content": SIMULATE_HEADER.strip()},
+            {"role": "system", "content": header.strip()},
             {
                 "role": "user",
                 "content": body
@@ -363,8 +365,8 @@ class OpenAIBackend(Backend):
         the written digit, and then the answers are not probabilities)."""
         if not request.items:
             return Judgements(np.zeros(0))
-        header = JUDGE_HEADERS[request.task]
-        body = judge_body(request.task, request.explanation, self.judge_examples(request))
+        header = speak_of(JUDGE_HEADERS[request.task], request.noun)
+        body = judge_body(request.task, request.explanation, self.judge_examples(request), request.noun)
         if self.detect_mode() == "echo":
 
             async def one(client, item: JudgeItem) -> tuple[float, bool]:

@@ -25,6 +25,23 @@ MAX_LABEL = 10
 LABELS = tuple(str(i) for i in range(MAX_LABEL + 1))
 UNKNOWN = "unknown"
 EXPLANATION_PREFIX = "the main thing this neuron does is find"
+_ANY_PREFIX = re.compile(r"the main thing this [\w-]+ does is find")
+"""`EXPLANATION_PREFIX` with any unit's noun (`explanation_prefix`), as replies repeat it."""
+
+
+def explanation_prefix(noun: str = "neuron") -> str:
+    """The sentence every explanation completes, naming the unit by its noun ("neuron", "feature")."""
+    return EXPLANATION_PREFIX.replace("neuron", noun)
+
+
+def speak_of(text: str, noun: str) -> str:
+    """Instructions written about neurons, reworded for another kind of unit: every whole word "neuron",
+    "Neuron", "neurons", "neuron's" names the unit by ``noun`` instead (SAE latents are "features")."""
+    if noun == "neuron":
+        return text
+    return re.sub(r"\b([Nn])euron(s?)\b", lambda m: (noun.capitalize() if m[1] == "N" else noun) + m[2], text)
+
+
 ZERO_FILTER_BELOW = 0.2
 
 
@@ -151,21 +168,23 @@ def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
 
 
 def _neuron_text(
-    name: str, excerpts: Sequence[ShownExcerpt], writes: tuple[Sequence[str], Sequence[str]] | None = None
-) -> str:
-    text = f"Neuron {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
+    name: str, excerpts: Sequence[ShownExcerpt], writes: tuple[Sequence[str], Sequence[str]] | None = None,
+    noun: str = "neuron",
+) -> str:  # fmt: skip
+    text = f"{noun.capitalize()} {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
     repeat = zero_filtered_block(excerpts)
     strongest = strongest_tokens(excerpts)
     listed = f"Strongest tokens: {strongest}\n" if strongest else ""
     outputs = writes_text(writes) if writes else ""
-    return text + (repeat or "") + listed + outputs + f'\nComplete: "{EXPLANATION_PREFIX} ..."'
+    return text + (repeat or "") + listed + outputs + f'\nComplete: "{explanation_prefix(noun)} ..."'
 
 
 def explanation_messages(
     excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES,
-    writes: tuple[Sequence[str], Sequence[str]] | None = None,
+    writes: tuple[Sequence[str], Sequence[str]] | None = None, noun: str = "neuron",
 ) -> list[dict[str, str]]:  # fmt: skip
-    """Chat messages asking for an explanation; the reply should continue `EXPLANATION_PREFIX`.
+    """Chat messages asking for an explanation; the reply should continue `explanation_prefix` (``noun``
+    names the unit throughout: "feature" for SAE latents, see `speak_of`).
 
     Each neuron's message ends with its strongest tokens, and each worked answer starts by quoting its
     neuron's strongest tokens before the description ('... find "March", "July", "June": names of months,
@@ -173,12 +192,13 @@ def explanation_messages(
     worked example's "names of months"; with it, none (README, "Explanations that copy the prompt").
     ``writes`` (the output-aware explainer): the tokens the neuron raises and lowers as the next token, listed
     after its activations (`writes_text`)."""
-    messages = [{"role": "system", "content": EXPLAIN_SYSTEM + (EXPLAIN_OUTPUTS_NOTE if writes else "")}]
+    system = speak_of(EXPLAIN_SYSTEM + (EXPLAIN_OUTPUTS_NOTE if writes else ""), noun)
+    messages = [{"role": "system", "content": system}]
     for i, ex in enumerate(examples):
-        messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts)})
-        answer = f"{EXPLANATION_PREFIX} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
+        messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts, noun=noun)})
+        answer = f"{explanation_prefix(noun)} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes)})
+    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes, noun)})
     return messages
 
 
@@ -228,11 +248,11 @@ def parse_explanation(text: str) -> str:
     Returns "" when nothing usable is left (the caller records that as a failed explanation).
     """
     t = _unquoted(text)
-    low = t.lower()
-    if EXPLANATION_PREFIX in low:
-        t = t[low.index(EXPLANATION_PREFIX) + len(EXPLANATION_PREFIX) :]
-    again = t.lower().find(EXPLANATION_PREFIX)  # a model that starts over has finished its first answer
-    t = (t[:again] if again >= 0 else t).strip().split("\n")[0]
+    first = _ANY_PREFIX.search(t.lower())
+    if first:
+        t = t[first.end() :]
+    again = _ANY_PREFIX.search(t.lower())  # a model that starts over has finished its first answer
+    t = (t[: again.start()] if again else t).strip().split("\n")[0]
     t = _unquoted(t[: _first_sentence_end(t)])
     last = t[:-1].split()[-1].lower() if t[:-1].split() else ""
     if t.endswith(".") and not ("." in last or last in _ABBREVIATIONS):  # keep the stop of "i.e." or "etc."
@@ -262,7 +282,7 @@ def _example_values(values: Sequence[int], hidden_until: int) -> list[str]:
     return [UNKNOWN if i < hidden_until else str(v) for i, v in enumerate(values)]
 
 
-def simulation_body(explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+def simulation_body(explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES, noun: str = "neuron") -> str:
     """The worked examples and the unit's explanation, up to its excerpt's ``<start>`` line (the simulation
     prompt after `SIMULATE_HEADER`).
 
@@ -271,17 +291,23 @@ def simulation_body(explanation: str, examples: Sequence[WorkedExample] = WORKED
     """
     parts = []
     for i, ex in enumerate(examples):
-        parts.append(f"Neuron {chr(ord('A') + i)}\nExplanation: {EXPLANATION_PREFIX} {ex.explanation}.\n")
+        parts.append(_explained(chr(ord("A") + i), ex.explanation, noun))
         for e in ex.excerpts:
             parts.append(excerpt_block(e.tokens, _example_values(e.values, len(e.values) // 3)))
         parts.append("\n")
-    parts.append(f"Neuron X\nExplanation: {EXPLANATION_PREFIX} {explanation}.\n<start>\n")
+    parts.append(_explained("X", explanation, noun) + "<start>\n")
     return "".join(parts)
 
 
-def simulation_prefix(explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+def _explained(name: str, explanation: str, noun: str) -> str:
+    return f"{noun.capitalize()} {name}\nExplanation: {explanation_prefix(noun)} {explanation}.\n"
+
+
+def simulation_prefix(
+    explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES, noun: str = "neuron"
+) -> str:
     """The whole simulation prompt before the excerpt's lines: instructions, worked examples, explanation."""
-    return SIMULATE_HEADER + simulation_body(explanation, examples)
+    return speak_of(SIMULATE_HEADER, noun) + simulation_body(explanation, examples, noun)
 
 
 def simulation_lines(tokens: Sequence[str]) -> list[tuple[str, str]]:
@@ -396,23 +422,27 @@ def _example_items(task: str, ex: WorkedExample) -> list[tuple[JudgeItem, int]]:
     return items
 
 
-def judge_body(task: str, explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+def judge_body(
+    task: str, explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES, noun: str = "neuron"
+) -> str:
     """Worked examples with answers and the unit's explanation (the judging prompt after its header)."""
     if task not in TASKS:
         raise UserError(f"Unknown judging task {task!r}.", f"Use one of: {', '.join(TASKS)}.")
     parts = []
     for i, ex in enumerate(examples):
-        parts.append(f"Neuron {chr(ord('A') + i)}\nExplanation: {EXPLANATION_PREFIX} {ex.explanation}.\n")
+        parts.append(_explained(chr(ord("A") + i), ex.explanation, noun))
         parts += [f"{judge_piece(item)}{answer}\n" for item, answer in _example_items(task, ex)]
         parts.append("\n")
-    parts.append(f"Neuron X\nExplanation: {EXPLANATION_PREFIX} {explanation}.\n")
+    parts.append(_explained("X", explanation, noun))
     return "".join(parts)
 
 
-def judge_prefix(task: str, explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES) -> str:
+def judge_prefix(
+    task: str, explanation: str, examples: Sequence[WorkedExample] = WORKED_EXAMPLES, noun: str = "neuron"
+) -> str:
     """Instructions, worked examples with answers, and the unit's explanation; items follow it."""
-    body = judge_body(task, explanation, examples)
-    return JUDGE_HEADERS[task] + body
+    body = judge_body(task, explanation, examples, noun)
+    return speak_of(JUDGE_HEADERS[task], noun) + body
 
 
 # Several items in one chat request (``judge_items_per_request`` > 1): fewer requests per unit against a

@@ -76,6 +76,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    from nbutils.collect.sae_training import SAETraining, train_sae
+
+    cfg = SAETraining(
+        layer=args.layer, hook=args.hook, expansion=args.expansion, k=args.k, n_excerpts=args.n_excerpts,
+        epochs=args.epochs, seed=args.seed, model=args.model, corpus=args.corpus,
+    )  # fmt: skip
+    report = train_sae(args.out, cfg)
+    print(
+        f"wrote a TopK SAE ({report['d_sae']} latents, k={cfg.k}) on {report['hook_name']} to {args.out} in "
+        f"{report['seconds']:.0f} s: fraction of variance explained {report['fraction_variance_explained']:.3f} "
+        f"on {report['held_out_tokens']} held-out tokens ({report['fraction_variance_explained_without_top_5_dims']:.3f} "
+        f"without the 5 largest-variance dimensions; the largest holds "
+        f"{report['largest_dimension_variance_share']:.0%} of the variance), {report['dead_fraction']:.1%} of "
+        f"latents dead there.\n"
+        f"Explain its features: nbutils run -p units={args.out}"
+    )
+    return 0
+
+
+def _cmd_export_neuronpedia(args: argparse.Namespace) -> int:
+    from nbutils.interop.neuronpedia import export_neuronpedia
+
+    written = export_neuronpedia(args.run, args.out, model_name=args.model_id, set_name=args.source_set)
+    print(f"wrote {len(written)} files under {args.out}: " + ", ".join(str(p) for p in written[:4]) + " ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbutils", description="Explain and score language-model neurons.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--layer", type=int, help="only this layer (default: every collected layer)")
     exp.add_argument("--neuron", type=int, help="only this neuron of --layer")
     exp.set_defaults(func=_cmd_export)
+    sae = sub.add_parser("train-sae", help="train a small TopK SAE on one hook point and save it in SAELens format")
+    sae.add_argument("out", help="folder to write the SAE to (then: nbutils run -p units=OUT)")
+    sae.add_argument("--layer", type=int, default=15, help="block index (default 15)")
+    sae.add_argument(
+        "--hook", default="hook_resid_post", help="TransformerLens hook of the block (default hook_resid_post)"
+    )
+    sae.add_argument("--expansion", type=int, default=8, help="latents per model dimension (default 8)")
+    sae.add_argument("--k", type=int, default=32, help="latents active per token (default 32)")
+    sae.add_argument("--n-excerpts", type=int, default=3000, help="64-token excerpts to train on (default 3000)")
+    sae.add_argument("--epochs", type=int, default=4, help="passes over them (default 4)")
+    sae.add_argument("--seed", type=int, default=0)
+    sae.add_argument("--model", default="embedded", help="subject model (default: the embedded one)")
+    sae.add_argument("--corpus", default="embedded", help="corpus (default: the embedded one)")
+    sae.set_defaults(func=_cmd_train_sae)
+    npx = sub.add_parser("export-neuronpedia", help="write a run's features, activations, explanations and scores "
+                         "in Neuronpedia's export format")  # fmt: skip
+    npx.add_argument("run", help="a run folder (outputs/<run_id>), of neurons or of SAE latents")
+    npx.add_argument("out", help="folder to write <model_id>/<source_id>/... under")
+    npx.add_argument("--model-id", help="Neuronpedia model id (default: from the run's model)")
+    npx.add_argument("--source-set", help="Neuronpedia source set name (default: from the unit type)")
+    npx.set_defaults(func=_cmd_export_neuronpedia)
     return p
 
 

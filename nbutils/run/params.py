@@ -19,6 +19,7 @@ from nbutils.core.config import defaults, hints, schema
 from nbutils.core.errors import UserError
 from nbutils.llm.contract import BACKENDS
 from nbutils.score.contract import SCORERS
+from nbutils.subject.units import NEURON_UNITS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -131,6 +132,8 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
     base = Path(cwd or os.getcwd())
     out["model"] = resolve_model(out["model"], base, "model")
     out["corpus"] = resolve_corpus(out["corpus"], base)
+    if out["units"] != NEURON_UNITS:  # an SAE folder
+        out["units"] = _absolute(out["units"], base, "SAE folder (units)", True)
     for name, backend in (("explainer_model", "explainer_backend"), ("simulator_model", "simulator_backend")):
         if out[backend] == "local":
             out[name] = resolve_model(out[name], base, name)

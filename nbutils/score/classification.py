@@ -173,7 +173,8 @@ class _JudgeScorer(Scorer):
         items, _ = self.items(ctx)
         s = ctx.settings
         request = JudgeRequest(self.name, ctx.entry["explanation"], tuple(j.item for j in items),
-                               s.max_prompt_tokens, per_request=s.judge_items_per_request)  # fmt: skip
+                               s.max_prompt_tokens, per_request=s.judge_items_per_request,
+                               noun=ctx.record.noun)  # fmt: skip
         answers = llm.judge(request)
         return task_result(items, answers.p_yes, answers.probabilities), item_records(items, answers.p_yes)
 

@@ -170,9 +170,12 @@ class InterventionScorer(Scorer):
         pairs = self._pairs(ctx)
         explanation, limit = ctx.entry["explanation"], ctx.settings.max_prompt_tokens
         asked = self._items(pairs, "steered")
-        p_yes = llm.judge(JudgeRequest("intervention", explanation, tuple(asked), limit, examples=())).p_yes
+        noun = ctx.record.noun
+        p_yes = llm.judge(JudgeRequest("intervention", explanation, tuple(asked), limit, examples=(), noun=noun)).p_yes
         control = self._items(pairs, "control_steered")
-        p_control = llm.judge(JudgeRequest("intervention", explanation, tuple(control), limit, examples=())).p_yes
+        p_control = llm.judge(
+            JudgeRequest("intervention", explanation, tuple(control), limit, examples=(), noun=noun)
+        ).p_yes
         details = [
             {"source": "control" if j >= len(asked) else "unit", "index": (j % len(asked)) // 2,
              "kind": "steered as [A]" if j % 2 == 0 else "steered as [B]", "label": j % 2 == 0,

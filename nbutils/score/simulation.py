@@ -47,9 +47,14 @@ def true_activations(excerpts: Sequence[Excerpt]) -> list[np.ndarray]:
     return [np.asarray(e.activations, dtype=np.float64) for e in excerpts]
 
 
-def simulate(llm: Backend, explanation: str, excerpts: Sequence[Excerpt], max_prompt_tokens: int | None = None):
-    """Label distributions [tokens, 11] per excerpt for an explanation (raises LLMFailed)."""
-    request = SimulationRequest(explanation, tuple(tuple(e.tokens) for e in excerpts), max_prompt_tokens)
+def simulate(
+    llm: Backend, explanation: str, excerpts: Sequence[Excerpt], max_prompt_tokens: int | None = None,
+    noun: str = "neuron",
+):  # fmt: skip
+    """Label distributions [tokens, 11] per excerpt for an explanation (raises LLMFailed); ``noun``: what the
+    prompt calls the unit."""
+    tokens = tuple(tuple(e.tokens) for e in excerpts)
+    request = SimulationRequest(explanation, tokens, max_prompt_tokens, noun=noun)
     return llm.simulate(request)
 
 
@@ -114,7 +119,9 @@ class SimulationScorer(Scorer):
     def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], dict[str, Any]]:
         names = self._scored(ctx)
         scored = [(n, e) for n in names for e in ctx.splits[n]]
-        dists = simulate(llm, ctx.entry["explanation"], [e for _, e in scored], ctx.settings.max_prompt_tokens)
+        dists = simulate(
+            llm, ctx.entry["explanation"], [e for _, e in scored], ctx.settings.max_prompt_tokens, ctx.record.noun
+        )
         evs = expected_values(dists)
         predicted = {n: [ev for (m, _), ev in zip(scored, evs) if m == n] for n in names}
         result = score_predictions(ctx.splits, predicted, ctx.settings.n_boot, ctx.settings.seed)

@@ -131,7 +131,10 @@ def run_score_stage(
     units are dealt into shards run as Ray tasks; with several ``simulator_base_url`` they are dealt over the
     servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
-    entries = read_jsonl(explanations(explanation_dir).jsonl)
+    store = RecordStore(collection_dir)
+    rare = store.rare_units(config.min_active)
+    asked = read_jsonl(explanations(explanation_dir).jsonl)
+    entries = [e for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
     if not entries:
         raise UserError(
             f"No explanations in {explanations(explanation_dir).jsonl}.",
@@ -151,7 +154,7 @@ def run_score_stage(
         merge_shard_usage(out.usage, config.prices)
     results = [upgrade_result(saved.get(key_of(e))) for e in entries]
     write_jsonl(out.jsonl, results)
-    write_summary(out.summary, results)
+    write_summary(out.summary, results, rare, config.min_active, len(asked) - len(entries), store.meta.noun)
     return results
 
 

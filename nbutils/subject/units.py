@@ -52,6 +52,10 @@ class UnitType(ABC):
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    def own_layers(self, model: Any) -> list[int] | None:
+        """The layers this unit type is defined at (an SAE's hook points), or None: the ``layers`` asked for."""
+        return None
+
     def output_directions(self, model: Any, layer: int, indices: Sequence[int]) -> torch.Tensor | None:
         """What one unit of each unit's value adds to the residual stream, ``[units, d_model]``, read by
         `nbutils.subject.outputs`; None where the unit type has no single such direction."""
@@ -85,8 +89,19 @@ class MLPNeurons(UnitType):
         return weight.detach()[:, idx].T if isinstance(module, torch.nn.Linear) else weight.detach()[idx, :]
 
 
-UNIT_TYPES = Registry("unit type", {NEURON: MLPNeurons})
+UNIT_TYPES = Registry("unit type", {NEURON: MLPNeurons, "sae_latent": "nbutils.subject.latents:SAELatents"})
 """Unit types by kind: a class, or ``"module:Class"`` imported when first asked for."""
+
+NEURON_UNITS = "mlp_neurons"
+"""The ``units`` parameter's value for MLP neurons (the default)."""
+
+
+def unit_for(units: str, site: NeuronSite | dict[str, Any] | None = None) -> UnitType:
+    """The unit type the ``units`` parameter names: "mlp_neurons" (at ``site``), or a folder holding an SAE or
+    transcoder (SAELens or sparsify format, `nbutils.subject.latents`)."""
+    if units == NEURON_UNITS:
+        return MLPNeurons(site)
+    return unit_type_class("sae_latent")(units)
 
 
 def register_unit_type(kind: str, unit_type: str | type[UnitType]) -> None:

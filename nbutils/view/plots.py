@@ -79,7 +79,7 @@ def score_distributions(view: RunView):
     for name, v in values.items():
         ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n={len(v)}, mean {v.mean():.3f})" if len(v) else name)
     ax.set_xlabel("pooled correlation")
-    ax.set_ylabel("neurons")
+    ax.set_ylabel(f"{view.store.meta.noun}s")
     ax.set_title("Score distributions")
     ax.legend(fontsize=8)
     return fig
@@ -123,7 +123,7 @@ def score_by_layer(view: RunView):
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean pooled correlation")
-    ax.set_title("Score by layer (95% interval over neurons)")
+    ax.set_title(f"Score by layer (95% interval over {view.store.meta.noun}s)")
     ax.legend(fontsize=8)
     return fig
 
@@ -299,13 +299,14 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
     meta = view.store.meta
     failed = [k for k, r in view.scores.items() if r.get("failure")]
     values = score_values(view)
+    noun = meta.noun
     items = {
         "model": meta.model,
         "corpus": meta.corpus,
         "layers collected": ", ".join(map(str, meta.layers)),
-        "neurons collected": sum(len(view.store.neurons(layer)) for layer in meta.layers),
+        f"{noun}s collected": sum(len(view.store.neurons(layer)) for layer in meta.layers),
         "tokens seen": f"{meta.tokens_seen:,}" if meta.tokens_seen else "-",
-        "explanations (neuron sides)": len(view.explanations),
+        f"explanations ({noun} sides)": len(view.explanations),
         "scored": len(view.scores) - len(failed),
         "failed (explanation or simulation)": len(failed),
     }
@@ -321,7 +322,11 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
         copies = sum(copied_example(e) is not None for e in explained)
         repeated = sum(any(n.startswith("same as") for n in notes) for notes in view.explanation_notes.values())
         items["explanations copying a worked example of the prompt"] = f"{copies} of {len(explained)}"
-        items["explanations the same as another neuron's"] = f"{repeated} of {len(explained)}"
+        items[f"explanations the same as another {noun}'s"] = f"{repeated} of {len(explained)}"
+    if view.rare and view.rare["count"]:
+        items[f"dead or rare {noun}s (fewer than {view.rare['min_active']} active tokens; not explained)"] = (
+            f"{view.rare['count']} ({view.rare['dead']} never active)"
+        )
     return [{"item": k, "value": v} for k, v in items.items()]
 
 
@@ -352,6 +357,22 @@ def _scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
             shared = all(n in other for _, other in per_column)
             out[(sc.name if shared else label(sc, column), n)] = None
     return list(out)
+
+
+def rare_rows(view: RunView, n: int = 50) -> list[dict[str, Any]]:
+    """The dead and rare units stage 02 left out, with their active-token counts (the first ``n``; a last row
+    says how many more), or one row saying there were none."""
+    rare = view.rare
+    noun = view.store.meta.noun
+    if not rare or not rare["count"]:
+        rule = f" (min_active={rare['min_active']})" if rare else ""
+        return [{"layer": "-", noun: "-", "active tokens": f"no dead or rare {noun}s{rule}"}]
+    rows: list[dict[str, Any]] = [{"layer": u[0], noun: u[1], "active tokens": u[2]} for u in rare["units"][:n]]
+    if rare["count"] > n:
+        rows.append(
+            {"layer": "...", noun: "...", "active tokens": f"{rare['count'] - n} more in 02_explain/summary.json"}
+        )
+    return rows
 
 
 def note_rows(view: RunView) -> list[dict[str, Any]]:

@@ -212,11 +212,11 @@ def neuron_html(view: RunView, layer: int, neuron: int, sign: str = "positive", 
     parts = [
         f'<section class="nbx-neuron" id="L{layer}-N{neuron}-{_esc(sign)}" data-layer="{layer}" '
         f'data-neuron="{neuron}" data-sign="{_esc(sign)}">',
-        f"<h3>Layer {layer}, neuron {neuron}" + (" (negative side)" if sign == "negative" else "") + "</h3>",
+        f"<h3>Layer {layer}, {rec.noun} {neuron}" + (" (negative side)" if sign == "negative" else "") + "</h3>",
         f"<p class='nbx-muted'>{stats}</p>",
     ]
     if scale == 0.0:
-        parts.append("<p>This neuron never varied on the corpus (all activations equal): nothing to explain.</p>")
+        parts.append(f"<p>This {rec.noun} never varied on the corpus (all activations equal): nothing to explain.</p>")
     parts.append(explanation_html(view.explanations.get(key), view.explanation_notes.get(key, [])))
     parts.append(scores_table_html(view.scores.get(key), view.scorers))
     parts.append(writes_html(rec.writes, sign))
@@ -259,7 +259,7 @@ def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
             f"<td>{_esc(text)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>"
         )
     head = "".join(f"<th>{'baseline ' if base else ''}{_esc(label(sc, c))}</th>" for sc, c, base in columns)
-    return f"<table><tr><th>neuron</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
+    return f"<table><tr><th>{view.store.meta.noun}</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int = 200) -> str:
@@ -279,7 +279,23 @@ def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int 
         f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations)} explained, "
         f"{len(view.scores)} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
     )
-    cut = f"<p class='nbx-muted'>Showing {len(shown)} of {len(keys)} neurons.</p>" if len(shown) < len(keys) else ""
-    body = "<h2>Neuron explanations</h2>" + summary + cut + run_index_html(view, shown)
+    noun = meta.noun
+    cut = f"<p class='nbx-muted'>Showing {len(shown)} of {len(keys)} {noun}s.</p>" if len(shown) < len(keys) else ""
+    title = f"{noun.capitalize()} explanations"
+    body = f"<h2>{title}</h2>" + summary + rare_html(view) + cut + run_index_html(view, shown)
     body += "".join("<hr>" + neuron_html(view, *k) for k in shown)
-    return page("Neuron explanations", body)
+    return page(title, body)
+
+
+def rare_html(view: RunView, shown: int = 30) -> str:
+    """A line on the run's dead and rare units (from stage 02's summary), or "" when there are none."""
+    rare = view.rare
+    if not rare or not rare["count"]:
+        return ""
+    first = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:shown])
+    more = f", and {rare['count'] - shown} more" if rare["count"] > shown else ""
+    return (
+        f"<p class='nbx-muted'>{rare['count']} {view.store.meta.noun}s are dead or rare ({rare['dead']} never "
+        f"active; fewer than {rare['min_active']} active tokens), not explained or scored. With their active-token "
+        f"counts: {_esc(first)}{more}.</p>"
+    )

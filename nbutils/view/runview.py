@@ -49,6 +49,7 @@ class RunView:
     scores: dict[Key, dict[str, Any]] = field(default_factory=dict)
     score_layout: ResultsLayout | None = None
     usage_files: dict[str, Path] = field(default_factory=dict)
+    explanation_summary: Path | None = None
 
     @classmethod
     def from_dirs(
@@ -62,6 +63,7 @@ class RunView:
         if explanation_dir is not None:
             layout = explanations(explanation_dir)
             view.explanations = {key_of(e): e for e in UnitEntries(layout).all()}
+            view.explanation_summary = layout.summary
             view.usage_files[STAGES[1].folder] = layout.usage
         if score_dir is not None:
             view.score_layout = scores(score_dir)
@@ -101,6 +103,13 @@ class RunView:
             for sc in registered()
             if any(sc.name in r or sc.name in r.get("baseline", {}) for r in self.scores.values())
         ]
+
+    @cached_property
+    def rare(self) -> dict[str, Any] | None:
+        """The dead and rare units stage 02 left out (`nbutils.core.failures.rare_listing`), if it listed any."""
+        if self.explanation_summary is None or not self.explanation_summary.is_file():
+            return None
+        return read_json(self.explanation_summary).get("rare")
 
     def record(self, layer: int, neuron: int) -> UnitRecord:
         return self.store.record(layer, neuron)
