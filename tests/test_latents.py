@@ -275,3 +275,51 @@ def test_a_pickled_unit_type_reloads_its_weights(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_setting_a_latent_moves_the_activation_along_its_decoder_row_and_keeps_the_error(tmp_path):
+    """Interventions on a latent (ablation and intervention scores): its own values change nothing; zeroing it
+    gives the KL of a forward hook, written here, that subtracts value x decoder row from the block's output;
+    a shift adds shift x decoder row. The SAE's reconstruction error stays in the activation throughout."""
+    from nbutils.subject.intervene import UnitIntervention, intervention_for
+
+    model = tiny_model("llama")
+    w = save_saelens(tmp_path / "sae", "blocks.1.hook_resid_post", 32, 12)
+    unit = SAELatents(tmp_path / "sae")
+    unit.own_layers(model)
+    ids = torch.randint(0, 512, (4, 10), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    block = model.model.layers[1]
+    h = block.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        base = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+    h.remove()
+    z = torch.from_numpy(by_hand(w, seen["x"].double().numpy(), "standard"))
+    latent = int(torch.argmax((z > 0).sum((0, 1))))  # the latent active most often
+    iv = UnitIntervention(model, unit)
+    own = iv.kl_from_original(1, latent, ids.tolist(), {"own": z[..., latent].numpy(), "zero": np.zeros((4, 10))})
+    assert np.abs(own["own"]).max() < 1e-9
+
+    def by_hand_hook(m, a, o):
+        out = o[0] if isinstance(o, tuple) else o
+        changed = out - z[..., latent].unsqueeze(-1).to(out.dtype) * torch.from_numpy(w["W_dec"][latent]).to(out.dtype)
+        return (changed, *o[1:]) if isinstance(o, tuple) else changed
+
+    h = block.register_forward_hook(by_hand_hook)
+    with torch.no_grad():
+        zeroed = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+    h.remove()
+    want = (base.exp() * (base - zeroed)).sum(-1).clamp_min(0).mean(-1).numpy()
+    np.testing.assert_allclose(own["zero"], want, rtol=1e-4, atol=1e-7)
+    assert want.max() > 1e-6  # the zeroing did change the output
+    x = torch.randn(2, 3, 32)
+    shifted = unit.edit(x, 1, latent, 2.5, add=True)
+    torch.testing.assert_close(shifted - x, 2.5 * torch.from_numpy(w["W_dec"][latent]).float().expand(2, 3, 32))
+    # a changed SAE folder is refused when the collection's unit type is made again; a transcoder is refused
+    made = SAELatents.from_dict(unit.as_dict())
+    assert made.as_dict() == unit.as_dict()
+    save_saelens(tmp_path / "sae", "blocks.1.hook_resid_post", 32, 12, seed=9)
+    with pytest.raises(UserError, match="is not the one this collection read"):
+        SAELatents.from_dict(unit.as_dict())
+    with pytest.raises(UserError, match="transcoder's latent"):
+        intervention_for("embedded", {"kind": "sae_latent", "path": str(tmp_path), "transcoder": True}, None)

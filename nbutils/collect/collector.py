@@ -283,6 +283,12 @@ class Collector:
         self.position = int(state["position"])
         self.tokens_seen = int(state["tokens_seen"])
         for layer, tensors in state["layers"].items():
+            missing = set(self.layers[int(layer)].t) - set(tensors)
+            if missing:
+                raise UserError(
+                    f"The collection checkpoint was written by an older nbutils (it lacks {sorted(missing)}).",
+                    "Delete the checkpoint (checkpoint.pt in the stage folder) and rerun to collect from the start.",
+                )
             self.layers[int(layer)].t = {k: v.to(self.device) for k, v in tensors.items()}
 
 

@@ -54,11 +54,13 @@ def rare_listing(
 
 
 def rare_line(stage_dir: str | Path) -> str:
-    """One line on the dead and rare units a stage left out (from its summary.json; "" when there are none)."""
+    """One line on the dead and rare units a stage left out (from its summary.json)."""
     rare = json.loads(summary_path(stage_dir).read_text()).get("rare")
-    if not rare or not rare["count"]:
-        return ""
+    if not rare:
+        return "dead and rare units were not counted (a collection made before nbutils kept the counts)"
     noun = rare.get("noun", "neuron")
+    if not rare["count"]:
+        return f"no dead or rare {noun}s (all are active on at least min_active={rare['min_active']} tokens)"
     first = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:5])
     asked = f"; {rare['skipped_of_asked']} of those asked for were skipped" if rare.get("skipped_of_asked") else ""
     return (

@@ -252,14 +252,14 @@ class RecordStore:
         arrays = self._layer(layer)
         return np.asarray(arrays["active"]) if "active" in arrays else None
 
-    def rare_units(self, min_active: int) -> dict[tuple[int, int], int]:
+    def rare_units(self, min_active: int) -> dict[tuple[int, int], int] | None:
         """Dead and rare units: ``{(layer, index): active tokens}`` for every unit active on fewer than
-        ``min_active`` tokens (empty when the collection has no counts)."""
+        ``min_active`` tokens; None for a collection made before the counts were kept."""
         out = {}
         for layer in self.layers:
             counts = self.active(layer)
             if counts is None:
-                continue
+                return None
             for i in np.flatnonzero(counts < min_active):
                 out[(layer, int(self.neurons(layer)[i]))] = int(counts[i])
         return out

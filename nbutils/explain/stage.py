@@ -50,7 +50,8 @@ def run_explain_stage(
     out.root.mkdir(parents=True, exist_ok=True)
     saved = UnitEntries(out)
     signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
-    rare = store.rare_units(config.min_active)
+    counted = store.rare_units(config.min_active)
+    rare = counted or {}
     asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
     chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
     todo = [key for key in chosen if needs_work(saved.get(key))]
@@ -63,7 +64,7 @@ def run_explain_stage(
     entries = [saved.get(key) for key in chosen]
     write_jsonl(out.jsonl, entries)
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
-    write_summary(out.summary, entries, rare, config.min_active, skipped, store.meta.noun)
+    write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
     return entries
 
 

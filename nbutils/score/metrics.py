@@ -85,7 +85,7 @@ def correlation(true: np.ndarray, pred: np.ndarray) -> Metric:
     tc, pc = t - t.mean(), p - p.mean()
     st, sp = math.sqrt(float(tc @ tc)), math.sqrt(float(pc @ pc))
     if st <= 1e-12 * max(1.0, float(np.abs(t).max())):
-        return Metric(None, "the true activations are constant on these excerpts (the neuron does not vary)")
+        return Metric(None, "the true activations are constant on these excerpts (the unit does not vary)")
     if sp <= 1e-12 * max(1.0, float(np.abs(p).max())):
         return Metric(None, "the simulated activations are constant (the simulator predicts no variation)")
     return Metric(float(np.clip((tc @ pc) / (st * sp), -1.0, 1.0)))

@@ -132,7 +132,8 @@ def run_score_stage(
     servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
     store = RecordStore(collection_dir)
-    rare = store.rare_units(config.min_active)
+    counted = store.rare_units(config.min_active)
+    rare = counted or {}
     asked = read_jsonl(explanations(explanation_dir).jsonl)
     entries = [e for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
     if not entries:
@@ -154,7 +155,7 @@ def run_score_stage(
         merge_shard_usage(out.usage, config.prices)
     results = [upgrade_result(saved.get(key_of(e))) for e in entries]
     write_jsonl(out.jsonl, results)
-    write_summary(out.summary, results, rare, config.min_active, len(asked) - len(entries), store.meta.noun)
+    write_summary(out.summary, results, counted, config.min_active, len(asked) - len(entries), store.meta.noun)
     return results
 
 

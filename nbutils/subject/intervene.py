@@ -9,7 +9,9 @@ the output (`nbutils.score.ablation`, `nbutils.score.intervention`).
   continuations with that shift applied (or without).
 
 For an MLP neuron the value set is the one that enters the output projection (`nbutils.subject.sites`), so
-everything downstream of the neuron, and nothing else, sees the new value. Hooks are process-wide state on
+everything downstream of the neuron, and nothing else, sees the new value; for an SAE latent the hooked
+activation moves along the latent's decoder row by the change in its value, the SAE's reconstruction error
+kept (`UnitType.edit`). Hooks are process-wide state on
 the model's modules, so calls hold a lock: stage 03 may score several units on threads at once.
 """
 
@@ -34,12 +36,6 @@ class UnitIntervention:
     """One subject model and its unit type, run with a unit's values set or shifted (module docstring)."""
 
     def __init__(self, model: Any, unit: UnitType, tokenizer: Any = None, batch_size: int = 8) -> None:
-        if unit.kind != NEURON:
-            raise UserError(
-                f"Interventions (ablation, intervention scores) are built for MLP neurons; these units are "
-                f"{unit.kind!r}.",
-                "Score these units without them (ablation=False, intervention=False).",
-            )
         self.model, self.unit, self.tokenizer, self.batch_size = model, unit, tokenizer, batch_size
         self.site = unit.site(model)
         self.device = next(model.parameters()).device
@@ -54,10 +50,7 @@ class UnitIntervention:
             return
 
         def change(x: torch.Tensor) -> torch.Tensor:
-            x = x.clone()
-            v = values.to(x.dtype) if isinstance(values, torch.Tensor) else values
-            x[..., index] = x[..., index] + v if add else v
-            return x
+            return self.unit.edit(x, layer, index, values, add)
 
         module = site_module(self.model, self.site, layer)
         if self.site.side == "input":
@@ -159,13 +152,13 @@ class UnitIntervention:
 def intervention_for(model_spec: str, unit: dict[str, Any], site: dict[str, Any] | None) -> UnitIntervention:
     """Load a collection's subject model (``collection.json``'s model, unit and site) for interventions."""
     from nbutils.subject.loading import load_subject_model
-    from nbutils.subject.units import MLPNeurons
+    from nbutils.subject.units import unit_type_class
 
-    if unit.get("kind", NEURON) != NEURON:
+    if unit.get("transcoder"):
         raise UserError(
-            f"Interventions (ablation, intervention scores) are built for MLP neurons; these units are "
-            f"{unit.get('kind')!r}.",
-            "Score these units without them (ablation=False, intervention=False).",
+            f"Setting a transcoder's latent ({unit['path']}) would change the MLP's output, which nbutils does not "
+            "hook yet.",
+            "Score transcoder latents without ablation and intervention (ablation=False, intervention=False).",
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     subject = load_subject_model(model_spec, device=device)
@@ -175,4 +168,6 @@ def intervention_for(model_spec: str, unit: dict[str, Any], site: dict[str, Any]
             "so there is no output to compare.",
             "Score it without ablation or intervention (ablation=False, intervention=False).",
         )
-    return UnitIntervention(subject.model, MLPNeurons(site), subject.tokenizer)
+    units = unit_type_class(unit.get("kind", NEURON)).from_dict(unit, site)
+    units.site(subject.model)  # resolves (and for latents loads) the unit type on this model
+    return UnitIntervention(subject.model, units, subject.tokenizer)

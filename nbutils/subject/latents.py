@@ -330,6 +330,17 @@ class SAELatents(UnitType):
         self._digest = weights_digest(self.path)
         self._site: NeuronSite | None = None
 
+    @classmethod
+    def from_dict(cls, unit: dict[str, Any], site: dict[str, Any] | None = None) -> SAELatents:
+        """The SAE a collection read, refused if its weights changed since (their digest differs)."""
+        made = cls(unit["path"])
+        if unit.get("weights") and made._digest != unit["weights"]:
+            raise UserError(
+                f"The SAE at {unit['path']} is not the one this collection read (its weights changed).",
+                "Restore that SAE, or collect again with the new one (a new run id).",
+            )
+        return made
+
     def __getstate__(self) -> dict[str, Any]:  # Ray tasks reload the weights from the folder
         return {**self.__dict__, "_coders": None}
 
@@ -385,6 +396,32 @@ class SAELatents(UnitType):
         if coder.W_enc.device != captured.device:
             coder = self._coders[layer] = coder.to(captured.device)
         return coder.encode(captured)
+
+    def edit(
+        self, captured: torch.Tensor, layer: int, index: int, values: torch.Tensor | float, add: bool = False
+    ) -> torch.Tensor:
+        """The hooked activation with latent ``index`` set to ``values`` (or shifted by them) through the
+        decoder: ``x + (new - old) * W_dec[index]``. The SAE's reconstruction error (x minus its reconstruction)
+        stays in, so the rest of the model sees exactly what it saw except for this latent's change. Not for
+        transcoders, whose decoder writes another place (the MLP's output) than the one they read."""
+        if self._info[0]["transcoder"]:
+            raise UserError(
+                f"Setting a transcoder's latent ({self.path}) would change the MLP's output, which nbutils does "
+                "not hook yet.",
+                "Score transcoder latents without ablation and intervention (ablation=False, intervention=False).",
+            )
+        coder = self._coders[layer] if self._coders else None
+        if coder is None or coder.W_dec.device != captured.device:
+            self.transform(captured, layer)  # loads and moves the coder
+            coder = self._coders[layer]
+        v = (
+            values.to(captured.dtype)
+            if isinstance(values, torch.Tensor)
+            else torch.tensor(values, dtype=captured.dtype)
+        )
+        v = v.to(captured.device)
+        delta = v if add else v - coder.encode(captured)[..., index].to(captured.dtype)
+        return captured + delta.unsqueeze(-1) * coder.W_dec[index].to(captured.dtype)
 
     def as_dict(self) -> dict[str, Any]:
         info = self._info[0]

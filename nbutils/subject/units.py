@@ -52,6 +52,22 @@ class UnitType(ABC):
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    @classmethod
+    def from_dict(cls, unit: dict[str, Any], site: dict[str, Any] | None = None) -> UnitType:
+        """The unit type a collection recorded (`as_dict`, and the collection's site), made again."""
+        return cls()  # type: ignore[call-arg]
+
+    def edit(
+        self, captured: torch.Tensor, layer: int, index: int, values: torch.Tensor | float, add: bool = False
+    ) -> torch.Tensor:
+        """What the site's hook should pass on so that unit ``index`` has ``values`` (``[batch, tokens]`` or one
+        number; added to its value when ``add``) and nothing else changes: for units that are a coordinate of
+        the captured activation (the default, MLP neurons), that coordinate."""
+        x = captured.clone()
+        v = values.to(x.dtype) if isinstance(values, torch.Tensor) else values
+        x[..., index] = x[..., index] + v if add else v
+        return x
+
     def own_layers(self, model: Any) -> list[int] | None:
         """The layers this unit type is defined at (an SAE's hook points), or None: the ``layers`` asked for."""
         return None
@@ -71,6 +87,10 @@ class MLPNeurons(UnitType):
     def __init__(self, site: NeuronSite | dict[str, Any] | None = None) -> None:
         """``site``: the architecture's built-in site when None."""
         self._site = NeuronSite(**site) if isinstance(site, dict) else site
+
+    @classmethod
+    def from_dict(cls, unit: dict[str, Any], site: dict[str, Any] | None = None) -> MLPNeurons:
+        return cls(site)
 
     def site(self, model: Any) -> NeuronSite:
         return resolve_site(model, self._site)

@@ -33,7 +33,10 @@ class NeuronViewer:
         layers = self.view.store.layers
         self.layer = w.Dropdown(options=layers, description="layer", layout=w.Layout(width="150px"))
         self.neuron = w.BoundedIntText(
-            min=0, max=self.view.store.meta.neurons_per_layer - 1, description="neuron", layout=w.Layout(width="170px")
+            min=0,
+            max=self.view.store.meta.neurons_per_layer - 1,
+            description=self.view.store.meta.noun,
+            layout=w.Layout(width="170px"),
         )
         self.sign = w.ToggleButtons(options=["positive"], description="side", style={"button_width": "80px"})
         self.previous = w.Button(description="\u25c0 previous", layout=w.Layout(width="100px"))
@@ -99,7 +102,8 @@ class NeuronViewer:
 
     def _reorder(self, show_first: bool = True) -> None:
         self._order = self.view.neuron_ids(self.sort.value, self.filter.value.strip())
-        self.status.value = f"<span style='color:#777'>{len(self._order):,} neurons in this order</span>"
+        noun = self.view.store.meta.noun
+        self.status.value = f"<span style='color:#777'>{len(self._order):,} {noun}s in this order</span>"
         if show_first and self._order:
             self.show(*self._order[0])
 
