@@ -134,25 +134,3 @@ def test_mean_in_flight_is_time_weighted():
     assert stats.mean_between(0.5, 2.0) == pytest.approx((2 * 0.5 + 4 * 1.0) / 1.5)
     assert (stats.sent, stats.max_in_flight) == (2, 4)
     assert np.isclose(stats.mean_between(3.0, 4.0), 0.0)
-
-
-def test_the_next_unit_starts_before_the_caller_handles_a_finished_one():
-    """as_finished starts a finished unit's replacement before handing it back, so a caller that writes
-    files for each unit (stages 02 and 03) does not leave a place in flight empty meanwhile."""
-    import threading
-
-    from nbutils.core.parallel import as_finished
-
-    third_started = threading.Event()
-
-    def work(i: int) -> int:
-        if i == 2:
-            third_started.set()
-        return i
-
-    handled = []
-    for i, _ in as_finished(work, [0, 1, 2, 3], workers=2):
-        if not handled:  # handling the first finished unit: the third is already running
-            assert third_started.wait(timeout=5), "the next unit waited for the caller"
-        handled.append(i)
-    assert sorted(handled) == [0, 1, 2, 3]

@@ -20,8 +20,7 @@ def as_finished(work: Callable[[T], R], items: Sequence[T], workers: int) -> Ite
 
     With ``workers <= 1`` the items run in order on this thread. An exception from ``work`` stops the rest
     (units not started are dropped, those in progress finish but are not returned) and is raised here; so
-    is an interrupt (Ctrl-C), without waiting for the units in progress. A finished unit's replacement is
-    started before the unit is handed back, so the caller's own work on it overlaps the others'."""
+    is an interrupt (Ctrl-C), without waiting for the units in progress."""
     if workers <= 1 or len(items) <= 1:
         for item in items:
             yield item, work(item)
@@ -40,10 +39,9 @@ def as_finished(work: Callable[[T], R], items: Sequence[T], workers: int) -> Ite
             submit_next()
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            finished = [(pending.pop(future), future) for future in done]
-            for _ in finished:  # the next units start before the caller handles these (writes their files),
-                submit_next()  # so a slow caller does not leave places in flight empty
-            for item, future in finished:
+            for future in done:
+                item = pending.pop(future)
                 yield item, future.result()
+                submit_next()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
