@@ -53,6 +53,13 @@ def rare_listing(
     }
 
 
+def rare_units_text(rare: dict[str, Any], shown: int) -> str:
+    """The first ``shown`` dead and rare units of a listing (`rare_listing`) with their active-token counts:
+    ``L3 N1 (0), L3 N7 (2)``, and how many more."""
+    text = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:shown])
+    return text + (f", and {rare['count'] - shown} more" if rare["count"] > shown else "")
+
+
 def rare_line(stage_dir: str | Path) -> str:
     """One line on the dead and rare units a stage left out (from its summary.json)."""
     rare = json.loads(summary_path(stage_dir).read_text()).get("rare")
@@ -61,11 +68,10 @@ def rare_line(stage_dir: str | Path) -> str:
     noun = rare.get("noun", "neuron")
     if not rare["count"]:
         return f"no dead or rare {noun}s (all are active on at least min_active={rare['min_active']} tokens)"
-    first = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:5])
     asked = f"; {rare['skipped_of_asked']} of those asked for were skipped" if rare.get("skipped_of_asked") else ""
     return (
         f"{rare['count']} {noun}s are dead or rare ({rare['dead']} never active; active on fewer than "
-        f"{rare['min_active']} tokens): not explained or scored{asked}. First: {first}"
+        f"{rare['min_active']} tokens): not explained or scored{asked}. First: {rare_units_text(rare, 5)}"
     )
 
 

@@ -326,7 +326,8 @@ class SAELatents(UnitType):
     def __init__(self, path: str | Path) -> None:
         self.path = str(Path(path).expanduser().resolve())
         self._coders: dict[int, SparseCoder] | None = None
-        self._info: list[dict[str, Any]] = [info for _, info in read_sae_folder(self.path)]
+        self._read: list[tuple[SparseCoder, dict[str, Any]]] | None = read_sae_folder(self.path)
+        self._info: list[dict[str, Any]] = [info for _, info in self._read]
         self._digest = weights_digest(self.path)
         self._site: NeuronSite | None = None
 
@@ -342,12 +343,12 @@ class SAELatents(UnitType):
         return made
 
     def __getstate__(self) -> dict[str, Any]:  # Ray tasks reload the weights from the folder
-        return {**self.__dict__, "_coders": None}
+        return {**self.__dict__, "_coders": None, "_read": None}
 
     def _load(self, model: Any) -> dict[int, SparseCoder]:
         if self._coders is None:
             coders, sites = {}, set()
-            for coder, info in read_sae_folder(self.path):
+            for coder, info in self._read or read_sae_folder(self.path):
                 if info["format"] == "saelens":
                     site, layer = hook_site(model, info["hook"])
                 else:
@@ -361,7 +362,7 @@ class SAELatents(UnitType):
                     f"The SAEs in {self.path} read different kinds of hook points ({sorted(s.module for s in sites)}).",
                     "Collect one kind of hook point per run (one folder per kind).",
                 )
-            self._site, self._coders = sites.pop(), coders
+            self._site, self._coders, self._read = sites.pop(), coders, None
         return self._coders
 
     def own_layers(self, model: Any) -> list[int]:

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from nbutils.core.failures import rare_units_text
 from nbutils.core.records import Excerpt
 from nbutils.core.units import Key
 from nbutils.score.contract import Scorer
@@ -292,10 +293,8 @@ def rare_html(view: RunView, shown: int = 30) -> str:
     rare = view.rare
     if not rare or not rare["count"]:
         return ""
-    first = ", ".join(f"L{u[0]} N{u[1]} ({u[2]})" for u in rare["units"][:shown])
-    more = f", and {rare['count'] - shown} more" if rare["count"] > shown else ""
     return (
         f"<p class='nbx-muted'>{rare['count']} {view.store.meta.noun}s are dead or rare ({rare['dead']} never "
         f"active; fewer than {rare['min_active']} active tokens), not explained or scored. With their active-token "
-        f"counts: {_esc(first)}{more}.</p>"
+        f"counts: {_esc(rare_units_text(rare, shown))}.</p>"
     )

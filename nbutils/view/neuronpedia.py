@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
-from nbutils.core.layout import RunLayout
-from nbutils.core.records import Excerpt, RecordStore, UnitEntries, UnitRecord
-from nbutils.core.units import Key, key_of
-from nbutils.score.contract import Scorer, registered, upgrade_result
+from nbutils.core.records import Excerpt, UnitRecord
+from nbutils.core.units import Key
+from nbutils.view.runview import RunView, finite, scorer_value
 
 BATCH = 1024
 CREATOR = "nbutils-export"
@@ -76,35 +75,6 @@ def _id(*parts: Any) -> str:
     return "c" + hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
 
 
-def _clean(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and np.isfinite(x) else None
-
-
-class _Run:
-    """What the export reads from a run folder: its collection, explanations, scores and scorers."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        layout = RunLayout(run_dir)
-        self.store = RecordStore(layout.collect.root)
-        self.explanations = (
-            {key_of(e): e for e in UnitEntries(layout.explain).all()} if layout.explain.root.is_dir() else {}
-        )
-        found = UnitEntries(layout.score).all() if layout.score.root.is_dir() else []
-        self.scores = {key_of(r): upgrade_result(r) for r in found}
-        self.scorers: list[Scorer] = [
-            sc
-            for sc in registered()
-            if any(sc.name in r or sc.name in r.get("baseline", {}) for r in self.scores.values())
-        ]
-
-    def record(self, layer: int, index: int) -> UnitRecord:
-        return self.store.record(layer, index)
-
-
-def _value(result: dict[str, Any] | None, sc: Scorer, column: int) -> float | None:
-    return _clean(sc.columns[column].value((result or {}).get(sc.name)))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Rows
 # ----------------------------------------------------------------------------------------------------------
@@ -114,7 +84,7 @@ def _neuron_row(mid: str, source: str, sset: str, rec: UnitRecord, tokens_seen: 
     writes = rec.writes or {"promotes": [], "suppresses": []}
     frac = (rec.active / tokens_seen) if rec.active is not None and tokens_seen else 0.0
     return {
-        "modelId": mid, "layer": source, "index": str(rec.id.index), "maxActApprox": _clean(rec.max) or 0.0,
+        "modelId": mid, "layer": source, "index": str(rec.id.index), "maxActApprox": finite(rec.max) or 0.0,
         "creatorId": CREATOR, "frac_nonzero": float(frac),
         "freq_hist_data_bar_heights": [], "freq_hist_data_bar_values": [],
         "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
@@ -153,17 +123,17 @@ def _explanation_row(mid: str, source: str, key: Key, entry: dict[str, Any], exp
     }  # fmt: skip
 
 
-def _score_rows(view: _Run, key: Key, explanation_id: str, simulator: str) -> list[dict[str, Any]]:
+def _score_rows(view: RunView, key: Key, explanation_id: str, simulator: str) -> list[dict[str, Any]]:
     result = view.scores.get(key)
     if not result:
         return []
     rows = []
     for sc in view.scorers:
         for i, col in enumerate(sc.columns):
-            value = _value(result, sc, i)
+            value = scorer_value(result, sc, i)
             if value is None:
                 continue
-            base = _value(result.get("baseline"), sc, i)
+            base = scorer_value(result.get("baseline"), sc, i)
             rows.append({
                 "id": _id(explanation_id, sc.name, col.label), "initiatedByUserId": CREATOR, "value": value,
                 "explanationId": explanation_id, "explanationScoreTypeName": score_type(sc.name, col.label),
@@ -203,7 +173,7 @@ def export_neuronpedia(
 ) -> list[Path]:
     """Write a run (neurons or SAE latents) in Neuronpedia's export layout (module docstring); returns the
     files written. Units come from the run's collection; explanations and scores where stages 02-03 ran."""
-    view = _Run(run_dir)
+    view = RunView.open(run_dir)
     meta, out = view.store.meta, Path(out_dir)
     mid = model_name or model_id(meta.model)
     sset = set_name or source_set(meta.unit, meta.neurons_per_layer)
@@ -250,7 +220,7 @@ def _stage_param(run_dir: str | Path, name: str) -> Any:
     return None
 
 
-def _write_config(out: Path, view: _Run, explainer: str, simulator: str, now: str) -> list[Path]:
+def _write_config(out: Path, view: RunView, explainer: str, simulator: str, now: str) -> list[Path]:
     cfg = out / "config"
     common = {"creatorName": "nbutils", "createdAt": now, "updatedAt": now}
     types = [{"name": EXPLANATION_TYPE, "displayName": "nbutils token-activation explanation",
@@ -277,7 +247,7 @@ def _write_config(out: Path, view: _Run, explainer: str, simulator: str, now: st
 
 
 def _write_source(
-    folder: Path, view: _Run, mid: str, source: str, sset: str, layer: int, explainer: str, now: str
+    folder: Path, view: RunView, mid: str, source: str, sset: str, layer: int, explainer: str, now: str
 ) -> list[Path]:  # fmt: skip
     meta = view.store.meta
     unit = meta.unit
