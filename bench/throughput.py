@@ -109,15 +109,16 @@ def run_variant(
         score_stage.score_units(str(collection), str(tmp / "02"), str(tmp / "03"), config, scored, cache, workers,
                                 False, None)  # fmt: skip
 
-    seconds, flights = {}, {}
+    seconds, flights, cpus = {}, {}, {}
     for name, module, run in (
         ("02", explain_stage, lambda: explain_stage.run_explain_stage(collection, tmp / "02", config, False, cache, workers)),
         ("03", score_stage, score),
     ):  # fmt: skip
         with Recorder(module) as rec:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run()
             seconds[name] = time.perf_counter() - start
+            cpus[name] = time.process_time() - cpu
         flights[name] = rec.in_flight()
     counts = {"02": len(units), "03": len(scored)}
     failed = sum(1 for e in read_jsonl(explanations(tmp / "02").jsonl) if e.get("failure"))
@@ -134,13 +135,15 @@ def run_variant(
         "in_flight_mean_03": flights["03"]["mean"],
         "in_flight_max": max(f["max"] for f in flights.values()),
         "requests_per_unit": sum(flights[s]["requests"] / counts[s] for s in counts),
+        # the client's own CPU (this process, every thread) per request: what caps units started per second
+        "client_cpu_ms_per_request": 1000 * sum(cpus.values()) / max(1, sum(f["requests"] for f in flights.values())),
         "neurons_per_hour": 3600 / per_unit,
     }
 
 
 def bench_throughput(
-    excerpts: int, repeats: int, latency: float = 1.0, limits: Sequence[int] = (1, 8, 64, 256), per_slot: float = 2.0,
-    per_slot_02: float = 6.0, judge_batch: int = 5,
+    excerpts: int, repeats: int, latency: float = 1.0, limits: Sequence[int] = (1, 8, 64, 256), per_slot: float = 3.0,
+    per_slot_02: float = 12.0, judge_batch: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     """Rows for today's path and each cap in ``limits``, and the caps of 64 and more (else the largest) with
     ``judge_batch`` items per judging request; stage 03 scores ``per_slot`` units per place in flight (at

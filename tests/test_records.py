@@ -54,7 +54,10 @@ def test_loading_one_neuron_reads_memory_mapped_rows(collection):
     store, _ = collection
     store.record(1, int(store.neurons(1)[0]))
     arrays = store._layer(1)
-    assert all(isinstance(a, np.memmap) for name, a in arrays.items() if name.endswith("_acts"))
+    acts = [a for name, a in arrays.items() if name.endswith("_acts")]
+    # plain views of the files' memory maps, read-only: nothing was read into memory
+    assert acts and all(isinstance(a.base, np.memmap) and not a.flags.writeable for a in acts)
+    assert isinstance(store.tokens.base, np.memmap)
     with pytest.raises(UserError, match="was not collected"):
         store.record(1, int(np.setdiff1d(np.arange(1536), store.neurons(1))[0]))
     with pytest.raises(UserError, match="not in the collection"):

@@ -122,3 +122,22 @@ def test_usage_totals_and_cost_estimate(tmp_path):
     assert saved["estimated_cost"] == pytest.approx(1.5 * 0.2 + 0.01 * 1.0)
     with pytest.raises(UserError, match="not 'prompt' or 'completion'"):
         Usage(1, 1, 1).cost({"input": 1.0})
+
+
+def test_usage_saved_at_most_once_a_second_keeps_every_count(tmp_path):
+    """A stage saves usage as units finish, but at most once a second; the counts held back are not lost:
+    the next save (the stage's last, also when interrupted) moves them into the file."""
+    import json
+
+    from nbutils.llm.contract import Usage
+
+    path, usage = tmp_path / "usage.json", Usage()
+    usage.add(Usage(requests=1, prompt_tokens=10))
+    assert usage.save(path, at_most_every=60.0)["requests"] == 1  # the first save always writes
+    usage.add(Usage(requests=2, prompt_tokens=20))
+    assert usage.save(path, at_most_every=60.0) is None  # too soon: nothing written, nothing reset
+    assert json.loads(path.read_text())["requests"] == 1
+    assert (usage.requests, usage.prompt_tokens) == (2, 20)
+    usage.save(path)
+    saved = json.loads(path.read_text())
+    assert (saved["requests"], saved["prompt_tokens"], usage.requests) == (3, 30, 0)

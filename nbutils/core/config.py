@@ -102,7 +102,9 @@ class RunConfig:
     temperature: float = _param(1.0, (EXPLAIN,), "explainer sampling temperature")
     explain_negative: bool = _param(False, (EXPLAIN,), "also explain the negative side of signed (gated) neurons")
     min_active: int = _param(
-        10, BOTH, "units active (> 0) on fewer tokens than this are dead or rare: listed, not explained or scored"
+        10,
+        BOTH,
+        "units active (> 0; != 0 if signed) on fewer tokens than this are dead or rare: listed, not explained or scored",
     )
     explain_with_outputs: bool = _param(
         False, (EXPLAIN,), "the explainer also sees the tokens each neuron makes more and less likely next"

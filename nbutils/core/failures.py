@@ -45,7 +45,8 @@ def rare_listing(
     return {
         "noun": noun,
         "min_active": min_active,
-        "reason": f"active (> 0) on fewer than min_active={min_active} tokens of the collection: not explained or scored",
+        "reason": f"active (> 0, or != 0 for signed units) on fewer than min_active={min_active} tokens of the "
+        "collection: not explained or scored",
         "count": len(rare),
         "dead": sum(1 for n in rare.values() if n == 0),
         "skipped_of_asked": skipped,

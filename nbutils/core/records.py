@@ -145,9 +145,11 @@ class CollectionMeta:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    """Memory-map one array; a truncated or damaged file raises a UserError naming it."""
+    """Memory-map one array; a truncated or damaged file raises a UserError naming it. The map is returned as a
+    plain array view (same pages, read-only): `np.memmap`'s Python-level indexing cost more than the rest of
+    reading a unit's record."""
     try:
-        return np.load(path, mmap_mode="r")
+        return np.asarray(np.load(path, mmap_mode="r"))
     except (ValueError, OSError, EOFError) as e:
         raise UserError(
             f"{path} is truncated or damaged ({e}).",
@@ -276,6 +278,10 @@ class RecordStore:
         order = np.argsort(-self.strength(layer), kind="stable")[:n]
         return [int(self.neurons(layer)[i]) for i in order]
 
+    def require(self, layer: int, neuron: int) -> None:
+        """Raise a clear error if this unit was not collected (without reading its record)."""
+        self._row(layer, neuron)
+
     def _row(self, layer: int, neuron: int) -> int:
         neurons = self.neurons(layer)
         row = int(np.searchsorted(neurons, neuron))
@@ -292,10 +298,11 @@ class RecordStore:
         return [self.vocab[int(t)] for t in self.tokens[index]]
 
     def _excerpt(self, index: int, acts: np.ndarray) -> Excerpt:
-        ids = [int(t) for t in self.tokens[index]]
-        doc, offset = (int(x) for x in self.places[index])
+        ids = np.asarray(self.tokens[index]).tolist()  # one read of the row, not one per token
+        doc, offset = np.asarray(self.places[index]).tolist()
+        vocab = self.vocab
         return Excerpt(
-            tokens=[self.vocab[t] for t in ids],
+            tokens=[vocab[t] for t in ids],
             activations=np.array(acts, dtype=np.float32),
             token_ids=ids,
             index=int(index),
@@ -304,7 +311,8 @@ class RecordStore:
         )
 
     def _excerpts(self, index: np.ndarray, acts: np.ndarray) -> list[Excerpt]:
-        return [self._excerpt(int(i), a) for i, a in zip(index, acts) if i >= 0]
+        acts = np.asarray(acts)
+        return [self._excerpt(i, acts[j]) for j, i in enumerate(np.asarray(index).tolist()) if i >= 0]
 
     def record(self, layer: int, neuron: int) -> UnitRecord:
         """Load one unit's record, reading only its rows from disk."""

@@ -143,5 +143,5 @@ def units_to_explain(
             "Write e.g. explain_neurons=4, explain_neurons=strongest:5 or explain_neurons=[[0, 12], [29, 700]].",
         ) from None
     for nid in ids:
-        store.record(nid.layer, nid.index)  # raises a clear error for units that were not collected
+        store.require(nid.layer, nid.index)
     return ids

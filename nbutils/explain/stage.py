@@ -85,9 +85,12 @@ def explain_units(
         )
 
     finished = as_finished(work, keys, workers or llm.parallel_units)
-    for _, entry in progress_bar(
-        iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
-    ):
-        saved.put(entry)
+    try:
+        for _, entry in progress_bar(
+            iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
+        ):
+            saved.put(entry)
+            llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
+    finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)
     return len(keys)

@@ -18,7 +18,9 @@ doing; not retried). Adding a backend is one module with a `Backend` subclass an
 from __future__ import annotations
 
 import json
+import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ class Usage:
     cache_misses: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Requests are counted on the HTTP loop's thread while a stage saves the counts from its own."""
+    _saved_at: float = field(default=-math.inf, repr=False, compare=False)
 
     def add(self, other: Usage) -> None:
         with self._lock:
@@ -92,11 +95,19 @@ class Usage:
             self.prompt_tokens * prices.get("prompt", 0.0) + self.completion_tokens * prices.get("completion", 0.0)
         ) / 1e6
 
-    def save(self, path: str | Path, prices: dict[str, float] | None = None) -> dict[str, object]:
+    def save(
+        self, path: str | Path, prices: dict[str, float] | None = None, at_most_every: float = 0.0
+    ) -> dict[str, object] | None:
         """Move these counts into the totals of a usage.json file (so resumed runs keep counting); returns them.
 
-        The counts here are reset, so calling this after every unit loses nothing if the run is killed.
+        The counts here are reset, so a run that calls this as units finish loses at most the counts since the
+        last save if it is killed. ``at_most_every``: seconds; a call sooner than that after the last save
+        does nothing and returns None (a stage finishing hundreds of units a second saves once a second).
         """
+        now = time.monotonic()
+        if at_most_every > 0 and now - self._saved_at < at_most_every:
+            return None
+        self._saved_at = now
         path = Path(path)
         old = json.loads(path.read_text()) if path.is_file() else {}
         total = Usage(**{k: old.get(k, 0) for k in USAGE_FIELDS})
@@ -247,11 +258,13 @@ class Backend(ABC):
 
     def explanation_messages(self, request: ExplainRequest) -> list[dict[str, str]]:
         """The explainer's chat, with as many worked examples as fit (120 tokens left for the reply)."""
-        examples = self.fit(
-            lambda ex: "".join(m["content"] for m in explanation_messages(request.excerpts, ex, request.writes, request.noun)),
-            120, request.examples,
-        )  # fmt: skip
-        return explanation_messages(request.excerpts, examples, request.writes, request.noun)
+        made: dict[tuple[WorkedExample, ...], list[dict[str, str]]] = {}  # each candidate rendered once
+
+        def render(ex: Sequence[WorkedExample]) -> str:
+            made[tuple(ex)] = explanation_messages(request.excerpts, ex, request.writes, request.noun)
+            return "".join(m["content"] for m in made[tuple(ex)])
+
+        return made[self.fit(render, 120, request.examples)]
 
     def simulation_examples(self, request: SimulationRequest) -> tuple[WorkedExample, ...]:
         """The worked examples of a simulation prompt that leave room for its longest excerpt."""

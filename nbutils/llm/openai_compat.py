@@ -15,7 +15,9 @@
   In chat mode ``per_request`` > 1 shows that many numbered items in one request (mixed in a fixed order)
   and reads each answer line's digit the same way: fewer requests per unit, answers no longer independent.
 - Requests run on one shared event loop (`nbutils.llm.traffic.Traffic`): at most ``max_in_flight`` at once
-  across every unit the stage has in progress, within ``requests_per_minute`` / ``tokens_per_minute``. They
+  across every unit the stage has in progress, within ``requests_per_minute`` / ``tokens_per_minute``, as
+  plain POSTs of the OpenAI client spread over one HTTP client per 16 connections (what the client's CPU
+  allows at hundreds of requests a second: `bench/throughput.py`). They
   retry with exponential backoff on 429, 5xx, timeouts and refused connections; a 429's ``Retry-After``
   pauses all of them. Each has a timeout and goes through the persistent request cache (hits and misses are
   counted in ``usage``).
@@ -33,6 +35,7 @@ import math
 import os
 import random
 import re
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -70,6 +73,8 @@ from nbutils.llm.prompts import (
 from nbutils.llm.traffic import Traffic
 
 LOGPROBS = 20
+CONNECTIONS_PER_CLIENT = 16
+"""Connections per HTTP client; a backend with a larger ``max_in_flight`` spreads its requests over several."""
 
 
 class OpenAIBackend(Backend):
@@ -121,7 +126,8 @@ class OpenAIBackend(Backend):
         self.mode = simulation
         self.traffic = traffic or Traffic()
         self._mode_lock = threading.Lock()
-        self._async_client: Any = None
+        self._async_clients: list[Any] = []
+        self._turn = 0
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -138,21 +144,27 @@ class OpenAIBackend(Backend):
         return self.traffic.max_in_flight
 
     def _client(self):
-        """The HTTP client, one per backend, made on the traffic's loop (its connections are reused there)."""
-        client = self._async_client
-        if client is None:
+        """An HTTP client, made on the traffic's loop (connections are reused there). Several, each with a
+        share of the connections, taken in turn: the connection pool's work per request grows with the
+        connections it holds (it polls each idle one), which at 256 in flight took a third of the client's CPU."""
+        if not self._async_clients:
             import httpx
 
             key = os.environ.get(self.api_key_env) or "no-key-needed"  # local servers accept any key
-            n = self.traffic.max_in_flight
-            http = self._errors.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
-            )
-            client = self._errors.AsyncOpenAI(
-                base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0, http_client=http
-            )
-            self._async_client = client
-        return client
+            n, tls = self.traffic.max_in_flight, _tls_context()
+            for _ in range(-(-n // CONNECTIONS_PER_CLIENT)):
+                # each may open up to n: a share busier than the rest waits for no connection
+                http = self._errors.DefaultAsyncHttpxClient(
+                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=CONNECTIONS_PER_CLIENT),
+                    verify=tls,
+                )
+                self._async_clients.append(
+                    self._errors.AsyncOpenAI(
+                        base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0, http_client=http
+                    )
+                )
+        self._turn = (self._turn + 1) % len(self._async_clients)
+        return self._async_clients[self._turn]
 
     def _gather(self, fn: Callable[[Any, Any], Awaitable[Any]], items: Sequence[Any]) -> list[Any]:
         """``fn(client, item)`` for every item, on the shared loop within its cap and limits; every request is
@@ -192,14 +204,20 @@ class OpenAIBackend(Backend):
         self, client, endpoint: str, request: dict[str, Any], check: Callable[[dict[str, Any]], None] | None
     ) -> dict[str, Any]:
         """Send one request within the traffic's cap and limits, retrying server faults."""
-        api = client.chat.completions if endpoint == "chat" else client.completions
+        import httpx
+
+        path = "/chat/completions" if endpoint == "chat" else "/completions"
+        body = {"model": self.model_name, **request}
         delay = self.backoff
-        estimate = len(json.dumps(request.get("messages") or request.get("prompt"))) // 3 + request.get("max_tokens", 0)
+        estimate = _prompt_chars(request) // 3 + request.get("max_tokens", 0)
         for attempt in range(self.max_retries + 1):
             try:
                 async with self.traffic.slot(estimate) as used:
-                    raw = await api.create(model=self.model_name, **request)
-                    response = _event_stream_to_completion(raw) if isinstance(raw, str) else raw.model_dump()
+                    # the client's plain POST: the same auth, errors and timeouts as `create`, without its
+                    # per-request walk over the parameters' types and its reply model (a third of the client's
+                    # CPU per request, which limits how many units a second a stage can start)
+                    raw = await client.post(path, cast_to=httpx.Response, body=body)
+                    response = _reply_json(raw)
                     used(_total_tokens(response))
                 if not isinstance(response.get("choices"), list) or not response["choices"]:
                     raise SimulationFailed("the reply has no choices")
@@ -464,6 +482,34 @@ def _retry_wait(error: Exception, delay: float) -> float:
     except ValueError:
         pass
     return min(wait, 60.0)
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The certificates HTTPX trusts by default (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` if set, else certifi's),
+    loaded once for all of a backend's clients instead of once each (20 ms apiece)."""
+    import certifi
+
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _prompt_chars(request: dict[str, Any]) -> int:
+    """Characters of a request's prompt or chat messages (for the token estimate of the rate limiter)."""
+    if "messages" in request:
+        return sum(len(m.get("content") or "") for m in request["messages"])
+    return len(request.get("prompt") or "")
+
+
+def _reply_json(raw: Any) -> dict[str, Any]:
+    """The reply of a POST as a dict: its JSON, or one completion rebuilt from an event stream."""
+    if raw.headers.get("content-type", "").startswith("text/event-stream") or raw.text.lstrip().startswith("data:"):
+        return _event_stream_to_completion(raw.text)
+    reply = raw.json()
+    if not isinstance(reply, dict):
+        raise SimulationFailed(f"the reply is not a JSON object: {raw.text[:80]!r}")
+    return reply
 
 
 def _event_stream_to_completion(text: str) -> dict[str, Any]:

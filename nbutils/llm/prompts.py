@@ -11,6 +11,7 @@ probability of each label 0..10 at each value slot gives an expected value per t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -56,6 +57,7 @@ def normalise(activations: np.ndarray, max_activation: float) -> np.ndarray:
     return np.clip(np.floor(MAX_LABEL * np.maximum(a, 0.0) / max_activation), 0, MAX_LABEL).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # prompts show the same vocabulary tokens again and again
 def show_token(token: str) -> str:
     """A token made safe for one ``token<TAB>value`` line: newlines and tabs become visible symbols."""
     return token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "")
@@ -142,8 +144,10 @@ def strongest_tokens(excerpts: Sequence[ShownExcerpt], n: int = 3) -> str:
     best: dict[str, int] = {}
     for e in excerpts:
         for tok, value in zip(e.tokens, e.values):
+            if value <= 0:
+                continue
             shown = show_token(tok).strip() or show_token(tok)
-            if value > 0 and value > best.get(shown, 0):
+            if value > best.get(shown, 0):
                 best[shown] = value
     ranked = sorted(best, key=lambda t: -best[t])[:n]
     return ", ".join(json.dumps(t, ensure_ascii=False) for t in ranked)
@@ -324,13 +328,13 @@ def fit_examples(
     leave the prompt over the limit.
     """
     kept = [WorkedExample(e.explanation, tuple(e.excerpts)) for e in examples]
-    while kept and build(kept) > limit:
+    while (over := build(kept) > limit) and kept:  # each candidate is measured once
         last = kept[-1]
         if len(last.excerpts) > 1:
             kept[-1] = WorkedExample(last.explanation, last.excerpts[:-1])
         else:
             kept.pop()
-    if build(kept) > limit:
+    if over:
         raise UserError(
             f"The prompt is longer than the model's context ({limit} tokens) even without worked examples.",
             "Use shorter excerpts (excerpt_len), fewer excerpts per prompt, or a model with a longer context.",

@@ -176,9 +176,12 @@ def score_units(
     work = lambda e: score_entry(e, store, llm, chosen, s, subject)  # noqa: E731
     finished = as_finished(work, todo, workers or llm.parallel_units)
     bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
-    for entry, (result, details) in bar:
-        if details is not None:
-            atomic_write_json(out.simulation(key_of(entry)), details)
-        saved.put(result)
+    try:
+        for entry, (result, details) in bar:
+            if details is not None:
+                atomic_write_json(out.simulation(key_of(entry)), details)
+            saved.put(result)
+            llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
+    finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)
     return len(todo)

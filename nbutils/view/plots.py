@@ -378,13 +378,13 @@ def rare_rows(view: RunView, n: int = 50) -> list[dict[str, Any]]:
 def note_rows(view: RunView) -> list[dict[str, Any]]:
     """Every note on the run's results (`nbutils.score.flags`), one row per unit side and note: copied or
     repeated explanations, degenerate judges, scores over too few items (the explanation's and the baseline's)."""
-    rows = []
+    rows, noun = [], view.store.meta.noun  # the unit column is headed "neuron" or "feature"
     for key in sorted(set(view.explanations) | set(view.scores)):
         r = view.scores.get(key) or {}
         found = [("explanation", n) for n in view.explanation_notes.get(key, [])]
         for who, part in (("explanation", r), ("baseline", r.get("baseline") or {})):
             found += [(f"{who} {what}", n) for sc in view.scorers for what, n in _scorer_notes(sc, part)]
-        rows += [{"layer": key[0], "neuron": key[1], "sign": key[2], "result": w, "note": n} for w, n in found]
+        rows += [{"layer": key[0], noun: key[1], "sign": key[2], "result": w, "note": n} for w, n in found]
     return rows
 
 
