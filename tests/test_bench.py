@@ -46,8 +46,9 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert e2e["neurons"] == 2 and e2e["simulate_tokens_per_neuron"] >= e2e["simulate_floor_per_neuron"] > 0
     today, capped, batched = results["throughput"]["rows"]
     assert today["in_flight_max"] <= 8 and capped["in_flight_max"] == 4  # the cap reached, never passed
-    assert today["failed"] == capped["failed"] == batched["failed"] == 0 and capped["units"] == 8
-    assert capped["units_02"] == 24 and batched["judge_items_per_request"] == 5
+    assert today["failed"] == capped["failed"] == batched["failed"] == 0 and capped["units"] == 3 * 4
+    assert capped["units_02"] == 12 * 4 and batched["judge_items_per_request"] == 5
+    assert capped["client_cpu_ms_per_request"] > 0
     assert batched["requests_per_unit"] < capped["requests_per_unit"]  # several judging items per request
     assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
 
