@@ -73,11 +73,19 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
-    """llama.cpp's OpenAI-compatible server on localhost with the embedded GGUF (one for the whole run)."""
+    """llama.cpp's OpenAI-compatible server on localhost with the embedded GGUF (one for the whole run).
+
+    It must answer one real completion before any test uses it: a build with CPU instructions this machine
+    cannot run (AMX from a native build) answers /v1/models and dies on the first matrix product, and that
+    fails here once, naming the cause and the fix, instead of as a connection error in every test."""
     from servers import free_port, llama_server_command, start_server
 
     port = free_port()
-    proc, url = start_server(llama_server_command(port), port, tmp_path_factory.mktemp("llama") / "llama.log")
+    log = tmp_path_factory.mktemp("llama") / "llama.log"
+    try:
+        proc, url = start_server(llama_server_command(port), port, log, probe=True)
+    except Exception as e:  # a UserError naming the cause, with the log's last lines
+        pytest.fail(f"llama.cpp's server could not serve: {e}", pytrace=False)
     yield url
     proc.terminate()
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from nbutils.llm import llamacpp
 from nbutils.subject.models import embedded_gguf_path
 
 
@@ -25,26 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], port: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start a server process and wait until it answers on /v1/models."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log_path}") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not start in 120 s; see {log_path}")
+def start_server(cmd: list[str], port: int, log_path: Path, probe: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start a server process and wait until it answers on /v1/models (and, with ``probe``, one real
+    completion request); a server that dies says why (`nbutils.llm.llamacpp.start_server`)."""
+    server = llamacpp.start_server(cmd, f"http://127.0.0.1:{port}/v1", log_path, probe=probe)
+    return server.process, server.url
 
 
 def llama_server_command(port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1"]
-    return cmd + ["--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2"]
+    return llamacpp.server_command(embedded_gguf_path(), port, n_ctx=4096, n_threads=2, alias="smollm2")
 
 
 FAULTS = ("429", "500", "503", "hang", "refuse", "truncate", "malformed", "no_logprobs", "short_logprobs", "garbage")

@@ -84,3 +84,15 @@ def test_planted_benchmark_reports_truth_generated_baseline_and_a_perfect_oracle
         assert rows[name]["baseline r"] is not None and "truth r" in rows[name] and "generated r" in rows[name]
     assert rows["of"]["baseline r"] > 0.9  # one token type: the lookup table is the rule
     assert rows["mean"]["baseline r"] == (rows["digits"]["baseline r"] + rows["of"]["baseline r"]) / 2
+
+
+def test_llama_cpp_benchmark_measures_the_installed_build(tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = _run(
+        str(BENCH / "llama_cpp.py"), "--tokens", "48", "--repeats", "1", "--results", str(tmp_path), cwd=tmp_path
+    )
+    (row,) = json.loads((tmp_path / "llama_cpp.json").read_text())["rows"]
+    assert row["build"] == "installed" and row["prompt_tokens"] > 0 and row["forward_vs_first"] == 1
+    assert row["forward_tokens_per_s"]["median"] > row["echo_logprob_tokens_per_s"]["median"] > 0
+    assert "AVX2 = 1" in row["cpu_features"] and "AVX512" not in row["cpu_features"]  # the portable build
+    assert "| build |" in out

@@ -95,6 +95,13 @@ def test_run_id_hashes_the_effective_parameters():
     assert default_run_id(effective_parameters({"seed": 1})) != same
     how = {"executor": "ray", "shards": 4, "max_in_flight": 8, "requests_per_minute": 500.0}
     assert default_run_id(effective_parameters(how)) == same  # how the run is carried out: the same run
+    # how it is shown or accounted: the viewer's first unit, prices, the exit-code policy, the key's variable
+    shown = {"layer": 15, "neuron": 955, "prices": {"prompt": 0.15, "completion": 0.6}, "fail_on_errors": True}
+    shown |= {"explainer_api_key_env": "MY_KEY", "simulator_api_key_env": "MY_KEY"}
+    for name, value in shown.items():
+        assert default_run_id(effective_parameters({name: value})) == same, name
+    for name, value in {"top_k": 5, "explainer_model": "x", "n_boot": 10, "temperature": 0.5}.items():
+        assert default_run_id(effective_parameters({name: value})) != same, name  # these change results
     quick = effective_parameters(preset="quick")
     assert quick["n_excerpts"] == params.PRESETS["quick"]["n_excerpts"]
     assert effective_parameters({"n_excerpts": 99}, preset="quick")["n_excerpts"] == 99  # -p wins

@@ -21,7 +21,8 @@ COLLECT, EXPLAIN, SCORE, INSPECT = "01_collect", "02_explain", "03_score", "04_i
 
 def _param(default: Any, stages: tuple[str, ...], help: str, **extra: Any) -> Any:
     """A parameter: its default (the main job's value), the stages that take it, its help; ``how=True`` marks
-    one that says how a run is carried out, not what it computes (left out of the run id)."""
+    one that says how a run is carried out, shown or accounted, not what it computes (left out of the run id:
+    changing it continues the same run folder instead of collecting everything again)."""
     meta = {"stages": stages, "help": help, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -96,7 +97,10 @@ class RunConfig:
         example="http://127.0.0.1:8080/v1",
     )  # fmt: skip
     explainer_api_key_env: str = _param(
-        "OPENAI_API_KEY", (EXPLAIN,), "name of the environment variable holding the explainer's key (never the key)"
+        "OPENAI_API_KEY",
+        (EXPLAIN,),
+        "name of the environment variable holding the explainer's key (never the key)",
+        how=True,
     )
     n_samples: int = _param(1, (EXPLAIN,), "candidate explanations per neuron (best-of-n when > 1)")
     temperature: float = _param(1.0, (EXPLAIN,), "explainer sampling temperature")
@@ -115,7 +119,7 @@ class RunConfig:
     )  # fmt: skip
     prices: dict[str, float] | None = _param(
         None, BOTH, 'e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate',
-        example="{prompt: 0.15, completion: 0.6}",
+        example="{prompt: 0.15, completion: 0.6}", how=True,
     )  # fmt: skip
     max_in_flight: int = _param(
         64, BOTH, "HTTP backends: LLM requests in flight at once, across all neurons in progress", how=True
@@ -127,7 +131,7 @@ class RunConfig:
         None, BOTH, "HTTP backends: at most this many tokens a minute, prompt and reply (None: no limit)",
         example="200000", how=True,
     )  # fmt: skip
-    fail_on_errors: bool = _param(False, BOTH, "True: any failed neuron makes the run's exit code non-zero")
+    fail_on_errors: bool = _param(False, BOTH, "True: any failed neuron makes the run's exit code non-zero", how=True)
     # stage 03: simulate and score
     simulator_backend: str = _param(
         "local", (SCORE,), '"local", "openai", "oracle" (planted neurons), or another registered backend',
@@ -141,7 +145,10 @@ class RunConfig:
         example="http://127.0.0.1:8081/v1",
     )
     simulator_api_key_env: str = _param(
-        "OPENAI_API_KEY", (SCORE,), "name of the environment variable holding the simulator's key (never the key)"
+        "OPENAI_API_KEY",
+        (SCORE,),
+        "name of the environment variable holding the simulator's key (never the key)",
+        how=True,
     )
     simulation_mode: str = _param(
         "auto", (SCORE,), 'for "openai": "echo" (prompt log-probabilities), "chat", or "auto"',
@@ -171,9 +178,12 @@ class RunConfig:
     n_boot: int = _param(1000, (SCORE,), "bootstrap resamples for the 95% intervals")
     # stage 04: inspect
     layer: int | None = _param(
-        None, (INSPECT,), "layer of the neuron to open first in the viewer; None: the best-scored one", example="15"
+        None, (INSPECT,), "layer of the neuron to open first in the viewer; None: the best-scored one", example="15",
+        how=True,
+    )  # fmt: skip
+    neuron: int | None = _param(
+        None, (INSPECT,), "that neuron's index; None: the best-scored one", example="955", how=True
     )
-    neuron: int | None = _param(None, (INSPECT,), "that neuron's index; None: the best-scored one", example="955")
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> RunConfig:

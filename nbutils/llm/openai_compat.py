@@ -210,6 +210,7 @@ class OpenAIBackend(Backend):
         body = {"model": self.model_name, **request}
         delay = self.backoff
         estimate = _prompt_chars(request) // 3 + request.get("max_tokens", 0)
+        dropped = False  # a connection closed mid-request: the server stopped responding, it may have crashed
         for attempt in range(self.max_retries + 1):
             try:
                 async with self.traffic.slot(estimate) as used:
@@ -237,8 +238,9 @@ class OpenAIBackend(Backend):
                 if status == 429:  # the server is over its limit for everyone: every request waits
                     self.traffic.pause(wait)
             except (self._errors.APITimeoutError, self._errors.APIConnectionError) as e:
+                dropped = dropped or _connection_fault(e) == "dropped"
                 if attempt == self.max_retries:
-                    raise LLMFailed(_describe(e, endpoint, attempt, self.base_url)) from None
+                    raise LLMFailed(_describe(e, endpoint, attempt, self.base_url, dropped)) from None
                 wait = _retry_wait(e, delay)
             except (
                 SimulationFailed,
@@ -467,10 +469,47 @@ def _yes_probability(probs: dict[str, float]) -> float:
     return yes / (yes + no) if yes + no > 0 else math.nan
 
 
-def _describe(error: Exception, endpoint: str, attempt: int, base_url: str | None) -> str:
+def _describe(error: Exception, endpoint: str, attempt: int, base_url: str | None, dropped: bool = False) -> str:
     tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
     where = base_url or "https://api.openai.com/v1"
+    fault = _connection_fault(error)
+    if dropped:  # seen on any try: later tries of a crashed server are refused, which would hide the crash
+        return (
+            f"the server at {where} stopped responding (it may have crashed; see its log): it closed the connection "
+            f"during a {endpoint} request; {tries}, the last: {_cause_text(error)}"
+        )
+    if fault == "refused":
+        return (
+            f"nothing answers at {where} (the server is not running, or it crashed; see its log): {endpoint} request "
+            f"refused on {tries}: {_cause_text(error)}"
+        )
     return f"{endpoint} request to {where} failed after {tries}: {type(error).__name__}: {str(error)[:200]}"
+
+
+_DROPPED = {"RemoteProtocolError", "ReadError", "WriteError", "ConnectionResetError", "BrokenPipeError"}
+_REFUSED = {"ConnectError", "ConnectionRefusedError"}
+
+
+def _connection_fault(error: BaseException) -> str | None:
+    """``"dropped"`` when the server closed or reset the connection before its reply was complete (it stopped
+    responding, e.g. crashed mid-request), ``"refused"`` when no server accepted the connection, else None.
+    Matched by class name along the cause chain: the OpenAI client's transport is httpx or httpx2 by version."""
+    seen: BaseException | None = error
+    while seen is not None:
+        names = {cls.__name__ for cls in type(seen).__mro__}
+        if names & _DROPPED:
+            return "dropped"
+        if names & _REFUSED:
+            return "refused"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cause_text(error: BaseException) -> str:
+    """The innermost cause's type and message (the OpenAI client's own text is only "Connection error.")."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {str(error)[:160] or 'no message'}"
 
 
 def _retry_wait(error: Exception, delay: float) -> float:
