@@ -147,3 +147,16 @@ def test_papermill_reads_every_declared_parameter():
     for stage in STAGES:
         path = notebooks_dir() / stage.notebook
         assert set(papermill.inspect_notebook(str(path))) == set(declared_parameters(path)), stage.notebook
+
+
+def test_an_interrupt_says_how_to_continue_and_names_the_run_id_only_when_one_was_given(monkeypatch, capsys):
+    from nbutils.run import cli, pipeline
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", ctrl_c)  # Ctrl-C while the chain runs
+    assert cli.main(["run"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to continue"
+    assert cli.main(["run", "--run-id", "mine"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command (with the same --run-id) to continue"

@@ -3,6 +3,7 @@ dies on its first real request, and a server that crashes mid-request as the bac
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,13 @@ def test_nothing_listening_is_named_as_such():
     be = OpenAIBackend("smollm2", base_url=url, simulation="chat", max_retries=1, backoff=0.05)
     with pytest.raises(LLMFailed, match=r"nothing answers at http://127\.0\.0\.1:\d+/v1 \(the server is not running"):
         be.chat([{"role": "user", "content": "hi"}])
+
+
+def test_the_wheel_command_prints_only_a_path_on_stdout_and_a_failed_build_caches_nothing(tmp_path):
+    """tools/install.sh reads the wheel's path from stdout: pip's own output must go to stderr."""
+    env = {**os.environ, "NBUTILS_LLAMA_WHEELS": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    res = subprocess.run([sys.executable, "-m", "nbutils.llm.llamacpp", "wheel", "--version", "0.0.0"],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert res.returncode == 1 and res.stdout == "", res.stdout
+    assert "llama-cpp-python==0.0.0" in res.stderr and "error:" in res.stderr
+    assert not list(tmp_path.glob("*/llama_cpp_python-*.whl"))  # only a .partial folder, never a cached wheel

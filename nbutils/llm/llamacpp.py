@@ -194,7 +194,10 @@ def build_wheel(version: str = VERSION, cmake_args: str = PORTABLE_CMAKE_ARGS, f
         env = {**os.environ, "CMAKE_ARGS": cmake_args, "FORCE_CMAKE": "1"}
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python"]
         print(f"building llama-cpp-python=={version} with CMAKE_ARGS={cmake_args!r}", file=sys.stderr, flush=True)
-        subprocess.run([*cmd, "-w", str(building), f"llama-cpp-python=={version}"], env=env, check=True)
+        # pip's output goes to stderr: stdout carries only the wheel's path (`tools/install.sh` reads it)
+        subprocess.run(
+            [*cmd, "-w", str(building), f"llama-cpp-python=={version}"], env=env, check=True, stdout=sys.stderr
+        )
         (building / "config.json").write_text(json.dumps({"version": version, "cmake_args": cmake_args}) + "\n")
         building.rename(folder)  # a build killed half-way leaves only the .partial folder, never a cached wheel
         wheels = sorted(folder.glob("llama_cpp_python-*.whl"))

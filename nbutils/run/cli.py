@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print("error: " + textwrap.fill(f"{e.problem} Fix: {e.fix}", width=100), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command with the same --run-id to continue", file=sys.stderr)
+    except KeyboardInterrupt:  # the run id is a hash of the parameters: the same command finds the same folder
+        same = " (with the same --run-id)" if getattr(args, "run_id", None) else ""
+        print(f"interrupted; rerun the same command{same} to continue", file=sys.stderr)
         return 130
