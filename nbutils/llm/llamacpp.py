@@ -264,7 +264,7 @@ def start_server(cmd: Sequence[str], url: str, log_path: Path, *, start_timeout:
     from nbutils.core.errors import UserError
 
     log_path = Path(log_path)
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for as long as it runs
+    log = open(log_path, "w")  # the server writes to it for as long as it runs
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
     server = LlamaServer(proc, url.rstrip("/"), log_path)
     deadline = time.monotonic() + start_timeout
@@ -290,7 +290,7 @@ def start_server(cmd: Sequence[str], url: str, log_path: Path, *, start_timeout:
             try:
                 with urllib.request.urlopen(request, timeout=max(5.0, deadline - time.monotonic())) as reply:
                     reply.read()
-            except (OSError, urllib.error.HTTPError) as e:
+            except OSError as e:  # HTTPError included
                 try:
                     proc.wait(timeout=3)  # a crash closes the connection a moment before the exit is seen
                 except subprocess.TimeoutExpired:
