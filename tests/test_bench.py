@@ -89,9 +89,9 @@ def test_planted_benchmark_reports_truth_generated_baseline_and_a_perfect_oracle
 def test_llama_cpp_benchmark_measures_the_installed_build(tmp_path):
     pytest.importorskip("llama_cpp")
     out = _run(
-        str(BENCH / "llama_cpp.py"), "--tokens", "48", "--repeats", "1", "--results", str(tmp_path), cwd=tmp_path
+        str(BENCH / "llama_cpp_builds.py"), "--tokens", "48", "--repeats", "1", "--results", str(tmp_path), cwd=tmp_path
     )
-    (row,) = json.loads((tmp_path / "llama_cpp.json").read_text())["rows"]
+    (row,) = json.loads((tmp_path / "llama_cpp_builds.json").read_text())["rows"]
     assert row["build"] == "installed" and row["prompt_tokens"] > 0 and row["forward_vs_first"] == 1
     assert row["forward_tokens_per_s"]["median"] > row["echo_logprob_tokens_per_s"]["median"] > 0
     assert "AVX2 = 1" in row["cpu_features"] and "AVX512" not in row["cpu_features"]  # the portable build

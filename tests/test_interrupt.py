@@ -187,12 +187,18 @@ def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama_server, tmp_path
     proxy = FaultProxy(llama_server).start()
     try:
         env = _env(tmp_path / "cache")
-        cmds = [_cmd(r, tmp_path, _openai_params(proxy.url)) for r in ("a", "b")]
+        # one request in flight per run: llama.cpp answers one at a time, so two runs keep at most two queued
+        # (more, on a slow machine, wait past the client's 60 s timeout)
+        cmds = [_cmd(r, tmp_path, [*_openai_params(proxy.url), "max_in_flight=1"]) for r in ("a", "b")]
         procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
         outs = [p.communicate(timeout=900) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-        for cmd, run in zip(cmds, ("a", "b")):  # requests that timed out under the load are retried by a rerun
-            if json.loads((tmp_path / run / "03_score" / "summary.json").read_text())["retryable"]:
+        for cmd, run, proc, out in zip(cmds, ("a", "b"), procs, outs):
+            summaries = [json.loads(f.read_text()) for f in sorted((tmp_path / run).glob("0[23]_*/summary.json"))]
+            retryable = sum(s["retryable"] for s in summaries)
+            # a run may exit non-zero only when every unit of a stage failed for a reason a rerun retries (a timeout
+            # under this load); the rerun then completes it from the shared cache
+            assert proc.returncode == 0 or retryable, out[1][-2000:]
+            if retryable:
                 _run(cmd, env)
         a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
         assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []  # same results, from the shared cache

@@ -8,8 +8,8 @@ through the fault-injecting proxy of `tests/servers.py` in front of it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +26,14 @@ from nbutils.llm.openai_compat import OpenAIBackend
 from nbutils.llm.traffic import Traffic, TrafficStats
 from nbutils.score.stage import run_score_stage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from throughput import start_stand_in  # noqa: E402
+# bench/throughput.py loaded by its path: bench/ on sys.path would let a bench script shadow an installed
+# package (bench/llama_cpp.py once hid llama_cpp from every test collected after this file)
+_spec = importlib.util.spec_from_file_location(
+    "bench_throughput", Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+)
+_throughput = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_throughput)
+start_stand_in = _throughput.start_stand_in
 
 LATENCY = 0.25
 MESSAGES = [{"role": "user", "content": "Name the token. " + "word " * 100}]

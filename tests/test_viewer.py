@@ -219,21 +219,36 @@ def _stage_notebook(name: str, path: Path, **params) -> None:
 def _run_all_cells(driver, wait) -> None:
     """Run every cell of the notebook shown, through the menu, once its kernel has started (retried until the
     first code cell has run: a click before the kernel is ready does nothing)."""
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
     active = ".jp-NotebookPanel"  # the only notebook open in its workspace
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"{active} .jp-Notebook .jp-Cell")))
     item = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"
+    dialogs: list[str] = []
     for _ in range(20):
-        driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
-        wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        # a JupyterLab dialog (kernel choice, file changed on disk, ...) blocks every click: accept it, keep its text
+        for dialog in driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog"):
+            dialogs.append(dialog.text.replace("\n", " | "))
+            buttons = dialog.find_elements(By.CSS_SELECTOR, ".jp-Dialog-button.jp-mod-accept")
+            if buttons:
+                buttons[0].click()
+            else:
+                driver.execute_script("arguments[0].remove()", dialog)
+            time.sleep(0.5)
+        try:
+            driver.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
+            wait.until(ec.element_to_be_clickable((By.XPATH, item))).click()
+        except ElementClickInterceptedException:  # a dialog opened since the look above: the next round accepts it
+            time.sleep(0.5)
+            continue
         for _ in range(20):
             prompt = driver.find_elements(By.CSS_SELECTOR, f"{active} .jp-CodeCell .jp-InputArea-prompt")[0].text
             if re.search(r"\[[0-9*]+\]", prompt):
                 return
             time.sleep(0.5)
-    raise AssertionError("the notebook's cells never ran")
+    raise AssertionError(f"the notebook's cells never ran; dialogs seen: {dialogs}")
 
 
 @pytest.mark.skipif(bool(os.environ.get("NBUTILS_SKIP_BROWSER")), reason="NBUTILS_SKIP_BROWSER is set")

@@ -30,7 +30,7 @@ To start the server portably by hand::
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import os
 import re
@@ -147,11 +147,16 @@ def _shared_libraries(folder: Path) -> list[Path]:
 
 
 def installed_libraries() -> list[Path]:
-    """The shared libraries of the installed ``llama_cpp`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"llama-cpp-python is not installed. Fix: {REBUILD}.")
-    libs = _shared_libraries(Path(next(iter(spec.submodule_search_locations))))
+    """The shared libraries of the installed ``llama_cpp`` package, found through the distribution's record of
+    its files (not the import path, where a script named ``llama_cpp.py`` could shadow the package)."""
+    try:
+        dist = importlib.metadata.distribution("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"llama-cpp-python is not installed. Fix: {REBUILD}.") from None
+    init = next((f for f in dist.files or [] if f.parts[-2:] == ("llama_cpp", "__init__.py")), None)
+    if init is None:
+        raise RuntimeError(f"llama-cpp-python's record lists no llama_cpp package. Fix: {REBUILD}.")
+    libs = _shared_libraries(Path(dist.locate_file(init)).parent)
     if not libs:
         raise RuntimeError(f"the installed llama_cpp package has no shared libraries. Fix: {REBUILD}.")
     return libs

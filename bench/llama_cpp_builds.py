@@ -1,7 +1,7 @@
 """Speed of llama.cpp builds: prompt log-probabilities per second (the echo simulator's work) per build.
 
-    python bench/llama_cpp.py --native            # the portable build installed vs a -march=native build
-    python bench/llama_cpp.py --build installed --build path/to/llama_cpp_python-...whl
+    python bench/llama_cpp_builds.py --native            # the portable build installed vs a -march=native build
+    python bench/llama_cpp_builds.py --build installed --build path/to/llama_cpp_python-...whl
 
 Each build runs in its own process (a wheel is unpacked and put first on PYTHONPATH), loads the embedded
 GGUF with 2 threads and times ``create_completion(prompt, echo=True, logprobs=5, max_tokens=1)`` on the same
@@ -9,7 +9,7 @@ prompt of ``--tokens`` tokens, the model's state reset first (no prompt cache), 
 alone (``eval`` with logits at every position: ggml's share, where the instruction sets matter). Builds alternate within each
 repeat so machine noise hits them alike; medians with min-max. ``--native`` builds (once, cached by
 `nbutils.llm.llamacpp.build_wheel`, about 5-10 minutes on 2 cores) the same version with ``GGML_NATIVE=ON``:
-what pip builds by default on this machine. Writes bench/results/llama_cpp.json.
+what pip builds by default on this machine. Writes bench/results/llama_cpp_builds.json.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
 
     print_table(result)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "llama_cpp.json").write_text(json.dumps(result, indent=1))
+    (args.results / "llama_cpp_builds.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
