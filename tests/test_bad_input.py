@@ -82,3 +82,25 @@ def test_neuron_that_never_activates(embedded):
     assert entry["explanation"] is None and "never activates" in entry["failure"] and not entry.get("retryable")
     m = score([np.zeros(4)], [np.arange(4.0)]).correlation
     assert m.value is None and "constant" in m.reason
+
+
+def test_the_viewer_and_report_default_finds_the_newest_run_or_says_how_to_make_one(tmp_path):
+    import os
+
+    from nbutils.core.layout import find_run
+
+    outputs = tmp_path / "outputs"
+    with pytest.raises(UserError, match=r"no run under .*outputs yet.*nbutils run --preset quick"):
+        find_run(outputs / "latest")  # not even an outputs folder
+    (outputs / "test-artifacts").mkdir(parents=True)  # a folder without a collection is no run
+    with pytest.raises(UserError, match="no folder there holds a 01_collect"):
+        find_run(outputs / "latest")
+    for age, name in [(300, "run-old"), (100, "run-new"), (200, "interactive")]:
+        stage = outputs / name / "01_collect"
+        (stage / "layer_000").mkdir(parents=True)
+        for p in (stage, stage / "layer_000"):
+            os.utime(p, (1e9 - age, 1e9 - age))
+    assert find_run(outputs / "latest") == outputs / "run-new"
+    assert find_run(outputs / "run-old") == outputs / "run-old"  # a named run is itself
+    (outputs / "latest").mkdir()
+    assert find_run(outputs / "latest") == outputs / "latest"  # a run that is called "latest" wins

@@ -104,6 +104,36 @@ def test_interrupted_collection_resumes_to_identical_records(setup, tmp_path):
         assert np.array_equal(np.load(tmp_path / "whole" / rel), np.load(tmp_path / "cut" / rel), equal_nan=True), rel
 
 
+def test_ctrl_c_finishes_the_batch_in_progress_checkpoints_it_and_the_rerun_says_it_resumed(setup, tmp_path, capsys):
+    import os
+    import signal
+
+    subject, excerpts, _ = setup
+    cfg = CollectConfig(**{**CFG, "checkpoint_every_s": 1e9})  # no periodic checkpoint: only the interrupt's
+    collect_activations(subject, excerpts, tmp_path / "whole", cfg, progress=False)
+    calls = {"n": 0}
+
+    def ctrl_c(module, args):  # a real SIGINT to this process, in the middle of batch 6's forward pass
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = subject.model.model.layers[0].register_forward_pre_hook(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            collect_activations(subject, excerpts, tmp_path / "cut", cfg, progress=False)
+        assert "interrupted: checkpoint at 48 of 80 excerpts" in capsys.readouterr().err  # batch 6 kept
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+        calls["n"] = -100
+        collect_activations(subject, excerpts, tmp_path / "cut", cfg, progress=False)
+    finally:
+        handle.remove()
+    assert calls["n"] == -100 + 4  # 10 batches, 6 done before the interrupt: none redone
+    assert "resumed the collection from its checkpoint" in capsys.readouterr().out
+    for rel in sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.npy")):
+        assert np.array_equal(np.load(tmp_path / "whole" / rel), np.load(tmp_path / "cut" / rel), equal_nan=True), rel
+
+
 def test_state_size_does_not_grow_with_corpus():
     neurons = {0: np.arange(64), 5: np.arange(64)}
     cfg = CollectConfig(top_k=10, n_random=10, band_size=4, quantile_warmup=256, batch_size=32)

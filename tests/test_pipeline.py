@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from servers import free_port
 
 from nbutils.collect.corpus import load_texts
 from nbutils.core.layout import STAGES
@@ -156,15 +157,41 @@ def test_rerun_skips_every_stage_and_an_altered_artifact_is_named(small_run, tmp
 def test_a_stage_where_every_neuron_failed_exits_nonzero_with_the_reason(small_run, tmp_path):
     run, _, _ = small_run
     shutil.copytree(run / "01_collect", tmp_path / "failing" / "01_collect")
-    dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port: refused before any stage runs
     args = ["explain_neurons=[[29, 0]]", "explainer_backend=openai", "explainer_model=x", f"explainer_base_url={dead}"]
-    res = nbutils_run(
-        *params(args), "--stages", "02", "--run-id", "failing", "--output-root", str(tmp_path), cwd=tmp_path
-    )
+    stage02 = ["--stages", "02", "--run-id", "failing", "--output-root", str(tmp_path)]
+    res = nbutils_run(*params(args), *stage02, cwd=tmp_path)
+    message = " ".join(res.stderr.split())
+    assert res.returncode == 2 and f"Nothing answers at {dead} (explainer_base_url)" in message, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "failing" / "02_explain").exists()
+    # a server that answers GET /models but no completion (Python's file server): every neuron fails in stage 02
+    port = free_port()
+    files = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wrong = f"http://127.0.0.1:{port}/v1"
+        _wait_for(wrong)
+        res = nbutils_run(*params([*args[:3], f"explainer_base_url={wrong}"]), *stage02, cwd=tmp_path)
+    finally:
+        files.terminate()
     assert res.returncode == 1, res.stderr[-2000:]
     message = " ".join(res.stderr.split())
-    assert "every neuron failed" in message and "L29 N0" in message and dead in message
-    assert "nothing answers at" in message and "executed notebook with the error" in message
+    assert "every neuron failed" in message and "L29 N0" in message and wrong in message
+    assert "501" in message and "executed notebook with the error" in message
+
+
+def _wait_for(url: str) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=1)
+        except urllib.error.HTTPError:
+            return  # it answers (404: a file server has no /models)
+        except OSError:
+            time.sleep(0.1)
 
 
 @pytest.mark.slow

@@ -9,12 +9,17 @@ run) or, once finished, returns the collection; different arguments on the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -118,7 +123,10 @@ class _Plan:
                 f"Excerpts of {excerpts.excerpt_len} tokens are longer than the model's context ({max_ctx}).",
                 f"Use excerpt_len <= {max_ctx}.",
             )
-        parts = {"model": subject.spec, "site": self.site.as_dict(), "config": asdict(cfg), "layers": self.layers}
+        # how often it checkpoints changes no result: hashed at its default, so a checkpoint resumes under another
+        # interval and fingerprints stay those of earlier versions
+        config = {**asdict(cfg), "checkpoint_every_s": CollectConfig.checkpoint_every_s}
+        parts = {"model": subject.spec, "site": self.site.as_dict(), "config": config, "layers": self.layers}
         if unit.as_dict() != {"kind": NEURON}:
             parts["unit"] = unit.as_dict()
         if getattr(model, "fingerprint", None):  # models defined by code (planted neurons): their source's hash
@@ -146,28 +154,57 @@ def _resume(out: CollectionLayout, fingerprint: str, col: Collector) -> None:
             "Rerun with the settings of the interrupted run to resume it, or delete the checkpoint to start over.",
         )
     col.load_state_dict(saved["state"])
+    print(f"resumed the collection from its checkpoint ({out.checkpoint}): {col.position} excerpts already done")
 
 
 def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Collector, checkpoint: Path | None,
             cfg: CollectConfig, progress: bool, stop: int | None = None) -> None:  # fmt: skip
-    """Feed every remaining batch's unit values (up to excerpt ``stop``) to the collector, checkpointing now
-    and then (unless ``checkpoint`` is None)."""
+    """Feed every remaining batch's unit values (up to excerpt ``stop``) to the collector, checkpointing every
+    ``checkpoint_every_s`` seconds (unless ``checkpoint`` is None) and on Ctrl-C: the interrupt is held until
+    the batch in progress is in the collector, then the checkpoint is written and KeyboardInterrupt raised."""
     device = next(subject.model.parameters()).device
     n, batch = stop or len(excerpts), cfg.batch_size
     bar = progress_bar(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
     last_save = time.monotonic()
-    with NeuronCapture(subject.model, plan.site, plan.layers) as capture:
+
+    def save() -> None:
+        buf = io.BytesIO()
+        torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
+        atomic_write_bytes(checkpoint, buf.getvalue())
+
+    with NeuronCapture(subject.model, plan.site, plan.layers) as capture, _held_interrupt() as interrupted:
         for start in range(col.position, n, batch):
             ids = torch.from_numpy(excerpts.tokens[start : min(start + batch, n)].astype(np.int64)).to(device)
             captured = capture.run(ids)
             col.update(start, {layer: plan.unit.transform(v, layer) for layer, v in captured.items()})
             bar.update(len(ids))
-            if checkpoint and time.monotonic() - last_save > cfg.checkpoint_every_s and col.position < n:
-                buf = io.BytesIO()
-                torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
-                atomic_write_bytes(checkpoint, buf.getvalue())
+            if (
+                checkpoint
+                and col.position < n
+                and (interrupted() or time.monotonic() - last_save > cfg.checkpoint_every_s)
+            ):
+                save()
                 last_save = time.monotonic()
+            if interrupted():
+                bar.close()
+                print(f"interrupted: checkpoint at {col.position} of {n} excerpts", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     bar.close()
+
+
+@contextlib.contextmanager
+def _held_interrupt() -> Iterator[Callable[[], bool]]:
+    """While inside, Ctrl-C (SIGINT) only sets a flag, which the yielded function reads; outside the main
+    thread (where no handler can be set) the interrupt is not held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, progress: bool = True) -> RecordStore:
@@ -184,7 +221,7 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
         print(f"units: the {unit.noun}s of {c.units} at layer(s) {layers} (the layers parameter is not used)")
     cfg = CollectConfig(
         layers=layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
-        batch_size=c.batch_size, seed=c.seed,
+        batch_size=c.batch_size, seed=c.seed, checkpoint_every_s=c.checkpoint_every_s,
     )  # fmt: skip
     shards = c.shards or default_shards(c.executor, c.ray_address)
     if shards > 1 or c.executor != "local":

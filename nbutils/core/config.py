@@ -67,6 +67,10 @@ class RunConfig:
     n_random: int = _param(20, (COLLECT,), "size of the random sample shared by all neurons")
     band_size: int = _param(5, (COLLECT,), "excerpts sampled per quantile band")
     batch_size: int = _param(32, (COLLECT,), "excerpts per forward pass")
+    checkpoint_every_s: float = _param(
+        120.0, (COLLECT,), "seconds between checkpoints of the collection; Ctrl-C checkpoints too (the batch in "
+        "progress is finished first, so nothing is redone)", how=True,
+    )  # fmt: skip
     seed: int = _param(0, (COLLECT, EXPLAIN, SCORE), "seed for every random choice")
     executor: str = _param(
         "local", WORK, '"local" (this process) or "ray" (shards as Ray tasks; pip install "nbutils[ray]")',

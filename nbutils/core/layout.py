@@ -19,7 +19,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbutils.core.errors import UserError
 from nbutils.core.units import Key
+
+LATEST = "latest"  # a run folder's name that means: the newest run beside it (`find_run`)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,23 @@ class RunLayout:
 
     def summary(self, stage: Stage) -> Path:
         return summary_path(self.stage_dir(stage.folder))
+
+
+def find_run(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` itself, or for ``<folder>/latest`` (the viewer's and the report's default, when no folder
+    of that name exists) the run in ``<folder>`` whose collection changed last: a notebook opened in
+    JupyterLab without edits shows the newest run. No run there is a `UserError` that says how to make one."""
+    path = Path(run_dir)
+    if path.name != LATEST or path.exists():
+        return path
+    runs = [p for p in path.parent.glob("*/01_collect") if p.is_dir()] if path.parent.is_dir() else []
+    if not runs:
+        raise UserError(
+            f"There is no run under {path.parent.resolve()} yet (no folder there holds a 01_collect/ stage).",
+            "Make one: `python -m nbutils run --preset quick` (minutes) or `python -m nbutils run` (the main job) "
+            "from the repository root, or run notebooks 01-03; or set run_dir to a run folder (outputs/run-...).",
+        )
+    return max(runs, key=lambda p: max(q.stat().st_mtime for q in [p, *p.iterdir()])).parent
 
 
 def cache_dir() -> Path:

@@ -34,6 +34,7 @@ from nbutils.core.layout import STAGES, RunLayout, Stage
 from nbutils.run.executors import PapermillExecutor, StageFailed
 from nbutils.run.manifests import stage_done, verify_artifacts, write_manifest
 from nbutils.run.params import OWNED, PRESETS, check_parameters, did_you_mean
+from nbutils.run.preflight import preflight
 
 __all__ = ["STAGES", "StageFailed", "run_pipeline"]
 
@@ -191,15 +192,16 @@ def run_pipeline(
     run = RunLayout((cwd / Path(output_root) / (run_id or default_run_id(effective))).resolve())
     declared = {s.notebook: declared_parameters(nb_dir / s.notebook) for s in STAGES}
     _stage_parameters(chosen[0], declared[chosen[0].notebook], effective, run)  # earlier stages' output?
+    to_run = _stages_to_run(chosen, declared, effective, run)
+    preflight(effective, [s.folder for s in to_run])  # before anything loads or runs: seconds, no weights
     run.root.mkdir(parents=True, exist_ok=True)
-    upstream_ran, executor = False, PapermillExecutor()
+    executor = PapermillExecutor()
     for stage in chosen:
         stage_params = _stage_parameters(stage, declared[stage.notebook], effective, run)
-        if not upstream_ran and stage_done(run.manifest(stage), run.summary(stage), stage_params):
+        if stage not in to_run:
             verify_artifacts(run.manifest(stage), run.root)
             log(f"[{stage.folder}] already done in {run.root}; skipping")
             continue
-        upstream_ran = True  # later stages run too (each resumes and skips finished units)
         log(f"[{stage.folder}] running {stage.notebook} -> {run.executed(stage)}")
         started = time.time()
         executor.execute(stage.folder, nb_dir / stage.notebook, run.executed(stage), stage_params, cwd)
@@ -208,6 +210,18 @@ def run_pipeline(
         write_manifest(run.manifest(stage), stage.folder, notebook, stage_params, started, run.root)
         log(f"[{stage.folder}] done in {time.time() - started:.0f} s" + failure_line(run, stage))
     return run.root
+
+
+def _stages_to_run(
+    chosen: list[Stage], declared: dict[str, Any], effective: dict[str, Any], run: RunLayout
+) -> list[Stage]:
+    """The chosen stages that will run: from the first one not already done with these parameters on (each
+    later stage resumes and skips its finished units)."""
+    for i, stage in enumerate(chosen):
+        params = _stage_parameters(stage, declared[stage.notebook], effective, run)
+        if not stage_done(run.manifest(stage), run.summary(stage), params):
+            return chosen[i:]
+    return []
 
 
 def where_to_look(run_dir: Path) -> list[str]:

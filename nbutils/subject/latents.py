@@ -213,25 +213,33 @@ def _is_sparsify(folder: Path) -> bool:
     return (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file()
 
 
-def read_sae_folder(path: str | Path) -> list[tuple[SparseCoder, dict[str, Any]]]:
-    """Every encoder in an SAE folder: one for SAELens or a sparsify hookpoint folder, one per hookpoint for a
-    sparsify folder of hookpoints. Raises a UserError naming what was found otherwise."""
+def sae_encoder_folders(path: str | Path) -> list[tuple[str, Path]]:
+    """Each encoder's (format, folder) in an SAE folder, recognised from its files without reading weights:
+    ``("saelens", folder)``, ``("sparsify", folder)``, or one sparsify folder per hookpoint. Raises a
+    UserError naming what was found otherwise."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise UserError(f"units={str(path)!r}: no such folder.", "Give the folder an SAE was saved to.")
     if _is_saelens(folder):
-        return [load_saelens(folder)]
+        return [("saelens", folder)]
     if _is_sparsify(folder):
-        return [load_sparsify(folder)]
+        return [("sparsify", folder)]
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and _is_sparsify(p))
     if subs:
-        return [load_sparsify(p) for p in subs]
+        return [("sparsify", p) for p in subs]
+    held = sorted(p.name for p in folder.iterdir())[:10]
     raise UserError(
         f"{folder} is neither an SAELens SAE (cfg.json + sae_weights.safetensors) nor a sparsify one "
-        f"(<hookpoint>/cfg.json + sae.safetensors); it holds {sorted(p.name for p in folder.iterdir())[:10]}.",
+        f"(<hookpoint>/cfg.json + sae.safetensors); it holds {held or 'nothing (an empty folder)'}.",
         "Point units= at the folder an SAE was saved to (SAELens: sae.save_model(path); sparsify: "
-        "SparseCoder.save_to_disk(path)), or at `nbutils train-sae`'s output.",
+        "SparseCoder.save_to_disk(path)), or at `nbutils train-sae`'s output, or use -p units=mlp_neurons for MLP neurons.",
     )
+
+
+def read_sae_folder(path: str | Path) -> list[tuple[SparseCoder, dict[str, Any]]]:
+    """Every encoder in an SAE folder (see `sae_encoder_folders`), loaded."""
+    loaders = {"saelens": load_saelens, "sparsify": load_sparsify}
+    return [loaders[kind](folder) for kind, folder in sae_encoder_folders(path)]
 
 
 def weights_digest(path: str | Path) -> str:

@@ -1,0 +1,143 @@
+"""Everything checked before any stage runs: each careless input is refused in seconds, without loading
+weights, with a fix that, applied, is accepted."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import typing
+
+import numpy as np
+import pytest
+
+from nbutils.core.config import COLLECT, EXPLAIN, SCORE, defaults, hints
+from nbutils.core.errors import UserError
+from nbutils.run.pipeline import effective_parameters, parse_value
+from nbutils.run.preflight import MINIMUM, model_layers, preflight
+
+ALL = [COLLECT, EXPLAIN, SCORE]
+
+
+def check(params: dict, cwd) -> None:
+    preflight(effective_parameters(params, cwd=cwd), ALL)
+
+
+def suggested(fix: str) -> dict:
+    """The parameters a fix's first alternative sets (``-p name=value`` before its first " or "), else its
+    first ``-p name=value``."""
+    pair = r"-p '?(\w+)=([^'\s]+?)'?(?=[\s,.;)]|$)"
+    found = re.findall(pair, fix.split(" or ")[0]) or re.findall(pair, fix)[:1]
+    assert found, f"the fix names no value to set: {fix}"
+    return {name: parse_value(value) for name, value in found}
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty_sae").mkdir()
+    (tmp_path / "texts.jsonl").write_text(json.dumps({"body": "The meeting moved to March.", "id": 3}) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    return tmp_path
+
+
+# each careless input of the issue, the words its message must hold, and (where the fix is not a -p value)
+# the parameters that carry out its fix
+CASES = [
+    ({"n_excerpts": 0}, "n_excerpts=0 is below its least value, 1", None),
+    ({"n_excerpts": -5}, "n_excerpts=-5 is below its least value, 1", None),
+    ({"units": "empty_sae"}, "an empty folder", None),
+    ({"corpus": "/bin/ls"}, "is a binary file, not text", None),
+    ({"corpus": "empty.txt"}, "is empty", None),
+    ({"corpus": "texts.jsonl"}, "has no 'text' field (its fields: ['body', 'id'])", None),
+    ({"layers": [-1]}, "layer -1 does not exist; the model's layers are 0..29; the last is 29", None),
+    ({"layers": [999]}, "layer 999 does not exist", None),
+    (
+        {"top_k": 100000, "n_excerpts": 8},
+        "Parameters top_k=100000 and n_random=20 ask for more excerpts per unit",
+        None,
+    ),
+    ({"n_random": 50, "n_excerpts": 30}, "n_random=50 asks for more excerpts", None),
+    ({"top_k": 100000, "n_excerpts": None}, "The collector's state would take about", None),  # all excerpts
+]
+
+
+@pytest.mark.parametrize("bad, words, _", CASES, ids=[json.dumps(c[0]) for c in CASES])
+def test_each_careless_input_is_refused_and_its_fix_is_accepted(bad, words, _, files):
+    with pytest.raises(UserError) as err:
+        check(bad, files)
+    assert words in str(err.value)
+    check({**bad, **suggested(err.value.fix)}, files)  # the fix, applied, passes
+
+
+@pytest.mark.parametrize("name", sorted(MINIMUM))
+def test_every_number_below_its_range_is_refused_with_a_fix_that_passes(name, files):
+    least = MINIMUM[name]
+    value = least - 1 if int in typing.get_args(hints()[name]) or hints()[name] is int else least - 0.5
+    with pytest.raises(UserError, match=rf"Parameter {name}=\S+ is below its least value") as err:
+        check({name: value}, files)
+    check(suggested(err.value.fix), files)
+
+
+def test_a_wrong_type_is_refused_for_every_parameter(files):
+    for name, value in defaults().items():
+        wrong = [1, 2] if not isinstance(value, list) else "x"
+        if name in ("layers", "neurons", "explain_neurons", "scorers", "simulator_base_url", "explainer_base_url"):
+            wrong = {"a": 1}
+        with pytest.raises(UserError, match=rf"Parameter {name}="):
+            check({name: wrong}, files)
+
+
+def test_the_layer_count_is_read_from_config_alone(tmp_path):
+    from conftest import tiny_model
+
+    assert model_layers("embedded") == 30  # from the GGUF file's metadata
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    assert model_layers(str(tmp_path / "gpt2")) == 3
+    with pytest.raises(UserError, match=r"layer 3 does not exist; the model's layers are 0..2"):
+        check({"model": str(tmp_path / "gpt2"), "layers": [0, 3]}, tmp_path)
+    assert model_layers("planted") is None
+
+
+def test_http_backends_need_a_key_or_a_server_that_answers(llama_server, files, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match="environment variable OPENAI_API_KEY is not set") as err:
+        check({"explainer_backend": "openai"}, files)
+    assert "explainer_base_url" in err.value.fix
+    dead = "http://127.0.0.1:9/v1"
+    for role in ("explainer", "simulator"):
+        with pytest.raises(UserError, match=rf"Nothing answers at {re.escape(dead)} \({role}_base_url\)") as err:
+            check({f"{role}_backend": "openai", f"{role}_base_url": dead}, files)
+        assert f"-p {role}_base_url=" in err.value.fix
+        check({f"{role}_backend": "openai", f"{role}_base_url": llama_server}, files)  # the fix: a running server
+    with pytest.raises(UserError, match=r"Nothing answers at .*simulator_base_url"):
+        check({"simulator_backend": "openai", "simulator_base_url": [llama_server, dead]}, files)  # every server
+
+
+def test_the_command_refuses_before_any_model_loads_in_seconds_with_one_paragraph(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for bad in (["-p", "n_excerpts=0"], ["-p", "layers=[999]"], ["-p", "explainer_backend=openai"]):
+        started = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "nbutils", "run", *bad], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)  # fmt: skip
+        took = time.monotonic() - started
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+        assert "Fix:" in res.stderr and not (tmp_path / "outputs").exists(), (bad, took)  # nothing started
+
+
+def test_the_collectors_memory_is_estimated_from_the_config_and_checked_against_what_is_available(files):
+    from nbutils.collect.collector import CollectConfig, Collector
+    from nbutils.run.preflight import check_memory, collector_bytes_per_unit
+
+    values = effective_parameters({"n_excerpts": 64, "excerpt_len": 16, "top_k": 6, "n_random": 5, "band_size": 2})
+    state = Collector(64, 16, {0: np.arange(100)}, CollectConfig(top_k=6, n_random=5, band_size=2), signed=True)
+    real = sum(v.nbytes for v in state.layers[0].t.values()) / 100  # the real state's bytes per unit
+    assert real <= collector_bytes_per_unit(values) <= real * 1.2
+    need = 5 * 1536 * collector_bytes_per_unit(values)  # the default five layers of the embedded model
+    check_memory(values, available=int(2.1 * need))  # fits in half
+    with pytest.raises(UserError, match=r"more than half the .* GiB of memory available") as err:
+        check_memory(values, available=int(1.5 * need))
+    fixed = {**values, **suggested(err.value.fix)}
+    assert fixed["top_k"] < 6
+    check_memory(fixed, available=int(1.5 * need))
