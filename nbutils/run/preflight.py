@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -242,20 +244,33 @@ def check_server(role: str, values: dict[str, Any], probe: bool = True) -> None:
     if not probe:
         return
     for url in [urls] if isinstance(urls, str) else urls or ["https://api.openai.com/v1"]:
-        request = urllib.request.Request(url.rstrip("/") + "/models")
-        if key:
-            request.add_header("Authorization", f"Bearer {key}")
-        try:
-            urllib.request.urlopen(request, timeout=10).close()
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                raise UserError(f"The server at {url} ({role}_base_url) refused the key ({e.code}).",
-                                f"Check the key in the environment variable {key_env}.") from None  # fmt: skip
-            # other statuses: the server is there (some lack /models)
-        except OSError as e:
-            raise UserError(
-                f"Nothing answers at {url} ({role}_base_url): {getattr(e, 'reason', e)}. Checked before any stage "
-                "ran, so nothing was collected or lost.",
-                f"Start the server first (e.g. python -m llama_cpp.server --model X.gguf --port 8080), or fix "
-                f"-p {role}_base_url=... to the URL it listens on (ending in /v1).",
-            ) from None
+        _check_answers(url, role, key, key_env)
+
+
+def _check_answers(url: str, role: str, key: str | None, key_env: str) -> None:
+    """Something accepts connections at ``url`` and, unless busy, answers ``GET /models`` without refusing
+    the key. A server that accepts but is slow to answer (llama.cpp works through its queue one request at a
+    time, and a killed run's requests may still be in it) passes: it is there."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "localhost", port), timeout=10).close()
+    except OSError as e:
+        raise UserError(
+            f"Nothing answers at {url} ({role}_base_url): {e}. Checked before any stage ran, so nothing was "
+            "collected or lost.",
+            f"Start the server first (e.g. python -m llama_cpp.server --model X.gguf --port 8080), or fix "
+            f"-p {role}_base_url=... to the URL it listens on (ending in /v1).",
+        ) from None
+    request = urllib.request.Request(url.rstrip("/") + "/models")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise UserError(f"The server at {url} ({role}_base_url) refused the key ({e.code}).",
+                            f"Check the key in the environment variable {key_env}.") from None  # fmt: skip
+        # other statuses: the server is there (some lack /models)
+    except OSError:
+        pass  # it accepted the connection but is busy or slow: the stage's own retries take over
