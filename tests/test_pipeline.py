@@ -299,11 +299,14 @@ def test_parameters_are_checked_before_anything_loads(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_failed_stage_exits_nonzero_and_names_the_executed_notebook(tmp_path):
+    # preflight reads only the corpus's first record; its third is broken, and stage 01 finds that
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "The cat sat on the mat."}\n{"text": "A dog ran."}\n{"text": "cut off\n')
     res = nbutils_run(
-        *params(SMALL), "-p", "layers=[99]", "--run-id", "bad", "--output-root", str(tmp_path), cwd=tmp_path
+        *params(SMALL), "-p", f"corpus={corpus}", "--run-id", "bad", "--output-root", str(tmp_path), cwd=tmp_path
     )
     assert res.returncode == 1
-    assert "UserError" in res.stderr and "out of range" in res.stderr
+    assert "UserError" in res.stderr and f"{corpus}:3 is not valid JSON" in res.stderr
     executed = tmp_path / "bad" / "01_collect_activations.ipynb"
     assert str(executed) in res.stderr and executed.is_file()
     assert not (tmp_path / "bad" / "01_collect" / "manifest.json").exists()

@@ -28,10 +28,10 @@ def check(params: dict, cwd) -> None:
 def suggested(fix: str) -> dict:
     """The parameters a fix's first alternative sets (``-p name=value`` before its first " or "), else its
     first ``-p name=value``."""
-    pair = r"-p '?(\w+)=([^'\s]+?)'?(?=[\s,.;)]|$)"
+    pair = r"-p (?:'(\w+)=([^']+)'|(\w+)=(\S+?))(?=[\s,;)]|\.?$|\.\s)"
     found = re.findall(pair, fix.split(" or ")[0]) or re.findall(pair, fix)[:1]
     assert found, f"the fix names no value to set: {fix}"
-    return {name: parse_value(value) for name, value in found}
+    return {q or n: parse_value(qv or v) for q, qv, n, v in found}
 
 
 @pytest.fixture
@@ -53,6 +53,8 @@ CASES = [
     ({"corpus": "texts.jsonl"}, "has no 'text' field (its fields: ['body', 'id'])", None),
     ({"layers": [-1]}, "layer -1 does not exist; the model's layers are 0..29; the last is 29", None),
     ({"layers": [999]}, "layer 999 does not exist", None),
+    ({"neurons": [0, 5000]}, "neuron 5000 does not exist; each MLP layer of embedded has 1536 neurons", None),
+    ({"neurons": [-1]}, "neuron -1 does not exist", None),
     (
         {"top_k": 100000, "n_excerpts": 8},
         "Parameters top_k=100000 and n_random=20 ask for more excerpts per unit",

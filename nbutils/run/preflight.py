@@ -46,6 +46,7 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
     check_numbers(values)
     if COLLECT in stages:
         check_layers(values)
+        check_neurons(values)
         check_memory(values)
         check_corpus(values["corpus"], values["corpus_text_field"])
         if values["units"] != NEURON_UNITS:
@@ -185,6 +186,21 @@ def check_layers(values: dict[str, Any]) -> None:
                 f"Parameter layers={layers}: layer {layer} does not exist; the model's layers are {known}{last}.",
                 f"Use layers from that range, e.g. -p layers=[{0 if count is None else count - 1}].",
             )
+
+
+def check_neurons(values: dict[str, Any]) -> None:
+    """A list of neuron indices against the MLP's width from the model's config (when it can be known)."""
+    neurons, width = values["neurons"], model_shape(str(values["model"]))[1]
+    if values["units"] != NEURON_UNITS or not isinstance(neurons, list) or width is None:
+        return
+    bad = [n for n in neurons if not 0 <= n < width]
+    if bad:
+        raise UserError(
+            f"Parameter neurons={neurons}: neuron {bad[0]} does not exist; each MLP layer of {values['model']} has "
+            f"{width} neurons, 0..{width - 1}.",
+            f"Use indices from that range, e.g. -p 'neurons=[0,{width - 1}]', or -p neurons={min(width, 64)} for the "
+            "first that many.",
+        )
 
 
 def check_corpus(corpus: str, text_field: str) -> None:
