@@ -15,4 +15,22 @@ Subpackages by role, bottom to top; a module imports only from its own subpackag
     run        parameter checks and presets, executors, manifests, the papermill chain, the command line
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nbutils.view.interactive import Run
+
 __version__ = "0.1.0"
+
+
+def open_run(run_dir: str | os.PathLike) -> Run:
+    """Open a run folder (``outputs/<run_id>``, or ``outputs/latest``: the newest run): its units' records,
+    explanations and scores, tables of them (``scores_frame()``, ``explanations_frame()``), and its units live
+    (``unit(layer, index)``, ``top_units(text)``; `nbutils.view.interactive`)."""
+    from nbutils.core.layout import find_run
+    from nbutils.view.interactive import Run
+
+    return Run.open(find_run(run_dir))

@@ -46,7 +46,7 @@ def test_token_lookup_baseline_by_hand():
 
 
 def test_explain_and_score_stages(collection, tmp_path):
-    config = RunConfig(explain_neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, n_boot=50)
+    config = RunConfig(explain_neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, n_boot=50, keep_distributions=True)
     entries = run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
     assert [(e["layer"], e["neuron"], e["sign"]) for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
     for e in entries:

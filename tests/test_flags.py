@@ -99,3 +99,56 @@ def test_stage_tables_carry_the_notes():
     detection = row["detection balanced accuracy"]
     assert "degenerate judge" in detection and "only 3 negative items" in detection
     assert row["baseline top+random"] == "0.500 \u26a0 only 2 excerpts" and "\u26a0" not in row["top+random"]
+
+
+def test_a_calibrated_r_squared_beside_a_negative_correlation_says_why():
+    from nbutils.core.records import Excerpt
+    from nbutils.score.simulation import score_predictions
+
+    rng = np.random.default_rng(0)
+    names = ("calibration_top", "calibration_random", "valid_top", "valid_random", "stratified")
+    splits = {n: [] if n == "stratified" else [Excerpt(["t"] * 16, rng.gamma(1.0, 1.0, 16)) for _ in range(6)]
+              for n in names}  # fmt: skip
+    # a simulation that runs opposite to the activations, everywhere (plus a little noise)
+    predicted = {n: [10 - 3 * e.activations + rng.normal(0, 0.1, 16) for e in splits[n]] for n in names}
+    result = {"simulation": score_predictions(splits, predicted, n_boot=0, seed=0)}
+    sim = scorer("simulation")
+    corr, rsq = (next(c for c in sim.columns if c.label == lab) for lab in ("top+random", "R\u00b2 (calibrated)"))
+    assert corr.value(result["simulation"]) < -0.9 and rsq.value(result["simulation"]) > 0.8
+    text = column_text(result, sim, rsq)
+    assert "negative slope" in text and "correlation is negative" in text
+    assert "\u26a0" not in column_text(result, sim, corr)  # the correlation itself needs no note
+    # the same simulation, the right way round: no note on its R²
+    right = {n: [3 * e.activations + rng.normal(0, 0.1, 16) for e in splits[n]] for n in names}
+    result = {"simulation": score_predictions(splits, right, n_boot=0, seed=0)}
+    assert "\u26a0" not in column_text(result, sim, rsq)
+
+
+def test_a_table_marks_each_note_and_explains_each_kind_once():
+    import re
+
+    from nbutils.view.tables import table_html
+
+    rows = [
+        {"unit": "L0 N1", "f1": with_notes("0.500", ["degenerate judge: answered yes to all 8 items (by construction)"])},
+        {"unit": "L0 N2", "f1": with_notes("0.610", ["only 2 positive items"])},
+        {"unit": "L0 N3", "f1": with_notes("0.700", ["only 3 positive items", "degenerate judge: answered no to all 9 items (by construction)"])},
+        {"unit": "L0 <b>4</b>", "f1": with_notes("0.800", [])},
+        {"unit": "L0 N5", "f1": None},
+        {"unit": "L0 N6", "f1": float("nan")},
+    ]  # fmt: skip
+    page = table_html(rows)
+    table, legend = page.split("</table>")
+    shown = re.sub(r"<[^>]+>", " ", table)  # the table's visible text (tooltips are attributes, not text)
+    assert "degenerate judge" not in shown and "positive items" not in shown  # markers, not sentences
+    assert shown.count("\u26a0") == 3 and "\u26a02,3" in shown.replace(" ", "")  # N3 carries two kinds
+    assert 'title="only 2 positive items"' in table  # each cell's own notes in its tooltip
+    assert "&lt;b&gt;4&lt;/b&gt;" in table and ">-<" in table.replace(" ", "")  # escaped; None and NaN as "-"
+    items = re.findall(r"<li>(.*?)</li>", legend)
+    assert items == [
+        "\u26a01 degenerate judge: answered yes to all N items (by construction) (1 cell)",
+        "\u26a02 only N positive items (2 cells)",
+        "\u26a03 degenerate judge: answered no to all N items (by construction) (1 cell)",
+    ]
+    assert with_notes("0.800", ["only 2 excerpts"]).notes == ("only 2 excerpts",)  # a Noted is still a str
+    assert table_html([{"a": 1.23456}]).endswith("</table>")  # no notes: no legend

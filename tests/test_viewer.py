@@ -28,6 +28,7 @@ from nbutils.score.stage import run_score_stage
 from nbutils.view import plots
 from nbutils.view.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
 from nbutils.view.runview import RunView
+from nbutils.view.tables import table_html
 from nbutils.view.widget import NeuronViewer, export_html
 
 SCRIPT = "<script>alert('x')</script> "
@@ -201,6 +202,63 @@ def test_report_figures_and_tables(run_dir, tmp_path):
     assert writes[(4, 2)]["raises"].startswith(repr(view.record(4, 2).writes["promotes"][0][0]))
     m, lo, hi = plots.mean_interval(np.array([0.0, 1.0, 2.0, 3.0]))
     assert m == 1.5 and 0.0 <= lo < m < hi <= 3.0
+    # one unit per layer here: its number is no mean with an interval, and tables say "-" rather than nan
+    assert all(r["n"] >= 1 for r in rows) and all(np.isnan([r["low"], r["high"]]).all() for r in rows if r["n"] == 1)
+    scorer_table = table_html(plots.scorer_rows(view)) + table_html(rows)
+    assert not re.search(r"\bnan\b", scorer_table, re.I)
+    assert all(r["chance"] is None for r in plots.scorer_rows(view) if r["scorer"] == "simulation")
+
+
+def test_a_run_keeps_expected_values_not_distributions_by_default(run_dir):
+    from nbutils.interop.neuron_explainer import to_openai_results
+
+    view = RunView.open(run_dir)
+    for key in view.scores:
+        sim = view.simulation(key)
+        excerpts = sim["simulation"]["excerpts"]
+        assert excerpts and all("distribution" not in x and len(x["expected"]) == len(x["true"]) for x in excerpts)
+        seqs = to_openai_results(sim)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
+        for seq, x in zip(seqs, [x for x in excerpts if x["split"].startswith("valid")]):
+            # neuron-explainer's fields hold a point mass at each expected value: its mean is the stored one
+            means = [sum(v * q for v, q in zip(vs, qs)) for vs, qs in zip(seq["simulation"]["distribution_values"],
+                                                                      seq["simulation"]["distribution_probabilities"])]  # fmt: skip
+            assert means == pytest.approx(x["expected"]) == seq["simulation"]["expected_activations"]
+
+
+def test_researchers_tables_sort_and_group_as_dataframes(run_dir, tmp_path):
+    import nbutils
+    from nbutils.score.contract import scorer
+    from nbutils.view.tables import label
+
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "run-x").symlink_to(run_dir)
+    view = nbutils.open_run(tmp_path / "outputs" / "latest")  # the newest run, as the notebooks open it
+    df = view.scores_frame()
+    assert list(df.columns[:4]) == ["layer", "neuron", "sign", "explanation"] and list(df.columns[-2:]) == [
+        "failure", "notes"
+    ]  # fmt: skip
+    assert len(df) == 2 and sorted(zip(df.layer, df.neuron, df.sign)) == view.keys()
+    sim, det = scorer("simulation"), scorer("detection")
+    corr, bal = label(sim, sim.columns[0]), label(det, det.columns[0])
+    assert list(df.columns).index(f"baseline {corr}") == list(df.columns).index(corr) + 1  # the baseline beside
+    for key in view.keys():
+        r = view.scores[key]
+        got = df[(df.layer == key[0]) & (df.neuron == key[1]) & (df.sign == key[2])].iloc[0]
+        want = r["simulation"]["top_and_random"]["correlation"]["value"]
+        assert got[corr] == pytest.approx(want) if want is not None else np.isnan(got[corr])
+        base = r["baseline"]["simulation"]["top_and_random"]["correlation"]["value"]
+        assert got[f"baseline {corr}"] == pytest.approx(base) if base is not None else np.isnan(got[f"baseline {corr}"])
+        want = r["detection"]["balanced_accuracy"]["value"]
+        assert got[bal] == pytest.approx(want) if want is not None else np.isnan(got[bal])
+        assert got["explanation"] == r["explanation"]
+    numbers = [c for c in df.columns if c not in ("layer", "neuron", "sign", "explanation", "failure", "notes")]
+    assert all(df[c].dtype == np.float64 for c in numbers)
+    best = df.sort_values(corr, ascending=False).iloc[0]
+    assert (best.layer, best.neuron, best.sign) == view.ranked()[0][1]
+    assert sorted(df.groupby("layer")[corr].mean().index) == [1, 4]
+    ex = view.explanations_frame()
+    assert list(ex.explanation) == [view.explanations[k]["explanation"] for k in sorted(view.explanations)]
+    assert (ex.candidates >= 1).all() and ex.notes.map(type).eq(str).all()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,8 +399,12 @@ def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_
     assert "copies worked example 1 of the prompt" in shown and "same as the explanation of 1 other neuron" in shown
     assert f"degenerate judge: answered yes to all {answered} items" in shown
     assert "(always-yes " in shown  # F1 stands beside its chance level
-    page = _visible_text(run_html(view))
-    assert page.count("copies worked example 1") >= 4 and "degenerate judge" in page  # index and neuron sections
+    raw = run_html(view)
+    page = _visible_text(raw)
+    assert page.count("copies worked example 1") == 2 and "degenerate judge" in page  # each neuron's section
+    # the index table: a marker in each cell (its notes in the tooltip), each kind explained once in its legend
+    assert page.count("copies worked example N of the prompt (2 cells)") == 1
+    assert raw.count('title="copies worked example 1 of the prompt') == 2
     notes = plots.note_rows(view)
     assert {(r["layer"], r["neuron"], r["result"]) for r in notes} >= {
         (1, 0, "explanation"),

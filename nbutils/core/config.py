@@ -180,6 +180,11 @@ class RunConfig:
         example="5",
     )  # fmt: skip
     n_boot: int = _param(1000, (SCORE,), "bootstrap resamples for the 95% intervals")
+    keep_distributions: bool = _param(
+        False,
+        (SCORE,),
+        "keep every token's 11 simulated label probabilities (most of stage 03's disk); False: expected values",
+    )
     # stage 04: inspect
     layer: int | None = _param(
         None, (INSPECT,), "layer of the neuron to open first in the viewer; None: the best-scored one", example="15",

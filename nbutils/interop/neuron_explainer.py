@@ -153,6 +153,21 @@ def import_openai(path: str | os.PathLike) -> UnitRecord:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _distribution(x: dict[str, Any], labels: list[float]) -> dict[str, Any]:
+    """An excerpt's per-token distributions in neuron-explainer's fields: as stored, or, for a run that kept
+    only expected values (``keep_distributions=False``), a point mass at each token's expected value (the
+    expected activations are then exact; the spread over labels is what is lost)."""
+    if "distribution" not in x:
+        return {
+            "distribution_values": [[v] for v in x["expected"]],
+            "distribution_probabilities": [[1.0] for _ in x["expected"]],
+        }
+    return {
+        "distribution_values": x.get("distribution_values") or [labels for _ in x["tokens"]],
+        "distribution_probabilities": x["distribution"],
+    }
+
+
 def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
     """A unit's saved simulation (a ``simulations/`` file of stage 03, either format) as neuron-explainer's
     ``NeuronSimulationResults`` (the valid excerpts, one explanation).
@@ -161,7 +176,8 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
     ``ev_correlation_score`` is computed from them. ``rsquared_score`` and ``absolute_dev_explained_score``
     are computed after the record's linear calibration (`nbutils.score.metrics.calibrate`), per excerpt and pooled,
     as stage 03 does; they are null when the record has no calibration (e.g. an imported one). Per-token
-    ``distribution_values`` are written as stored (imported records keep their own), else the labels 0..10.
+    ``distribution_values`` are written as stored (imported records keep their own), else the labels 0..10;
+    a run with ``keep_distributions=False`` gives each token a point mass at its expected value.
     """
     detail = upgrade_simulation(sim)["simulation"]
     valid = [x for x in detail["excerpts"] if x["split"].startswith("valid")]
@@ -187,8 +203,7 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
                 "tokens": x["tokens"],
                 "expected_activations": x["expected"],
                 "activation_scale": "simulated_normalized_activations",
-                "distribution_values": x.get("distribution_values") or [labels for _ in x["tokens"]],
-                "distribution_probabilities": x["distribution"],
+                **_distribution(x, labels),
                 "uncalibrated_simulation": None,
             },
             "true_activations": x["true"],

@@ -237,5 +237,5 @@ def where_to_look(run_dir: Path) -> list[str]:
     if figures:
         lines.append(f"figures:      {run.figures}/ ({', '.join(p.name for p in figures)})")
     inspect = notebooks_dir() / STAGES[3].notebook
-    lines.append(f'interactive:  open {inspect} in JupyterLab and set run_dir = "{run.root}"')
+    lines.append(f"interactive:  open {inspect} in JupyterLab (it opens the newest run; run_dir names another)")
     return lines

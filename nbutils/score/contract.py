@@ -41,6 +41,8 @@ class ScoreSettings:
     judge_per_class: int = 10
     split: str = "nbutils"
     judge_items_per_request: int = 1
+    keep_distributions: bool = False
+    """Store each token's label distribution beside its expected value (the simulation scorer's details)."""
 
 
 @dataclass

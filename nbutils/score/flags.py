@@ -101,10 +101,38 @@ def score_set_notes(scores: Mapping[str, Any] | None) -> list[str]:
     return []
 
 
+def calibration_notes(result: Mapping[str, Any] | None, scored_set: str, metric: str) -> list[str]:
+    """A note on a calibrated score (R², absolute deviation explained) of a simulation whose calibration line
+    has a negative slope: the fit turns a simulation that runs opposite to the activations around, so these
+    scores can be positive beside a negative correlation."""
+    slope = ((result or {}).get("calibration") or {}).get("slope")
+    value = (((result or {}).get(scored_set) or {}).get(metric) or {}).get("value")
+    if slope is None or slope >= 0 or value is None:
+        return []
+    return [
+        f"calibrated with a negative slope ({slope:.3g}): the simulation runs opposite to the activations and "
+        "the fit flips it, so this can be positive while the correlation is negative"
+    ]
+
+
+class Noted(str):
+    """A number's text with its notes appended (what `with_notes` returns). It is a plain ``str`` for printing
+    and DataFrames; tables read ``text`` and ``notes`` to show a marker and one legend instead of the notes
+    in every cell (`nbutils.view.tables.Legend`)."""
+
+    text: str
+    notes: tuple[str, ...]
+
+    def __new__(cls, text: str, notes: Iterable[str]) -> Noted:
+        notes = tuple(notes)
+        self = super().__new__(cls, f"{text} {WARN} {'; '.join(notes)}" if notes else text)
+        self.text, self.notes = text, notes
+        return self
+
+
 def with_notes(text: str, notes: Iterable[str]) -> str:
-    """A number's text followed by its notes: ``0.500 ⚠ degenerate judge: ...``."""
-    notes = list(notes)
-    return f"{text} {WARN} {'; '.join(notes)}" if notes else text
+    """A number's text followed by its notes: ``0.500 ⚠ degenerate judge: ...`` (a `Noted`)."""
+    return Noted(text, notes)
 
 
 def f1_text(task: Mapping[str, Any] | None) -> str:

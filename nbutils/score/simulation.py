@@ -21,7 +21,7 @@ from nbutils.llm.contract import Backend, SimulationRequest
 from nbutils.llm.prompts import LABELS
 from nbutils.score.baseline import token_lookup_simulate
 from nbutils.score.contract import Column, Scorer, UnitContext
-from nbutils.score.flags import score_set_notes
+from nbutils.score.flags import calibration_notes, score_set_notes
 from nbutils.score.metrics import ScoreSet, calibrate, score
 
 SCORED_SETS = {
@@ -90,7 +90,11 @@ def score_predictions(
 
 
 def _set_column(label: str, name: str, metric: str = "correlation") -> Column:
-    return Column(label, (name, metric), notes=lambda r: score_set_notes((r or {}).get(name)))
+    if metric == "correlation":
+        return Column(label, (name, metric), notes=lambda r: score_set_notes((r or {}).get(name)))
+    return Column(
+        label, (name, metric), notes=lambda r: score_set_notes((r or {}).get(name)) + calibration_notes(r, name, metric)
+    )
 
 
 class SimulationScorer(Scorer):
@@ -125,6 +129,7 @@ class SimulationScorer(Scorer):
         evs = expected_values(dists)
         predicted = {n: [ev for (m, _), ev in zip(scored, evs) if m == n] for n in names}
         result = score_predictions(ctx.splits, predicted, ctx.settings.n_boot, ctx.settings.seed)
+        keep = ctx.settings.keep_distributions  # off: 11 probabilities per token are most of a unit's bytes
         return result, {
             "labels": [int(x) for x in LABELS],
             "calibration": result["calibration"],
@@ -135,7 +140,7 @@ class SimulationScorer(Scorer):
                     "tokens": e.tokens,
                     "true": [float(a) for a in e.activations],
                     "expected": [float(x) for x in ev],
-                    "distribution": np.round(d, 6).tolist(),
+                    **({"distribution": np.round(d, 6).tolist()} if keep else {}),
                 }
                 for (n, e), ev, d in zip(scored, evs, dists)
             ],

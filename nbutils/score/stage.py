@@ -55,7 +55,14 @@ def settings(config: RunConfig) -> ScoreSettings:
             "Give 1 (each item its own question) or e.g. 5 items per request.",
         )
     return ScoreSettings(
-        c.n_boot, c.seed, c.max_prompt_tokens, c.per_band, c.judge_per_class, c.split, c.judge_items_per_request
+        c.n_boot,
+        c.seed,
+        c.max_prompt_tokens,
+        c.per_band,
+        c.judge_per_class,
+        c.split,
+        c.judge_items_per_request,
+        c.keep_distributions,
     )
 
 

@@ -18,8 +18,7 @@ import numpy as np
 from nbutils.core.layout import figures_dir
 from nbutils.score.contract import Column, Scorer
 from nbutils.score.flags import copied_example
-from nbutils.view.runview import RunView, finite, main_score
-from nbutils.view.tables import label
+from nbutils.view.runview import RunView, column_notes, finite, main_score
 
 SERIES = (
     ("explanation, top+random", lambda r: main_score(r)),
@@ -86,10 +85,10 @@ def score_distributions(view: RunView):
 
 
 def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean with a bootstrap 95% interval (the mean itself for a single value)."""
+    """Mean with a bootstrap 95% interval over the values; a single value has no interval (NaN bounds, shown
+    as "-" in tables and as a hollow marker without bars in figures)."""
     if len(values) < 2:
-        m = float(values.mean()) if len(values) else float("nan")
-        return m, m, m
+        return (float(values.mean()) if len(values) else float("nan")), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
     return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
@@ -102,9 +101,16 @@ def layer_rows(view: RunView) -> list[dict[str, Any]]:
         results = [r for k, r in view.scores.items() if k[0] == layer]
         for name, get in SERIES:
             v = np.array([x for x in (get(r) for r in results) if x is not None and np.isfinite(x)], dtype=float)
-            mean, low, high = mean_interval(v)
-            rows.append({"layer": layer, "series": name, "n": len(v), "mean": mean, "low": low, "high": high})
+            if len(v):  # a series with no value in this layer has no row
+                mean, low, high = mean_interval(v)
+                rows.append({"layer": layer, "series": name, "n": len(v), "mean": mean, "low": low, "high": high})
     return rows
+
+
+def _errors(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Error-bar lengths [2, n] below and above each row's mean (0 where it has no interval: one unit)."""
+    err = np.array([[r["mean"] - r["low"] for r in rows], [r["high"] - r["mean"] for r in rows]], dtype=float)
+    return np.nan_to_num(err.reshape(2, len(rows)), nan=0.0)
 
 
 def score_by_layer(view: RunView):
@@ -114,12 +120,18 @@ def score_by_layer(view: RunView):
     if not rows:
         _empty(ax, "no scores yet (stage 03)")
         return fig
+    single = False
     for i, (name, _) in enumerate(SERIES):
-        mine = [r for r in rows if r["series"] == name and r["n"]]
+        mine = [r for r in rows if r["series"] == name]
         x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1.5) * 0.2
         y = np.array([r["mean"] for r in mine])
-        err = np.array([[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]])
-        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=name)
+        line = ax.errorbar(x, y, yerr=_errors(mine), fmt="o-", capsize=3, label=name)
+        one = np.array([r["n"] == 1 for r in mine], dtype=bool)
+        if one.any():  # a single unit's score is not a mean with an interval: hollow, no bars
+            single = True
+            ax.plot(x[one], y[one], "o", mfc="white", mec=line.lines[0].get_color(), ms=7, zorder=3)
+    if single:
+        ax.plot([], [], "o", mfc="white", mec="0.3", label="hollow: one unit (no interval)")
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean pooled correlation")
@@ -194,20 +206,16 @@ def output_side_scores(view: RunView):
     return fig
 
 
-def _notes(sc: Scorer, column: Column, part: dict[str, Any] | None) -> list[str]:
-    res = (part or {}).get(sc.name)
-    return column.notes(res) if res is not None and column.notes else []
-
-
-def _chance(sc: Scorer, column: Column, parts: list[dict[str, Any]]) -> float:
-    """A column's chance level: its own, or for F1 the mean F1 of answering yes to every item."""
+def _chance(sc: Scorer, column: Column, parts: list[dict[str, Any]]) -> float | None:
+    """A column's chance level: its own, or for F1 the mean F1 of answering yes to every item; None for a
+    number that has none (a correlation: 0 is no relation, not a chance level)."""
     if column.chance is not None:
         return column.chance
     if column.path == ("f1",):
         levels = [finite(((p.get(sc.name) or {}).get("f1_chance") or {}).get("value")) for p in parts]
         levels = [c for c in levels if c is not None]
-        return float(np.mean(levels)) if levels else float("nan")
-    return float("nan")
+        return float(np.mean(levels)) if levels else None
+    return None
 
 
 def scorer_rows(view: RunView) -> list[dict[str, Any]]:
@@ -223,8 +231,8 @@ def scorer_rows(view: RunView) -> list[dict[str, Any]]:
                     continue
                 v = np.array([column.value(p.get(sc.name)) for p in parts], dtype=float)
                 mean, low, high = mean_interval(v)
-                noted = sum(bool(_notes(sc, column, p)) for p in parts)
-                degenerate = sum(any(n.startswith("degenerate") for n in _notes(sc, column, p)) for p in parts)
+                noted = sum(bool(column_notes(sc, column, p)) for p in parts)
+                degenerate = sum(any(n.startswith("degenerate") for n in column_notes(sc, column, p)) for p in parts)
                 rows.append(
                     {"scorer": sc.name, "metric": column.label, "of": who, "n": len(v), "mean": mean, "low": low,
                      "high": high, "chance": _chance(sc, column, parts), "noted": noted,
@@ -259,9 +267,11 @@ def classification_scores(view: RunView):
             part = [r for r in mine if r["of"] == who]
             x = np.array([metrics.index(r["metric"]) for r in part]) + (j - 0.5) * 0.35
             y = np.array([r["mean"] for r in part])
-            err = np.array([[r["mean"] - r["low"] for r in part], [r["high"] - r["mean"] for r in part]])
-            bars = ax.bar(x, y, width=0.35, yerr=err, capsize=3, color=f"C{j}")
+            bars = ax.bar(x, y, width=0.35, yerr=_errors(part), capsize=3, color=f"C{j}")
             for bar, r in zip(bars, part):
+                if r["n"] == 1:  # one unit's number, not a mean with an interval
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, "1 unit,\nno interval",
+                            ha="center", fontsize=7)  # fmt: skip
                 if r["metric"] == "balanced accuracy" and r["degenerate judges"] == r["n"]:
                     bar.set_hatch("//")
                     ax.text(bar.get_x() + bar.get_width() / 2, 0.03, "degenerate\njudges", ha="center", fontsize=7,
@@ -348,17 +358,6 @@ def writes_rows(view: RunView, n: int = 6) -> list[dict[str, Any]]:
     return rows
 
 
-def _scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
-    """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
-    per_column = [(column, _notes(sc, column, part)) for column in sc.columns]
-    out: dict[tuple[str, str], None] = {}
-    for column, notes in per_column:
-        for n in notes:
-            shared = all(n in other for _, other in per_column)
-            out[(sc.name if shared else label(sc, column), n)] = None
-    return list(out)
-
-
 def rare_rows(view: RunView, n: int = 50) -> list[dict[str, Any]]:
     """The dead and rare units stage 02 left out, with their active-token counts (the first ``n``; a last row
     says how many more), or one row saying there were none."""
@@ -379,12 +378,8 @@ def note_rows(view: RunView) -> list[dict[str, Any]]:
     """Every note on the run's results (`nbutils.score.flags`), one row per unit side and note: copied or
     repeated explanations, degenerate judges, scores over too few items (the explanation's and the baseline's)."""
     rows, noun = [], view.store.meta.noun  # the unit column is headed "neuron" or "feature"
-    for key in sorted(set(view.explanations) | set(view.scores)):
-        r = view.scores.get(key) or {}
-        found = [("explanation", n) for n in view.explanation_notes.get(key, [])]
-        for who, part in (("explanation", r), ("baseline", r.get("baseline") or {})):
-            found += [(f"{who} {what}", n) for sc in view.scorers for what, n in _scorer_notes(sc, part)]
-        rows += [{"layer": key[0], noun: key[1], "sign": key[2], "result": w, "note": n} for w, n in found]
+    for key in view.keys():
+        rows += [{"layer": key[0], noun: key[1], "sign": key[2], "result": w, "note": n} for w, n in view.notes(key)]
     return rows
 
 

@@ -21,7 +21,7 @@ from nbutils.core.units import Key
 from nbutils.score.contract import Scorer
 from nbutils.score.flags import WARN, with_notes
 from nbutils.view.runview import RunView
-from nbutils.view.tables import column_text, heatmap_html, label, neuron_scale, scorers_of
+from nbutils.view.tables import Legend, column_text, heatmap_html, label, neuron_scale, scorers_of
 
 STYLE = """
 .nbx { font-family: system-ui, sans-serif; font-size: 13px; color: #222; }
@@ -250,17 +250,18 @@ def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
     headline), each row linking to its section."""
     columns = [(sc, sc.columns[i], False) for sc in view.scorers for i in sc.compact]
     columns += [(sc, sc.columns[0], True) for sc in view.scorers]
-    rows = []
+    rows, legend = [], Legend()  # a note shows as a numbered marker; the legend below says each kind once
     for k in keys:
         e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
         text = with_notes(e.get("explanation") or e.get("failure") or "", view.explanation_notes.get(k, []))
         cells = [column_text(r.get("baseline") if base else r, sc, c) for sc, c, base in columns]
         rows.append(
             f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
-            f"<td>{_esc(text)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>"
+            f"<td>{legend.cell(text)}</td>" + "".join(f"<td>{legend.cell(c)}</td>" for c in cells) + "</tr>"
         )
     head = "".join(f"<th>{'baseline ' if base else ''}{_esc(label(sc, c))}</th>" for sc, c, base in columns)
-    return f"<table><tr><th>{view.store.meta.noun}</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
+    table = f"<table><tr><th>{view.store.meta.noun}</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
+    return table + legend.html()
 
 
 def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int = 200) -> str:

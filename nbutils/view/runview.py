@@ -18,8 +18,9 @@ from nbutils.core.io import read_json
 from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, scores
 from nbutils.core.records import RecordStore, UnitEntries, UnitRecord
 from nbutils.core.units import Key, key_of
-from nbutils.score.contract import Scorer, registered, upgrade_result, upgrade_simulation
+from nbutils.score.contract import Column, Scorer, registered, upgrade_result, upgrade_simulation
 from nbutils.score.flags import explanation_notes
+from nbutils.view.tables import label
 
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
 
@@ -32,6 +33,23 @@ def finite(value: Any) -> float | None:
 def scorer_value(result: dict[str, Any] | None, sc: Scorer, column: int = 0) -> float | None:
     """A scorer's number (its headline by default) in a result or a result's baseline part."""
     return finite(sc.columns[column].value((result or {}).get(sc.name)))
+
+
+def column_notes(sc: Scorer, column: Column, part: dict[str, Any] | None) -> list[str]:
+    """The notes on one scorer number of a result (or of its baseline part): `Column.notes`, if any."""
+    res = (part or {}).get(sc.name)
+    return column.notes(res) if res is not None and column.notes else []
+
+
+def scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
+    """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
+    per_column = [(column, column_notes(sc, column, part)) for column in sc.columns]
+    out: dict[tuple[str, str], None] = {}
+    for column, notes in per_column:
+        for n in notes:
+            shared = all(n in other for _, other in per_column)
+            out[(sc.name if shared else label(sc, column), n)] = None
+    return list(out)
 
 
 def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
@@ -110,6 +128,64 @@ class RunView:
         if self.explanation_summary is None or not self.explanation_summary.is_file():
             return None
         return read_json(self.explanation_summary).get("rare")
+
+    def keys(self) -> list[Key]:
+        """Every explained or scored unit side, in (layer, neuron, sign) order."""
+        return sorted(set(self.explanations) | set(self.scores))
+
+    def notes(self, key: Key) -> list[tuple[str, str]]:
+        """(which result, note) for every note on a unit side (`nbutils.score.flags`): its explanation's
+        (copied, repeated), then each scorer number's, the explanation's and the baseline's."""
+        r = self.scores.get(key) or {}
+        found = [("explanation", n) for n in self.explanation_notes.get(key, [])]
+        for who, part in (("explanation", r), ("baseline", r.get("baseline") or {})):
+            found += [(f"{who} {what}", n) for sc in self.scorers for what, n in scorer_notes(sc, part)]
+        return found
+
+    def scores_frame(self):
+        """A pandas DataFrame, one row per explained or scored unit side: ``layer``, ``neuron``, ``sign``,
+        ``explanation``, then every number of every scorer with results (NaN where undefined), each followed
+        by the token-lookup baseline's (``baseline <number>``), then ``failure`` and ``notes`` (every note on
+        the side's numbers, joined: a number's weakness travels with the row)."""
+        import pandas as pd
+
+        columns = [(sc, c) for sc in self.scorers for c in sc.columns]
+        rows = []
+        for key in self.keys():
+            r, e = self.scores.get(key) or {}, self.explanations.get(key) or {}
+            row: dict[str, Any] = {"layer": key[0], "neuron": key[1], "sign": key[2]}
+            row["explanation"] = r.get("explanation", e.get("explanation"))
+            for sc, c in columns:
+                row[label(sc, c)] = finite(c.value(r.get(sc.name)))
+                row[f"baseline {label(sc, c)}"] = finite(c.value((r.get("baseline") or {}).get(sc.name)))
+            row["failure"] = r.get("failure") or e.get("failure")
+            row["notes"] = "; ".join(f"{w}: {n}" for w, n in self.notes(key))
+            rows.append(row)
+        numbers = [name for sc, c in columns for name in (label(sc, c), f"baseline {label(sc, c)}")]
+        frame = pd.DataFrame(rows, columns=["layer", "neuron", "sign", "explanation", *numbers, "failure", "notes"])
+        return frame.astype({name: "float64" for name in numbers})
+
+    def explanations_frame(self):
+        """A pandas DataFrame, one row per explained unit side: ``layer``, ``neuron``, ``sign``,
+        ``explanation``, the token-lookup ``baseline`` explanation, ``candidates`` (how many were written),
+        the kept one's ``calibration_score`` (best-of-n runs), ``failure``, ``retryable`` and ``notes``."""
+        import pandas as pd
+
+        rows = []
+        for key in sorted(self.explanations):
+            e = self.explanations[key]
+            kept = [c for c in e.get("candidates") or [] if c.get("explanation") == e.get("explanation")]
+            rows.append({
+                "layer": key[0], "neuron": key[1], "sign": key[2], "explanation": e.get("explanation"),
+                "baseline": (e.get("baseline") or {}).get("explanation"),
+                "candidates": len(e.get("candidates") or []),
+                "calibration_score": finite(kept[0].get("calibration_score")) if kept else None,
+                "failure": e.get("failure"), "retryable": bool(e.get("retryable")),
+                "notes": "; ".join(self.explanation_notes.get(key, [])),
+            })  # fmt: skip
+        names = ["layer", "neuron", "sign", "explanation", "baseline", "candidates", "calibration_score", "failure",
+                 "retryable", "notes"]  # fmt: skip
+        return pd.DataFrame(rows, columns=names).astype({"calibration_score": "float64"})
 
     def record(self, layer: int, neuron: int) -> UnitRecord:
         return self.store.record(layer, neuron)

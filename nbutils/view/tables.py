@@ -9,6 +9,7 @@ that has results (`nbutils.score.contract`), each number with its notes (`nbutil
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from nbutils.core.layout import usage_path
 from nbutils.core.records import RecordStore, UnitRecord
 from nbutils.core.units import key_of
 from nbutils.score.contract import Column, Scorer, registered
-from nbutils.score.flags import explanation_notes, with_notes
+from nbutils.score.flags import WARN, explanation_notes, with_notes
 
 
 def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
@@ -45,18 +46,59 @@ def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
     return rows[:n]
 
 
+def note_kind(note: str) -> str:
+    """What a note says without its particulars (counts become N, lists of units and quotes are dropped),
+    so ``only 2 positive items`` and ``only 3 positive items`` share one legend line."""
+    return re.sub(r"-?\d+(\.\d+)?", "N", re.sub(r" \((L\d|\").*\)$", "", note))
+
+
+class Legend:
+    """The notes of one table (`nbutils.score.flags`), each kind numbered once: a cell shows its number and a
+    marker whose tooltip holds the cell's own notes, and `html` lists each kind once below the table."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, list[int]] = {}  # kind -> [number, cells carrying it]
+
+    def cell(self, value: Any) -> str:
+        """A cell's escaped text: a `Noted` value as its text and a marker; floats to 3 significant digits;
+        None and NaN as "-"."""
+        if value is None or (isinstance(value, float) and not np.isfinite(value)):
+            return "-"
+        if isinstance(value, float):
+            return html.escape(f"{value:.3g}")
+        notes = getattr(value, "notes", ())
+        if not notes:
+            return html.escape(str(value))
+        numbers = []
+        for kind in dict.fromkeys(note_kind(n) for n in notes):
+            entry = self.kinds.setdefault(kind, [len(self.kinds) + 1, 0])
+            entry[1] += 1
+            numbers.append(entry[0])
+        tip = html.escape("; ".join(notes), quote=True)
+        mark = f"{WARN}{','.join(map(str, numbers))}"
+        return f"{html.escape(value.text)} <span class='nbx-note' style='color:#b35900;cursor:help' title=\"{tip}\">{mark}</span>"
+
+    def html(self) -> str:
+        """The legend: one line per kind of note, with how many cells carry it (empty when none does)."""
+        if not self.kinds:
+            return ""
+        items = "".join(
+            f"<li>{WARN}{number} {html.escape(kind)} ({count} cell{'' if count == 1 else 's'})</li>"
+            for kind, (number, count) in self.kinds.items()
+        )
+        return f"<ul class='nbx-legend'>{items}</ul><p class='nbx-muted'>Hover a {WARN} for the cell's own notes.</p>"
+
+
 def table_html(rows: list[dict[str, Any]]) -> str:
-    """A plain HTML table of dict rows (floats to 3 significant digits)."""
+    """A plain HTML table of dict rows (floats to 3 significant digits, None and NaN as "-"); numbers with
+    notes show a marker, and the notes' legend follows the table."""
     if not rows:
         return "<p><em>no rows</em></p>"
     cols = list(rows[0])
-
-    def cell(v: Any) -> str:
-        return html.escape(f"{v:.3g}" if isinstance(v, float) else str(v))
-
+    legend = Legend()
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{legend.cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{legend.html()}"
 
 
 def colour(value: float, scale: float) -> str:
