@@ -152,3 +152,13 @@ def test_a_table_marks_each_note_and_explains_each_kind_once():
     ]
     assert with_notes("0.800", ["only 2 excerpts"]).notes == ("only 2 excerpts",)  # a Noted is still a str
     assert table_html([{"a": 1.23456}]).endswith("</table>")  # no notes: no legend
+
+
+def test_a_legend_line_generalises_counts_not_values():
+    from nbutils.view.tables import note_kind
+
+    note = "degenerate judge: answered yes to all 10 items (balanced accuracy 0.5 by construction)"
+    assert note_kind(note) == "degenerate judge: answered yes to all N items (balanced accuracy 0.5 by construction)"
+    assert note_kind("same as the explanation of 2 other neurons (L1 N0, L4 N2)") == (
+        "same as the explanation of N other neurons"
+    )

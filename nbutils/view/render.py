@@ -77,14 +77,14 @@ def writes_html(writes: dict[str, list[tuple[str, float]]] | None, sign: str = "
 def scorer_table_html(result: dict[str, Any], sc: Scorer) -> str:
     """One scorer's numbers for the explanation and the token-lookup baseline, each with its notes."""
     head = "".join(f"<th>{_esc(label(sc, c))}</th>" for c in sc.columns)
-    rows = []
+    rows, legend = [], Legend(kind=str)  # a note shared by several numbers is written once, under the table
     for name, part in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
-        cells = "".join(f"<td>{_esc(column_text(part, sc, c))}</td>" for c in sc.columns)
+        cells = "".join(f"<td>{legend.cell(column_text(part, sc, c))}</td>" for c in sc.columns)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     own = result.get(sc.name) or (result.get("baseline") or {}).get(sc.name) or {}
     caption = sc.caption(own) if own else None
     note = f"<p class='nbx-muted'>{_esc(caption)}</p>" if caption else ""
-    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{legend.html()}{note}"
 
 
 def scores_table_html(result: dict[str, Any] | None, scorers: Sequence[Scorer] | None = None) -> str:

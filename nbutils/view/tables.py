@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,17 @@ def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
 def note_kind(note: str) -> str:
     """What a note says without its particulars (counts become N, lists of units and quotes are dropped),
     so ``only 2 positive items`` and ``only 3 positive items`` share one legend line."""
-    return re.sub(r"-?\d+(\.\d+)?", "N", re.sub(r" \((L\d|\").*\)$", "", note))
+    return re.sub(r"(?<![\d.])\d+(?![\d.])", "N", re.sub(r" \((L\d|\").*\)$", "", note))  # counts, not 0.5
 
 
 class Legend:
     """The notes of one table (`nbutils.score.flags`), each kind numbered once: a cell shows its number and a
     marker whose tooltip holds the cell's own notes, and `html` lists each kind once below the table."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: Callable[[str], str] = note_kind) -> None:
+        """``kind`` groups notes into legend lines: `note_kind` for tables of many units; ``str`` (each note
+        its own line) for one unit's table."""
+        self.kind = kind
         self.kinds: dict[str, list[int]] = {}  # kind -> [number, cells carrying it]
 
     def cell(self, value: Any) -> str:
@@ -70,7 +73,7 @@ class Legend:
         if not notes:
             return html.escape(str(value))
         numbers = []
-        for kind in dict.fromkeys(note_kind(n) for n in notes):
+        for kind in dict.fromkeys(self.kind(n) for n in notes):
             entry = self.kinds.setdefault(kind, [len(self.kinds) + 1, 0])
             entry[1] += 1
             numbers.append(entry[0])
@@ -86,7 +89,8 @@ class Legend:
             f"<li>{WARN}{number} {html.escape(kind)} ({count} cell{'' if count == 1 else 's'})</li>"
             for kind, (number, count) in self.kinds.items()
         )
-        return f"<ul class='nbx-legend'>{items}</ul><p class='nbx-muted'>Hover a {WARN} for the cell's own notes.</p>"
+        hint = "" if self.kind is str else f"<p class='nbx-muted'>Hover a {WARN} for the cell's own notes.</p>"
+        return f"<ul class='nbx-legend'>{items}</ul>{hint}"
 
 
 def table_html(rows: list[dict[str, Any]]) -> str:
