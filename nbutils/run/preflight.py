@@ -198,8 +198,8 @@ def check_neurons(values: dict[str, Any]) -> None:
         raise UserError(
             f"Parameter neurons={neurons}: neuron {bad[0]} does not exist; each MLP layer of {values['model']} has "
             f"{width} neurons, 0..{width - 1}.",
-            f"Use indices from that range, e.g. -p 'neurons=[0,{width - 1}]', or -p neurons={min(width, 64)} for the "
-            "first that many.",
+            f"Use indices from that range, e.g. -p 'neurons=[0,{width - 1}]', or -p neurons={min(width, 64)} for a "
+            "seeded sample of that many per layer.",
         )
 
 
