@@ -146,6 +146,10 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     needle = _unique_excerpt_text(store, target, [(3, 1), (3, 2)])
     proxy.rules = [(lambda r: needle in (r.get("prompt") or ""), "503")]
     results = score()
+    for _ in range(2):  # on a loaded machine an echo request may time out (60 s): a rerun retries it, as a user's
+        if not any(r.get("retryable") for r in results if (r["layer"], r["neuron"]) != target):
+            break
+        results = score()
     by = {(r["layer"], r["neuron"]): r for r in results}
     assert "503" in by[target]["failure"] and by[target]["retryable"]
     others = [by[k] for k in [(3, 1), (3, 2)]]
