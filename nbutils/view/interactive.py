@@ -191,12 +191,15 @@ class Run(RunView):
 
     def unit(self, layer: int, index: int, sign: str = "positive") -> Unit:
         """A collected unit side; an uncollected layer or unit is a `UserError` naming what was collected."""
+        self._check_layer(layer)
+        return Unit(self, layer, index, sign)
+
+    def _check_layer(self, layer: int) -> None:
         if layer not in self.store.meta.layers:
             raise UserError(
                 f"Layer {layer} was not collected (the collection holds layers {self.store.meta.layers}).",
-                f"Pick one of those, or re-run stage 01 with -p 'layers=[{layer}]'.",
+                f"Pick one of those (layers=None: all of them), or re-run stage 01 with -p 'layers=[{layer}]'.",
             )
-        return Unit(self, layer, index, sign)
 
     def top_units(self, text: str | Sequence[int], k: int = 20, layers: Sequence[int] | None = None) -> TopUnits:
         """The ``k`` collected units (of ``layers``, default all collected) that fire most on ``text``, ranked
@@ -205,11 +208,7 @@ class Run(RunView):
         if not layers:
             raise UserError("No layer was asked for.", "Give layers=None for every collected layer.")
         for layer in layers:
-            if layer not in self.store.meta.layers:
-                raise UserError(
-                    f"Layer {layer} was not collected (the collection holds layers {self.store.meta.layers}).",
-                    "Pick from those, or layers=None for all.",
-                )
+            self._check_layer(layer)
         live = self.live
         ids = live.token_ids(text)
         tokens = live.tokens(ids)
