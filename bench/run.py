@@ -6,6 +6,7 @@
     python bench/run.py --only e2e --neurons 6         # neurons per hour through explain + simulate + score
     python bench/run.py --only throughput --latency 1  # LLM stages against an API taking 1 s per request
     python bench/run.py --only ray --excerpts 512      # stage 01 on 1 and 2 local Ray workers
+    python bench/run.py --only interactive             # the live calls of a run (nbutils.open_run)
 
 Prints a table and writes JSON to bench/results/<benchmark>.json. Timings are medians over repeats, with
 the min-max spread; the baseline and the measured variant alternate within each repeat so machine noise
@@ -329,6 +330,14 @@ def bench_ray(excerpts: int, repeats: int) -> dict[str, Any]:
     return run(excerpts, repeats)
 
 
+def bench_interactive(excerpts: int, repeats: int) -> dict[str, Any]:
+    """The live calls of a run against their targets and stage 03's time per unit (`bench/interactive.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from interactive import bench_interactive as run
+
+    return run(excerpts, repeats)
+
+
 BENCHMARKS = {
     "collect": bench_collect,
     "simulate": bench_simulate,
@@ -336,6 +345,7 @@ BENCHMARKS = {
     "e2e": bench_e2e,
     "throughput": bench_throughput,
     "ray": bench_ray,
+    "interactive": bench_interactive,
 }
 
 

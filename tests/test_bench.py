@@ -36,7 +36,7 @@ def test_every_cpu_benchmark_starts(tmp_path):
         cwd=tmp_path,
     )
     results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert sorted(results) == ["collect", "e2e", "memory", "ray", "simulate", "throughput"]
+    assert sorted(results) == ["collect", "e2e", "interactive", "memory", "ray", "simulate", "throughput"]
     assert "| variant |" in out
     assert results["simulate"]["max_abs_difference"] < 1e-4  # prefix reuse changes no probability
     assert results["collect"]["rows"][-1]["ideal"] > 1.5
@@ -51,6 +51,8 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert capped["client_cpu_ms_per_request"] > 0
     assert batched["requests_per_unit"] < capped["requests_per_unit"]  # several judging items per request
     assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
+    live = results["interactive"]
+    assert [r["ratio"] > 0 for r in live["rows"]] == [True] * 3 and live["score_requests"] >= 1
 
 
 def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):

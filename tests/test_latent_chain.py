@@ -157,3 +157,18 @@ def check_neuronpedia_export(root: Path, source: Path, n_explained: int) -> None
     for a in activations:
         assert a["maxValue"] == max(a["values"]) and a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
         assert len(a["tokens"]) == len(a["values"])
+
+
+def test_latents_live_equal_their_records_and_stored_scores(latent_run):
+    """`nbutils.open_run` on a latent run: a latent's live values on its stored excerpts equal the collected
+    ones (the SAE encodes the hooked residual), and its stage-02 explanation scored live equals stage 03's."""
+    import nbutils
+
+    path, _ = latent_run
+    run = nbutils.open_run(path, scorers=["simulation"])
+    key = sorted(run.scores)[0]
+    u = run.unit(*key)
+    scale = max(abs(u.record.max), abs(u.record.min), 1e-6)
+    for e in u.record.top[:3]:
+        np.testing.assert_allclose(u.activations(e.token_ids).values, e.activations, atol=2e-4 * scale, rtol=1e-3)
+    assert u.score(u.explanation).result["simulation"] == run.scores[key]["simulation"]

@@ -163,6 +163,35 @@ def test_widget_wiring(run_dir):
     assert "not" in viewer.html.value.lower()
 
 
+def test_live_panels_on_the_unit_shown(run_dir):
+    viewer = NeuronViewer(run_dir, layer=1, neuron=0)
+    p = viewer.panels
+    p.text.value = SCRIPT + "The meeting moved to March."
+    p.show_text.click()
+    shown = p.text_out.value
+    assert 'data-kind="live"' in shown and "<script>" not in shown and SCRIPT.strip() in _visible_text(shown)
+    assert "fire most on it" in shown and p.top_units.children  # the run's top units, as buttons
+    target = p.top_units.children[-1]
+    target.click()  # opens that unit in the viewer
+    assert f"L{viewer.current[0]} N{viewer.current[1]}" == target.description
+    viewer.show(1, 0)
+    p.explanation.value = SCRIPT + "numbers and digits"
+    p.score.click()
+    scored = p.score_out.value
+    assert "scored now" in scored and "top+random" in scored and "token-lookup baseline" in scored
+    assert "stage 03&#x27;s explanation" in scored or "stage 03's explanation" in scored  # the stored one beside
+    assert "<script>" not in scored and "True versus simulated" in scored
+    p.prompt.value, p.strength.value = "I went to the", 6.0
+    p.steer.click()
+    assert "as it is" in p.steer_out.value and "steered by" in p.steer_out.value
+    p.text.value = "   "
+    p.show_text.click()
+    assert "The text is empty" in p.text_out.value and not p.top_units.children
+    p.explanation.value = ""
+    p.score.click()
+    assert "The explanation is empty" in p.score_out.value and "Traceback" not in p.score_out.value
+
+
 def test_static_export_is_self_contained(run_dir, tmp_path):
     one = export_html(run_dir, tmp_path / "n.html", [(1, 0)]).read_text()
     whole = export_html(run_dir, tmp_path / "run.html").read_text()
@@ -362,6 +391,37 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
         assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab.png"))
         driver.execute_script("arguments[0].scrollIntoView()", section)
         assert driver.save_screenshot(str(ARTIFACTS / "viewer_jupyterlab_neuron.png"))
+
+        # the live panels: type into each, press its button, and read what appears
+        def tab(title: str) -> None:
+            driver.find_element(By.XPATH, f"//div[contains(@class,'lm-TabBar-tabLabel') and text()='{title}']").click()
+
+        def press(label: str) -> None:
+            buttons = driver.find_elements(By.XPATH, f"//button[contains(@class,'widget-button') and text()='{label}']")
+            next(b for b in buttons if b.is_displayed()).click()
+
+        def typed(css: str, text: str) -> None:
+            box = next(e for e in driver.find_elements(By.CSS_SELECTOR, css) if e.is_displayed())
+            box.clear()
+            box.send_keys(text)
+
+        typed(".widget-textarea textarea", "<script>alert(2)</script> The meeting moved to March.")
+        press("show")
+        live = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".nbx-excerpt[data-kind='live']")))
+        assert "<script>alert(2)</script>" in live.text  # typed HTML shows literally
+        driver.execute_script("arguments[0].scrollIntoView()", live)
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer_try_a_text.png"))
+        tab("Test an explanation")
+        typed(".widget-text input[placeholder='your explanation of this unit']", "<b>numbers</b> and digits")
+        press("score")
+        wait.until(lambda d: "scored now" in d.find_element(By.CSS_SELECTOR, ".jp-Notebook").text)
+        panel = driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
+        assert "<b>numbers</b> and digits" in panel and "token-lookup baseline" in panel
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer_test_an_explanation.png"))
+        tab("Steer")
+        press("steer")
+        wait.until(lambda d: "as it is" in d.find_element(By.CSS_SELECTOR, ".jp-Notebook").text)
+        assert driver.save_screenshot(str(ARTIFACTS / "viewer_steer.png"))
 
         # the report notebook, run live, shows its figures as images (not "<Figure size ...>" text)
         driver.get(f"http://127.0.0.1:{port}/lab/workspaces/report/tree/report.ipynb?token={token}")  # its own tab

@@ -219,3 +219,8 @@ def hints() -> dict[str, Any]:
 def stage_parameters(stage: str) -> list[str]:
     """The parameters a stage (``"01_collect"`` ...) takes, in schema order."""
     return [name for name, f in schema().items() if stage in f.metadata["stages"]]
+
+
+def stage_values(config: RunConfig, stage: str) -> dict[str, Any]:
+    """A config's values of the parameters a stage takes (what the stage records in its ``parameters.json``)."""
+    return {name: getattr(config, name) for name in stage_parameters(stage)}

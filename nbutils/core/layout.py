@@ -10,7 +10,8 @@
 
 Each stage folder of results holds ``neurons/L{layer}_N{index}_{sign}.json`` (one per unit side, written
 atomically), a JSON-lines file of all of them (``explanations.jsonl`` or ``scores.jsonl``), ``summary.json``
-(successes and failures), ``usage.json`` (LLM tokens and cost) and, for stage 03, ``simulations/``.
+(successes and failures), ``usage.json`` (LLM tokens and cost), ``parameters.json`` (what it ran with) and,
+for stage 03, ``simulations/``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class ResultsLayout:
         self.usage = usage_path(self.root)
         self.manifest = self.root / MANIFEST
         self.simulations = self.root / "simulations"
+        self.parameters = self.root / "parameters.json"
+        """The stage's parameters as it last ran (whoever ran it: the chain, a notebook or a call), so live
+        calls on the run (`nbutils.open_run`) use the same ones."""
 
     def unit(self, key: Key) -> Path:
         return self.units / f"{stem(key)}.json"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, RecordStore, UnitRecord, split_excerpts
 from nbutils.core.units import UnitId
@@ -59,33 +60,51 @@ def outputs_shown(record: UnitRecord, negative: bool = False) -> tuple[tuple[str
     return (down, up) if negative else (up, down)
 
 
+def base_entry(record: UnitRecord, negative: bool = False, split: str = "nbutils") -> dict[str, Any]:
+    """A unit side's stage-02 entry before its explanation: which side, which split, and the token-lookup
+    baseline's explanation of its train excerpts (what stage 03 scores beside any explanation)."""
+    train = split_excerpts(record, negative, split=split)["train"]
+    return {
+        "layer": record.id.layer, "neuron": record.id.index, "sign": "negative" if negative else "positive",
+        "explanation": None, "failure": None, "candidates": [], "split": split,
+        "baseline": {"explanation": token_lookup_explanation(token_table(train)), "method": "token lookup"},
+    }  # fmt: skip
+
+
+def explainer_request(
+    record: UnitRecord, n_samples: int = 1, temperature: float = 1.0, negative: bool = False, seed: int = 0,
+    split: str = "nbutils", with_outputs: bool = False,
+) -> ExplainRequest | None:  # fmt: skip
+    """What the explainer is asked for one unit side: its train excerpts as 0..10 values (and, ``with_outputs``,
+    the tokens it raises and lowers); None when the side never activates on them (nothing to explain)."""
+    train = split_excerpts(record, negative, split=split)["train"]
+    max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
+    if not train or max_act <= 0:
+        return None
+    writes = outputs_shown(record, negative) if with_outputs else None
+    shown = tuple(shown_excerpts(train, max_act))
+    return ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun)
+
+
 def explain_unit(
     record: UnitRecord, llm: Backend | None, n_samples: int = 1, temperature: float = 1.0, negative: bool = False,
     seed: int = 0, split: str = "nbutils", with_outputs: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl. ``with_outputs``:
     the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`)."""
-    sp = split_excerpts(record, negative, split=split)
-    train = sp["train"]
-    entry: dict[str, Any] = {
-        "layer": record.id.layer, "neuron": record.id.index, "sign": "negative" if negative else "positive",
-        "explanation": None, "failure": None, "candidates": [], "split": split,
-        "baseline": {"explanation": token_lookup_explanation(token_table(train)), "method": "token lookup"},
-    }  # fmt: skip
-    max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
-    if not train or max_act <= 0:
+    entry = base_entry(record, negative, split)
+    request = explainer_request(record, n_samples, temperature, negative, seed, split, with_outputs)
+    if request is None:
         entry["failure"] = f"the {record.noun} never activates on its training excerpts, so there is nothing to explain"
         return entry
-    writes = outputs_shown(record, negative) if with_outputs else None
-    if writes is not None:
-        entry["outputs_shown"] = {"raises": list(writes[0]), "lowers": list(writes[1])}
-    shown = tuple(shown_excerpts(train, max_act))
-    request = ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun)
+    if request.writes is not None:
+        entry["outputs_shown"] = {"raises": list(request.writes[0]), "lowers": list(request.writes[1])}
     try:
         replies = llm.explain(request)
     except LLMFailed as e:
         entry["failure"], entry["retryable"] = f"explainer request failed: {e}", e.retryable
         return entry
+    sp = split_excerpts(record, negative, split=split)
     calibration = sp["calibration_top"] + sp["calibration_random"]
     failed = []
     for reply in replies:
@@ -101,6 +120,12 @@ def explain_unit(
     best = max(usable, key=lambda c: -np.inf if c["calibration_score"] is None else c["calibration_score"])
     entry["explanation"] = best["explanation"]
     return entry
+
+
+def explain_with(record: UnitRecord, llm: Backend | None, config: RunConfig, negative: bool = False) -> dict[str, Any]:
+    """`explain_unit` with a run's explainer parameters (what stage 02 and the interactive ``explain`` call)."""
+    c = config
+    return explain_unit(record, llm, c.n_samples, c.temperature, negative, c.seed, c.split, c.explain_with_outputs)
 
 
 def units_to_explain(

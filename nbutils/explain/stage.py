@@ -10,15 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import RunConfig
+from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.failures import needs_work, write_summary
-from nbutils.core.io import write_jsonl
+from nbutils.core.io import atomic_write_json, write_jsonl
 from nbutils.core.layout import explanations
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, UnitEntries
-from nbutils.explain.explainer import explain_unit, units_to_explain
+from nbutils.explain.explainer import explain_with, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
 
 
@@ -48,6 +48,7 @@ def run_explain_stage(
     store = RecordStore(collection_dir)
     out = explanations(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.parameters, stage_values(config, "02_explain"))
     saved = UnitEntries(out)
     signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
     counted = store.rare_units(config.min_active)
@@ -74,15 +75,12 @@ def explain_units(
 ) -> int:  # fmt: skip
     """Explain these units (one shard of `run_explain_stage`), writing each unit's file as it finishes; the
     LLM usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
-    store, out, c = RecordStore(collection_dir), explanations(out_dir), config
+    store, out = RecordStore(collection_dir), explanations(out_dir)
     saved = UnitEntries(out)
     llm = make_backend(explainer_spec(config, cache_path))
 
     def work(key: tuple[int, int, str]) -> dict[str, Any]:
-        rec = store.record(key[0], key[1])
-        return explain_unit(
-            rec, llm, c.n_samples, c.temperature, key[2] == "negative", c.seed, c.split, c.explain_with_outputs
-        )
+        return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative")
 
     finished = as_finished(work, keys, workers or llm.parallel_units)
     try:

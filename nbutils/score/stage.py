@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import RunConfig
+from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.errors import UserError
 from nbutils.core.failures import write_summary
@@ -150,6 +150,7 @@ def run_score_stage(
         )
     out = scores(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.parameters, stage_values(config, "03_score"))
     saved = UnitEntries(out)
     chosen = chosen_scorers(config)
     todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]

@@ -149,25 +149,35 @@ class UnitIntervention:
         return out
 
 
+def check_intervenable(model: Any, unit: dict[str, Any], what: str = "score it") -> None:
+    """Refuse, with the fix, a unit that nbutils cannot set (a transcoder's latent) or a model whose output
+    there is nothing to compare (no language-model head). ``what``: the task named in the fix."""
+    if unit.get("transcoder"):
+        raise UserError(
+            f"Setting a transcoder's latent ({unit['path']}) would change the MLP's output, which nbutils does not "
+            "hook yet.",
+            f"To {what}, use an SAE's or a neuron's unit; score transcoder latents without ablation and intervention "
+            "(ablation=False, intervention=False).",
+        )
+    if unembedding(model) is None:
+        raise UserError(
+            "The subject model predicts no next token (planted neurons have no language model head), so there is "
+            "no output to compare.",
+            f"To {what}, use a language model; score planted neurons without ablation or intervention "
+            "(ablation=False, intervention=False).",
+        )
+
+
 def intervention_for(model_spec: str, unit: dict[str, Any], site: dict[str, Any] | None) -> UnitIntervention:
     """Load a collection's subject model (``collection.json``'s model, unit and site) for interventions."""
     from nbutils.subject.loading import load_subject_model
     from nbutils.subject.units import unit_type_class
 
     if unit.get("transcoder"):
-        raise UserError(
-            f"Setting a transcoder's latent ({unit['path']}) would change the MLP's output, which nbutils does not "
-            "hook yet.",
-            "Score transcoder latents without ablation and intervention (ablation=False, intervention=False).",
-        )
+        check_intervenable(None, unit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     subject = load_subject_model(model_spec, device=device)
-    if unembedding(subject.model) is None:
-        raise UserError(
-            f"The subject model {model_spec!r} predicts no next token (planted neurons have no language model head), "
-            "so there is no output to compare.",
-            "Score it without ablation or intervention (ablation=False, intervention=False).",
-        )
+    check_intervenable(subject.model, unit)
     units = unit_type_class(unit.get("kind", NEURON)).from_dict(unit, site)
     units.site(subject.model)  # resolves (and for latents loads) the unit type on this model
     return UnitIntervention(subject.model, units, subject.tokenizer)

@@ -1,141 +1,75 @@
-"""Working with a run live, one unit at a time: a unit's values on your own text, and the units that fire on
-a text. `nbutils.open_run` returns a `Run`; its subject model loads on first use, once per run, from the
-collection's own ``collection.json`` (model, unit type and site), so live values are the collected ones.
+"""Working with a run live, one unit at a time (`nbutils.open_run` returns a `Run`):
 
-Every result is a small dataclass with plain fields for code, ``to_frame()`` for a table, and a
-``_repr_html_`` (tokens escaped) that Jupyter shows.
+- ``u = run.unit(layer, index[, sign])``: a collected unit side, shown in Jupyter as the viewer shows it;
+- ``u.activations(text)``: its values on your text; ``run.top_units(text)``: the units that fire most on it;
+- ``u.score(explanation)`` / ``u.compare([...])``: your explanation simulated and scored now, as stage 03
+  scores (same excerpts, seed and scorers); ``u.explain()``: a new explanation, with the exact prompt and reply;
+- ``u.steer(prompt, strength)``: continuations with and without the unit shifted (the intervention score's
+  code); ``run.search(text)``: explanations that match a text.
+
+The subject model and the LLM backends load on first use, once per run, from the run's own records: the
+collection's ``collection.json`` (model, unit type, site) and the parameters stages 02 and 03 ran with (their
+``manifest.json``), overridden by keyword arguments to `nbutils.open_run` (``simulator_backend="openai"``,
+``simulator_base_url=...``). Every result is a dataclass from `nbutils.view.findings`. Asking the same
+question again is answered from the run's memory (HTTP backends also keep every reply in the request cache).
 """
 
 from __future__ import annotations
 
+import difflib
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nbutils.core.config import RunConfig, schema
 from nbutils.core.errors import UserError
+from nbutils.core.io import read_json
+from nbutils.core.layout import MANIFEST
 from nbutils.core.records import UnitRecord
 from nbutils.core.units import Key
+from nbutils.explain.explainer import base_entry, explain_with, explainer_request
+from nbutils.explain.stage import explainer_spec
+from nbutils.llm.contract import Backend, make_backend
+from nbutils.score.contract import Scorer
+from nbutils.score.flags import explanation_notes
+from nbutils.score.intervention import TARGET_KL
+from nbutils.score.stage import chosen_scorers, score_entry, settings, simulator_spec
+from nbutils.view.findings import (
+    Comparison,
+    ExplanationScore,
+    NewExplanation,
+    SearchResults,
+    Steering,
+    TopUnits,
+    UnitActivations,
+)
+from nbutils.view.live import Live
 from nbutils.view.render import fragment, neuron_html
-from nbutils.view.runview import RunView
-from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, neuron_scale, table_html
+from nbutils.view.runview import RunView, main_score, result_notes
+from nbutils.view.tables import neuron_scale
 
 SIGNS = ("positive", "negative")
 
 
-@dataclass
-class Live:
-    """The subject model of a run, loaded once, with its unit type resolved on it."""
-
-    subject: Any
-    units: Any
-    site: Any
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.subject.tokenizer
-
-    def token_ids(self, text: str | Sequence[int]) -> list[int]:
-        """Token ids of a text as the corpus was tokenized (no special tokens added), or the ids given."""
-        if isinstance(text, str):
-            if not text.strip():
-                raise UserError("The text is empty.", "Give a sentence, e.g. 'The meeting moved to March.'.")
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids = [int(i) for i in text]
-        if not ids:
-            raise UserError("The text has no tokens.", "Give a sentence or a list of token ids.")
-        context = getattr(self.subject.model.config, "max_position_embeddings", None)
-        if context is not None and len(ids) > context:
-            raise UserError(
-                f"The text is {len(ids)} tokens long, more than the model's context ({context}).",
-                f"Shorten it to at most {context} tokens.",
-            )
-        return ids
-
-    def values(self, ids: list[int], layers: Sequence[int]) -> dict[int, np.ndarray]:
-        """Every unit's value on each token, per layer: ``{layer: [tokens, units]}`` (one forward pass that
-        stops after the last layer asked for)."""
-        import torch
-
-        from nbutils.subject.sites import NeuronCapture
-
-        device = next(self.subject.model.parameters()).device
-        batch = torch.tensor([ids], dtype=torch.long, device=device)
-        with NeuronCapture(self.subject.model, self.site, layers) as capture:
-            captured = capture.run(batch)
-        return {layer: self.units.transform(v, layer)[0].float().cpu().numpy() for layer, v in captured.items()}
-
-    def tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
-
-
-@dataclass
-class UnitActivations:
-    """One unit side's value on each token of a text: ``values[i]`` on ``tokens[i]``. A negative side's
-    values are the unit's values negated, as its excerpts are stored (so "fires" means a large value)."""
-
-    key: Key
-    tokens: list[str]
-    token_ids: list[int]
-    values: np.ndarray
-    scale: float
-    """The unit's largest absolute collected value: the heatmap's colour scale, shared with its excerpts."""
-
-    @property
-    def max(self) -> float:
-        return float(self.values.max())
-
-    def to_frame(self):
-        """A pandas DataFrame: ``position``, ``token``, ``token_id``, ``value``."""
-        import pandas as pd
-
-        return pd.DataFrame(
-            {
-                "position": range(len(self.tokens)),
-                "token": self.tokens,
-                "token_id": self.token_ids,
-                "value": self.values,
-            }
-        )
-
-    def _repr_html_(self) -> str:
-        layer, index, sign = self.key
-        head = (
-            f"<p>layer {layer}, unit {index} ({html.escape(sign)}): max {self.max:.4g} on this text; "
-            f"colours on the unit's collected scale ({self.scale:.4g}); hover a token for its value</p>"
-        )
-        return (
-            head + f'<div style="{EXCERPTS_STYLE}">{heatmap_html(self.tokens, self.values, self.scale, "live")}</div>'
-        )
-
-
-@dataclass
-class TopUnits:
-    """The collected units that fire most on a text, strongest first. Ranked by ``relative``: the unit's
-    largest value on the text over its largest value in the whole collection (1.0: as strongly as anywhere in
-    the corpus), so units of different scales compare; units that never fired in the collection are left out."""
-
-    tokens: list[str]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_frame(self):
-        """A pandas DataFrame with one row per unit: ``layer``, ``unit``, ``relative``, ``value``,
-        ``collected_max``, ``position``, ``token``, ``explanation``."""
-        import pandas as pd
-
-        names = ["layer", "unit", "relative", "value", "collected_max", "position", "token", "explanation"]
-        return pd.DataFrame(self.rows, columns=names)
-
-    def _repr_html_(self) -> str:
-        return table_html(self.rows) if self.rows else "<p>No collected unit fires on this text.</p>"
+def _unreachable(role: str, failure: str, config: RunConfig) -> UserError:
+    """A backend that did not answer, named with how to point the run at one that does."""
+    prefix = "explainer" if role == "explainer" else "simulator"
+    where = getattr(config, f"{prefix}_base_url") or "this machine"
+    return UserError(
+        f"The {role} ({getattr(config, f'{prefix}_backend')!r} at {where}) did not answer: {failure}",
+        f"Start that server, or open the run with another: nbutils.open_run(run_dir, {prefix}_backend='openai', "
+        f"{prefix}_base_url='http://host:port/v1') (or {prefix}_backend='local' for the embedded model).",
+    )
 
 
 class Unit:
-    """One collected unit side of a run: its record, explanation and scores, and its values on any text."""
+    """One collected unit side of a run: its record, explanation and scores; its values on any text; your
+    explanations scored; a new explanation; steering."""
 
     def __init__(self, run: Run, layer: int, index: int, sign: str = "positive") -> None:
         if sign not in SIGNS:
@@ -146,6 +80,10 @@ class Unit:
     @property
     def key(self) -> Key:
         return (self.layer, self.index, self.sign)
+
+    @property
+    def negative(self) -> bool:
+        return self.sign == "negative"
 
     @property
     def explanation(self) -> str | None:
@@ -161,9 +99,55 @@ class Unit:
         live = self.run.live
         ids = live.token_ids(text)
         values = live.values(ids, [self.layer])[self.layer][:, self.index].astype(np.float64)
-        if self.sign == "negative":
+        if self.negative:
             values = -values
         return UnitActivations(self.key, live.tokens(ids), ids, values, neuron_scale(self.record))
+
+    def score(self, explanation: str) -> ExplanationScore:
+        """``explanation`` simulated and scored now by every scorer the run's stage 03 ran, on the same held-out
+        excerpts with the same seed (so the stage-02 explanation scores what stage 03 stored), beside the
+        token-lookup baseline. Costs what stage 03 costs for one unit; the same question again costs nothing."""
+        text = explanation.strip() if isinstance(explanation, str) else ""
+        if not text:
+            raise UserError("The explanation is empty.", "Give a sentence, e.g. u.score('dates and month names').")
+        return self.run._score(self, text)
+
+    def compare(self, explanations: Sequence[str]) -> Comparison:
+        """Several explanations scored on the same excerpts (`score` each), side by side."""
+        if isinstance(explanations, str) or not explanations:
+            raise UserError(
+                "compare takes a list of explanations.",
+                "Write u.compare(['dates and month names', 'the token March']).",
+            )
+        return Comparison(self.key, [self.score(e) for e in explanations])
+
+    def explain(self) -> NewExplanation:
+        """A new explanation by the run's explainer, as stage 02 writes one (same excerpts and parameters):
+        the exact chat sent and every raw reply. With a deterministic explainer and the run's seed it is
+        stage 02's explanation again."""
+        return self.run._explain(self)
+
+    def steer(self, prompt: str, strength: float | None = None, tokens: int = 12, kl: float = TARGET_KL) -> Steering:
+        """Greedy continuations of ``prompt`` (``tokens`` tokens) as the model is and with this unit shifted at
+        every position: by ``strength`` x its largest collected value, or (``strength=None``) by the shift
+        that moves the next-token distributions on the prompt by ``kl`` nats, as the intervention score
+        steers. The negative side shifts the unit down."""
+        if tokens < 1:
+            raise UserError(f"tokens={tokens} asks for no continuation.", "Give tokens=12 (or any number >= 1).")
+        live = self.run.live
+        steer = live.intervention
+        ids = live.token_ids(prompt)
+        scale = self.record.min if self.negative else self.record.max
+        direction = -1.0 if self.negative else 1.0
+        found_kl = None
+        if strength is None:
+            shift, found_kl = steer.steering_for(self.layer, self.index, [ids], kl, scale, direction)
+        else:
+            shift = float(strength) * abs(scale) * direction
+        original = steer.continue_text(self.layer, self.index, [ids], tokens)[0]
+        steered = steer.continue_text(self.layer, self.index, [ids], tokens, shift)[0]
+        decode = live.tokenizer.decode
+        return Steering(self.key, prompt, shift, strength, found_kl, decode(original), decode(steered))
 
     def __repr__(self) -> str:
         return f"Unit(layer={self.layer}, index={self.index}, sign={self.sign!r}, explanation={self.explanation!r})"
@@ -174,20 +158,96 @@ class Unit:
 
 class Run(RunView):
     """A run opened for working with it live (`nbutils.open_run`): everything `RunView` reads, plus units
-    and their values on your own text."""
+    and their live calls (module docstring)."""
+
+    _overrides: dict[str, Any] = {}
+
+    _llm_options: dict[str, Any] = {}
+
+    def configure(self, llm_options: dict[str, Any] | None = None, **overrides: Any) -> Run:
+        """Use these parameters (``RunConfig`` names) instead of the ones the run's stages ran with, e.g.
+        ``simulator_backend="openai", simulator_base_url="http://host:port/v1"``; ``llm_options``: keyword
+        arguments for the HTTP backend (``timeout``, ``max_retries``, ``backoff``). Returns the run."""
+        known = schema()
+        unknown = [name for name in overrides if name not in known]
+        if unknown:
+            near = {n: difflib.get_close_matches(n, known, 1) for n in unknown}
+            hint = ", ".join(f"{n} (did you mean {m[0]}?)" if m else n for n, m in near.items())
+            raise UserError(
+                f"Unknown parameters: {hint}.", "Use names of nbutils.core.config.RunConfig (python -m nbutils params)."
+            )
+        self._overrides, self._llm_options = dict(overrides), dict(llm_options or {})
+        for name in ("config", "simulator", "explainer", "_memo"):
+            self.__dict__.pop(name, None)
+        return self
+
+    @property
+    def _recorded(self) -> list[Path]:
+        """Files with the parameters the run's stages 02 and 03 ran with: each stage's ``parameters.json``, or
+        for runs written before it existed, the chain's ``manifest.json``."""
+        folders = [self.explanation_summary.parent if self.explanation_summary else None,
+                   self.score_layout.root if self.score_layout else None]  # fmt: skip
+        found = []
+        for folder in (Path(f) for f in folders if f is not None):
+            found += [p for p in (folder / "parameters.json", folder / MANIFEST) if p.is_file()][:1]
+        return found
+
+    @cached_property
+    def config(self) -> RunConfig:
+        """The parameters live calls use: the defaults, then what stage 02 and stage 03 ran with (`config_from`),
+        then the overrides given to `nbutils.open_run`."""
+        values: dict[str, Any] = {}
+        for path in self._recorded:
+            data = read_json(path) or {}
+            values.update((data.get("parameters") or {}) if path.name == MANIFEST else data)
+        return RunConfig.pick({**values, **self._overrides})
+
+    @property
+    def config_from(self) -> str:
+        """Where `config` came from, in words."""
+        found = [f"{p.parent.name}/{p.name}" for p in self._recorded]
+        source = " and ".join(found) if found else "the defaults (the run records no parameters of stages 02-03)"
+        return source + (f", overridden by {sorted(self._overrides)}" if self._overrides else "")
 
     @cached_property
     def live(self) -> Live:
         """The collection's subject model and unit type, loaded on first use (on GPU when there is one)."""
-        import torch
-
-        from nbutils.subject.loading import load_subject_model
-        from nbutils.subject.units import unit_type_class
-
         meta = self.store.meta
-        subject = load_subject_model(meta.model, device="cuda" if torch.cuda.is_available() else "cpu")
-        units = unit_type_class(meta.kind).from_dict(meta.unit, meta.site)
-        return Live(subject, units, units.site(subject.model))
+        return Live.load(meta.model, meta.unit, meta.site)
+
+    @cached_property
+    def simulator(self) -> Backend:
+        """The run's simulator (it also judges detection and fuzzing items), made on first use."""
+        return make_backend(replace(simulator_spec(self.config), options=self._llm_options))
+
+    @cached_property
+    def explainer(self) -> Backend:
+        """The run's explainer, made on first use (the simulator itself when both are the same model)."""
+        spec = explainer_spec(self.config)
+        same = simulator_spec(self.config)
+        if (spec.kind, spec.model, spec.base_url) == (same.kind, same.model, same.base_url):
+            return self.simulator
+        return make_backend(replace(spec, options=self._llm_options))
+
+    @cached_property
+    def _memo(self) -> dict[tuple[Any, ...], Any]:
+        return {}
+
+    @cached_property
+    def scorers_live(self) -> list[Scorer]:
+        """The scorers live scores run: those of the run's stage 03 (``scorers``, ablation, intervention)."""
+        return chosen_scorers(self.config)
+
+    def best_unit(self) -> Unit:
+        """The unit side with the best top-and-random score; else the first explained one; else the first
+        collected unit."""
+        ranked = self.ranked()
+        if ranked:
+            return self.unit(*ranked[0][1])
+        if self.explanations:
+            return self.unit(*min(self.explanations))
+        first = next(self.store.all_ids())
+        return self.unit(first.layer, first.index)
 
     def unit(self, layer: int, index: int, sign: str = "positive") -> Unit:
         """A collected unit side; an uncollected layer or unit is a `UserError` naming what was collected."""
@@ -200,6 +260,43 @@ class Run(RunView):
                 f"Layer {layer} was not collected (the collection holds layers {self.store.meta.layers}).",
                 f"Pick one of those (layers=None: all of them), or re-run stage 01 with -p 'layers=[{layer}]'.",
             )
+
+    def _score(self, u: Unit, explanation: str) -> ExplanationScore:
+        memo = ("score", u.key, explanation)
+        if memo in self._memo:
+            return self._memo[memo]
+        config, scorers = self.config, self.scorers_live
+        entry = dict(self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split))
+        entry.update(explanation=explanation, failure=None)
+        subject = self.live.intervention if any(sc.needs_subject for sc in scorers) else None
+        llm = self.simulator
+        before = llm.usage.requests
+        result, details = score_entry(entry, self.store, llm, scorers, settings(config), subject)
+        if result.get("retryable"):
+            raise _unreachable("simulator", result["failure"], config)
+        own = explanation_notes({u.key: explanation}).get(u.key, [])
+        found = ExplanationScore(
+            u.key, explanation, result, details, scorers, neuron_scale(u.record), result_notes(result, scorers, own),
+            llm.usage.requests - before, self.scores.get(u.key),
+        )  # fmt: skip
+        self._memo[memo] = found
+        return found
+
+    def _explain(self, u: Unit) -> NewExplanation:
+        memo = ("explain", u.key)
+        if memo in self._memo:
+            return self._memo[memo]
+        c, llm = self.config, self.explainer
+        request = explainer_request(u.record, c.n_samples, c.temperature, u.negative, c.seed, c.split,
+                                    c.explain_with_outputs)  # fmt: skip
+        messages = llm.explanation_messages(request) if request is not None else []
+        before = llm.usage.requests
+        entry = explain_with(u.record, llm, c, u.negative)
+        if entry.get("retryable") and not entry.get("explanation"):
+            raise _unreachable("explainer", entry["failure"], c)
+        found = NewExplanation(u.key, messages, entry, llm.usage.requests - before)
+        self._memo[memo] = found
+        return found
 
     def top_units(self, text: str | Sequence[int], k: int = 20, layers: Sequence[int] | None = None) -> TopUnits:
         """The ``k`` collected units (of ``layers``, default all collected) that fire most on ``text``, ranked
@@ -235,13 +332,39 @@ class Run(RunView):
         ]  # fmt: skip
         return TopUnits(tokens, rows)
 
+    def search(self, text: str, k: int = 50) -> SearchResults:
+        """Up to ``k`` unit sides whose explanation contains every word of ``text`` (case-insensitive), best
+        top-and-random score first; then those whose token-lookup baseline (the tokens they fire on most)
+        contains ``text``."""
+        words = text.lower().split() if isinstance(text, str) else []
+        if not words:
+            raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
+        found, seen = [], set()
+        for key, e in sorted(self.explanations.items()):
+            said = (e.get("explanation") or "").lower()
+            if said and all(w in said for w in words):
+                found.append({"layer": key[0], "neuron": key[1], "sign": key[2], "where": "explanation",
+                              "explanation": e["explanation"], "score": main_score(self.scores.get(key))})  # fmt: skip
+                seen.add(key)
+        found.sort(key=lambda r: -np.inf if r["score"] is None else -r["score"])
+        needle = text.strip().lower()
+        for key, e in sorted(self.explanations.items()):
+            tokens = ((e.get("baseline") or {}).get("explanation") or "").lower()
+            if key not in seen and needle in tokens:
+                found.append({"layer": key[0], "neuron": key[1], "sign": key[2], "where": "baseline tokens",
+                              "explanation": e.get("explanation"), "score": main_score(self.scores.get(key))})  # fmt: skip
+        return SearchResults(text, found[:k])
+
     def _repr_html_(self) -> str:
         meta = self.store.meta
         return (
             f"<p>run of {html.escape(str(meta.model))}: layers {meta.layers}, {len(self.explanations)} explained and "
-            f"{len(self.scores)} scored unit sides. Try <code>run.unit(layer, index)</code>, "
-            "<code>run.top_units(text)</code>, <code>run.scores_frame()</code>.</p>"
+            f"{len(self.scores)} scored unit sides; live calls use the parameters of "
+            f"{html.escape(self.config_from)}. Try <code>run.unit(layer, index)</code>, "
+            "<code>run.top_units(text)</code>, <code>run.search(text)</code>, <code>run.scores_frame()</code>; "
+            "on a unit: <code>activations(text)</code>, <code>score(explanation)</code>, <code>explain()</code>, "
+            "<code>steer(prompt)</code>.</p>"
         )
 
 
-__all__ = ["Run", "TopUnits", "Unit", "UnitActivations"]
+__all__ = ["Run", "Unit"]

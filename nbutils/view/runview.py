@@ -52,6 +52,15 @@ def scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
     return list(out)
 
 
+def result_notes(result: dict[str, Any], scorers: list[Scorer], own: list[str]) -> list[tuple[str, str]]:
+    """(which result, note) for a stage-03 result: ``own`` (its explanation's notes), then each scorer number's,
+    the explanation's and the baseline's."""
+    found = [("explanation", n) for n in own]
+    for who, part in (("explanation", result), ("baseline", result.get("baseline") or {})):
+        found += [(f"{who} {what}", n) for sc in scorers for what, n in scorer_notes(sc, part)]
+    return found
+
+
 def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
     """The pooled correlation of the simulation scorer in a result (None when missing or undefined)."""
     sets = ((result or {}).get("simulation") or {}).get(which) or {}
@@ -136,11 +145,7 @@ class RunView:
     def notes(self, key: Key) -> list[tuple[str, str]]:
         """(which result, note) for every note on a unit side (`nbutils.score.flags`): its explanation's
         (copied, repeated), then each scorer number's, the explanation's and the baseline's."""
-        r = self.scores.get(key) or {}
-        found = [("explanation", n) for n in self.explanation_notes.get(key, [])]
-        for who, part in (("explanation", r), ("baseline", r.get("baseline") or {})):
-            found += [(f"{who} {what}", n) for sc in self.scorers for what, n in scorer_notes(sc, part)]
-        return found
+        return result_notes(self.scores.get(key) or {}, self.scorers, self.explanation_notes.get(key, []))
 
     def scores_frame(self):
         """A pandas DataFrame, one row per explained or scored unit side: ``layer``, ``neuron``, ``sign``,

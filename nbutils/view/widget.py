@@ -2,11 +2,14 @@
 
 The widget only wires controls to the pure renderer in ``nbutils.view.render``: choosing a layer, typing a neuron
 index, stepping with next/previous through an order (by index or by score), or filtering by text in the
-explanation all end in one call, ``show``, which sets ``html.value`` to ``render.neuron_html(...)``.
+explanation all end in one call, ``show``, which sets ``html.value`` to ``render.neuron_html(...)``. Below the
+controls, three tabs of live calls on the unit shown (`nbutils.view.panels`): try a text, test an explanation,
+steer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +19,19 @@ from nbutils.core.errors import UserError
 from nbutils.core.io import atomic_write_bytes
 from nbutils.core.layout import page_path
 from nbutils.core.units import Key
+from nbutils.view.interactive import Run
+from nbutils.view.panels import LivePanels
 from nbutils.view.render import fragment, neuron_html, page, run_html
 from nbutils.view.runview import SORTS, RunView
+
+
+def as_run(view: RunView | str | Path) -> Run:
+    """A run folder, or a `RunView` already open, as a `Run` (the same data, with its live calls)."""
+    if isinstance(view, Run):
+        return view
+    if isinstance(view, RunView):
+        return Run(**{f.name: getattr(view, f.name) for f in dataclasses.fields(view)})
+    return Run.open(view)
 
 
 class NeuronViewer:
@@ -29,7 +43,7 @@ class NeuronViewer:
         """Open a run; show ``layer``/``neuron``, else the first neuron in ``sort`` order (best score if scored)."""
         import ipywidgets as w
 
-        self.view = run if isinstance(run, RunView) else RunView.open(run)
+        self.view = as_run(run)
         layers = self.view.store.layers
         self.layer = w.Dropdown(options=layers, description="layer", layout=w.Layout(width="150px"))
         self.neuron = w.BoundedIntText(
@@ -46,10 +60,12 @@ class NeuronViewer:
         self.filter = w.Text(placeholder="text in explanation", description="filter", continuous_update=False)
         self.status = w.HTML()
         self.html = w.HTML()
+        self.panels = LivePanels(self.view, lambda: self.current, self.show)
         self.widget = w.VBox(
             [
                 w.HBox([self.layer, self.neuron, self.sign]),
                 w.HBox([self.previous, self.next, self.sort, self.filter, self.status]),
+                self.panels.widget,
                 self.html,
             ]
         )
