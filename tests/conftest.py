@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,11 @@ def llama_server(tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:  # still busy with queued requests
         proc.kill()
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """nbval runs the notebooks with their default parameters. The walkthrough of one unit (00_explore_a_unit)
+    reads the run that the stage notebooks 01-05 write with theirs, so it runs after them (a stable sort: the
+    rest keep their order). The hook lives here, not in notebooks/, so that ``from conftest import`` in the
+    tests keeps meaning this file."""
+    items.sort(key=lambda item: Path(str(item.fspath)).name.startswith("00_"))
