@@ -60,10 +60,13 @@ def outputs_shown(record: UnitRecord, negative: bool = False) -> tuple[tuple[str
     return (down, up) if negative else (up, down)
 
 
-def base_entry(record: UnitRecord, negative: bool = False, split: str = "nbutils") -> dict[str, Any]:
+def base_entry(
+    record: UnitRecord, negative: bool = False, split: str = "nbutils", train: list[Excerpt] | None = None
+) -> dict[str, Any]:
     """A unit side's stage-02 entry before its explanation: which side, which split, and the token-lookup
-    baseline's explanation of its train excerpts (what stage 03 scores beside any explanation)."""
-    train = split_excerpts(record, negative, split=split)["train"]
+    baseline's explanation of its train excerpts (what stage 03 scores beside any explanation). ``train``:
+    those excerpts when the caller has split them already."""
+    train = split_excerpts(record, negative, split=split)["train"] if train is None else train
     return {
         "layer": record.id.layer, "neuron": record.id.index, "sign": "negative" if negative else "positive",
         "explanation": None, "failure": None, "candidates": [], "split": split,
@@ -73,11 +76,11 @@ def base_entry(record: UnitRecord, negative: bool = False, split: str = "nbutils
 
 def explainer_request(
     record: UnitRecord, n_samples: int = 1, temperature: float = 1.0, negative: bool = False, seed: int = 0,
-    split: str = "nbutils", with_outputs: bool = False,
+    split: str = "nbutils", with_outputs: bool = False, train: list[Excerpt] | None = None,
 ) -> ExplainRequest | None:  # fmt: skip
     """What the explainer is asked for one unit side: its train excerpts as 0..10 values (and, ``with_outputs``,
     the tokens it raises and lowers); None when the side never activates on them (nothing to explain)."""
-    train = split_excerpts(record, negative, split=split)["train"]
+    train = split_excerpts(record, negative, split=split)["train"] if train is None else train
     max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
     if not train or max_act <= 0:
         return None
@@ -92,8 +95,9 @@ def explain_unit(
 ) -> dict[str, Any]:  # fmt: skip
     """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl. ``with_outputs``:
     the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`)."""
-    entry = base_entry(record, negative, split)
-    request = explainer_request(record, n_samples, temperature, negative, seed, split, with_outputs)
+    sp = split_excerpts(record, negative, split=split)  # once: the entry, the request and the calibration
+    entry = base_entry(record, negative, split, sp["train"])
+    request = explainer_request(record, n_samples, temperature, negative, seed, split, with_outputs, sp["train"])
     if request is None:
         entry["failure"] = f"the {record.noun} never activates on its training excerpts, so there is nothing to explain"
         return entry
@@ -104,7 +108,6 @@ def explain_unit(
     except LLMFailed as e:
         entry["failure"], entry["retryable"] = f"explainer request failed: {e}", e.retryable
         return entry
-    sp = split_excerpts(record, negative, split=split)
     calibration = sp["calibration_top"] + sp["calibration_random"]
     failed = []
     for reply in replies:

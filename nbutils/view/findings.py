@@ -129,23 +129,24 @@ class ExplanationScore:
     def failure(self) -> str | None:
         return self.result.get("failure")
 
-    def numbers(self) -> dict[str, float | None]:
-        """Every scorer number of this explanation, by column label."""
-        return {label(sc, c): finite(c.value(self.result.get(sc.name))) for sc in self.scorers for c in sc.columns}
+    def numbers(self, baseline: bool = False) -> dict[str, float | None]:
+        """Every scorer number of this explanation (or of the token-lookup baseline), by column label."""
+        part = (self.result.get("baseline") or {}) if baseline else self.result
+        return {label(sc, c): finite(c.value(part.get(sc.name))) for sc in self.scorers for c in sc.columns}
 
     def to_frame(self):
         """A pandas DataFrame, one row per scorer number: ``number``, ``this explanation``, ``baseline`` and,
         where the side was scored by stage 03, ``stored explanation``."""
         import pandas as pd
 
-        rows = []
-        for sc in self.scorers:
-            for c in sc.columns:
-                row = {"number": label(sc, c), "this explanation": finite(c.value(self.result.get(sc.name))),
-                       "baseline": finite(c.value((self.result.get("baseline") or {}).get(sc.name)))}  # fmt: skip
-                if self.stored:
-                    row["stored explanation"] = finite(c.value(self.stored.get(sc.name)))
-                rows.append(row)
+        mine, base = self.numbers(), self.numbers(baseline=True)
+        rows = [{"number": name, "this explanation": mine[name], "baseline": base[name]} for name in mine]
+        if self.stored:
+            stored = {
+                label(sc, c): finite(c.value(self.stored.get(sc.name))) for sc in self.scorers for c in sc.columns
+            }
+            for row in rows:
+                row["stored explanation"] = stored[row["number"]]
         return pd.DataFrame(rows)
 
     def _repr_html_(self) -> str:
@@ -188,10 +189,9 @@ class Comparison:
                for s in self.scores]  # fmt: skip
         if self.scores:
             first = self.scores[0]
-            base = {label(sc, c): finite(c.value((first.result.get("baseline") or {}).get(sc.name)))
-                    for sc in first.scorers for c in sc.columns}  # fmt: skip
             baseline_text = (first.result.get("baseline") or {}).get("explanation")
-            out.append({"explanation": f"(token-lookup baseline) {baseline_text}", **base, "notes": ""})
+            out.append({"explanation": f"(token-lookup baseline) {baseline_text}", **first.numbers(baseline=True),
+                        "notes": ""})  # fmt: skip
         return out
 
     def to_frame(self):

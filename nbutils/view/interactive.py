@@ -9,7 +9,7 @@
 
 The subject model and the LLM backends load on first use, once per run, from the run's own records: the
 collection's ``collection.json`` (model, unit type, site) and the parameters stages 02 and 03 ran with (their
-``manifest.json``), overridden by keyword arguments to `nbutils.open_run` (``simulator_backend="openai"``,
+``parameters.json``), overridden by keyword arguments to `nbutils.open_run` (``simulator_backend="openai"``,
 ``simulator_base_url=...``). Every result is a dataclass from `nbutils.view.findings`. Asking the same
 question again is answered from the run's memory (HTTP backends also keep every reply in the request cache).
 """
@@ -233,7 +233,7 @@ class Run(RunView):
     def _memo(self) -> dict[tuple[Any, ...], Any]:
         return {}
 
-    @cached_property
+    @property
     def scorers_live(self) -> list[Scorer]:
         """The scorers live scores run: those of the run's stage 03 (``scorers``, ablation, intervention)."""
         return chosen_scorers(self.config)
@@ -339,21 +339,20 @@ class Run(RunView):
         words = text.lower().split() if isinstance(text, str) else []
         if not words:
             raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
-        found, seen = [], set()
-        for key, e in sorted(self.explanations.items()):
-            said = (e.get("explanation") or "").lower()
-            if said and all(w in said for w in words):
-                found.append({"layer": key[0], "neuron": key[1], "sign": key[2], "where": "explanation",
-                              "explanation": e["explanation"], "score": main_score(self.scores.get(key))})  # fmt: skip
-                seen.add(key)
-        found.sort(key=lambda r: -np.inf if r["score"] is None else -r["score"])
         needle = text.strip().lower()
-        for key, e in sorted(self.explanations.items()):
-            tokens = ((e.get("baseline") or {}).get("explanation") or "").lower()
-            if key not in seen and needle in tokens:
-                found.append({"layer": key[0], "neuron": key[1], "sign": key[2], "where": "baseline tokens",
-                              "explanation": e.get("explanation"), "score": main_score(self.scores.get(key))})  # fmt: skip
-        return SearchResults(text, found[:k])
+
+        def row(key: Key, where: str) -> dict[str, Any]:
+            return {"layer": key[0], "neuron": key[1], "sign": key[2], "where": where,
+                    "explanation": self.explanations[key].get("explanation"), "score": main_score(self.scores.get(key))}  # fmt: skip
+
+        entries = sorted(self.explanations.items())
+        said = [k for k, e in entries if all(w in (e.get("explanation") or "").lower() for w in words)]
+        found = sorted(
+            (row(k, "explanation") for k in said), key=lambda r: -np.inf if r["score"] is None else -r["score"]
+        )
+        tokens = [k for k, e in entries if k not in set(said)
+                  and needle in ((e.get("baseline") or {}).get("explanation") or "").lower()]  # fmt: skip
+        return SearchResults(text, (found + [row(k, "baseline tokens") for k in tokens])[:k])
 
     def _repr_html_(self) -> str:
         meta = self.store.meta
