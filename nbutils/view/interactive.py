@@ -133,7 +133,7 @@ class Unit:
         that moves the next-token distributions on the prompt by ``kl`` nats, as the intervention score
         steers. The negative side shifts the unit down."""
         if tokens < 1:
-            raise UserError(f"tokens={tokens} asks for no continuation.", "Give tokens=12 (or any number >= 1).")
+            raise UserError(f"tokens={tokens} asks for no continuation.", "Ask for one token or more (12 by default).")
         live = self.run.live
         steer = live.intervention
         ids = live.token_ids(prompt)
