@@ -238,6 +238,7 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     from nbutils.collect.corpus import load_texts, make_excerpts
     from nbutils.collect.stage import collect_activations
     from nbutils.core.config import RunConfig
+    from nbutils.core.store import ResultStore
     from nbutils.explain.stage import run_explain_stage
     from nbutils.llm.contract import SimulationRequest
     from nbutils.llm.local import LocalBackend
@@ -285,8 +286,8 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     usage = {s: json.loads((tmp / s / "usage.json").read_text()) for s in ("02", "03")}
     # the floor: each explanation's prompt prefix once, plus each simulated excerpt's own tokens
     be, floor = LocalBackend(model), 0
-    for path in (tmp / "03" / "simulations").glob("*.json"):
-        sim = json.loads(path.read_text())
+    stored = ResultStore(tmp / "03")
+    for sim in map(stored.details, stored.keys()):
         excerpts_of = [tuple(x["tokens"]) for x in sim["simulation"]["excerpts"]]
         request = SimulationRequest(sim["explanation"], tuple(excerpts_of))
         floor += be.count_tokens(simulation_prefix(sim["explanation"], be.simulation_examples(request)))

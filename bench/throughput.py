@@ -90,8 +90,8 @@ def run_variant(
     import nbutils.score.stage as score_stage
     from nbutils.core.config import RunConfig
     from nbutils.core.io import read_jsonl
-    from nbutils.core.layout import explanations, scores
-    from nbutils.core.records import UnitEntries
+    from nbutils.core.layout import explanations
+    from nbutils.core.store import ResultStore
     from nbutils.core.units import key_of
 
     tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
@@ -122,7 +122,7 @@ def run_variant(
         flights[name] = rec.in_flight()
     counts = {"02": len(units), "03": len(scored)}
     failed = sum(1 for e in read_jsonl(explanations(tmp / "02").jsonl) if e.get("failure"))
-    saved = UnitEntries(scores(tmp / "03"))
+    saved = ResultStore(tmp / "03")
     failed += sum(1 for k in scored if (saved.get(k) or {"failure": "missing"}).get("failure"))
     per_unit = seconds["02"] / counts["02"] + seconds["03"] / counts["03"]
     return {

@@ -13,9 +13,7 @@ from nbutils.collect.collector import CollectConfig
 from nbutils.collect.corpus import load_texts, make_excerpts
 from nbutils.collect.stage import collect_activations
 from nbutils.core.errors import UserError
-from nbutils.core.io import read_jsonl, write_jsonl
-from nbutils.core.layout import explanations
-from nbutils.core.records import Excerpt, RecordStore, UnitEntries, UnitRecord
+from nbutils.core.records import Excerpt, RecordStore, UnitRecord
 from nbutils.core.units import UnitId
 from nbutils.explain.explainer import explain_unit
 from nbutils.llm.cache import RequestCache
@@ -57,22 +55,6 @@ def test_truncated_or_altered_artifacts_are_detected(embedded, tmp_path):
     top.write_bytes(data[: len(data) // 2])  # truncated: loading it names the file too
     with pytest.raises(UserError, match="top_acts.npy is truncated or damaged"):
         RecordStore(store.path).record(1, 0)
-
-
-def test_per_neuron_results_are_atomic_files_and_a_retry_replaces_its_file(tmp_path):
-    saved = UnitEntries(explanations(tmp_path))
-    saved.put({"layer": 1, "neuron": 2, "sign": "positive", "x": 1, "retryable": True})
-    saved.put({"layer": 0, "neuron": 5, "sign": "negative", "x": 2})
-    saved.put({"layer": 0, "neuron": 5, "sign": "positive", "x": 3})
-    saved.put({"layer": 1, "neuron": 2, "sign": "positive", "x": 4})  # the retried neuron
-    assert [e["x"] for e in saved.all()] == [3, 2, 4]
-    assert sorted(p.name for p in (tmp_path / "neurons").iterdir()) == [
-        "L0_N5_negative.json",
-        "L0_N5_positive.json",
-        "L1_N2_positive.json",
-    ]  # fmt: skip  (no temporary files left behind)
-    write_jsonl(tmp_path / "all.jsonl", saved.all())
-    assert read_jsonl(tmp_path / "all.jsonl") == saved.all()
 
 
 def test_neuron_that_never_activates(embedded):

@@ -14,6 +14,7 @@ from nbutils.core.config import RunConfig
 from nbutils.core.io import read_jsonl
 from nbutils.core.layout import explanations, scores
 from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
+from nbutils.core.store import ResultStore
 from nbutils.core.units import UnitId
 from nbutils.explain.explainer import explain_unit
 from nbutils.explain.stage import run_explain_stage
@@ -73,7 +74,7 @@ def test_explain_and_score_stages(collection, tmp_path):
                 assert (m["value"] is None) == (m["reason"] is not None)
         if not r["explanation"] or "simulation" not in r:
             continue
-        sim = json.loads(scores(tmp_path / "03").simulation((r["layer"], r["neuron"], "positive")).read_text())
+        sim = ResultStore(tmp_path / "03").details((r["layer"], r["neuron"], "positive"))
         record = collection.record(r["layer"], r["neuron"])
         train = {e.index for e in split_excerpts(record)["train"]}
         scored = sim["simulation"]["excerpts"]

@@ -17,6 +17,7 @@ import pytest
 from servers import FaultProxy
 
 from nbutils.core.layout import cache_dir
+from nbutils.core.store import ResultStore
 from nbutils.llm.cache import RequestCache
 
 SMALL = [
@@ -31,14 +32,8 @@ SMALL = [
     "explain_neurons=[[2, 0], [2, 1], [20, 0], [20, 2]]",
     "n_boot=50",
 ]
-COMPARED = [
-    "01_collect",
-    "02_explain/explanations.jsonl",
-    "02_explain/neurons",
-    "03_score/scores.jsonl",
-    "03_score/neurons",
-    "03_score/simulations",
-]
+COMPARED = ["01_collect", "02_explain/explanations.jsonl", "03_score/scores.jsonl"]
+STORES = ["02_explain", "03_score"]  # compared by what they hold (a database's pages depend on its write order)
 SECRET = "sk-nbutils-test-0123456789abcdef-SECRET"
 
 
@@ -57,8 +52,12 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _count(folder: Path) -> int:
-    return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+def _count(stage_dir: Path) -> int:
+    """Unit sides a stage has stored so far (read while the run writes)."""
+    if not (stage_dir / "results.sqlite").is_file():
+        return 0
+    with ResultStore(stage_dir) as store:
+        return len(store)
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -69,6 +68,11 @@ def _files(run: Path) -> dict[str, bytes]:
         for p in paths:
             if p.name not in ("manifest.json", "checkpoint.pt"):
                 out[str(p.relative_to(run))] = p.read_bytes()
+    for stage in STORES:
+        with ResultStore(run / stage) as store:
+            for key in store.keys():
+                held = {"entry": store.get(key), "details": store.details(key)}
+                out[f"{stage}/{key}"] = json.dumps(held, sort_keys=True).encode()
     return out
 
 
@@ -107,8 +111,8 @@ def test_killed_run_resumes_to_the_same_artifacts(reference, tmp_path, where, si
     cmd = _cmd("k", tmp_path) + ["--stages", "01,02,03"]
     ready = {
         "collect": lambda: (run / "01_collect" / "fingerprint.txt").is_file(),  # collection under way
-        "explain": lambda: _count(run / "02_explain" / "neurons") >= 1,  # some neurons explained
-        "score": lambda: _count(run / "03_score" / "neurons") >= 1,
+        "explain": lambda: _count(run / "02_explain") >= 1,  # some neurons explained
+        "score": lambda: _count(run / "03_score") >= 1,
     }[where]
     _kill_when(cmd, ready, sig)
     assert not (run / "03_score" / "manifest.json").is_file()  # it really was cut short
@@ -166,7 +170,7 @@ def test_killed_http_run_sends_no_completed_request_again(llama_server, tmp_path
         env = _env(tmp_path / "cache")
         run = tmp_path / "h"
         cmd = _cmd("h", tmp_path, _openai_params(proxy.url)) + ["--stages", "01,02,03"]
-        _kill_when(cmd, lambda: _count(run / "03_score" / "neurons") >= 1, signal.SIGKILL, env)
+        _kill_when(cmd, lambda: _count(run / "03_score") >= 1, signal.SIGKILL, env)
         done_before = _keys(tmp_path / "cache" / "llm_requests.sqlite")
         sent_before = len(proxy.sent())
         proxy.log.clear()
@@ -210,6 +214,7 @@ def test_two_runs_share_one_cache_and_no_key_reaches_disk(llama_server, tmp_path
             for p in root.rglob("*"):
                 if p.is_file() and not p.is_symlink() and "models" not in p.relative_to(root).parts[:1]:
                     leaked += [str(p)] if SECRET.encode() in p.read_bytes() else []
+        leaked += [k for k, v in {**a, **b}.items() if SECRET.encode() in v]  # the stores' details, unpacked
         assert leaked == []
         summary = json.loads((tmp_path / "a" / "03_score" / "summary.json").read_text())
         assert summary["neurons"] == 2 and summary["retryable"] == 0  # no server-side failure (a weak model's may)

@@ -3,8 +3,6 @@ transformers' own greedy generation, and the stage end to end (seeded: two runs 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
 from nbutils.core.layout import scores
+from nbutils.core.store import ResultStore
 from nbutils.core.units import NEURON
 from nbutils.explain.stage import run_explain_stage
 from nbutils.score.intervention import N_PROMPTS, TARGET_KL, intervention_notes, pair_accuracy
@@ -75,7 +74,7 @@ def test_the_stage_scores_intervention_with_a_control_and_is_seeded(embedded, co
     assert mine["n_prompts"] == N_PROMPTS and mine["control_unit"] != 7 and mine["kl"] > 0
     assert mine["balanced_accuracy"]["value"] is not None and mine["control"]["n_prompts"] == N_PROMPTS
     assert result["baseline"]["intervention"]["kl"] == mine["kl"]  # the same pairs, judged by token lookup
-    details = json.loads(next((tmp_path / "03" / "simulations").glob("*.json")).read_text())["intervention"]
+    details = ResultStore(tmp_path / "03").details((LAYER, 7, "positive"))["intervention"]
     assert len(details) == 4 * N_PROMPTS and {d["source"] for d in details} == {"unit", "control"}
     assert all("[A]" in d["tokens"][0] and "[B]" in d["tokens"][0] for d in details)
     (again,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03b", config, progress=False)

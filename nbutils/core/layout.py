@@ -8,10 +8,12 @@
         05_report/figures/*.png              the report's figures
         <stage>/manifest.json                parameters, versions, every artifact's size and SHA-256
 
-Each stage folder of results holds ``neurons/L{layer}_N{index}_{sign}.json`` (one per unit side, written
-atomically), a JSON-lines file of all of them (``explanations.jsonl`` or ``scores.jsonl``), ``summary.json``
-(successes and failures), ``usage.json`` (LLM tokens and cost), ``parameters.json`` (what it ran with) and,
-for stage 03, ``simulations/``.
+Each stage folder of results holds its results store ``results.sqlite`` (`nbutils.core.store`: every unit
+side's entry and, for stage 03, its scorers' details and numbers; ``parts/`` while shards of a distributed
+run write), a JSON-lines export of all entries (``explanations.jsonl`` or ``scores.jsonl``), ``summary.json``
+(successes and failures), ``usage.json`` (LLM tokens and cost) and ``parameters.json`` (what it ran with).
+Folders written before the store hold ``neurons/`` and ``simulations/`` files (one JSON file per unit side)
+instead; they are still read.
 """
 
 from __future__ import annotations
@@ -50,8 +52,30 @@ MANIFEST = "manifest.json"
 
 
 def stem(key: Key) -> str:
-    """The file stem of a unit side's results: ``L{layer}_N{index}_{sign}``."""
+    """The file stem of a unit side's results in folders written before the store: ``L{layer}_N{index}_{sign}``."""
     return f"L{key[0]}_N{key[1]}_{key[2]}"
+
+
+class StoreLayout:
+    """Where a stage folder's results store keeps its files (`nbutils.core.store`)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.main = self.root / "results.sqlite"
+        self.parts = self.root / "parts"
+        """One database per shard of a distributed stage (``<shard>.sqlite``), removed once merged."""
+        self.old_units = self.root / "neurons"
+        """Before the store: one JSON file per unit side (`stem`), and for stage 03 ``simulations/`` beside it."""
+        self.old_details = self.root / "simulations"
+
+    def part(self, name: str) -> Path:
+        return self.parts / f"{name}.sqlite"
+
+    def old_unit(self, key: Key) -> Path:
+        return self.old_units / f"{stem(key)}.json"
+
+    def old_detail(self, key: Key) -> Path:
+        return self.old_details / f"{stem(key)}.json"
 
 
 class CollectionLayout:
@@ -85,21 +109,14 @@ class ResultsLayout:
 
     def __init__(self, root: str | os.PathLike, jsonl_name: str) -> None:
         self.root = Path(root)
-        self.units = self.root / "neurons"
+        self.store = StoreLayout(self.root)
         self.jsonl = self.root / jsonl_name
         self.summary = summary_path(self.root)
         self.usage = usage_path(self.root)
         self.manifest = self.root / MANIFEST
-        self.simulations = self.root / "simulations"
         self.parameters = self.root / "parameters.json"
         """The stage's parameters as it last ran (whoever ran it: the chain, a notebook or a call), so live
         calls on the run (`nbutils.open_run`) use the same ones."""
-
-    def unit(self, key: Key) -> Path:
-        return self.units / f"{stem(key)}.json"
-
-    def simulation(self, key: Key) -> Path:
-        return self.simulations / f"{stem(key)}.json"
 
 
 def summary_path(stage_dir: str | os.PathLike) -> Path:

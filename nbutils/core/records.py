@@ -41,9 +41,8 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
-from nbutils.core.io import atomic_write_json, read_json
-from nbutils.core.layout import CollectionLayout, ResultsLayout
-from nbutils.core.units import NEURON, Key, UnitId, key_of
+from nbutils.core.layout import CollectionLayout
+from nbutils.core.units import NEURON, UnitId
 
 FORMAT_VERSION = 1
 STAT_FIELDS = ("mean", "variance", "skewness", "kurtosis", "max", "min")
@@ -155,31 +154,6 @@ def _load_npy(path: Path) -> np.ndarray:
             f"{path} is truncated or damaged ({e}).",
             f"Restore it, or delete {path.parent.parent} and rerun stage 01 (same command) to collect again.",
         ) from None
-
-
-class UnitEntries:
-    """Per-unit JSON results of a stage (``layout.unit(key)``: one atomically written file each), so a killed
-    run loses at most the unit in progress and a retried unit replaces its file."""
-
-    def __init__(self, layout: ResultsLayout) -> None:
-        self.layout = layout
-
-    def get(self, key: Key) -> dict[str, Any] | None:
-        return read_json(self.layout.unit(key))
-
-    def put(self, entry: dict[str, Any]) -> None:
-        atomic_write_json(self.layout.unit(key_of(entry)), entry)
-
-    def all(self) -> list[dict[str, Any]]:
-        """Every entry, ordered by layer, index, sign."""
-        folder = self.layout.units
-        entries = [json.loads(p.read_text()) for p in folder.glob("L*_N*_*.json")] if folder.is_dir() else []
-        return sorted(entries, key=lambda e: (e["layer"], e["neuron"], e["sign"] != "positive"))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading a collection
-# ----------------------------------------------------------------------------------------------------------
 
 
 class RecordStore:

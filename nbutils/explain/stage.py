@@ -1,8 +1,9 @@
 """Stage 02: explain the chosen units of a collection, resumably.
 
-Results go to the stage folder (`nbutils.core.layout.ResultsLayout`): one file per unit side, written
-atomically as each finishes (a rerun skips finished units and retries those that failed by a server's
-fault), then ``explanations.jsonl`` with all of them, ``summary.json`` and ``usage.json``.
+Results go to the stage folder (`nbutils.core.layout.ResultsLayout`): its results store
+(`nbutils.core.store`), one transaction per unit side as each finishes (a rerun skips finished units and
+retries those that failed by a server's fault), then ``explanations.jsonl`` with all of them (an export for
+other tools), ``summary.json`` and ``usage.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from nbutils.core.io import atomic_write_json, write_jsonl
 from nbutils.core.layout import explanations
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
-from nbutils.core.records import RecordStore, UnitEntries
+from nbutils.core.records import RecordStore
+from nbutils.core.store import ResultStore, shard_part
 from nbutils.explain.explainer import explain_with, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
 
@@ -49,7 +51,8 @@ def run_explain_stage(
     out = explanations(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.parameters, stage_values(config, "02_explain"))
-    saved = UnitEntries(out)
+    saved = ResultStore(out.root)
+    saved.merge_parts()  # what the shards of a killed distributed run finished
     signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
     counted = store.rare_units(config.min_active)
     rare = counted or {}
@@ -62,10 +65,12 @@ def run_explain_stage(
             out_dir=str(out_dir), cache_path=cache_path, workers=workers, progress=progress,
         )  # fmt: skip
         merge_shard_usage(out.usage, config.prices)
+        saved.merge_parts()
     entries = [saved.get(key) for key in chosen]
     write_jsonl(out.jsonl, entries)
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
     write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
+    saved.close()
     return entries
 
 
@@ -73,10 +78,10 @@ def explain_units(
     collection_dir: str, out_dir: str, config: RunConfig, keys: list[tuple[int, int, str]], cache_path: str | None,
     workers: int | None, progress: bool, shard: int | None,
 ) -> int:  # fmt: skip
-    """Explain these units (one shard of `run_explain_stage`), writing each unit's file as it finishes; the
+    """Explain these units (one shard of `run_explain_stage`), storing each unit as it finishes; the
     LLM usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
     store, out = RecordStore(collection_dir), explanations(out_dir)
-    saved = UnitEntries(out)
+    saved = ResultStore(out.root, part=shard_part(shard))
     llm = make_backend(explainer_spec(config, cache_path))
 
     def work(key: tuple[int, int, str]) -> dict[str, Any]:
@@ -91,4 +96,5 @@ def explain_units(
             llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)
+        saved.close()
     return len(keys)

@@ -49,9 +49,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+TRANSIENT = ("-wal", "-shm", "-journal")
+"""Suffixes of SQLite's log files beside a database that is open (folded into it when closed)."""
+
+
 def artifact_list(folder: Path, run_dir: Path) -> list[dict[str, Any]]:
-    """Every file under a stage folder (but the manifest and hidden files) with its size and checksum."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+    """Every file under a stage folder (but the manifest, hidden files and a database's transient log files)
+    with its size and checksum."""
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST and not p.name.endswith(TRANSIENT)
+    )  # fmt: skip
     return [{"path": str(p.relative_to(run_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
 
 

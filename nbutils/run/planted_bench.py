@@ -23,7 +23,8 @@ from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.io import atomic_write_json, write_jsonl
 from nbutils.core.layout import explanations
-from nbutils.core.records import RecordStore, UnitEntries, split_excerpts
+from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.core.store import ResultStore
 from nbutils.explain.stage import run_explain_stage
 from nbutils.score.baseline import token_lookup_explanation, token_table
 from nbutils.score.contract import scorer
@@ -58,9 +59,10 @@ def write_truth_explanations(collection_dir: Path, out_dir: Path, spec: str) -> 
             }
         )
     layout = explanations(out_dir)
-    saved = UnitEntries(layout)
+    saved = ResultStore(layout.root)
     for e in entries:
         saved.put(e)
+    saved.close()
     write_jsonl(layout.jsonl, entries)
 
 

@@ -3,11 +3,14 @@
 A scorer judges one unit side's explanation, and the token-lookup baseline's, on excerpts the explainer
 never saw (`UnitContext`). It writes everything under its own name:
 
-    scores.jsonl line (format 2):  {"layer", "neuron", "sign", "explanation", "format": 2,
-                                    <scorer name>: {...its result...}, ...,
-                                    "baseline": {"explanation": ..., <scorer name>: {...}, ...},
-                                    "failure"?, "retryable"?}
-    simulations/<unit>.json:       {"layer", "neuron", "sign", "explanation", <scorer name>: <its details>, ...}
+    a result (format 2):   {"layer", "neuron", "sign", "explanation", "format": 2,
+                            <scorer name>: {...its result...}, ...,
+                            "baseline": {"explanation": ..., <scorer name>: {...}, ...},
+                            "failure"?, "retryable"?}
+    its details:           {"layer", "neuron", "sign", "explanation", <scorer name>: <its details>, ...}
+
+both kept in the stage's results store (`nbutils.core.store`; before it, ``neurons/`` and ``simulations/``
+files), with every `Column`'s number indexed (`result_numbers`),
 
 and declares the numbers views show (`Column`: where in its result, a label, notes on weak values), so the
 viewer, the static page and the report show any registered scorer without being edited. Adding a scorer is
@@ -18,6 +21,7 @@ simulation files of format 1 (written before scorers had names) are read through
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +155,29 @@ def scorer(name: str) -> Scorer:
 def registered() -> list[Scorer]:
     """Every registered scorer, in order."""
     return [scorer(name) for name in SCORERS]
+
+
+def number_name(sc: Scorer, column: Column, baseline: bool = False) -> str:
+    """The name a scorer number is stored under in the results store's ``numbers`` table:
+    ``<scorer>/<path>``, e.g. ``simulation/top_and_random/correlation`` (``baseline:`` before it for the
+    token-lookup baseline's)."""
+    return ("baseline:" if baseline else "") + "/".join((sc.name, *column.path))
+
+
+def result_numbers(result: dict[str, Any], scorers: list[Scorer]) -> dict[str, float | None]:
+    """Every number ``scorers`` declare in a stage-03 result, the explanation's and the baseline's, by
+    `number_name` (None where missing or undefined): what the store indexes so views sort without loading."""
+    out: dict[str, float | None] = {}
+    for baseline, part in ((False, result), (True, result.get("baseline") or {})):
+        for sc in scorers:
+            if part.get(sc.name) is None:
+                continue
+            for column in sc.columns:
+                v = column.value(part.get(sc.name))
+                out[number_name(sc, column, baseline)] = (
+                    float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+                )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ For each unit side, every scorer (`nbutils.score.contract`; by default ``simulat
 A scorer whose LLM requests fail records the failure and the scorers after it do not run (a rerun retries the
 unit if the server was at fault); the baseline is always scored.
 
-Artifacts in the stage folder (`nbutils.core.layout.ResultsLayout`): one result file per unit side
-(written after its simulation file, so a score on disk always has its details), then ``scores.jsonl`` with
-all of them, ``simulations/`` (each scorer's details), ``summary.json`` and ``usage.json``.
+Artifacts in the stage folder (`nbutils.core.layout.ResultsLayout`): the results store
+(`nbutils.core.store`), where each unit side's result, its scorers' details and numbers are written in one
+transaction, then ``scores.jsonl`` with all results (an export for other tools), ``summary.json`` and
+``usage.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from nbutils.core.io import atomic_write_json, read_jsonl, write_jsonl
 from nbutils.core.layout import explanations, scores
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
-from nbutils.core.records import RecordStore, UnitEntries, split_excerpts
+from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.core.store import ResultStore, shard_part
 from nbutils.core.units import Key, key_of
 from nbutils.llm.contract import (
     Backend,
@@ -35,7 +37,15 @@ from nbutils.llm.contract import (
     traffic_options,
 )
 from nbutils.score.baseline import token_table
-from nbutils.score.contract import RESULTS_FORMAT, Scorer, ScoreSettings, UnitContext, scorer, upgrade_result
+from nbutils.score.contract import (
+    RESULTS_FORMAT,
+    Scorer,
+    ScoreSettings,
+    UnitContext,
+    result_numbers,
+    scorer,
+    upgrade_result,
+)
 from nbutils.subject.intervene import intervention_for
 
 
@@ -141,7 +151,7 @@ def run_score_stage(
     store = RecordStore(collection_dir)
     counted = store.rare_units(config.min_active)
     rare = counted or {}
-    asked = read_jsonl(explanations(explanation_dir).jsonl)
+    asked = read_jsonl(explanations(explanation_dir).jsonl)  # what stage 02 last chose to explain
     entries = [e for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
     if not entries:
         raise UserError(
@@ -151,7 +161,8 @@ def run_score_stage(
     out = scores(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.parameters, stage_values(config, "03_score"))
-    saved = UnitEntries(out)
+    saved = ResultStore(out.root)
+    saved.merge_parts()  # what the shards of a killed distributed run finished
     chosen = chosen_scorers(config)
     todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
     if todo:
@@ -161,9 +172,11 @@ def run_score_stage(
             progress=progress,
         )  # fmt: skip
         merge_shard_usage(out.usage, config.prices)
+        saved.merge_parts()
     results = [upgrade_result(saved.get(key_of(e))) for e in entries]
     write_jsonl(out.jsonl, results)
     write_summary(out.summary, results, counted, config.min_active, len(asked) - len(entries), store.meta.noun)
+    saved.close()
     return results
 
 
@@ -171,25 +184,25 @@ def score_units(
     collection_dir: str, explanation_dir: str, out_dir: str, config: RunConfig, keys: list[Key],
     cache_path: str | None, workers: int | None, progress: bool, shard: int | None,
 ) -> int:  # fmt: skip
-    """Score these units (one shard of `run_score_stage`), writing each unit's files as it finishes; the LLM
+    """Score these units (one shard of `run_score_stage`), storing each unit as it finishes; the LLM
     usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
     store, out = RecordStore(collection_dir), scores(out_dir)
-    wanted = set(keys)
-    todo = [e for e in read_jsonl(explanations(explanation_dir).jsonl) if key_of(e) in wanted]
-    saved, chosen, s = UnitEntries(out), chosen_scorers(config), settings(config)
+    asked = ResultStore(explanation_dir)
+    todo = [e for e in map(asked.get, keys) if e is not None]
+    saved, chosen, s = ResultStore(out.root, part=shard_part(shard)), chosen_scorers(config), settings(config)
     llm = make_backend(simulator_spec(config, cache_path))
     subject = None
     if any(sc.needs_subject for sc in chosen):  # loaded once, shared by the units in progress
         subject = intervention_for(store.meta.model, store.meta.unit, store.meta.site)
+    asked.close()
     work = lambda e: score_entry(e, store, llm, chosen, s, subject)  # noqa: E731
     finished = as_finished(work, todo, workers or llm.parallel_units)
     bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
     try:
-        for entry, (result, details) in bar:
-            if details is not None:
-                atomic_write_json(out.simulation(key_of(entry)), details)
-            saved.put(result)
+        for _, (result, details) in bar:
+            saved.put(result, details, result_numbers(result, chosen))
             llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)
+        saved.close()
     return len(todo)

@@ -16,7 +16,8 @@ from typing import Any
 from nbutils.core.errors import UserError
 from nbutils.core.io import read_json
 from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, scores
-from nbutils.core.records import RecordStore, UnitEntries, UnitRecord
+from nbutils.core.records import RecordStore, UnitRecord
+from nbutils.core.store import ResultStore
 from nbutils.core.units import Key, key_of
 from nbutils.score.contract import Column, Scorer, registered, upgrade_result, upgrade_simulation
 from nbutils.score.flags import explanation_notes
@@ -75,6 +76,7 @@ class RunView:
     explanations: dict[Key, dict[str, Any]] = field(default_factory=dict)
     scores: dict[Key, dict[str, Any]] = field(default_factory=dict)
     score_layout: ResultsLayout | None = None
+    score_store: ResultStore | None = None
     usage_files: dict[str, Path] = field(default_factory=dict)
     explanation_summary: Path | None = None
 
@@ -89,12 +91,13 @@ class RunView:
         view = cls(store=RecordStore(collection_dir))
         if explanation_dir is not None:
             layout = explanations(explanation_dir)
-            view.explanations = {key_of(e): e for e in UnitEntries(layout).all()}
+            view.explanations = {key_of(e): e for e in ResultStore(layout.root).entries()}
             view.explanation_summary = layout.summary
             view.usage_files[STAGES[1].folder] = layout.usage
         if score_dir is not None:
             view.score_layout = scores(score_dir)
-            view.scores = {key_of(r): upgrade_result(r) for r in UnitEntries(view.score_layout).all()}
+            view.score_store = ResultStore(score_dir)
+            view.scores = {key_of(r): upgrade_result(r) for r in view.score_store.entries()}
             view.usage_files[STAGES[2].folder] = view.score_layout.usage
         return view
 
@@ -202,7 +205,7 @@ class RunView:
 
     def simulation(self, key: Key) -> dict[str, Any] | None:
         """A unit side's saved scorer details (format 2), if any."""
-        return upgrade_simulation(read_json(self.score_layout.simulation(key))) if self.score_layout else None
+        return upgrade_simulation(self.score_store.details(key)) if self.score_store else None
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""

@@ -1,0 +1,427 @@
+"""The results store of stages 02 and 03: one SQLite database per stage folder, ``results.sqlite``.
+
+Why SQLite (standard library, nothing to install): every unit side is written in its own transaction, so a
+killed run loses at most the units in progress; the primary key and an index on each scorer number make
+"this unit", "the next one", "sorted by a score" and "the explanations containing a word" queries, not
+loads of every result; WAL lets a viewer read a run while its stage writes. SQLite must not be shared by
+writers on several hosts over a network filesystem (its locks are not reliable there), so each shard of a
+distributed stage writes a part of its own (``parts/<shard>.sqlite``: one writer, exclusive locking, no
+shared-memory file) and the stage merges the parts into ``results.sqlite`` when its shards finish, and again
+at its next start after a kill (`ResultStore.merge_parts`).
+
+Tables (store format `STORE_FORMAT`, in ``meta``):
+
+    entries(layer, neuron, side, explanation, failure, body)   body: the entry as JSON text
+    details(layer, neuron, side, body)                         body: `pack`ed scorer details
+    numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
+
+``side`` is 0 for the positive side of a unit and 1 for the negative one, so the primary key's order is the
+order views list units in. Entries stay JSON text, so SQLite's own JSON functions query them, e.g.
+``sqlite3 03_score/results.sqlite "SELECT layer, neuron, json_extract(body, '$.failure') FROM entries"``.
+
+Scorer details keep their per-token values as arrays, not JSON text (`pack`): float32 where every value
+survives the round trip exactly (activations collected in float32), float64 otherwise, so what is read back
+equals what was written. Folders written before the store (``neurons/*.json``, ``simulations/*.json``) are
+read as they are and copied into the store the first time a stage writes there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nbutils.core.errors import UserError
+from nbutils.core.layout import StoreLayout
+from nbutils.core.units import Key
+
+STORE_FORMAT = 1
+MIN_ARRAY = 8  # a list of at least this many floats is stored as an array
+_ARRAY = "\x00array"  # the placeholder key of a packed array in a details body
+_MAGIC = b"NBD1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL,
+    explanation TEXT, failure TEXT, body TEXT NOT NULL,
+    PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS details (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS numbers (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (layer, neuron, side, name)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS numbers_by_value ON numbers (name, value);
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pack(obj: Any) -> bytes:
+    """Scorer details as bytes: the JSON structure with every list of `MIN_ARRAY` or more floats replaced by
+    a binary array (float32 when exact, else float64), all zlib-compressed. `unpack` returns an equal object."""
+    arrays: list[np.ndarray] = []
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if len(o) >= MIN_ARRAY and all(type(x) is float for x in o):
+                a = np.asarray(o, dtype=np.float64)
+                narrow = a.astype(np.float32)
+                exact = np.array_equal(narrow.astype(np.float64), a, equal_nan=True)
+                arrays.append(narrow if exact else a)
+                return {_ARRAY: len(arrays) - 1}
+            return [walk(x) for x in o]
+        return o
+
+    head = json.dumps(walk(obj), default=_json_default).encode()
+    parts = [_MAGIC, struct.pack("<I", len(head)), head]
+    for a in arrays:
+        parts += [
+            b"f" if a.dtype == np.float32 else b"d",
+            struct.pack("<I", a.size),
+            a.astype("<" + a.dtype.str[1:]).tobytes(),
+        ]
+    return zlib.compress(b"".join(parts), 6)
+
+
+def unpack(data: bytes) -> Any:
+    """What `pack` packed."""
+    raw = zlib.decompress(data)
+    if raw[:4] != _MAGIC:
+        raise ValueError("not a packed details body")
+    (n,) = struct.unpack_from("<I", raw, 4)
+    head, at, arrays = json.loads(raw[8 : 8 + n]), 8 + n, []
+    while at < len(raw):
+        dtype = "<f4" if raw[at : at + 1] == b"f" else "<f8"
+        (size,) = struct.unpack_from("<I", raw, at + 1)
+        nbytes = size * np.dtype(dtype).itemsize
+        arrays.append(np.frombuffer(raw, dtype, size, at + 5))
+        at += 5 + nbytes
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            if len(o) == 1 and _ARRAY in o:
+                return [float(x) for x in arrays[o[_ARRAY]]]
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(x) for x in o]
+        return o
+
+    return walk(head)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
+def _entry_body(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, default=_json_default)
+
+
+def _entry(body: str) -> dict[str, Any]:
+    return json.loads(body)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The store
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _damaged(path: Path, e: Exception) -> UserError:
+    return UserError(
+        f"The results store {path} is damaged or is not a results store ({e}).",
+        f"Restore it from a copy; or move it away and rerun the stage (same command): the units it held are then "
+        f"computed again. `sqlite3 {path} .recover` can often save what it holds.",
+    )
+
+
+class ResultStore:
+    """The results of one stage folder (``results.sqlite`` there, plus unmerged parts), read and written by key.
+
+    ``part``: write to ``parts/<part>.sqlite`` instead (a shard of a distributed stage; `merge_parts` moves it
+    into the main store). A folder without a store but with per-unit JSON files (written before the store) is
+    read from those files until something is written."""
+
+    def __init__(self, root: str | os.PathLike, part: str | None = None) -> None:
+        self.layout = StoreLayout(root)
+        self.root, self.path = self.layout.root, self.layout.main
+        self.part = part
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._wrote = False
+
+    # -- connections ----------------------------------------------------------------------------------------
+
+    @property
+    def writes_to(self) -> Path:
+        return self.layout.part(self.part) if self.part else self.path
+
+    def _open(self, path: Path, create: bool) -> sqlite3.Connection:
+        if not create and not path.is_file():
+            raise FileNotFoundError(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
+            if path != self.path:  # a part: one writer, no shared-memory file (safe on a network filesystem)
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # a killed process loses no committed unit
+            found = dict(conn.execute("SELECT name, value FROM meta").fetchall()) if _has_meta(conn) else {}
+            if not found:
+                conn.executescript(_SCHEMA)
+                from nbutils import __version__
+
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('written_by', ?)",
+                             (str(STORE_FORMAT), f"nbutils {__version__}"))  # fmt: skip
+            elif int(found.get("format", 0)) > STORE_FORMAT:
+                conn.close()
+                raise UserError(
+                    f"{path} was written by {found.get('written_by', 'a newer nbutils')} in store format "
+                    f"{found['format']}; this nbutils reads format {STORE_FORMAT} and older.",
+                    "Upgrade nbutils (pip install -U nbutils, or git pull and reinstall) to read this run.",
+                )
+        except sqlite3.DatabaseError as e:
+            raise _damaged(path, e) from None
+        return conn
+
+    def _connection(self, create: bool = False) -> sqlite3.Connection | None:
+        if self._conn is None:
+            target = self.writes_to if create else self.path
+            if not create and not target.is_file():
+                return None
+            self._conn = self._open(target, create)
+            if create and self.part is None:
+                self._import_files()
+        return self._conn
+
+    @contextmanager
+    def _query(self, create: bool = False) -> Iterator[sqlite3.Connection | None]:
+        with self._lock:
+            try:
+                yield self._connection(create)
+            except sqlite3.DatabaseError as e:
+                raise _damaged(self.writes_to if create else self.path, e) from None
+
+    def close(self) -> None:
+        """Close the connection. After writing, the write-ahead log is first folded into the database file
+        (also while a viewer holds the store open), so the stage's manifest checksums the file as it stays."""
+        with self._lock:
+            if self._conn is not None:
+                if self._wrote:
+                    try:
+                        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.DatabaseError:
+                        pass  # a reader in the middle of a query: the last connection to close folds the log
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def put(self, entry: dict[str, Any], details: Any = None, numbers: dict[str, float | None] | None = None) -> None:
+        """Write one unit side's entry (and its scorer details and numbers) in one transaction, replacing what
+        was there for that key."""
+        key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
+        with self._query(create=True) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            self._wrote = True
+            try:
+                _write(conn, key, entry, details, numbers)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _import_files(self) -> None:
+        """Copy per-unit JSON files of a folder written before the store into it (once, in one transaction)."""
+        conn = self._conn
+        legacy = LegacyFiles(self.layout)
+        if not legacy.exists() or conn.execute("SELECT 1 FROM meta WHERE name='imported'").fetchone():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        for entry in legacy.entries():
+            key = (entry["layer"], entry["neuron"], entry["sign"])
+            _write(conn, _row_key(key), entry, legacy.details(key), None)
+        conn.execute("INSERT INTO meta VALUES ('imported', 'neurons/ and simulations/ files')")
+        conn.execute("COMMIT")
+
+    def merge_parts(self) -> int:
+        """Move every part (``parts/*.sqlite``) into the main store, one transaction per part, deleting each
+        part once merged; returns the number of unit sides moved. A damaged part is left in place and named
+        in a `UserError` after the others are merged."""
+        folder = self.layout.parts
+        found = sorted(folder.glob("*.sqlite")) if folder.is_dir() else []
+        moved, bad = 0, []
+        for part in found:
+            try:
+                src = self._open(part, create=False)
+                src.close()  # recovers (or rolls back) what a killed writer left, and checks the format
+            except UserError as e:
+                bad.append(e)
+                continue
+            with self._query(create=True) as conn:
+                conn.execute("ATTACH DATABASE ? AS part", (str(part),))
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for table in ("entries", "details"):
+                        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM part.{table}")
+                    conn.execute(
+                        "DELETE FROM numbers WHERE (layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
+                    )
+                    conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
+                    moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
+                    conn.execute("COMMIT")
+                    self._wrote = True
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                finally:
+                    conn.execute("DETACH DATABASE part")
+            for p in (part, part.with_name(part.name + "-wal"), part.with_name(part.name + "-journal")):
+                p.unlink(missing_ok=True)
+        if bad:
+            raise bad[0]
+        return moved
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def _legacy(self) -> LegacyFiles | None:
+        legacy = LegacyFiles(self.layout)
+        return legacy if not self.path.is_file() and legacy.exists() else None
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        """A unit side's entry, or None."""
+        if (legacy := self._legacy()) is not None:
+            return legacy.get(key)
+        with self._query() as conn:
+            row = conn and conn.execute(f"SELECT body FROM entries WHERE {_AT}", _row_key(key)).fetchone()
+        return _entry(row[0]) if row else None
+
+    def details(self, key: Key) -> Any:
+        """A unit side's scorer details, or None."""
+        if (legacy := self._legacy()) is not None:
+            return legacy.details(key)
+        with self._query() as conn:
+            row = conn and conn.execute(f"SELECT body FROM details WHERE {_AT}", _row_key(key)).fetchone()
+        return unpack(row[0]) if row else None
+
+    def keys(self) -> list[Key]:
+        """Every unit side held, in (layer, neuron, positive first) order."""
+        if (legacy := self._legacy()) is not None:
+            return [(e["layer"], e["neuron"], e["sign"]) for e in legacy.entries()]
+        with self._query() as conn:
+            rows = conn.execute("SELECT layer, neuron, side FROM entries ORDER BY layer, neuron, side") if conn else []
+            return [(r[0], r[1], SIDES[r[2]]) for r in rows]
+
+    def entries(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every entry in key order, read ``batch`` at a time (bounded memory for any number of units)."""
+        if (legacy := self._legacy()) is not None:
+            yield from legacy.entries()
+            return
+        after: tuple[int, int, int] = (-1, -1, -1)
+        while True:
+            with self._query() as conn:
+                query = "SELECT layer, neuron, side, body FROM entries WHERE (layer, neuron, side) > (?, ?, ?) "
+                rows = (
+                    conn.execute(query + "ORDER BY layer, neuron, side LIMIT ?", (*after, batch)).fetchall()
+                    if conn
+                    else []
+                )
+            if not rows:
+                return
+            yield from (_entry(r[3]) for r in rows)
+            after = rows[-1][:3]
+
+    def __len__(self) -> int:
+        if (legacy := self._legacy()) is not None:
+            return len(legacy.entries())
+        with self._query() as conn:
+            return conn.execute("SELECT count(*) FROM entries").fetchone()[0] if conn else 0
+
+
+def shard_part(shard: int | None) -> str | None:
+    """The part a shard of a distributed stage writes (None: one shard, which writes the main store)."""
+    return None if shard is None else f"shard-{shard:03d}"
+
+
+SIDES = ("positive", "negative")
+_AT = "layer=? AND neuron=? AND side=?"
+
+
+def _row_key(key: Key) -> tuple[int, int, int]:
+    """(layer, neuron, side) of a (layer, neuron, sign) key."""
+    if key[2] not in SIDES:
+        raise ValueError(f"sign {key[2]!r} is neither 'positive' nor 'negative'")
+    return (int(key[0]), int(key[1]), SIDES.index(key[2]))
+
+
+def _has_meta(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+
+
+def _write(
+    conn: sqlite3.Connection, key: tuple[int, int, int], entry: dict[str, Any], details: Any, numbers: dict | None
+) -> None:
+    explanation, failure = entry.get("explanation"), entry.get("failure")
+    conn.execute(
+        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+        (*key, explanation if isinstance(explanation, str) else None, failure, _entry_body(entry)),
+    )
+    conn.execute(f"DELETE FROM details WHERE {_AT}", key)
+    if details is not None:
+        conn.execute("INSERT INTO details VALUES (?, ?, ?, ?)", (*key, pack(details)))
+    conn.execute(f"DELETE FROM numbers WHERE {_AT}", key)
+    if numbers:
+        conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])
+
+
+class LegacyFiles:
+    """A stage folder written before the store: ``neurons/L{layer}_N{index}_{sign}.json`` per unit side and,
+    for stage 03, ``simulations/`` files of the same names. Read only."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
+        self._all: list[dict[str, Any]] | None = None
+
+    def exists(self) -> bool:
+        return self.layout.old_units.is_dir()
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        path = self.layout.old_unit(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def details(self, key: Key) -> Any:
+        path = self.layout.old_detail(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def entries(self) -> list[dict[str, Any]]:
+        if self._all is None:
+            found = [json.loads(p.read_text()) for p in self.layout.old_units.glob("L*_N*_*.json")]
+            self._all = sorted(found, key=lambda e: (e["layer"], e["neuron"], e["sign"] != "positive"))
+        return self._all

@@ -1,0 +1,183 @@
+"""The results store of stages 02 and 03 (`nbutils.core.store`): exact round trips, one transaction per unit
+(a killed writer loses at most the unit in progress), shard parts written by several processes at once and
+merged, folders written before the store, and damaged, truncated or newer stores named with their fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbutils.core.errors import UserError
+from nbutils.core.store import MIN_ARRAY, STORE_FORMAT, ResultStore, pack, unpack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entry(layer: int, neuron: int, sign: str = "positive", **extra) -> dict:
+    return {"layer": layer, "neuron": neuron, "sign": sign, "explanation": f"unit {layer}/{neuron}", **extra}
+
+
+def _details(seed: int, tokens: int = 64) -> dict:
+    """Details shaped like the simulation scorer's: float32 activations, float64 expected values."""
+    rng = np.random.default_rng(seed)
+    acts = [float(x) for x in rng.normal(size=tokens).astype(np.float32)]
+    expected = [float(x) for x in rng.random(tokens) * 10]  # not exact in float32
+    return {"simulation": {"excerpts": [{"tokens": [f"t{i}" for i in range(tokens)], "activations": acts,
+                                         "expected": expected, "split": "top", "index": seed}]}}  # fmt: skip
+
+
+def test_entries_details_and_numbers_read_back_equal(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put(_entry(1, 2, retryable=True, x=1))
+    store.put(_entry(0, 5, "negative", x=2), _details(1), {"simulation/a": 0.5, "baseline:simulation/a": None})
+    store.put(_entry(0, 5, x=3), _details(2))
+    store.put(_entry(1, 2, x=4), _details(3))  # the retried unit replaces its entry
+    assert [e["x"] for e in store.entries()] == [3, 2, 4]  # layer, neuron, positive before negative
+    assert [e["x"] for e in store.entries(batch=1)] == [3, 2, 4]  # paged reads see the same order
+    assert store.keys() == [(0, 5, "positive"), (0, 5, "negative"), (1, 2, "positive")] and len(store) == 3
+    assert store.get((0, 5, "negative")) == _entry(0, 5, "negative", x=2)
+    assert store.details((0, 5, "negative")) == _details(1) and store.details((1, 2, "positive")) == _details(3)
+    assert store.get((9, 9, "positive")) is None and store.details((9, 9, "positive")) is None
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:  # the numbers a view sorts by, with their unit
+        assert db.execute("SELECT layer, neuron, side, name, value FROM numbers ORDER BY name").fetchall() == [
+            (0, 5, 1, "baseline:simulation/a", None), (0, 5, 1, "simulation/a", 0.5)]  # fmt: skip
+        store.put(_entry(0, 5, "negative", x=5))  # rewritten without numbers or details: both gone
+        assert db.execute("SELECT count(*) FROM numbers").fetchone() == (0,)
+    assert store.details((0, 5, "negative")) is None
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("results.sqlite")] == []
+
+
+def test_pack_is_exact_and_compact():
+    d = _details(7, tokens=1280)
+    d["nested"] = [[0.1] * MIN_ARRAY, [1, 2, 3], [True] * 9, {"ints": list(range(20))}, [float("nan")] * 9]
+    back = unpack(pack(d))
+    assert back["simulation"] == d["simulation"]  # every float as written (float32 or float64 inside)
+    assert back["nested"][:4] == d["nested"][:4] and all(math.isnan(x) for x in back["nested"][4])
+    assert type(back["nested"][1][0]) is int and type(back["nested"][2][0]) is bool  # not turned into floats
+    text = json.dumps(d).encode()
+    assert len(pack(d)) < len(text) / 2.5, (len(pack(d)), len(text))
+    # the float32-exact activations take 4 bytes each, the others 8: at most 12 bytes a token besides its text
+    plain = _details(8, tokens=1280)
+    plain["simulation"]["excerpts"][0]["tokens"] = []
+    assert 1280 * 10 < len(pack(plain)) < 1280 * 12 + 200
+
+
+_WRITER = """
+import sys, time
+from nbutils.core.store import ResultStore
+store = ResultStore(sys.argv[1], part=sys.argv[2] if sys.argv[2] != "-" else None)
+first, n = int(sys.argv[3]), int(sys.argv[4])
+for i in range(first, first + n):
+    d = {"simulation": {"expected": [float(i) + 0.1 * k for k in range(400)]}}
+    store.put({"layer": 0, "neuron": i, "sign": "positive", "explanation": "e" * 2000}, d, {"n": float(i)})
+    time.sleep(float(sys.argv[5]))
+store.close()
+"""
+
+
+def _writer(root: Path, part: str | None, first: int, n: int, pause: float) -> subprocess.Popen:
+    args = [sys.executable, "-c", _WRITER, str(root), part or "-", str(first), str(n), str(pause)]
+    return subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def _expected(i: int) -> dict:
+    return {"simulation": {"expected": [float(i) + 0.1 * k for k in range(400)]}}
+
+
+def test_a_killed_writer_loses_at_most_the_unit_in_progress_and_resumes(tmp_path):
+    proc = _writer(tmp_path, None, 0, 100_000, 0.0)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "results.sqlite").is_file() or len(ResultStore(tmp_path)) < 20:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = ResultStore(tmp_path)
+    keys = store.keys()
+    assert len(keys) >= 20 and [k[1] for k in keys] == list(range(len(keys)))  # a prefix, nothing half-written
+    assert all(store.details(k) == _expected(k[1]) for k in keys)
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    store.close()
+    done = len(keys)
+    resumed = _writer(tmp_path, None, done, 5, 0.0)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert [k[1] for k in ResultStore(tmp_path).keys()] == list(range(done + 5))
+
+
+def test_shard_parts_written_at_once_by_several_processes_merge_into_one_store(tmp_path):
+    ResultStore(tmp_path).put(_entry(0, 1, x="old"))  # what the main store held before: replaced by the shard's
+    procs = [_writer(tmp_path, f"shard-{s:03d}", s * 40, 40, 0.001) for s in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0], [p.stderr.read() for p in procs]
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"shard-{s:03d}.sqlite" for s in range(4)]
+    store = ResultStore(tmp_path)
+    assert store.keys() == [(0, 1, "positive")]  # parts are not read before they are merged
+    assert store.merge_parts() == 160
+    assert [k[1] for k in store.keys()] == list(range(160)) and list((tmp_path / "parts").iterdir()) == []
+    assert store.get((0, 1, "positive"))["explanation"] == "e" * 2000
+    assert all(store.details((0, i, "positive")) == _expected(i) for i in range(160))
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        assert db.execute("SELECT count(*), sum(value) FROM numbers").fetchone() == (160, sum(range(160)))
+    assert store.merge_parts() == 0  # nothing left to merge
+
+
+def test_a_half_written_part_is_named_and_the_other_parts_still_merge(tmp_path):
+    for s in range(2):
+        assert _writer(tmp_path, f"shard-{s:03d}", s * 10, 10, 0.0).wait(timeout=120) == 0
+    bad = tmp_path / "parts" / "shard-001.sqlite"
+    bad.write_bytes(bad.read_bytes()[:1500])  # cut inside its first pages
+    store = ResultStore(tmp_path)
+    with pytest.raises(UserError, match="shard-001.sqlite is damaged") as err:
+        store.merge_parts()
+    assert "move it away and rerun the stage" in err.value.fix
+    assert [k[1] for k in store.keys()] == list(range(10)) and bad.is_file()  # shard 0's units are kept
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_is_named_with_the_fix(tmp_path, damage):
+    store = ResultStore(tmp_path)
+    for i in range(50):
+        store.put(_entry(0, i), _details(i))
+    store.close()
+    path = tmp_path / "results.sqlite"
+    data = path.read_bytes()
+    path.write_bytes(b"not a database at all " * 100 if damage == "garbage" else data[: len(data) // 3])
+    with pytest.raises(UserError, match="results.sqlite is damaged") as err:
+        list(ResultStore(tmp_path).entries())
+    assert ".recover" in err.value.fix and "rerun the stage" in err.value.fix
+
+
+def test_a_store_written_by_a_newer_version_is_refused(tmp_path):
+    ResultStore(tmp_path).put(_entry(0, 1))
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        db.execute("UPDATE meta SET value=? WHERE name='format'", (str(STORE_FORMAT + 1),))
+        db.execute("UPDATE meta SET value='nbutils 9.0' WHERE name='written_by'")
+    with pytest.raises(UserError, match=f"written by nbutils 9.0 in store format {STORE_FORMAT + 1}") as err:
+        ResultStore(tmp_path).get((0, 1, "positive"))
+    assert "Upgrade nbutils" in err.value.fix
+
+
+def test_a_folder_written_before_the_store_is_read_and_then_copied_in(tmp_path):
+    old = [_entry(0, 3, "negative", x=1), _entry(0, 3, x=2), _entry(2, 0, x=3)]
+    (tmp_path / "neurons").mkdir()
+    (tmp_path / "simulations").mkdir()
+    for e in old:
+        name = f"L{e['layer']}_N{e['neuron']}_{e['sign']}.json"
+        (tmp_path / "neurons" / name).write_text(json.dumps(e))
+        (tmp_path / "simulations" / name).write_text(json.dumps(_details(e["x"])))
+    store = ResultStore(tmp_path)
+    assert [e["x"] for e in store.entries()] == [2, 1, 3] and store.details((2, 0, "positive")) == _details(3)
+    assert not (tmp_path / "results.sqlite").exists()  # reading writes nothing
+    store.put(_entry(2, 0, x=4))  # the first write copies the old files in, then replaces this unit
+    again = ResultStore(tmp_path)
+    assert [e["x"] for e in again.entries()] == [2, 1, 4] and again.details((0, 3, "positive")) == _details(2)
