@@ -7,6 +7,7 @@
     python bench/run.py --only throughput --latency 1  # LLM stages against an API taking 1 s per request
     python bench/run.py --only ray --excerpts 512      # stage 01 on 1 and 2 local Ray workers
     python bench/run.py --only interactive             # the live calls of a run (nbutils.open_run)
+    python bench/run.py --only scale --units 307200    # a run of GPT-2 XL's size: stage costs, views, exports
 
 Prints a table and writes JSON to bench/results/<benchmark>.json. Timings are medians over repeats, with
 the min-max spread; the baseline and the measured variant alternate within each repeat so machine noise
@@ -339,6 +340,14 @@ def bench_interactive(excerpts: int, repeats: int) -> dict[str, Any]:
     return run(excerpts, repeats)
 
 
+def bench_scale(excerpts: int, repeats: int, units: int = 307_200, stage_units: int = 6400) -> dict[str, Any]:
+    """Stages 02-03 per unit and every view of a run of ``units`` unit sides (`bench/scale.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import bench_scale as run
+
+    return run(units, stage_units)
+
+
 BENCHMARKS = {
     "collect": bench_collect,
     "simulate": bench_simulate,
@@ -347,6 +356,7 @@ BENCHMARKS = {
     "throughput": bench_throughput,
     "ray": bench_ray,
     "interactive": bench_interactive,
+    "scale": bench_scale,
 }
 
 
@@ -358,6 +368,8 @@ def main() -> None:
     p.add_argument("--neurons", type=int, default=6, help="e2e: neurons explained and scored")
     p.add_argument("--latency", type=float, default=1.0, help="throughput: seconds the API takes per request")
     p.add_argument("--limits", default="1,8,64,256", help="throughput: caps on requests in flight to compare")
+    p.add_argument("--units", type=int, default=307_200, help="scale: unit sides in the run's stores")
+    p.add_argument("--stage-units", type=int, default=6400, help="scale: units stages 02-03 run for real")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -370,6 +382,8 @@ def main() -> None:
         kwargs: dict[str, Any] = {"neurons": args.neurons} if name == "e2e" else {}
         if name == "throughput":
             kwargs = {"latency": args.latency, "limits": args.limits}
+        if name == "scale":
+            kwargs = {"units": args.units, "stage_units": args.stage_units}
         result = BENCHMARKS[name](args.excerpts, args.repeats, **kwargs)
         result["machine"] = machine
         print_table(result)

@@ -181,3 +181,22 @@ def test_a_folder_written_before_the_store_is_read_and_then_copied_in(tmp_path):
     store.put(_entry(2, 0, x=4))  # the first write copies the old files in, then replaces this unit
     again = ResultStore(tmp_path)
     assert [e["x"] for e in again.entries()] == [2, 1, 4] and again.details((0, 3, "positive")) == _details(2)
+
+
+def test_queries_read_the_index_and_the_explanation_column(tmp_path):
+    store = ResultStore(tmp_path)
+    items = [
+        (_entry(2, 0, explanation="Months of the year"), None, {"sim": 0.2, "baseline:sim": 0.9}),
+        (_entry(0, 1, "negative", explanation="the word 'of'"), None, {"sim": 0.7}),
+        (_entry(0, 1, explanation=None, failure="no reply"), None, {"sim": None}),
+        (_entry(1, 4, explanation="MONTH names, and the day"), None, {"sim": 0.7, "other": 1.0}),
+    ]
+    assert store.put_many(iter(items), batch=3) == 4  # two transactions
+    assert store.ranked("sim") == [(0.7, (0, 1, "negative")), (0.7, (1, 4, "positive")), (0.2, (2, 0, "positive"))]
+    assert store.ranked("baseline:sim") == [(0.9, (2, 0, "positive"))] and store.ranked("missing") == []
+    assert sorted(store.number_names()) == ["baseline:sim", "other", "sim"]
+    assert store.explanations()[:2] == [((0, 1, "positive"), None), ((0, 1, "negative"), "the word 'of'")]
+    assert store.search("month") == [(1, 4, "positive"), (2, 0, "positive")]  # ignoring case
+    store.put(_entry(1, 4, explanation="weekdays"), None, {"sim": 0.1})  # rewritten: its old numbers go
+    assert store.search("month") == [(2, 0, "positive")] and store.ranked("sim")[-1] == (0.1, (1, 4, "positive"))
+    assert store.indexed and ResultStore(tmp_path / "empty").ranked("sim") == []

@@ -199,7 +199,9 @@ def test_static_export_is_self_contained(run_dir, tmp_path):
         assert text.startswith("<!DOCTYPE html>") and "<script" not in text
         assert not re.search(r"(src|href)=['\"]?(https?:|//)", text)  # nothing fetched from a network
     assert whole.count('class="nbx-neuron"') == 2 and "href='#L1-N0-positive'" in whole
-    assert run_html(RunView.open(run_dir), max_neurons=1).count('class="nbx-neuron"') == 1
+    one_shown = run_html(RunView.open(run_dir), page_units=1)
+    assert one_shown.count('class="nbx-neuron"') == 1 and "Full detail below for 1 of these 2" in one_shown
+    assert one_shown.count("<a href='#L") == 1 and "L1 N0" in one_shown and "L4 N2" in one_shown  # one linked
 
 
 def test_report_figures_and_tables(run_dir, tmp_path):
@@ -448,6 +450,7 @@ def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_
     from nbutils.llm.prompts import WORKED_EXAMPLES
 
     view = RunView.open(run_dir)
+    view.explanations, view.scores = dict(view.explanations.items()), dict(view.scores.items())  # edited below
     copied = WORKED_EXAMPLES[0].explanation + ", mostly in dates"
     for key in view.explanations:  # both explanations copy the prompt's first worked example, so they repeat
         view.explanations[key]["explanation"] = copied
@@ -478,3 +481,56 @@ def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_
     chances = [r["detection"]["f1_chance"]["value"] for r in view.scores.values() if r.get("detection")]
     assert f1["chance"] == pytest.approx(np.mean(chances))
     assert all(r["chance"] == 0.5 for r in rows if r["metric"] != "F1")
+
+
+def _widened(run_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The run with every collected unit scored: the two real results copied onto all 12 units' keys, each
+    with its own top+random correlation (unit i of layer l: (l * 6 + i) / 100), written through the store."""
+    from nbutils.core.store import ResultStore
+    from nbutils.score.stage import stored_numbers
+
+    run = tmp_path / "wide"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("04_*", "05_*"))
+    values = {}
+    for stage in ("02_explain", "03_score"):
+        store = ResultStore(run / stage)
+        template = [(e, store.details((e["layer"], e["neuron"], e["sign"]))) for e in store.entries()]
+        items = []
+        for i, (layer, unit) in enumerate((lay, u) for lay in (1, 4) for u in range(6)):
+            e, d = template[i % 2]
+            e = {**e, "layer": layer, "neuron": unit, "explanation": f"unit {layer}/{unit} fires on text"}
+            if stage == "03_score":
+                values[(layer, unit, "positive")] = e["simulation"]["top_and_random"]["correlation"]["value"] = (
+                    layer * 6 + unit
+                ) / 100
+            items.append((e, d, stored_numbers(e) if stage == "03_score" else None))
+        store.put_many(items)
+        store.close()
+    return run, values
+
+
+def test_views_read_only_what_they_show(run_dir, tmp_path, monkeypatch):
+    from nbutils.core.store import ResultStore
+
+    run, values = _widened(run_dir, tmp_path)
+    read = []
+    original = ResultStore.entries
+    monkeypatch.setattr(ResultStore, "entries", lambda self, *a, **k: read.append(self.root.name) or original(self))
+    view = RunView.open(run)
+    viewer = NeuronViewer(view)  # sorted by score: the best unit first
+    assert viewer.current == (4, 5, "positive") and 'class="nbx-neuron"' in viewer.html.value
+    viewer.step(1)
+    assert viewer.current == (4, 4, "positive")
+    assert view.neuron_ids("score: worst first")[:2] == [(1, 0), (1, 1)]
+    assert view.neuron_ids("layer, neuron", "unit 4/") == [(4, u) for u in range(6)]
+    assert [k for _, k in view.ranked()] == sorted(values, key=lambda k: -values[k])
+    assert read == []  # none of that parsed every entry: the store's index and explanation column answered
+    shown = run_html(view, page_units=4)
+    assert read == []
+    def detailed(page: str) -> list[tuple[int, int]]:
+        return [(int(a), int(b)) for a, b in re.findall(r'class="nbx-neuron" id="L(\d+)-N(\d+)-positive"', page)]
+
+    assert detailed(shown)[:2] == [(4, 5), (1, 0)]  # the best, then the worst; then a seeded sample of the rest
+    assert len(set(detailed(shown))) == 4 and detailed(run_html(view, page_units=4)) == detailed(shown)
+    assert "Full detail below for 4 of these 12: the 1 best and the 1 worst" in _visible_text(shown)
+    assert shown.count("<a href='#L") == 4 and all(f"L{k[0]} N{k[1]}" in shown for k in values)  # all in the table

@@ -193,6 +193,9 @@ class RunConfig:
     neuron: int | None = _param(
         None, (INSPECT,), "that neuron's index; None: the best-scored one", example="955", how=True
     )
+    page_units: int = _param(
+        200, (INSPECT,), "unit sides the static page shows in full (the best, the worst, a sample); its table lists all"
+    )
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> RunConfig:

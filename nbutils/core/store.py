@@ -14,6 +14,7 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     entries(layer, neuron, side, explanation, failure, body)   body: the entry as JSON text
     details(layer, neuron, side, body)                         body: `pack`ed scorer details
     numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
+    number_names(name)                                         every name in ``numbers``
 
 ``side`` is 0 for the positive side of a unit and 1 for the negative one, so the primary key's order is the
 order views list units in. Entries stay JSON text, so SQLite's own JSON functions query them, e.g.
@@ -33,7 +34,7 @@ import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS numbers (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
     PRIMARY KEY (layer, neuron, side, name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS numbers_by_value ON numbers (name, value);
+CREATE TABLE IF NOT EXISTS number_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -161,15 +163,23 @@ class ResultStore:
 
     ``part``: write to ``parts/<part>.sqlite`` instead (a shard of a distributed stage; `merge_parts` moves it
     into the main store). A folder without a store but with per-unit JSON files (written before the store) is
-    read from those files until something is written."""
+    read from those files until something is written; the first write copies them in, with the numbers
+    ``numbers_of(entry)`` gives for each (stage 03's scorer numbers)."""
 
-    def __init__(self, root: str | os.PathLike, part: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        part: str | None = None,
+        numbers_of: Callable[[dict[str, Any]], dict[str, float | None]] | None = None,
+    ) -> None:
         self.layout = StoreLayout(root)
         self.root, self.path = self.layout.root, self.layout.main
         self.part = part
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._wrote = False
+        self._old = LegacyFiles(self.layout)
+        self._numbers_of = numbers_of
 
     # -- connections ----------------------------------------------------------------------------------------
 
@@ -247,34 +257,56 @@ class ResultStore:
     def put(self, entry: dict[str, Any], details: Any = None, numbers: dict[str, float | None] | None = None) -> None:
         """Write one unit side's entry (and its scorer details and numbers) in one transaction, replacing what
         was there for that key."""
-        key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
+        self._write_batch([(entry, details, numbers)])
+
+    def put_many(
+        self, items: Iterable[tuple[dict[str, Any], Any, dict[str, float | None] | None]], batch: int = 1000
+    ) -> int:
+        """Write many (entry, details, numbers) at once, ``batch`` unit sides per transaction: for imports and
+        benchmarks, where losing the batch in progress to a kill is acceptable. Returns how many were written."""
+        count, pending = 0, []
+        for item in items:
+            pending.append(item)
+            if len(pending) >= batch:
+                count += self._write_batch(pending)
+                pending = []
+        return count + (self._write_batch(pending) if pending else 0)
+
+    def _write_batch(self, items: list[tuple[dict[str, Any], Any, Any]]) -> int:
         with self._query(create=True) as conn:
             conn.execute("BEGIN IMMEDIATE")
             self._wrote = True
             try:
-                _write(conn, key, entry, details, numbers)
+                for entry, details, numbers in items:
+                    key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
+                    _write(conn, key, entry, details, numbers)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        return len(items)
 
     def _import_files(self) -> None:
         """Copy per-unit JSON files of a folder written before the store into it (once, in one transaction)."""
         conn = self._conn
-        legacy = LegacyFiles(self.layout)
+        legacy = self._old
         if not legacy.exists() or conn.execute("SELECT 1 FROM meta WHERE name='imported'").fetchone():
             return
         conn.execute("BEGIN IMMEDIATE")
         for entry in legacy.entries():
             key = (entry["layer"], entry["neuron"], entry["sign"])
-            _write(conn, _row_key(key), entry, legacy.details(key), None)
+            numbers = self._numbers_of(entry) if self._numbers_of else None
+            _write(conn, _row_key(key), entry, legacy.details(key), numbers)
         conn.execute("INSERT INTO meta VALUES ('imported', 'neurons/ and simulations/ files')")
         conn.execute("COMMIT")
 
     def merge_parts(self) -> int:
         """Move every part (``parts/*.sqlite``) into the main store, one transaction per part, deleting each
         part once merged; returns the number of unit sides moved. A damaged part is left in place and named
-        in a `UserError` after the others are merged."""
+        in a `UserError` after the others are merged. (A stage calls this first: it also creates the store and
+        copies in the files of a folder written before it.)"""
+        with self._query(create=True):
+            pass
         folder = self.layout.parts
         found = sorted(folder.glob("*.sqlite")) if folder.is_dir() else []
         moved, bad = 0, []
@@ -295,6 +327,7 @@ class ResultStore:
                         "DELETE FROM numbers WHERE (layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
                     )
                     conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
+                    conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
                     moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
                     conn.execute("COMMIT")
                     self._wrote = True
@@ -312,8 +345,7 @@ class ResultStore:
     # -- reading --------------------------------------------------------------------------------------------
 
     def _legacy(self) -> LegacyFiles | None:
-        legacy = LegacyFiles(self.layout)
-        return legacy if not self.path.is_file() and legacy.exists() else None
+        return self._old if not self.path.is_file() and self._old.exists() else None
 
     def get(self, key: Key) -> dict[str, Any] | None:
         """A unit side's entry, or None."""
@@ -364,6 +396,41 @@ class ResultStore:
         with self._query() as conn:
             return conn.execute("SELECT count(*) FROM entries").fetchone()[0] if conn else 0
 
+    # -- queries that read an index or a column, not the entries ----------------------------------------------
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the queries below can answer (False for a folder written before the store)."""
+        return self._legacy() is None
+
+    def explanations(self) -> list[tuple[Key, str | None]]:
+        """(key, explanation text) of every entry in key order, read from its column (no entry is parsed)."""
+        if (legacy := self._legacy()) is not None:
+            return [((e["layer"], e["neuron"], e["sign"]), e.get("explanation")) for e in legacy.entries()]
+        with self._query() as conn:
+            rows = conn.execute(_KEYED.format("explanation")).fetchall() if conn else []
+        return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
+
+    def search(self, text: str) -> list[Key]:
+        """Keys whose explanation contains ``text`` (ignoring case, as Python's `str.lower` does), in key order."""
+        needle = text.lower()
+        return [k for k, t in self.explanations() if isinstance(t, str) and needle in t.lower()]
+
+    def ranked(self, name: str) -> list[tuple[float, Key]]:
+        """(value, key) of every unit side whose number ``name`` is defined, highest first (then key order);
+        read from the index on ``numbers``."""
+        with self._query() as conn:
+            rows = conn.execute(
+                "SELECT value, layer, neuron, side FROM numbers WHERE name=? AND value IS NOT NULL "
+                "ORDER BY value DESC, layer, neuron, side", (name,)
+            ).fetchall() if conn else []  # fmt: skip
+        return [(r[0], (r[1], r[2], SIDES[r[3]])) for r in rows]
+
+    def number_names(self) -> list[str]:
+        """Every number name stored (`nbutils.score.contract.number_name`)."""
+        with self._query() as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM number_names")] if conn else []
+
 
 def shard_part(shard: int | None) -> str | None:
     """The part a shard of a distributed stage writes (None: one shard, which writes the main store)."""
@@ -371,6 +438,7 @@ def shard_part(shard: int | None) -> str | None:
 
 
 SIDES = ("positive", "negative")
+_KEYED = "SELECT layer, neuron, side, {} FROM entries ORDER BY layer, neuron, side"
 _AT = "layer=? AND neuron=? AND side=?"
 
 
@@ -399,6 +467,7 @@ def _write(
     conn.execute(f"DELETE FROM numbers WHERE {_AT}", key)
     if numbers:
         conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])
+        conn.executemany("INSERT OR IGNORE INTO number_names VALUES (?)", [(n,) for n in numbers])
 
 
 class LegacyFiles:

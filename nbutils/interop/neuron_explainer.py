@@ -273,9 +273,9 @@ def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def export_openai_results(sim_path: str | Path, out_root: str | Path) -> Path:
-    """Write ``<out_root>/<layer>/<neuron>.jsonl`` (neuron-explainer's results layout) from a simulation file."""
-    sim = json.loads(Path(sim_path).read_text())
+def export_openai_results(sim: dict[str, Any], out_root: str | Path) -> Path:
+    """Write ``<out_root>/<layer>/<neuron>.jsonl`` (neuron-explainer's results layout) from a unit side's
+    scorer details (`nbutils.view.runview.RunView.simulation`)."""
     path = Path(out_root) / str(sim["layer"]) / f"{sim['neuron']}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_openai_results(sim)) + "\n")

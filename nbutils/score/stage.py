@@ -42,6 +42,7 @@ from nbutils.score.contract import (
     Scorer,
     ScoreSettings,
     UnitContext,
+    registered,
     result_numbers,
     scorer,
     upgrade_result,
@@ -127,6 +128,11 @@ def score_entry(
     return result, ({**head, **details} if details else None)
 
 
+def stored_numbers(result: dict[str, Any]) -> dict[str, float | None]:
+    """Every registered scorer's numbers in a result of any format (what the store indexes)."""
+    return result_numbers(upgrade_result(result), registered())
+
+
 def _needs_scoring(old: dict[str, Any] | None, entry: dict[str, Any], scorers: list[Scorer]) -> bool:
     """Not scored with this explanation, a retryable failure, or a scorer missing from its result."""
     if old is None or old.get("retryable") or old["explanation"] != entry["explanation"]:
@@ -161,7 +167,7 @@ def run_score_stage(
     out = scores(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.parameters, stage_values(config, "03_score"))
-    saved = ResultStore(out.root)
+    saved = ResultStore(out.root, numbers_of=stored_numbers)
     saved.merge_parts()  # what the shards of a killed distributed run finished
     chosen = chosen_scorers(config)
     todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
@@ -189,7 +195,8 @@ def score_units(
     store, out = RecordStore(collection_dir), scores(out_dir)
     asked = ResultStore(explanation_dir)
     todo = [e for e in map(asked.get, keys) if e is not None]
-    saved, chosen, s = ResultStore(out.root, part=shard_part(shard)), chosen_scorers(config), settings(config)
+    saved = ResultStore(out.root, part=shard_part(shard), numbers_of=stored_numbers)
+    chosen, s = chosen_scorers(config), settings(config)
     llm = make_backend(simulator_spec(config, cache_path))
     subject = None
     if any(sc.needs_subject for sc in chosen):  # loaded once, shared by the units in progress

@@ -50,7 +50,7 @@ from nbutils.view.findings import (
 )
 from nbutils.view.live import Live
 from nbutils.view.render import fragment, neuron_html
-from nbutils.view.runview import RunView, main_score, result_notes
+from nbutils.view.runview import RunView, result_notes
 from nbutils.view.tables import neuron_scale
 
 SIGNS = ("positive", "negative")
@@ -341,18 +341,22 @@ class Run(RunView):
             raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
         needle = text.strip().lower()
 
-        def row(key: Key, where: str) -> dict[str, Any]:
-            return {"layer": key[0], "neuron": key[1], "sign": key[2], "where": where,
-                    "explanation": self.explanations[key].get("explanation"), "score": main_score(self.scores.get(key))}  # fmt: skip
-
-        entries = sorted(self.explanations.items())
-        said = [k for k, e in entries if all(w in (e.get("explanation") or "").lower() for w in words)]
-        found = sorted(
-            (row(k, "explanation") for k in said), key=lambda r: -np.inf if r["score"] is None else -r["score"]
-        )
-        tokens = [k for k, e in entries if k not in set(said)
-                  and needle in ((e.get("baseline") or {}).get("explanation") or "").lower()]  # fmt: skip
-        return SearchResults(text, (found + [row(k, "baseline tokens") for k in tokens])[:k])
+        said: list[Key] = []
+        tokens: list[Key] = []
+        for key, e in self.explanations.items():  # streamed: one pass, nothing kept but the keys found
+            if all(w in (e.get("explanation") or "").lower() for w in words):
+                said.append(key)
+            elif needle in ((e.get("baseline") or {}).get("explanation") or "").lower():
+                tokens.append(key)
+        score = {key: value for value, key in self.ranked()}  # the store's index, not every result
+        said.sort(key=lambda key: (-score.get(key, -np.inf), key))
+        chosen = [(key, "explanation") for key in said] + [(key, "baseline tokens") for key in sorted(tokens)]
+        rows = [
+            {"layer": key[0], "neuron": key[1], "sign": key[2], "where": where,
+             "explanation": self.explanations[key].get("explanation"), "score": score.get(key)}
+            for key, where in chosen[:k]
+        ]  # fmt: skip
+        return SearchResults(text, rows)
 
     def _repr_html_(self) -> str:
         meta = self.store.meta

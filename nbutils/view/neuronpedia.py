@@ -184,12 +184,15 @@ def export_neuronpedia(
     simulator = _slug(str(_stage_param(run_dir, "simulator_model") or "unknown"))
     written = _write_config(out, view, explainer, simulator, now)
     hooks = meta.unit.get("hooks") or []
+    explained: dict[int, list[Key]] = {}  # from the explanation column: no entry is read yet
+    for k in view.explained_keys():
+        explained.setdefault(k[0], []).append(k)
     for layer in meta.layers:
         source = f"{layer}-{sset}"
         folder = out / mid / source
         hook = next((h for h in hooks if re.search(rf"(^|\.){layer}(\.|$)", h)), f"blocks.{layer}.mlp.hook_post")
         written += _write_source(folder, view, mid, source, sset, layer, explainer, now)
-        keys = sorted(k for k in view.explanations if k[0] == layer and view.explanations[k].get("explanation"))
+        keys = sorted(explained.get(layer, []))
         units = sorted({k[1] for k in keys})
         for b, chunk in _batches(units):
             recs = [view.record(layer, i) for i in chunk]

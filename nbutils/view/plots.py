@@ -16,19 +16,21 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.layout import figures_dir
-from nbutils.score.contract import Column, Scorer
+from nbutils.score.contract import Column
 from nbutils.score.flags import copied_example
-from nbutils.view.runview import RunView, column_notes, finite, main_score
+from nbutils.view.runview import RunView
 
 SERIES = (
-    ("explanation, top+random", lambda r: main_score(r)),
-    ("explanation, random only", lambda r: main_score(r, "random_only")),
-    ("explanation, stratified", lambda r: main_score(r, "stratified")),
-    ("baseline, top+random", lambda r: main_score(r.get("baseline"))),
+    ("explanation, top+random", "explanation", 0),
+    ("explanation, random only", "explanation", 1),
+    ("explanation, stratified", "explanation", 3),
+    ("baseline, top+random", "baseline", 0),
 )
+"""The correlation series of the figures: name, whose, and the simulation scorer's column (`ScoreTable`)."""
 
 
 DPI = 110
+BOOT_BLOCK = 10_000_000  # resampled indices held at once by `mean_interval` (80 MB)
 
 
 def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
@@ -60,10 +62,11 @@ def _empty(ax, text: str) -> None:
 
 def score_values(view: RunView) -> dict[str, np.ndarray]:
     """Each series' defined scores over all scored neurons."""
+    table = view.score_table
     out = {}
-    for name, get in SERIES:
-        values = [get(r) for r in view.scores.values()]
-        out[name] = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    for name, who, i in SERIES:
+        v = table.column(who, "simulation", i)
+        out[name] = v[np.isfinite(v)]
     return out
 
 
@@ -90,17 +93,26 @@ def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tupl
     if len(values) < 2:
         return (float(values.mean()) if len(values) else float("nan")), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    n = len(values)
+    if n_boot * n <= BOOT_BLOCK:
+        means = values[rng.integers(0, n, (n_boot, n))].mean(1)
+    else:  # a large run: the resamples drawn a block at a time, so memory stays bounded
+        step = max(1, BOOT_BLOCK // n)
+        means = np.concatenate(
+            [values[rng.integers(0, n, (min(step, n_boot - i), n))].mean(1) for i in range(0, n_boot, step)]
+        )
     return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def layer_rows(view: RunView) -> list[dict[str, Any]]:
     """Per layer and series: neurons scored and the mean score with its 95% interval."""
     rows = []
-    for layer in sorted({k[0] for k in view.scores}):
-        results = [r for k, r in view.scores.items() if k[0] == layer]
-        for name, get in SERIES:
-            v = np.array([x for x in (get(r) for r in results) if x is not None and np.isfinite(x)], dtype=float)
+    table = view.score_table
+    layers = table.layers
+    for layer in sorted(set(layers.tolist())):
+        for name, who, i in SERIES:
+            v = table.column(who, "simulation", i)[layers == layer]
+            v = v[np.isfinite(v)]
             if len(v):  # a series with no value in this layer has no row
                 mean, low, high = mean_interval(v)
                 rows.append({"layer": layer, "series": name, "n": len(v), "mean": mean, "low": low, "high": high})
@@ -121,7 +133,7 @@ def score_by_layer(view: RunView):
         _empty(ax, "no scores yet (stage 03)")
         return fig
     single = False
-    for i, (name, _) in enumerate(SERIES):
+    for i, (name, _, _) in enumerate(SERIES):
         mine = [r for r in rows if r["series"] == name]
         x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1.5) * 0.2
         y = np.array([r["mean"] for r in mine])
@@ -169,35 +181,34 @@ OUTPUT_SIDE = (
 """The output-side scores set against the correlation: scorer, path to its metric, axis label, chance level."""
 
 
-def _metric_at(part: dict[str, Any] | None, scorer_name: str, path: tuple[str, ...]) -> float | None:
-    node: Any = (part or {}).get(scorer_name)
-    for key in path:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node.get("value") if isinstance(node, dict) else None
+def _column_of(view: RunView, scorer_name: str, path: tuple[str, ...]) -> int | None:
+    """The index of a scorer's column with this path, if the scorer has results in the run."""
+    for sc in view.scorers:
+        if sc.name == scorer_name:
+            return next((i for i, c in enumerate(sc.columns) if c.path == path), None)
+    return None
 
 
 def output_side_scores(view: RunView):
     """Each unit's correlation score (top+random) against its ablation and intervention scores, for the
     explanation and the baseline: whether explaining when a unit fires also explains what it does."""
-    present = [(name, path, axis, chance) for name, path, axis, chance in OUTPUT_SIDE
-               if any(_metric_at(r, name, path) is not None for r in view.scores.values())]  # fmt: skip
+    table = view.score_table
+    present = []
+    for name, path, axis, chance in OUTPUT_SIDE:
+        i = _column_of(view, name, path)
+        if i is not None and np.isfinite(table.column("explanation", name, i)).any():
+            present.append((name, i, axis, chance))
     if not present:
         fig, ax = _figure()
         _empty(ax, "no ablation or intervention scores (stage 03 with ablation=True or intervention=True)")
         return fig
     fig, axes = _figure(max(5.4, 3.8 * len(present)), 3.6, ncols=len(present))
-    for ax, (name, path, axis, chance) in zip(np.atleast_1d(axes), present):
+    for ax, (name, i, axis, chance) in zip(np.atleast_1d(axes), present):
         for who, colour in (("explanation", "C0"), ("baseline", "C1")):
-            points = []
-            for r in view.scores.values():
-                part = r if who == "explanation" else r.get("baseline")
-                x = _metric_at(part, "simulation", ("top_and_random", "correlation"))
-                y = _metric_at(part, name, path)
-                if x is not None and y is not None:
-                    points.append((x, y))
-            if points:
-                xs, ys = zip(*points)
-                ax.scatter(xs, ys, s=14, color=colour, alpha=0.7, label=f"{who} ({len(points)})")
+            xs, ys = table.column(who, "simulation", 0), table.column(who, name, i)
+            both = np.isfinite(xs) & np.isfinite(ys)
+            if both.any():
+                ax.scatter(xs[both], ys[both], s=14, color=colour, alpha=0.7, label=f"{who} ({int(both.sum())})")
         ax.axhline(chance, color="0.7", lw=0.8)
         ax.set_xlabel("correlation score (top+random)")
         ax.set_ylabel(axis)
@@ -206,15 +217,14 @@ def output_side_scores(view: RunView):
     return fig
 
 
-def _chance(sc: Scorer, column: Column, parts: list[dict[str, Any]]) -> float | None:
-    """A column's chance level: its own, or for F1 the mean F1 of answering yes to every item; None for a
-    number that has none (a correlation: 0 is no relation, not a chance level)."""
+def _chance(column: Column, f1_chance: np.ndarray) -> float | None:
+    """A column's chance level: its own, or for F1 the mean F1 of answering yes to every item (of the units
+    given); None for a number that has none (a correlation: 0 is no relation, not a chance level)."""
     if column.chance is not None:
         return column.chance
     if column.path == ("f1",):
-        levels = [finite(((p.get(sc.name) or {}).get("f1_chance") or {}).get("value")) for p in parts]
-        levels = [c for c in levels if c is not None]
-        return float(np.mean(levels)) if levels else None
+        levels = f1_chance[np.isfinite(f1_chance)]
+        return float(levels.mean()) if len(levels) else None
     return None
 
 
@@ -222,21 +232,22 @@ def scorer_rows(view: RunView) -> list[dict[str, Any]]:
     """Per scorer, column and who (explanation or baseline): units with a value, the mean with its 95%
     interval, chance, and how many units' numbers carry a note (a degenerate judge, too few items)."""
     rows = []
+    table = view.score_table
     for sc in view.scorers:
-        for column in sc.columns:
+        for i, column in enumerate(sc.columns):
             for who in ("explanation", "baseline"):
-                parts = [r if who == "explanation" else r.get("baseline") or {} for r in view.scores.values()]
-                parts = [p for p in parts if finite(column.value(p.get(sc.name))) is not None]
-                if not parts:
+                values = table.column(who, sc.name, i)
+                defined = np.isfinite(values)
+                if not defined.any():
                     continue
-                v = np.array([column.value(p.get(sc.name)) for p in parts], dtype=float)
+                v = values[defined]
                 mean, low, high = mean_interval(v)
-                noted = sum(bool(column_notes(sc, column, p)) for p in parts)
-                degenerate = sum(any(n.startswith("degenerate") for n in column_notes(sc, column, p)) for p in parts)
+                noted = int(table.noted[(who, sc.name, i)][defined].sum())
+                degenerate = int(table.degenerate[(who, sc.name, i)][defined].sum())
+                chance = _chance(column, table.f1_chance[(who, sc.name)][defined])
                 rows.append(
                     {"scorer": sc.name, "metric": column.label, "of": who, "n": len(v), "mean": mean, "low": low,
-                     "high": high, "chance": _chance(sc, column, parts), "noted": noted,
-                     "degenerate judges": degenerate}
+                     "high": high, "chance": chance, "noted": noted, "degenerate judges": degenerate}
                 )  # fmt: skip
     return rows
 
@@ -307,7 +318,7 @@ def usage_rows(view: RunView) -> list[dict[str, Any]]:
 def run_summary(view: RunView) -> list[dict[str, Any]]:
     """What was run and how it went, as (item, value) rows."""
     meta = view.store.meta
-    failed = [k for k, r in view.scores.items() if r.get("failure")]
+    failed = int(view.score_table.failed.sum())
     values = score_values(view)
     noun = meta.noun
     items = {
@@ -317,8 +328,8 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
         f"{noun}s collected": sum(len(view.store.neurons(layer)) for layer in meta.layers),
         "tokens seen": f"{meta.tokens_seen:,}" if meta.tokens_seen else "-",
         f"explanations ({noun} sides)": len(view.explanations),
-        "scored": len(view.scores) - len(failed),
-        "failed (explanation or simulation)": len(failed),
+        "scored": len(view.scores) - failed,
+        "failed (explanation or simulation)": failed,
     }
     for name, v in values.items():
         items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
@@ -327,7 +338,7 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
         if (r["scorer"], r["metric"]) in headlines:
             degenerate = f" ({r['degenerate judges']} of {r['n']} degenerate judges)" if r["degenerate judges"] else ""
             items[f"mean {r['scorer']} {r['metric']}, {r['of']}"] = f"{r['mean']:.3f}{degenerate}"
-    explained = [e.get("explanation") for e in view.explanations.values() if e.get("explanation")]
+    explained = [t for _, t in view.explanation_texts() if t]
     if explained:
         copies = sum(copied_example(e) is not None for e in explained)
         repeated = sum(any(n.startswith("same as") for n in notes) for notes in view.explanation_notes.values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import html
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -245,18 +246,26 @@ def page(title: str, body: str) -> str:
     )
 
 
-def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
+PAGE_UNITS = 200
+"""How many unit sides the static page of a run shows in full by default (every one is in its table)."""
+
+
+def run_index_html(view: RunView, keys: Sequence[Key], linked: set[Key] | None = None) -> str:
     """A table of the given units with explanation and every scorer's compact columns (and the baseline's
-    headline), each row linking to its section."""
+    headline); the rows of ``linked`` units (default: all) link to their sections."""
     columns = [(sc, sc.columns[i], False) for sc in view.scorers for i in sc.compact]
     columns += [(sc, sc.columns[0], True) for sc in view.scorers]
     rows, legend = [], Legend()  # a note shows as a numbered marker; the legend below says each kind once
+    notes = view.explanation_notes
     for k in keys:
         e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
-        text = with_notes(e.get("explanation") or e.get("failure") or "", view.explanation_notes.get(k, []))
+        text = with_notes(e.get("explanation") or e.get("failure") or "", notes.get(k, []))
         cells = [column_text(r.get("baseline") if base else r, sc, c) for sc, c, base in columns]
+        name = f"L{k[0]} N{k[1]}"
+        if linked is None or k in linked:
+            name = f"<a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>{name}</a>"
         rows.append(
-            f"<tr><td><a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>L{k[0]} N{k[1]}</a> {_esc(k[2])}</td>"
+            f"<tr><td>{name} {_esc(k[2])}</td>"
             f"<td>{legend.cell(text)}</td>" + "".join(f"<td>{legend.cell(c)}</td>" for c in cells) + "</tr>"
         )
     head = "".join(f"<th>{'baseline ' if base else ''}{_esc(label(sc, c))}</th>" for sc, c, base in columns)
@@ -264,27 +273,49 @@ def run_index_html(view: RunView, keys: Sequence[Key]) -> str:
     return table + legend.html()
 
 
-def run_html(view: RunView, keys: Sequence[Key] | None = None, max_neurons: int = 200) -> str:
-    """A shareable page for a run: summary, an index table and every chosen neuron's full view.
+def page_choice(view: RunView, keys: Sequence[Key], page_units: int, seed: int = 0) -> tuple[list[Key], str]:
+    """The unit sides a page shows in full (at most ``page_units`` of ``keys``) and a sentence saying which:
+    all of them when they fit; else the best and the worst by the top+random correlation, a third each, and an
+    even random sample (seeded) of the rest, or the first ones in index order when none is scored."""
+    keys, wanted = list(keys), set(keys)
+    ranked = [k for _, k in view.ranked() if k in wanted]
+    if len(keys) <= page_units:  # all of them, best first
+        placed = set(ranked)
+        return ranked + [k for k in keys if k not in placed], ""
+    n = len(keys)
+    if not ranked:
+        return keys[:page_units], f"Full detail below for the first {page_units} of these {n} (none is scored yet)."
+    third = min(page_units // 3, len(ranked) // 2)
+    best, worst = ranked[:third], ranked[len(ranked) - third :][::-1]
+    taken = set(best) | set(worst)
+    rest = [k for k in keys if k not in taken]
+    sample = sorted(random.Random(seed).sample(rest, min(page_units - len(taken), len(rest))))
+    return best + worst + sample, (
+        f"Full detail below for {len(best) + len(worst) + len(sample)} of these {n}: the {len(best)} best and the "
+        f"{len(worst)} worst by top+random correlation, then {len(sample)} chosen at random (seed {seed}) from the "
+        "rest. The table lists every one; the names with a link have a section."
+    )
 
-    By default the neurons are the explained ones (all collected neurons if none is explained yet), at
-    most ``max_neurons`` of them, best score first; the page says when it was cut.
+
+def run_html(view: RunView, keys: Sequence[Key] | None = None, page_units: int = PAGE_UNITS) -> str:
+    """A shareable page for a run: summary, a table of every chosen unit side, and the full view of at most
+    ``page_units`` of them (`page_choice`), which the page states.
+
+    By default the unit sides are the explained ones (all collected units if none is explained yet); the
+    detailed ones come best score first.
     """
     if keys is None:
-        scored = [k for _, k in view.ranked()]  # best score first, then the rest in index order
-        rest = list(view.explanations) or [n.key() for n in view.store.all_ids()]
-        keys = scored + [k for k in rest if k not in set(scored)]
-    shown = list(keys)[:max_neurons]
+        keys = view.keys() or [n.key() for n in view.store.all_ids()]
+    shown, choice = page_choice(view, keys, page_units)
     meta = view.store.meta
     summary = (
         f"<p>Model <b>{_esc(meta.model)}</b>, corpus <b>{_esc(meta.corpus)}</b>, layers {_esc(meta.layers)}, "
-        f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations)} explained, "
-        f"{len(view.scores)} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
+        f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations):,} explained, "
+        f"{len(view.scores):,} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
     )
-    noun = meta.noun
-    cut = f"<p class='nbx-muted'>Showing {len(shown)} of {len(keys)} {noun}s.</p>" if len(shown) < len(keys) else ""
-    title = f"{noun.capitalize()} explanations"
-    body = f"<h2>{title}</h2>" + summary + rare_html(view) + cut + run_index_html(view, shown)
+    cut = f"<p class='nbx-muted'>{_esc(choice)}</p>" if choice else ""
+    title = f"{meta.noun.capitalize()} explanations"
+    body = f"<h2>{title}</h2>" + summary + rare_html(view) + cut + run_index_html(view, list(keys), set(shown))
     body += "".join("<hr>" + neuron_html(view, *k) for k in shown)
     return page(title, body)
 

@@ -1,17 +1,24 @@
 """Read-only access to a run for the viewer and the report: records, explanations, scores, simulations.
 
 A run folder holds the stage folders (`nbutils.core.layout.RunLayout`); only the collection is required:
-units that were not explained or scored yet still have their excerpts. Results written in format 1 are
-upgraded as they are read (`nbutils.score.contract.upgrade_result`), so older runs open unchanged.
+units that were not explained or scored yet still have their excerpts. Opening a run reads nothing but the
+collection's metadata: explanations and scores are read from the stages' results stores
+(`nbutils.core.store`) when asked for, one unit at a time, and sorting and filtering read the store's
+indexes and explanation column (`StoredResults`), so a run of 300,000 units opens as fast as one of ten.
+Results written in format 1 are upgraded as they are read (`nbutils.score.contract.upgrade_result`), so older
+runs open unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nbutils.core.errors import UserError
 from nbutils.core.io import read_json
@@ -24,6 +31,8 @@ from nbutils.score.flags import explanation_notes
 from nbutils.view.tables import label
 
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
+MAIN_SCORE = "simulation/top_and_random/correlation"
+"""The store's name (`nbutils.score.contract.number_name`) of the number `main_score` reads."""
 
 
 def finite(value: Any) -> float | None:
@@ -69,14 +78,118 @@ def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> 
 
 
 @dataclass
+class ScoreTable:
+    """Every scored unit side's scorer numbers as arrays, built in one streaming pass over stage 03's results
+    (`RunView.score_table`): what the report aggregates, so a run of 300,000 units is read once and none of
+    its results is kept. Columns are keyed by (who, scorer name, column index), who being "explanation" or
+    "baseline"; NaN where a number is undefined or missing."""
+
+    keys: list[Key]
+    failed: np.ndarray
+    values: dict[tuple[str, str, int], np.ndarray]
+    noted: dict[tuple[str, str, int], np.ndarray]
+    """Whether the number carries a note (`Column.notes`)."""
+    degenerate: dict[tuple[str, str, int], np.ndarray]
+    """Whether one of its notes says the judge was degenerate (the same answer for every item)."""
+    f1_chance: dict[tuple[str, str], np.ndarray]
+    """Per judging scorer: the F1 of answering yes to every item, where stored."""
+
+    @classmethod
+    def build(cls, results: Iterator[tuple[Key, dict[str, Any]]], scorers: list[Scorer]) -> ScoreTable:
+        cols = [(who, sc, i, c) for who in WHO for sc in scorers for i, c in enumerate(sc.columns)]
+        keys: list[Key] = []
+        failed: list[bool] = []
+        values: dict[tuple, list[float]] = {(w, sc.name, i): [] for w, sc, i, _ in cols}
+        noted: dict[tuple, list[bool]] = {k: [] for k in values}
+        degenerate: dict[tuple, list[bool]] = {k: [] for k in values}
+        chance: dict[tuple, list[float]] = {(w, sc.name): [] for w in WHO for sc in scorers}
+        for key, r in results:
+            keys.append(key)
+            failed.append(bool(r.get("failure")))
+            parts = {"explanation": r, "baseline": r.get("baseline") or {}}
+            for who, sc, i, column in cols:
+                res = parts[who].get(sc.name)
+                v = finite(column.value(res))
+                notes = column.notes(res) if res is not None and column.notes else []
+                values[(who, sc.name, i)].append(np.nan if v is None else v)
+                noted[(who, sc.name, i)].append(bool(notes))
+                degenerate[(who, sc.name, i)].append(any(n.startswith("degenerate") for n in notes))
+            for who in WHO:
+                for sc in scorers:
+                    f1 = ((parts[who].get(sc.name) or {}).get("f1_chance") or {}).get("value")
+                    chance[(who, sc.name)].append(np.nan if finite(f1) is None else float(f1))
+        return cls(
+            keys, np.array(failed, dtype=bool),
+            {k: np.array(v, dtype=float) for k, v in values.items()},
+            {k: np.array(v, dtype=bool) for k, v in noted.items()},
+            {k: np.array(v, dtype=bool) for k, v in degenerate.items()},
+            {k: np.array(v, dtype=float) for k, v in chance.items()},
+        )  # fmt: skip
+
+    def column(self, who: str, scorer_name: str, index: int = 0) -> np.ndarray:
+        """One number of every scored unit side (NaN where undefined; all NaN for a scorer not in the run)."""
+        return self.values.get((who, scorer_name, index), np.full(len(self.keys), np.nan))
+
+    @property
+    def layers(self) -> np.ndarray:
+        return np.array([k[0] for k in self.keys], dtype=np.int64)
+
+
+WHO = ("explanation", "baseline")
+
+
+class StoredResults(Mapping[Key, dict[str, Any]]):
+    """A stage's results as a read-only mapping from key to entry, read from its store when asked: ``get`` and
+    ``[]`` read one entry, iteration and ``len`` read the keys (once), ``values()`` and ``items()`` stream the
+    entries in key order a batch at a time (so nothing holds every entry in memory)."""
+
+    def __init__(self, store: ResultStore | None, upgrade: Callable[[Any], Any] = lambda r: r) -> None:
+        self.store, self._upgrade = store, upgrade
+        self._keys: list[Key] | None = None
+
+    def _all_keys(self) -> list[Key]:
+        if self._keys is None:
+            self._keys = self.store.keys() if self.store is not None else []
+        return self._keys
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        found = self.store.get(key) if self.store is not None else None
+        if found is None:
+            raise KeyError(key)
+        return self._upgrade(found)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._all_keys())
+
+    def __len__(self) -> int:
+        return len(self._all_keys())
+
+    def values(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        return (self._upgrade(e) for e in (self.store.entries() if self.store is not None else []))
+
+    def items(self) -> Iterator[tuple[Key, dict[str, Any]]]:  # type: ignore[override]
+        return ((key_of(e), e) for e in self.values())
+
+
+@dataclass
 class RunView:
     """Everything the viewer and the report read from one run."""
 
     store: RecordStore
-    explanations: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    scores: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    explanations: Mapping[Key, dict[str, Any]] = field(default_factory=dict)
+    scores: Mapping[Key, dict[str, Any]] = field(default_factory=dict)
     score_layout: ResultsLayout | None = None
     score_store: ResultStore | None = None
+    """Stage 03's store, where the scorers' details are read (`simulation`)."""
     usage_files: dict[str, Path] = field(default_factory=dict)
     explanation_summary: Path | None = None
 
@@ -91,13 +204,13 @@ class RunView:
         view = cls(store=RecordStore(collection_dir))
         if explanation_dir is not None:
             layout = explanations(explanation_dir)
-            view.explanations = {key_of(e): e for e in ResultStore(layout.root).entries()}
+            view.explanations = StoredResults(ResultStore(layout.root))
             view.explanation_summary = layout.summary
             view.usage_files[STAGES[1].folder] = layout.usage
         if score_dir is not None:
             view.score_layout = scores(score_dir)
             view.score_store = ResultStore(score_dir)
-            view.scores = {key_of(r): upgrade_result(r) for r in view.score_store.entries()}
+            view.scores = StoredResults(view.score_store, upgrade_result)
             view.usage_files[STAGES[2].folder] = view.score_layout.usage
         return view
 
@@ -123,11 +236,16 @@ class RunView:
     @cached_property
     def explanation_notes(self) -> dict[Key, list[str]]:
         """Notes on explanations that copy a worked example or repeat other units' (`nbutils.score.flags`)."""
-        return explanation_notes({k: e.get("explanation") for k, e in self.explanations.items()})
+        return explanation_notes(dict(self.explanation_texts()))
 
     @cached_property
     def scorers(self) -> list[Scorer]:
-        """The registered scorers with results in this run, in registry order."""
+        """The registered scorers with results in this run, in registry order (from the store's list of the
+        numbers it holds, where it has one)."""
+        stored = _store(self.scores)
+        if stored is not None and stored.indexed:
+            names = {n.removeprefix("baseline:").split("/")[0] for n in stored.number_names()}
+            return [sc for sc in registered() if sc.name in names]
         return [
             sc
             for sc in registered()
@@ -135,11 +253,26 @@ class RunView:
         ]
 
     @cached_property
+    def score_table(self) -> ScoreTable:
+        """Every scored unit side's numbers (`ScoreTable`), read in one pass the first time it is asked for."""
+        return ScoreTable.build(self.scores.items(), self.scorers)
+
+    @cached_property
     def rare(self) -> dict[str, Any] | None:
         """The dead and rare units stage 02 left out (`nbutils.core.failures.rare_listing`), if it listed any."""
         if self.explanation_summary is None or not self.explanation_summary.is_file():
             return None
         return read_json(self.explanation_summary).get("rare")
+
+    def explained_keys(self) -> list[Key]:
+        """The unit sides with an explanation (not a failure), in (layer, neuron, positive first) order; read
+        from the store's explanation column where there is one."""
+        return [k for k, t in self.explanation_texts() if t]
+
+    def explanation_texts(self) -> list[tuple[Key, str | None]]:
+        """(key, explanation) of every stage-02 entry: the store's explanation column, or the entries."""
+        stored = _store(self.explanations)
+        return stored.explanations() if stored else [(k, e.get("explanation")) for k, e in self.explanations.items()]
 
     def keys(self) -> list[Key]:
         """Every explained or scored unit side, in (layer, neuron, sign) order."""
@@ -205,7 +338,7 @@ class RunView:
 
     def simulation(self, key: Key) -> dict[str, Any] | None:
         """A unit side's saved scorer details (format 2), if any."""
-        return upgrade_simulation(self.score_store.details(key)) if self.score_store else None
+        return upgrade_simulation(self.score_store.details(key)) if self.score_store is not None else None
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
@@ -218,9 +351,11 @@ class RunView:
             raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
         if text:
             needle = text.lower()
-            ids = sorted(
-                {(k[0], k[1]) for k, e in self.explanations.items() if needle in (e["explanation"] or "").lower()}
-            )
+            stored = _store(self.explanations)
+            found = stored.search(text) if stored is not None else [
+                k for k, e in self.explanations.items() if needle in (e.get("explanation") or "").lower()
+            ]  # fmt: skip
+            ids = sorted({(k[0], k[1]) for k in found})
         else:
             ids = [(n.layer, n.index) for n in self.store.all_ids()]
         if sort == SORTS[0]:
@@ -234,6 +369,15 @@ class RunView:
         return known + [i for i in ids if i not in placed]
 
     def ranked(self, baseline: bool = False) -> list[tuple[float, Key]]:
-        """Scored unit sides with a defined top+random score (the baseline's with ``baseline``), best first."""
+        """Scored unit sides with a defined top+random score (the baseline's with ``baseline``), best first (read
+        from the store's index where it has one)."""
+        stored = _store(self.scores)
+        if stored is not None and stored.indexed:
+            return stored.ranked(("baseline:" if baseline else "") + MAIN_SCORE)
         pairs = [(main_score(r.get("baseline") if baseline else r), k) for k, r in self.scores.items()]
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
+
+
+def _store(results: Mapping[Key, Any]) -> ResultStore | None:
+    """The store behind a view's results (None for results given as a plain dict)."""
+    return results.store if isinstance(results, StoredResults) else None

@@ -21,7 +21,7 @@ from nbutils.core.layout import page_path
 from nbutils.core.units import Key
 from nbutils.view.interactive import Run
 from nbutils.view.panels import LivePanels
-from nbutils.view.render import fragment, neuron_html, page, run_html
+from nbutils.view.render import PAGE_UNITS, fragment, neuron_html, page, run_html
 from nbutils.view.runview import SORTS, RunView
 
 
@@ -135,11 +135,16 @@ class NeuronViewer:
 
 
 def export_html(
-    run: RunView | str | Path, path: str | Path, neurons: Sequence[Sequence[Any]] | None = None, max_neurons: int = 200
+    run: RunView | str | Path,
+    path: str | Path,
+    neurons: Sequence[Sequence[Any]] | None = None,
+    page_units: int = PAGE_UNITS,
 ) -> Path:
     """Write a self-contained HTML page (no kernel, no network) for some neurons or a whole run.
 
     ``neurons``: [(layer, neuron)] or [(layer, neuron, sign)]; None means the run's explained neurons.
+    ``page_units``: how many of them the page shows in full (`nbutils.view.render.page_choice`); its table
+    lists them all.
     """
     view = run if isinstance(run, RunView) else RunView.open(run)
     if neurons is not None and len(neurons) == 1:
@@ -150,11 +155,12 @@ def export_html(
         keys = (
             None if neurons is None else [(int(n[0]), int(n[1]), n[2] if len(n) > 2 else "positive") for n in neurons]
         )
-        text = run_html(view, keys, max_neurons)
+        text = run_html(view, keys, page_units)
     atomic_write_bytes(path, text.encode("utf-8"))
     return Path(path)
 
 
-def write_page(view: RunView, inspect_dir: str | Path) -> Path:
-    """The static page of a run's explained units, where a stage-04 folder keeps it."""
-    return export_html(view, page_path(inspect_dir))
+def write_page(view: RunView, inspect_dir: str | Path, page_units: int = PAGE_UNITS) -> Path:
+    """The static page of a run's explained units, where a stage-04 folder keeps it (``page_units`` of them in
+    full, all in its table)."""
+    return export_html(view, page_path(inspect_dir), page_units=page_units)
