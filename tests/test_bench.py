@@ -31,12 +31,16 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "0.05",
         "--limits",
         "4",
+        "--units",
+        "600",
+        "--stage-units",
+        "20",
         "--results",
         str(tmp_path),
         cwd=tmp_path,
     )
     results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert sorted(results) == ["collect", "e2e", "interactive", "memory", "ray", "simulate", "throughput"]
+    assert sorted(results) == ["collect", "e2e", "interactive", "memory", "ray", "scale", "simulate", "throughput"]
     assert "| variant |" in out
     assert results["simulate"]["max_abs_difference"] < 1e-4  # prefix reuse changes no probability
     assert results["collect"]["rows"][-1]["ideal"] > 1.5
@@ -51,6 +55,11 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert capped["client_cpu_ms_per_request"] > 0
     assert batched["requests_per_unit"] < capped["requests_per_unit"]  # several judging items per request
     assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
+    scale = {r["what"]: r for r in results["scale"]["rows"]}
+    assert scale["open + first unit"]["shown"] and scale["sort by a score"]["units"] == 600
+    assert (
+        scale["stage 03 score, 20 units"]["bytes_per_unit"] > 0 and scale["export-openai (one layer)"]["files"] == 300
+    )
     live = results["interactive"]
     assert [r["ratio"] > 0 for r in live["rows"]] == [True] * 3 and live["score_requests"] >= 1
 

@@ -527,6 +527,7 @@ def test_views_read_only_what_they_show(run_dir, tmp_path, monkeypatch):
     assert read == []  # none of that parsed every entry: the store's index and explanation column answered
     shown = run_html(view, page_units=4)
     assert read == []
+
     def detailed(page: str) -> list[tuple[int, int]]:
         return [(int(a), int(b)) for a, b in re.findall(r'class="nbx-neuron" id="L(\d+)-N(\d+)-positive"', page)]
 

@@ -32,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, default=_json_default).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=json_default).encode())
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -60,7 +60,8 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """What JSON writers here turn numpy values and paths into."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

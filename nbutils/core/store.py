@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
+from nbutils.core.io import json_default
 from nbutils.core.layout import StoreLayout
 from nbutils.core.units import Key
 
@@ -90,7 +91,7 @@ def pack(obj: Any) -> bytes:
             return [walk(x) for x in o]
         return o
 
-    head = json.dumps(walk(obj), default=_json_default).encode()
+    head = json.dumps(walk(obj), default=json_default).encode()
     parts = [_MAGIC, struct.pack("<I", len(head)), head]
     for a in arrays:
         parts += [
@@ -127,18 +128,8 @@ def unpack(data: bytes) -> Any:
     return walk(head)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot write {type(o).__name__} as JSON")
-
-
 def _entry_body(entry: dict[str, Any]) -> str:
-    return json.dumps(entry, default=_json_default)
+    return json.dumps(entry, default=json_default)
 
 
 def _entry(body: str) -> dict[str, Any]:

@@ -63,11 +63,13 @@ def explanation_notes(explanations: Mapping[Any, str | None]) -> dict[Any, list[
         copied = copied_example(text, examples)
         if copied is not None:
             mine.append(f'copies worked example {copied + 1} of the prompt ("{examples[copied]}")')
-        others = [k for k in heads.get(tuple(words(text)[:5]), []) if k != key] if words(text) else []
-        if others:
+        group = heads.get(tuple(words(text)[:5]), []) if words(text) else []
+        n_others = len(group) - 1 if group else 0  # the key itself is in its group
+        if n_others > 0:
+            named = [k for k in group[:4] if k != key][:3]  # a few, not a scan of the group (it can be huge)
             mine.append(
-                f"same as the explanation of {len(others)} other neuron{'s' if len(others) > 1 else ''}"
-                f" ({', '.join(unit_name(k) for k in others[:3])}{', ...' if len(others) > 3 else ''})"
+                f"same as the explanation of {n_others} other neuron{'s' if n_others > 1 else ''}"
+                f" ({', '.join(unit_name(k) for k in named)}{', ...' if n_others > 3 else ''})"
             )
         if mine:
             notes[key] = mine
