@@ -169,7 +169,7 @@ def _distribution(x: dict[str, Any], labels: list[float]) -> dict[str, Any]:
 
 
 def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
-    """A unit's saved simulation (a ``simulations/`` file of stage 03, either format) as neuron-explainer's
+    """A unit's saved simulation (stage 03's saved details, `RunView.simulation`, either format) as neuron-explainer's
     ``NeuronSimulationResults`` (the valid excerpts, one explanation).
 
     ``expected_activations`` stay on the simulator's 0..10 scale (``activation_scale`` says so) and
@@ -230,7 +230,7 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Simulation records (the layout of stage 03's ``simulations/`` files) from a ``NeuronSimulationResults``
+    """Simulation records (the layout of stage 03's saved details) from a ``NeuronSimulationResults``
     object, one per explanation.
 
     Each token keeps its own ``distribution_values`` (floats; neuron-explainer stores, per token, the values
