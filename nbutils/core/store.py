@@ -154,8 +154,8 @@ class ResultStore:
 
     ``part``: write to ``parts/<part>.sqlite`` instead (a shard of a distributed stage; `merge_parts` moves it
     into the main store). A folder without a store but with per-unit JSON files (written before the store) is
-    read from those files until something is written; the first write copies them in, with the numbers
-    ``numbers_of(entry)`` gives for each (stage 03's scorer numbers)."""
+    read from those files until something is written; the first write copies them in. ``numbers_of(entry)``
+    gives the numbers to index for an entry written without its own (stage 03: its scorers' numbers)."""
 
     def __init__(
         self,
@@ -270,12 +270,15 @@ class ResultStore:
             try:
                 for entry, details, numbers in items:
                     key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
-                    _write(conn, key, entry, details, numbers)
+                    _write(conn, key, entry, details, self._numbers(entry, numbers))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return len(items)
+
+    def _numbers(self, entry: dict[str, Any], given: dict[str, float | None] | None) -> dict | None:
+        return given if given is not None or self._numbers_of is None else self._numbers_of(entry)
 
     def _import_files(self) -> None:
         """Copy per-unit JSON files of a folder written before the store into it (once, in one transaction)."""
@@ -286,8 +289,7 @@ class ResultStore:
         conn.execute("BEGIN IMMEDIATE")
         for entry in legacy.entries():
             key = (entry["layer"], entry["neuron"], entry["sign"])
-            numbers = self._numbers_of(entry) if self._numbers_of else None
-            _write(conn, _row_key(key), entry, legacy.details(key), numbers)
+            _write(conn, _row_key(key), entry, legacy.details(key), self._numbers(entry, None))
         conn.execute("INSERT INTO meta VALUES ('imported', 'neurons/ and simulations/ files')")
         conn.execute("COMMIT")
 

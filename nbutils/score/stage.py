@@ -207,7 +207,7 @@ def score_units(
     bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
     try:
         for _, (result, details) in bar:
-            saved.put(result, details, result_numbers(result, chosen))
+            saved.put(result, details)  # with its numbers (`stored_numbers`)
             llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)

@@ -143,17 +143,17 @@ class StoredResults(Mapping[Key, dict[str, Any]]):
     ``[]`` read one entry, iteration and ``len`` read the keys (once), ``values()`` and ``items()`` stream the
     entries in key order a batch at a time (so nothing holds every entry in memory)."""
 
-    def __init__(self, store: ResultStore | None, upgrade: Callable[[Any], Any] = lambda r: r) -> None:
+    def __init__(self, store: ResultStore, upgrade: Callable[[Any], Any] = lambda r: r) -> None:
         self.store, self._upgrade = store, upgrade
         self._keys: list[Key] | None = None
 
     def _all_keys(self) -> list[Key]:
         if self._keys is None:
-            self._keys = self.store.keys() if self.store is not None else []
+            self._keys = self.store.keys()
         return self._keys
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
-        found = self.store.get(key) if self.store is not None else None
+        found = self.store.get(key)
         if found is None:
             raise KeyError(key)
         return self._upgrade(found)
@@ -174,7 +174,7 @@ class StoredResults(Mapping[Key, dict[str, Any]]):
         return len(self._all_keys())
 
     def values(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        return (self._upgrade(e) for e in (self.store.entries() if self.store is not None else []))
+        return (self._upgrade(e) for e in self.store.entries())
 
     def items(self) -> Iterator[tuple[Key, dict[str, Any]]]:  # type: ignore[override]
         return ((key_of(e), e) for e in self.values())
@@ -351,11 +351,7 @@ class RunView:
             raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
         if text:
             needle = text.lower()
-            stored = _store(self.explanations)
-            found = stored.search(text) if stored is not None else [
-                k for k, e in self.explanations.items() if needle in (e.get("explanation") or "").lower()
-            ]  # fmt: skip
-            ids = sorted({(k[0], k[1]) for k in found})
+            ids = sorted({(k[0], k[1]) for k, t in self.explanation_texts() if t and needle in t.lower()})
         else:
             ids = [(n.layer, n.index) for n in self.store.all_ids()]
         if sort == SORTS[0]:
