@@ -34,9 +34,14 @@ WORKED = (WorkedExample("rivers", (ShownExcerpt(("The", " river"), (0, 9)), Show
 REQUEST = SimulationRequest("rivers", (tuple(EXCERPT),), examples=WORKED)
 
 
+# one echo request takes ~7 s on this project's 2 cores and can take 3x that on a loaded CI machine: the client
+# waits long enough for a real reply, and the "hang" fault outlasts its wait
+TIMEOUT_S, HANG_S = 45.0, 50.0
+
+
 @pytest.fixture
 def proxy(llama_server):
-    p = FaultProxy(llama_server, hang_s=20.0, refuse_s=1.5).start()
+    p = FaultProxy(llama_server, hang_s=HANG_S, refuse_s=1.5).start()
     yield p
     p.stop()
 
@@ -54,7 +59,7 @@ def _explainer(proxy: FaultProxy) -> dict[str, Any]:
 
 
 def _backend(proxy: FaultProxy, tmp_path, **kw) -> OpenAIBackend:
-    kw = {"timeout": 15.0, "max_retries": 6, "backoff": 0.1, "simulation": "echo", **kw}
+    kw = {"timeout": TIMEOUT_S, "max_retries": 6, "backoff": 0.1, "simulation": "echo", **kw}
     return OpenAIBackend("smollm2", base_url=proxy.url, cache=RequestCache(tmp_path / "cache.sqlite"), **kw)
 
 

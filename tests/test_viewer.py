@@ -3,6 +3,7 @@ holds HTML (so escaping is tested on real tokens); and the viewer in JupyterLab 
 
 from __future__ import annotations
 
+import copy
 import html
 import os
 import re
@@ -27,7 +28,7 @@ from nbutils.explain.stage import run_explain_stage
 from nbutils.score.stage import run_score_stage
 from nbutils.view import plots
 from nbutils.view.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
-from nbutils.view.runview import RunView
+from nbutils.view.runview import RunView, ScoreTable
 from nbutils.view.tables import table_html
 from nbutils.view.widget import NeuronViewer, export_html
 
@@ -92,7 +93,7 @@ class _OneRecordView(RunView):
     """A real run's view whose neuron (0, 0) is replaced by a constructed record (constant or empty)."""
 
     def __init__(self, base: RunView, record: UnitRecord) -> None:
-        super().__init__(base.store, {}, {}, None, base.usage_files)
+        super().__init__(base.store, usage_files=base.usage_files)
         self._rec = record
 
     def record(self, layer, neuron):
@@ -233,6 +234,12 @@ def test_report_figures_and_tables(run_dir, tmp_path):
     assert writes[(4, 2)]["raises"].startswith(repr(view.record(4, 2).writes["promotes"][0][0]))
     m, lo, hi = plots.mean_interval(np.array([0.0, 1.0, 2.0, 3.0]))
     assert m == 1.5 and 0.0 <= lo < m < hi <= 3.0
+    # above BOOTSTRAP_MAX the normal interval stands in for the bootstrap's: the same bounds on skewed values
+    big = np.random.default_rng(1).exponential(size=plots.BOOTSTRAP_MAX + 1)
+    m, lo, hi = plots.mean_interval(big)
+    boot = big[np.random.default_rng(2).integers(0, len(big), (2000, len(big)))].mean(1)
+    assert m == big.mean() and hi - lo == pytest.approx(2 * 1.96 * big.std(ddof=1) / np.sqrt(len(big)), rel=1e-4)
+    assert [lo, hi] == pytest.approx(np.quantile(boot, [0.025, 0.975]).tolist(), abs=0.006)
     # one unit per layer here: its number is no mean with an interval, and tables say "-" rather than nan
     assert all(r["n"] >= 1 for r in rows) and all(np.isnan([r["low"], r["high"]]).all() for r in rows if r["n"] == 1)
     scorer_table = table_html(plots.scorer_rows(view)) + table_html(rows)
@@ -500,9 +507,13 @@ def _widened(run_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
             e, d = template[i % 2]
             e = {**e, "layer": layer, "neuron": unit, "explanation": f"unit {layer}/{unit} fires on text"}
             if stage == "03_score":
+                e = copy.deepcopy(e)
                 values[(layer, unit, "positive")] = e["simulation"]["top_and_random"]["correlation"]["value"] = (
                     layer * 6 + unit
                 ) / 100
+                if (layer, unit) == (1, 1):  # a judge that said yes to every item: its numbers carry notes
+                    det = e["detection"]
+                    det["n_yes"] = det["n_positive"] + det["n_negative"] - det["n_unanswered"]
             items.append((e, d, stored_numbers(e) if stage == "03_score" else None))
         store.put_many(items)
         store.close()
@@ -524,7 +535,16 @@ def test_views_read_only_what_they_show(run_dir, tmp_path, monkeypatch):
     assert view.neuron_ids("score: worst first")[:2] == [(1, 0), (1, 1)]
     assert view.neuron_ids("layer, neuron", "unit 4/") == [(4, u) for u in range(6)]
     assert [k for _, k in view.ranked()] == sorted(values, key=lambda k: -values[k])
+    table = view.score_table  # the report's numbers, from the store's numbers and flags
     assert read == []  # none of that parsed every entry: the store's index and explanation column answered
+    parsed = ScoreTable.build(view.scores.items(), view.scorers)  # the same, from every parsed result
+    assert table.keys == parsed.keys and np.array_equal(table.failed, parsed.failed)
+    for got, want in ((table.values, parsed.values), (table.noted, parsed.noted), (table.degenerate,
+                      parsed.degenerate), (table.f1_chance, parsed.f1_chance)):  # fmt: skip
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k], equal_nan=True) for k in want)
+    assert table.degenerate[("explanation", "detection", 0)][table.keys.index((1, 1, "positive"))]
+    assert np.isfinite(table.f1_chance[("explanation", "detection")]).all()
+    read.clear()
     shown = run_html(view, page_units=4)
     assert read == []
 
@@ -535,3 +555,20 @@ def test_views_read_only_what_they_show(run_dir, tmp_path, monkeypatch):
     assert len(set(detailed(shown))) == 4 and detailed(run_html(view, page_units=4)) == detailed(shown)
     assert "Full detail below for 4 of these 12: the 1 best and the 1 worst" in _visible_text(shown)
     assert shown.count("<a href='#L") == 4 and all(f"L{k[0]} N{k[1]}" in shown for k in values)  # all in the table
+    # a large run's page: the compact table, numbers from the index; only the detailed units' results are read
+    from nbutils.view import render
+
+    got = []
+    original_get = ResultStore.get
+    monkeypatch.setattr(ResultStore, "get", lambda self, key: got.append(key) or original_get(self, key))
+    monkeypatch.setattr(render, "FULL_TABLE_MAX", 4)
+    compact = run_html(view, page_units=4)
+    assert read == [] and {k[:2] for k in got} <= set(detailed(compact))  # the 4 sections
+    assert detailed(compact) == detailed(shown) and compact.count("<a href='#L") == 4
+    rows = re.findall(r"<tr><td>(?:<a [^>]*>)?L(\d+) N(\d+)(?:</a>)? \+</td><td>([^<]*)</td><td>([^<]*)</td>", compact)
+    assert len(rows) == 12 and {(int(a), int(b)) for a, b, _, _ in rows} == {k[:2] for k in values}
+    for a, b, text, first in rows:  # each unit's explanation, and its top+random correlation to 3 digits
+        assert text.startswith(f"unit {a}/{b} fires on text") and first.startswith(
+            f"{values[(int(a), int(b), 'positive')]:.3g}"
+        )
+    assert "unit sides (+ positive, - negative)" in _visible_text(compact)

@@ -34,7 +34,7 @@ import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,11 @@ CREATE TABLE IF NOT EXISTS numbers (
     PRIMARY KEY (layer, neuron, side, name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS numbers_by_value ON numbers (name, value);
 CREATE TABLE IF NOT EXISTS number_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notes (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
 """
+_NOTES_CURRENT = "DELETE FROM meta WHERE name='notes'"  # any write makes the run-wide notes stale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,19 +193,17 @@ class ResultStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # a killed process loses no committed unit
             found = dict(conn.execute("SELECT name, value FROM meta").fetchall()) if _has_meta(conn) else {}
-            if not found:
-                conn.executescript(_SCHEMA)
-                from nbutils import __version__
-
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('written_by', ?)",
-                             (str(STORE_FORMAT), f"nbutils {__version__}"))  # fmt: skip
-            elif int(found.get("format", 0)) > STORE_FORMAT:
+            if int(found.get("format", 0)) > STORE_FORMAT:
                 conn.close()
                 raise UserError(
                     f"{path} was written by {found.get('written_by', 'a newer nbutils')} in store format "
                     f"{found['format']}; this nbutils reads format {STORE_FORMAT} and older.",
                     "Upgrade nbutils (pip install -U nbutils, or git pull and reinstall) to read this run.",
                 )
+            if not found or create:  # (a store of this format written before a table was added gets it)
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('written_by', ?)",
+                             (str(STORE_FORMAT), f"nbutils {_version()}"))  # fmt: skip
         except sqlite3.DatabaseError as e:
             raise _damaged(path, e) from None
         return conn
@@ -322,6 +324,7 @@ class ResultStore:
                     conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
                     conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
                     moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
+                    conn.execute(_NOTES_CURRENT)
                     conn.execute("COMMIT")
                     self._wrote = True
                 except BaseException:
@@ -404,6 +407,75 @@ class ResultStore:
             rows = conn.execute(_KEYED.format("explanation")).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
 
+    def failures(self) -> list[tuple[Key, str | None]]:
+        """(key, failure) of every entry in key order, read from its column."""
+        if (legacy := self._legacy()) is not None:
+            return [((e["layer"], e["neuron"], e["sign"]), e.get("failure")) for e in legacy.entries()]
+        with self._query() as conn:
+            rows = conn.execute(_KEYED.format("failure")).fetchall() if conn else []
+        return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
+
+    def number_table(self, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
+        """Every entry's key in key order, and each named number's values aligned to them (NaN where the
+        number is missing or undefined): one indexed read per name, no entry parsed (what the report
+        aggregates). For an `indexed` store only."""
+        if not self.indexed:
+            raise ValueError("number_table needs a store (this folder holds files from before the store)")
+        with self._query() as conn:
+            rows = conn.execute("SELECT layer, neuron, side FROM entries ORDER BY layer, neuron, side").fetchall() \
+                if conn else []  # fmt: skip
+            keys = [(r[0], r[1], SIDES[r[2]]) for r in rows]
+            codes = _code(np.array(rows, dtype=np.int64).reshape(-1, 3))
+            out: dict[str, np.ndarray] = {}
+            for name in names:
+                out[name] = column = np.full(len(keys), np.nan)
+                found = conn.execute(
+                    "SELECT layer, neuron, side, value FROM numbers WHERE name=? AND value IS NOT NULL", (name,)
+                ).fetchall() if conn else []  # fmt: skip
+                if found:
+                    got = np.array(found, dtype=np.float64)
+                    column[np.searchsorted(codes, _code(got[:, :3].astype(np.int64)))] = got[:, 3]
+        return keys, out
+
+    def put_notes(self, notes: Mapping[Key, list[str]]) -> None:
+        """Replace the run-wide notes (notes that depend on every entry, such as an explanation the same as
+        others'), in one transaction; they stay current until the next write (`note_keys`)."""
+        with self._query(create=True) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            self._wrote = True
+            try:
+                conn.execute("DELETE FROM notes")
+                conn.executemany("INSERT INTO notes VALUES (?, ?, ?, ?)",
+                                 [(*_row_key(k), json.dumps(v)) for k, v in notes.items() if v])  # fmt: skip
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('notes', 'current')")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def note_keys(self) -> list[Key] | None:
+        """The keys with run-wide notes, in key order; None when there are none current (never written, or an
+        entry was written since)."""
+        if not self.indexed:
+            return None
+        with self._query() as conn:
+            if conn is None or not conn.execute("SELECT 1 FROM meta WHERE name='notes'").fetchone():
+                return None
+            rows = conn.execute("SELECT layer, neuron, side FROM notes ORDER BY layer, neuron, side").fetchall()
+        return [(r[0], r[1], SIDES[r[2]]) for r in rows]
+
+    def all_notes(self) -> list[tuple[Key, list[str]]]:
+        """(key, notes) of every key with run-wide notes, in key order."""
+        with self._query() as conn:
+            rows = conn.execute(_KEYED.replace("entries", "notes").format("body")).fetchall() if conn else []
+        return [((r[0], r[1], SIDES[r[2]]), json.loads(r[3])) for r in rows]
+
+    def notes_of(self, key: Key) -> list[str]:
+        """A key's run-wide notes (see `note_keys` for whether they are current)."""
+        with self._query() as conn:
+            row = conn and conn.execute(f"SELECT body FROM notes WHERE {_AT}", _row_key(key)).fetchone()
+        return json.loads(row[0]) if row else []
+
     def search(self, text: str) -> list[Key]:
         """Keys whose explanation contains ``text`` (ignoring case, as Python's `str.lower` does), in key order."""
         needle = text.lower()
@@ -442,6 +514,21 @@ def _row_key(key: Key) -> tuple[int, int, int]:
     return (int(key[0]), int(key[1]), SIDES.index(key[2]))
 
 
+def _code(rows: np.ndarray) -> np.ndarray:
+    """Rows of (layer, neuron, side) as one int64 each, ordered as the keys are."""
+    return (rows[:, 0] << 40) | (rows[:, 1] << 1) | rows[:, 2]
+
+
+def _version() -> str:
+    """The installed nbutils's version (from its package metadata: the core imports nothing above it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nbutils")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _has_meta(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
 
@@ -454,6 +541,7 @@ def _write(
         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
         (*key, explanation if isinstance(explanation, str) else None, failure, _entry_body(entry)),
     )
+    conn.execute(_NOTES_CURRENT)
     conn.execute(f"DELETE FROM details WHERE {_AT}", key)
     if details is not None:
         conn.execute("INSERT INTO details VALUES (?, ?, ?, ?)", (*key, pack(details)))

@@ -22,6 +22,7 @@ from nbutils.core.records import RecordStore
 from nbutils.core.store import ResultStore, shard_part
 from nbutils.explain.explainer import explain_with, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
+from nbutils.score.flags import explanation_notes
 
 
 def explainer_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
@@ -66,6 +67,7 @@ def run_explain_stage(
         )  # fmt: skip
         merge_shard_usage(out.usage, config.prices)
         saved.merge_parts()
+    saved.put_notes(explanation_notes(dict(saved.explanations())))  # copied or repeated: read by every view
     entries = [saved.get(key) for key in chosen]
     write_jsonl(out.jsonl, entries)
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)

@@ -164,20 +164,44 @@ def number_name(sc: Scorer, column: Column, baseline: bool = False) -> str:
     return ("baseline:" if baseline else "") + "/".join((sc.name, *column.path))
 
 
+NOTED, DEGENERATE, F1_CHANCE = "#noted", "#degenerate", "#f1_chance"
+"""Suffixes of the flags stored beside the numbers (`result_numbers`): ``<number>#noted`` (1 where the number
+carries a note), ``<number>#degenerate`` (1 where a note says the judge was degenerate) and
+``<scorer>#f1_chance`` (the F1 of answering yes to every item); a flag is stored only where it is set."""
+
+
+def scorer_of(name: str) -> str:
+    """The scorer a stored number or flag belongs to: ``baseline:detection/f1#noted`` -> ``detection``."""
+    return name.removeprefix("baseline:").split("/")[0].split("#")[0]
+
+
 def result_numbers(result: dict[str, Any], scorers: list[Scorer]) -> dict[str, float | None]:
     """Every number ``scorers`` declare in a stage-03 result, the explanation's and the baseline's, by
-    `number_name` (None where missing or undefined): what the store indexes so views sort without loading."""
+    `number_name` (None where missing or undefined), with the flags the report counts (`NOTED`, `DEGENERATE`,
+    `F1_CHANCE`): what the store indexes so views sort and aggregate without parsing a result."""
     out: dict[str, float | None] = {}
     for baseline, part in ((False, result), (True, result.get("baseline") or {})):
         for sc in scorers:
-            if part.get(sc.name) is None:
+            res = part.get(sc.name)
+            if res is None:
                 continue
             for column in sc.columns:
-                v = column.value(part.get(sc.name))
-                out[number_name(sc, column, baseline)] = (
-                    float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-                )
+                name = number_name(sc, column, baseline)
+                out[name] = finite(column.value(res))
+                notes = column.notes(res) if column.notes else []
+                if notes:
+                    out[name + NOTED] = 1.0
+                if any(n.startswith("degenerate") for n in notes):
+                    out[name + DEGENERATE] = 1.0
+            chance = finite(((res if isinstance(res, dict) else {}).get("f1_chance") or {}).get("value"))
+            if chance is not None:
+                out[("baseline:" if baseline else "") + sc.name + F1_CHANCE] = chance
     return out
+
+
+def finite(value: Any) -> float | None:
+    """A number that can be averaged (None for missing, undefined or not finite values)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------------------------------------------

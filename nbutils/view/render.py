@@ -16,6 +16,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from nbutils.core.failures import rare_units_text
 from nbutils.core.records import Excerpt
 from nbutils.core.units import Key
@@ -250,27 +252,81 @@ PAGE_UNITS = 200
 """How many unit sides the static page of a run shows in full by default (every one is in its table)."""
 
 
+FULL_TABLE_MAX = 2000
+"""Above this many unit sides the page's index is `compact_index_html` (a number per cell, read from the
+store's index), not `run_index_html`'s cells with their notes spelled out (which parse every result)."""
+
+
+def _index_columns(view: RunView) -> list[tuple[Scorer, int, bool]]:
+    """The index's scorer columns: (scorer, column index, baseline?): the compact ones, then the baselines'."""
+    return [(sc, i, False) for sc in view.scorers for i in sc.compact] + [(sc, 0, True) for sc in view.scorers]
+
+
+def _index_name(key: Key, linked: set[Key] | None) -> str:
+    name = f"L{key[0]} N{key[1]}"
+    return f"<a href='#L{key[0]}-N{key[1]}-{_esc(key[2])}'>{name}</a>" if linked is None or key in linked else name
+
+
 def run_index_html(view: RunView, keys: Sequence[Key], linked: set[Key] | None = None) -> str:
     """A table of the given units with explanation and every scorer's compact columns (and the baseline's
-    headline); the rows of ``linked`` units (default: all) link to their sections."""
-    columns = [(sc, sc.columns[i], False) for sc in view.scorers for i in sc.compact]
-    columns += [(sc, sc.columns[0], True) for sc in view.scorers]
+    headline); the rows of ``linked`` units (default: all) link to their sections. Above `FULL_TABLE_MAX`
+    units it is `compact_index_html`."""
+    if len(keys) > FULL_TABLE_MAX:
+        return compact_index_html(view, keys, linked)
+    columns = [(sc, sc.columns[i], base) for sc, i, base in _index_columns(view)]
     rows, legend = [], Legend()  # a note shows as a numbered marker; the legend below says each kind once
     notes = view.explanation_notes
     for k in keys:
         e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
         text = with_notes(e.get("explanation") or e.get("failure") or "", notes.get(k, []))
         cells = [column_text(r.get("baseline") if base else r, sc, c) for sc, c, base in columns]
-        name = f"L{k[0]} N{k[1]}"
-        if linked is None or k in linked:
-            name = f"<a href='#L{k[0]}-N{k[1]}-{_esc(k[2])}'>{name}</a>"
         rows.append(
-            f"<tr><td>{name} {_esc(k[2])}</td>"
+            f"<tr><td>{_index_name(k, linked)} {_esc(k[2])}</td>"
             f"<td>{legend.cell(text)}</td>" + "".join(f"<td>{legend.cell(c)}</td>" for c in cells) + "</tr>"
         )
     head = "".join(f"<th>{'baseline ' if base else ''}{_esc(label(sc, c))}</th>" for sc, c, base in columns)
     table = f"<table><tr><th>{view.store.meta.noun}</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>"
     return table + legend.html()
+
+
+def compact_index_html(view: RunView, keys: Sequence[Key], linked: set[Key] | None = None) -> str:
+    """The index table of a large run: every unit side's explanation (from the store's column) and numbers
+    (`RunView.score_table`, 3 significant digits), a marker on each cell that carries a note; what the note
+    says is in the unit's section and the report's table of notes. No result is parsed."""
+    table, texts, notes = view.score_table, dict(view.explanation_texts()), view.explanation_notes
+    row_of = {k: i for i, k in enumerate(table.keys)}
+    columns = [(("baseline" if base else "explanation"), sc.name, i) for sc, i, base in _index_columns(view)]
+    marked = 0
+
+    def cell(column: tuple[str, str, int], i: int | None) -> str:
+        nonlocal marked
+        v = np.nan if i is None else table.values[column][i]
+        if i is None or not table.noted[column][i]:
+            return f"<td>{'-' if np.isnan(v) else f'{v:.3g}'}</td>"
+        marked += 1
+        return f"<td>{'-' if np.isnan(v) else f'{v:.3g}'} {WARN}</td>"
+
+    rows = []
+    for k in keys:
+        i = row_of.get(k)
+        text = _esc(texts.get(k) or "-")
+        if k in notes:
+            marked += 1
+            text += f" {WARN}"
+        cells = "".join(cell(c, i) for c in columns)
+        rows.append(
+            f"<tr><td>{_index_name(k, linked)} {'+' if k[2] == 'positive' else '-'}</td><td>{text}</td>{cells}</tr>"
+        )
+    head = "".join(
+        f"<th>{'baseline ' if base else ''}{_esc(label(sc, sc.columns[i]))}</th>"
+        for sc, i, base in _index_columns(view)
+    )
+    legend = (
+        f"<p class='nbx-muted'>{len(keys):,} unit sides (+ positive, - negative). {WARN} marks {marked:,} cells whose "
+        "explanation or number carries a note (a copied or repeated explanation, a degenerate judge, too few "
+        "items): the unit's section below, where it has one, and the report's table of notes say which.</p>"
+    )
+    return f"<table><tr><th>{view.store.meta.noun}</th><th>explanation</th>{head}</tr>{''.join(rows)}</table>{legend}"
 
 
 def page_choice(view: RunView, keys: Sequence[Key], page_units: int, seed: int = 0) -> tuple[list[Key], str]:

@@ -11,7 +11,6 @@ runs open unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,18 +25,14 @@ from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, 
 from nbutils.core.records import RecordStore, UnitRecord
 from nbutils.core.store import ResultStore
 from nbutils.core.units import Key, key_of
-from nbutils.score.contract import Column, Scorer, registered, upgrade_result, upgrade_simulation
+from nbutils.score import contract
+from nbutils.score.contract import Column, Scorer, finite, registered, upgrade_result, upgrade_simulation
 from nbutils.score.flags import explanation_notes
 from nbutils.view.tables import label
 
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
 MAIN_SCORE = "simulation/top_and_random/correlation"
 """The store's name (`nbutils.score.contract.number_name`) of the number `main_score` reads."""
-
-
-def finite(value: Any) -> float | None:
-    """A number that can be averaged (None for missing, undefined or not finite values)."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def scorer_value(result: dict[str, Any] | None, sc: Scorer, column: int = 0) -> float | None:
@@ -126,6 +121,27 @@ class ScoreTable:
             {k: np.array(v, dtype=float) for k, v in chance.items()},
         )  # fmt: skip
 
+    @classmethod
+    def from_store(cls, store: ResultStore, scorers: list[Scorer]) -> ScoreTable:
+        """The same table read from the store's numbers and flags (`nbutils.score.contract.result_numbers`),
+        parsing no result: what `build` computes, at the speed of an indexed read."""
+        names = {(who, sc.name, i): contract.number_name(sc, c, who == "baseline") for who in WHO for sc in scorers
+                 for i, c in enumerate(sc.columns)}  # fmt: skip
+        chance = {(who, sc.name): ("baseline:" if who == "baseline" else "") + sc.name + contract.F1_CHANCE
+                  for who in WHO for sc in scorers}  # fmt: skip
+        wanted = [n + flag for n in names.values() for flag in ("", contract.NOTED, contract.DEGENERATE)] + list(
+            chance.values()
+        )
+        keys, table = store.number_table(wanted)
+        failed = np.array([bool(f) for _, f in store.failures()], dtype=bool)
+        return cls(
+            keys, failed.reshape(len(keys)),
+            {k: table[n] for k, n in names.items()},
+            {k: np.isfinite(table[n + contract.NOTED]) for k, n in names.items()},
+            {k: np.isfinite(table[n + contract.DEGENERATE]) for k, n in names.items()},
+            {k: table[n] for k, n in chance.items()},
+        )  # fmt: skip
+
     def column(self, who: str, scorer_name: str, index: int = 0) -> np.ndarray:
         """One number of every scored unit side (NaN where undefined; all NaN for a scorer not in the run)."""
         return self.values.get((who, scorer_name, index), np.full(len(self.keys), np.nan))
@@ -136,6 +152,34 @@ class ScoreTable:
 
 
 WHO = ("explanation", "baseline")
+
+
+class StoredNotes(Mapping[Key, list[str]]):
+    """The notes on explanations that stage 02 stored when it finished (`ResultStore.put_notes`): the keys
+    are read once, each key's notes when asked."""
+
+    def __init__(self, store: ResultStore, keys: list[Key]) -> None:
+        self.store, self._keys, self._set = store, keys, set(keys)
+
+    def __getitem__(self, key: Key) -> list[str]:
+        if key not in self._set:
+            raise KeyError(key)
+        return self.store.notes_of(key)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def values(self):  # one read of the table, not a query per key
+        return [notes for _, notes in self.store.all_notes()]
+
+    def items(self):
+        return self.store.all_notes()
 
 
 class StoredResults(Mapping[Key, dict[str, Any]]):
@@ -236,6 +280,10 @@ class RunView:
     @cached_property
     def explanation_notes(self) -> dict[Key, list[str]]:
         """Notes on explanations that copy a worked example or repeat other units' (`nbutils.score.flags`)."""
+        stored = _store(self.explanations)
+        found = stored.note_keys() if stored is not None else None
+        if found is not None:  # written by stage 02 when it finished, and current
+            return StoredNotes(stored, found)
         return explanation_notes(dict(self.explanation_texts()))
 
     @cached_property
@@ -244,7 +292,7 @@ class RunView:
         numbers it holds, where it has one)."""
         stored = _store(self.scores)
         if stored is not None and stored.indexed:
-            names = {n.removeprefix("baseline:").split("/")[0] for n in stored.number_names()}
+            names = {contract.scorer_of(n) for n in stored.number_names()}
             return [sc for sc in registered() if sc.name in names]
         return [
             sc
@@ -255,6 +303,9 @@ class RunView:
     @cached_property
     def score_table(self) -> ScoreTable:
         """Every scored unit side's numbers (`ScoreTable`), read in one pass the first time it is asked for."""
+        stored = _store(self.scores)
+        if stored is not None and stored.indexed:
+            return ScoreTable.from_store(stored, self.scorers)
         return ScoreTable.build(self.scores.items(), self.scorers)
 
     @cached_property
