@@ -1,8 +1,9 @@
 """Stage 01 on a local Ray instance with 1 and with 2 workers (one CPU each), beside the single-process run.
 
 Each variant runs in a fresh child process (a process starts Ray once): load the embedded model, cut the
-excerpts, and time the collection only (every layer, the same 4 excerpt shards for both Ray variants; each Ray
-task loads the model itself, as on a cluster). The collections are checked equal to the single-process one.
+excerpts, and time the collection only (every layer, the same excerpt shards for both Ray variants: 4, or
+``--ray-shards``; each Ray task loads the model itself, as on a cluster). The collections are checked equal to
+the single-process one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-def child(workers: int, excerpts: int, out: str) -> dict[str, Any]:
+def child(workers: int, excerpts: int, out: str, shards: int = 4) -> dict[str, Any]:
     """One variant, in this process: ``workers`` 0 means the single-process collector (all cores)."""
     from nbutils.collect.collector import CollectConfig
     from nbutils.collect.corpus import load_texts, make_excerpts
@@ -34,16 +35,16 @@ def child(workers: int, excerpts: int, out: str) -> dict[str, Any]:
         import ray
 
         ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR")
-        collect_sharded(subject, ex, out, cfg, MLPNeurons(None), 4, executor="ray")
+        collect_sharded(subject, ex, out, cfg, MLPNeurons(None), shards, executor="ray")
     return {"seconds": time.perf_counter() - start, "tokens": int(ex.tokens.size)}
 
 
-def bench_ray(excerpts: int, repeats: int) -> dict[str, Any]:
+def bench_ray(excerpts: int, repeats: int, shards: int = 4) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="nbutils-ray-"))
     rows = []
     for workers, label in ((0, "single process (2 torch threads)"), (1, "Ray, 1 worker"), (2, "Ray, 2 workers")):
         out = tmp / f"w{workers}"
-        cmd = [sys.executable, __file__, str(workers), str(excerpts), str(out)]
+        cmd = [sys.executable, __file__, str(workers), str(excerpts), str(out), str(shards)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-3000:])
@@ -54,8 +55,8 @@ def bench_ray(excerpts: int, repeats: int) -> dict[str, Any]:
     for row in rows:
         row["speedup_vs_1_worker"] = one / row["seconds"]
     same = _same(tmp / "w0", tmp / "w1") and _same(tmp / "w0", tmp / "w2")
-    return {"benchmark": "ray", "model": "embedded, every layer", "excerpts": excerpts, "collections_equal": same,
-            "rows": rows}  # fmt: skip
+    return {"benchmark": "ray", "model": "embedded, every layer", "excerpts": excerpts, "shards": shards,
+            "collections_equal": same, "rows": rows}  # fmt: skip
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -68,4 +69,4 @@ def _same(a: Path, b: Path) -> bool:
 
 
 if __name__ == "__main__":
-    print(json.dumps(child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))
+    print(json.dumps(child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))

@@ -324,12 +324,12 @@ def bench_throughput(excerpts: int, repeats: int, latency: float = 1.0, limits: 
     return run(excerpts, repeats, latency, [int(x) for x in limits.split(",")])
 
 
-def bench_ray(excerpts: int, repeats: int) -> dict[str, Any]:
+def bench_ray(excerpts: int, repeats: int, shards: int = 4) -> dict[str, Any]:
     """Stage 01 with 1 and 2 local Ray workers beside the single process (`bench/ray_scaling.py`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ray_scaling import bench_ray as run
 
-    return run(excerpts, repeats)
+    return run(excerpts, repeats, shards)
 
 
 def bench_interactive(excerpts: int, repeats: int) -> dict[str, Any]:
@@ -370,6 +370,7 @@ def main() -> None:
     p.add_argument("--limits", default="1,8,64,256", help="throughput: caps on requests in flight to compare")
     p.add_argument("--units", type=int, default=307_200, help="scale: unit sides in the run's stores")
     p.add_argument("--stage-units", type=int, default=6400, help="scale: units stages 02-03 run for real")
+    p.add_argument("--ray-shards", type=int, default=4, help="ray: excerpt shards (each Ray task loads the model)")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -384,6 +385,8 @@ def main() -> None:
             kwargs = {"latency": args.latency, "limits": args.limits}
         if name == "scale":
             kwargs = {"units": args.units, "stage_units": args.stage_units}
+        if name == "ray":
+            kwargs = {"shards": args.ray_shards}
         result = BENCHMARKS[name](args.excerpts, args.repeats, **kwargs)
         result["machine"] = machine
         print_table(result)

@@ -35,6 +35,8 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "600",
         "--stage-units",
         "20",
+        "--ray-shards",
+        "2",
         "--results",
         str(tmp_path),
         cwd=tmp_path,

@@ -143,7 +143,7 @@ def _openai_params(url: str) -> list[str]:
         "explainer_api_key_env=NBUTILS_TEST_KEY",
         "simulator_api_key_env=NBUTILS_TEST_KEY",
         "simulation_mode=echo",
-        "max_in_flight=3",  # several units in progress at once, few enough that llama.cpp's queue never times out
+        "max_in_flight=2",  # two units in progress at once; more queue past the request timeout on a slow machine
         # llama.cpp's prompt log-probabilities cost ~30 ms a token on 2 cores: keep the HTTP runs' prompts short
         "excerpt_len=8",
         "max_prompt_tokens=320",

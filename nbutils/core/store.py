@@ -15,6 +15,13 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     details(layer, neuron, side, body)                         body: `pack`ed scorer details
     numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
     number_names(name)                                         every name in ``numbers``
+    notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
+
+``numbers`` also holds the flags the report counts beside each number (``<name>#noted``, ``#degenerate``,
+``<scorer>#f1_chance``: `nbutils.score.contract.result_numbers`), so the report aggregates a run from the
+index without parsing a result. ``notes`` holds what depends on every entry at once (an explanation the same
+as other units' or copying the prompt's worked example), written by stage 02 when it finishes
+(`ResultStore.put_notes`) and current until the next write (meta ``notes``); views compute them otherwise.
 
 ``side`` is 0 for the positive side of a unit and 1 for the negative one, so the primary key's order is the
 order views list units in. Entries stay JSON text, so SQLite's own JSON functions query them, e.g.

@@ -350,21 +350,25 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
     return [{"item": k, "value": v} for k, v in items.items()]
 
 
-def writes_rows(view: RunView, n: int = 6) -> list[dict[str, Any]]:
-    """For each explained unit side: its explanation beside the tokens it writes most (raises and lowers;
-    swapped for a negative side), so an explanation of its inputs can be read against its effect on the output."""
-    rows = []
-    for key, entry in sorted(view.explanations.items()):
+def writes_rows(view: RunView, n: int = 6, units: int = 50) -> list[dict[str, Any]]:
+    """For the first ``units`` explained unit sides (a last row says how many more): the explanation beside the
+    tokens the unit writes most (raises and lowers; swapped for a negative side), so an explanation of its
+    inputs can be read against its effect on the output."""
+    rows: list[dict[str, Any]] = []
+    texts = [(k, t) for k, t in sorted(view.explanation_texts()) if t]
+    for key, text in texts[:units]:
         writes = view.record(key[0], key[1]).writes
         if not writes:
             continue
         up, down = ("promotes", "suppresses") if key[2] != "negative" else ("suppresses", "promotes")
         rows.append({
-            "layer": key[0], "neuron": key[1], "sign": key[2],
-            "explanation": entry.get("explanation") or entry.get("failure") or "",
+            "layer": key[0], "neuron": key[1], "sign": key[2], "explanation": text,
             "raises": " ".join(repr(t) for t, _ in writes[up][:n]),
             "lowers": " ".join(repr(t) for t, _ in writes[down][:n]),
         })  # fmt: skip
+    if rows and len(texts) > units:
+        rows.append({"layer": "...", "neuron": "...", "sign": "", "explanation": f"{len(texts) - units:,} more",
+                     "raises": "", "lowers": ""})  # fmt: skip
     return rows
 
 
@@ -384,16 +388,20 @@ def rare_rows(view: RunView, n: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
-def note_rows(view: RunView) -> list[dict[str, Any]]:
-    """Every note on the run's results (`nbutils.score.flags`), one row per unit side and note: copied or
-    repeated explanations, degenerate judges, scores over too few items (the explanation's and the baseline's)."""
+def note_rows(view: RunView, units: int = 200) -> list[dict[str, Any]]:
+    """The notes on the run's results (`nbutils.score.flags`), one row per unit side and note, for the first
+    ``units`` sides with notes (a last row says how many more): copied or repeated explanations, degenerate
+    judges, scores over too few items (the explanation's and the baseline's)."""
     rows, noun = [], view.store.meta.noun  # the unit column is headed "neuron" or "feature"
     table = view.score_table  # which sides carry a note, from the flags: only those results are read
     flagged = set(view.explanation_notes)
     for noted in table.noted.values():
         flagged.update(table.keys[i] for i in np.flatnonzero(noted))
-    for key in sorted(flagged):
+    for key in sorted(flagged)[:units]:
         rows += [{"layer": key[0], noun: key[1], "sign": key[2], "result": w, "note": n} for w, n in view.notes(key)]
+    if len(flagged) > units:
+        rows.append({"layer": "...", noun: "...", "sign": "", "result": "",
+                     "note": f"{len(flagged) - units:,} more unit sides with notes (RunView.notes, scores_frame)"})  # fmt: skip
     return rows
 
 

@@ -340,14 +340,14 @@ def page_choice(view: RunView, keys: Sequence[Key], page_units: int, seed: int =
         return ranked + [k for k in keys if k not in placed], ""
     n = len(keys)
     if not ranked:
-        return keys[:page_units], f"Full detail below for the first {page_units} of these {n} (none is scored yet)."
+        return keys[:page_units], f"Full detail below for the first {page_units} of these {n:,} (none is scored yet)."
     third = min(page_units // 3, len(ranked) // 2)
     best, worst = ranked[:third], ranked[len(ranked) - third :][::-1]
     taken = set(best) | set(worst)
     rest = [k for k in keys if k not in taken]
     sample = sorted(random.Random(seed).sample(rest, min(page_units - len(taken), len(rest))))
     return best + worst + sample, (
-        f"Full detail below for {len(best) + len(worst) + len(sample)} of these {n}: the {len(best)} best and the "
+        f"Full detail below for {len(best) + len(worst) + len(sample)} of these {n:,}: the {len(best)} best and the "
         f"{len(worst)} worst by top+random correlation, then {len(sample)} chosen at random (seed {seed}) from the "
         "rest. The table lists every one; the names with a link have a section."
     )

@@ -338,24 +338,28 @@ class RunView:
         """A pandas DataFrame, one row per explained or scored unit side: ``layer``, ``neuron``, ``sign``,
         ``explanation``, then every number of every scorer with results (NaN where undefined), each followed
         by the token-lookup baseline's (``baseline <number>``), then ``failure`` and ``notes`` (every note on
-        the side's numbers, joined: a number's weakness travels with the row)."""
+        the side's numbers, joined: a number's weakness travels with the row). Built from `score_table` and
+        the stores' columns: only the results that carry a note are read."""
         import pandas as pd
 
-        columns = [(sc, c) for sc in self.scorers for c in sc.columns]
-        rows = []
-        for key in self.keys():
-            r, e = self.scores.get(key) or {}, self.explanations.get(key) or {}
-            row: dict[str, Any] = {"layer": key[0], "neuron": key[1], "sign": key[2]}
-            row["explanation"] = r.get("explanation", e.get("explanation"))
-            for sc, c in columns:
-                row[label(sc, c)] = finite(c.value(r.get(sc.name)))
-                row[f"baseline {label(sc, c)}"] = finite(c.value((r.get("baseline") or {}).get(sc.name)))
-            row["failure"] = r.get("failure") or e.get("failure")
-            row["notes"] = "; ".join(f"{w}: {n}" for w, n in self.notes(key))
-            rows.append(row)
-        numbers = [name for sc, c in columns for name in (label(sc, c), f"baseline {label(sc, c)}")]
-        frame = pd.DataFrame(rows, columns=["layer", "neuron", "sign", "explanation", *numbers, "failure", "notes"])
-        return frame.astype({name: "float64" for name in numbers})
+        table, keys = self.score_table, self.keys()
+        row_of = {k: i for i, k in enumerate(table.keys)}
+        rows = np.array([row_of.get(k, -1) for k in keys], dtype=np.int64)
+        texts, failures = _column(self.scores, "explanation"), _column(self.scores, "failure")
+        given, failed = _column(self.explanations, "explanation"), _column(self.explanations, "failure")
+        frame: dict[str, Any] = {"layer": [k[0] for k in keys], "neuron": [k[1] for k in keys],
+                                 "sign": [k[2] for k in keys],
+                                 "explanation": [texts[k] if k in texts else given.get(k) for k in keys]}  # fmt: skip
+        for sc in self.scorers:
+            for i, c in enumerate(sc.columns):
+                for who, name in (("explanation", label(sc, c)), ("baseline", f"baseline {label(sc, c)}")):
+                    column = np.append(table.column(who, sc.name, i), np.nan)  # row -1: a side not scored
+                    frame[name] = column[rows]
+        noted = set(self.explanation_notes).union(*(
+            (table.keys[i] for i in np.flatnonzero(flags)) for flags in table.noted.values()))  # fmt: skip
+        frame["failure"] = [failures.get(k) or failed.get(k) for k in keys]
+        frame["notes"] = ["; ".join(f"{w}: {n}" for w, n in self.notes(k)) if k in noted else "" for k in keys]
+        return pd.DataFrame(frame)
 
     def explanations_frame(self):
         """A pandas DataFrame, one row per explained unit side: ``layer``, ``neuron``, ``sign``,
@@ -423,6 +427,14 @@ class RunView:
             return stored.ranked(("baseline:" if baseline else "") + MAIN_SCORE)
         pairs = [(main_score(r.get("baseline") if baseline else r), k) for k, r in self.scores.items()]
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
+
+
+def _column(results: Mapping[Key, Any], name: str) -> dict[Key, Any]:
+    """Every entry's ``explanation`` or ``failure``: the store's column where there is one, else the entries'."""
+    stored = _store(results)
+    if stored is not None and stored.indexed:
+        return dict(stored.explanations() if name == "explanation" else stored.failures())
+    return {k: r.get(name) for k, r in results.items()}
 
 
 def _store(results: Mapping[Key, Any]) -> ResultStore | None:
