@@ -190,6 +190,7 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
     """Copy the stages' results onto the other collected units' keys, in order, until each store holds
     ``units`` unit sides (through `ResultStore.put_many`); a row per store."""
     from nbutils.core.records import RecordStore
+    from nbutils.score.flags import explanation_notes
     from nbutils.score.stage import stored_numbers
 
     rows = []
@@ -203,6 +204,8 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
             (n.layer, n.index) for n in RecordStore(root / "01_collect").all_ids() if (n.layer, n.index) not in have
         ]
         store.put_many(_copies(template, free[: max(units - len(template), 0)]))
+        if stage == "02_explain":  # what stage 02 does when it finishes: the run-wide notes, for every view
+            store.put_notes(explanation_notes(dict(store.explanations())))
         store.close()
         size, files = _folder_bytes(root / stage)
         n = len(ResultStore(root / stage))

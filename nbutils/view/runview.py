@@ -408,7 +408,7 @@ class RunView:
             needle = text.lower()
             ids = sorted({(k[0], k[1]) for k, t in self.explanation_texts() if t and needle in t.lower()})
         else:
-            ids = [(n.layer, n.index) for n in self.store.all_ids()]
+            ids = [(layer, n) for layer in self.store.layers for n in self.store.neurons(layer).tolist()]
         if sort == SORTS[0]:
             return ids
         order = [(k[0], k[1]) for _, k in self.ranked(baseline=sort.startswith("baseline")) if k[2] == "positive"]
