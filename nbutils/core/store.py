@@ -408,18 +408,17 @@ class ResultStore:
 
     def explanations(self) -> list[tuple[Key, str | None]]:
         """(key, explanation text) of every entry in key order, read from its column (no entry is parsed)."""
-        if (legacy := self._legacy()) is not None:
-            return [((e["layer"], e["neuron"], e["sign"]), e.get("explanation")) for e in legacy.entries()]
-        with self._query() as conn:
-            rows = conn.execute(_KEYED.format("explanation")).fetchall() if conn else []
-        return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
+        return self._text_column("explanation")
 
     def failures(self) -> list[tuple[Key, str | None]]:
         """(key, failure) of every entry in key order, read from its column."""
+        return self._text_column("failure")
+
+    def _text_column(self, name: str) -> list[tuple[Key, str | None]]:
         if (legacy := self._legacy()) is not None:
-            return [((e["layer"], e["neuron"], e["sign"]), e.get("failure")) for e in legacy.entries()]
+            return [((e["layer"], e["neuron"], e["sign"]), e.get(name)) for e in legacy.entries()]
         with self._query() as conn:
-            rows = conn.execute(_KEYED.format("failure")).fetchall() if conn else []
+            rows = conn.execute(_KEYED.format(name)).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
 
     def number_table(self, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
