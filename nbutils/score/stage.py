@@ -194,7 +194,11 @@ def score_units(
     usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
     store, out = RecordStore(collection_dir), scores(out_dir)
     asked = ResultStore(explanation_dir)
-    todo = [e for e in map(asked.get, keys) if e is not None]
+    todo = [asked.get(k) for k in keys]
+    if None in todo:  # a folder holding only explanations.jsonl (written or edited by hand): its entries
+        listed = {key_of(e): e for e in read_jsonl(explanations(explanation_dir).jsonl)}
+        todo = [e if e is not None else listed.get(k) for k, e in zip(keys, todo)]
+    todo = [e for e in todo if e is not None]
     saved = ResultStore(out.root, part=shard_part(shard), numbers_of=stored_numbers)
     chosen, s = chosen_scorers(config), settings(config)
     llm = make_backend(simulator_spec(config, cache_path))
