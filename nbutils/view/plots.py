@@ -393,10 +393,7 @@ def note_rows(view: RunView, units: int = 200) -> list[dict[str, Any]]:
     ``units`` sides with notes (a last row says how many more): copied or repeated explanations, degenerate
     judges, scores over too few items (the explanation's and the baseline's)."""
     rows, noun = [], view.store.meta.noun  # the unit column is headed "neuron" or "feature"
-    table = view.score_table  # which sides carry a note, from the flags: only those results are read
-    flagged = set(view.explanation_notes)
-    for noted in table.noted.values():
-        flagged.update(table.keys[i] for i in np.flatnonzero(noted))
+    flagged = view.noted_keys()  # from the flags: only those results are read
     for key in sorted(flagged)[:units]:
         rows += [{"layer": key[0], noun: key[1], "sign": key[2], "result": w, "note": n} for w, n in view.notes(key)]
     if len(flagged) > units:

@@ -301,10 +301,11 @@ def compact_index_html(view: RunView, keys: Sequence[Key], linked: set[Key] | No
     def cell(column: tuple[str, str, int], i: int | None) -> str:
         nonlocal marked
         v = np.nan if i is None else table.values[column][i]
-        if i is None or not table.noted[column][i]:
-            return f"<td>{'-' if np.isnan(v) else f'{v:.3g}'}</td>"
-        marked += 1
-        return f"<td>{'-' if np.isnan(v) else f'{v:.3g}'} {WARN}</td>"
+        text = "-" if np.isnan(v) else f"{v:.3g}"
+        if i is not None and table.noted[column][i]:
+            marked += 1
+            text += f" {WARN}"
+        return f"<td>{text}</td>"
 
     rows = []
     for k in keys:

@@ -334,6 +334,13 @@ class RunView:
         (copied, repeated), then each scorer number's, the explanation's and the baseline's."""
         return result_notes(self.scores.get(key) or {}, self.scorers, self.explanation_notes.get(key, []))
 
+    def noted_keys(self) -> set[Key]:
+        """The unit sides with any note: on their explanation, or on a number (the store's flags)."""
+        table = self.score_table
+        return set(self.explanation_notes).union(
+            *((table.keys[i] for i in np.flatnonzero(f)) for f in table.noted.values())
+        )
+
     def scores_frame(self):
         """A pandas DataFrame, one row per explained or scored unit side: ``layer``, ``neuron``, ``sign``,
         ``explanation``, then every number of every scorer with results (NaN where undefined), each followed
@@ -355,8 +362,7 @@ class RunView:
                 for who, name in (("explanation", label(sc, c)), ("baseline", f"baseline {label(sc, c)}")):
                     column = np.append(table.column(who, sc.name, i), np.nan)  # row -1: a side not scored
                     frame[name] = column[rows]
-        noted = set(self.explanation_notes).union(*(
-            (table.keys[i] for i in np.flatnonzero(flags)) for flags in table.noted.values()))  # fmt: skip
+        noted = self.noted_keys()
         frame["failure"] = [failures.get(k) or failed.get(k) for k in keys]
         frame["notes"] = ["; ".join(f"{w}: {n}" for w, n in self.notes(k)) if k in noted else "" for k in keys]
         return pd.DataFrame(frame)
