@@ -244,6 +244,7 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     from nbutils.llm.contract import SimulationRequest
     from nbutils.llm.local import LocalBackend
     from nbutils.llm.prompts import simulation_prefix
+    from nbutils.score.contract import UnitDetails
     from nbutils.score.stage import run_score_stage
     from nbutils.subject.loading import load_subject_model
 
@@ -288,10 +289,11 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     # the floor: each explanation's prompt prefix once, plus each simulated excerpt's own tokens
     be, floor = LocalBackend(model), 0
     stored = ResultStore(tmp / "03")
-    for sim in map(stored.details, stored.keys()):
-        excerpts_of = [tuple(x["tokens"]) for x in sim["simulation"]["excerpts"]]
-        request = SimulationRequest(sim["explanation"], tuple(excerpts_of))
-        floor += be.count_tokens(simulation_prefix(sim["explanation"], be.simulation_examples(request)))
+    for found in map(stored.details, stored.keys()):
+        details = UnitDetails.from_dict(found)
+        excerpts_of = [tuple(x.tokens) for x in details.of("simulation").excerpts]
+        request = SimulationRequest(details.explanation, tuple(excerpts_of))
+        floor += be.count_tokens(simulation_prefix(details.explanation, be.simulation_examples(request)))
         floor += sum(len(t) for t in excerpts_of)
     stages = {
         "02 explain (generation)": t_explain,

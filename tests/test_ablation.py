@@ -14,6 +14,7 @@ from nbutils.collect.corpus import load_texts, make_excerpts
 from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.records import split_excerpts
+from nbutils.core.results import BaselineExplanation, ExplanationEntry
 from nbutils.explain.stage import run_explain_stage
 from nbutils.score.ablation import SETS, AblationScorer, ablation_metric
 from nbutils.score.contract import ScoreSettings
@@ -33,7 +34,7 @@ def collection(embedded, tmp_path_factory):
 
 
 def _context(embedded, store, neuron: int):
-    entry = {"layer": LAYER, "neuron": neuron, "sign": "positive", "explanation": "x", "baseline": {"explanation": "y"}}
+    entry = ExplanationEntry(LAYER, neuron, "positive", "x", baseline=BaselineExplanation("y"))
     return unit_context(entry, store, ScoreSettings(n_boot=100), UnitIntervention(embedded.model, MLPNeurons()))
 
 
@@ -43,11 +44,11 @@ def test_true_activations_score_one_and_the_mean_scores_zero(embedded, collectio
     scored = [e for name in SETS for e in ctx.splits[name]]
     truth = scorer.score_values(ctx, [np.asarray(e.activations, dtype=np.float64) for e in scored])
     mean = scorer.score_values(ctx, [np.full(len(e.tokens), ctx.record.mean) for e in scored])
-    assert truth["kl_mean_ablated"] > 1e-6  # the output does depend on this neuron
-    assert truth["score"]["value"] == pytest.approx(1.0, abs=1e-6)
-    assert mean["score"]["value"] == pytest.approx(0.0, abs=1e-6)
-    assert truth["n_excerpts"] == len(scored) >= 6
-    lo, hi = mean["score"]["low"], mean["score"]["high"]
+    assert truth.kl_mean_ablated > 1e-6  # the output does depend on this neuron
+    assert truth.score.value == pytest.approx(1.0, abs=1e-6)
+    assert mean.score.value == pytest.approx(0.0, abs=1e-6)
+    assert truth.n_excerpts == len(scored) >= 6
+    lo, hi = mean.score.low, mean.score.high
     assert lo == pytest.approx(0.0, abs=1e-6) and hi == pytest.approx(0.0, abs=1e-6)
 
 
@@ -78,12 +79,12 @@ def test_the_stage_scores_ablation_beside_the_baseline(embedded, collection, tmp
     config = RunConfig(explain_neurons=[[LAYER, 7]], n_boot=50, ablation=True, scorers=["simulation"])
     run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
     (result,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
-    for part in (result, result["baseline"]):
-        ablation = part["ablation"]
-        assert ablation["n_excerpts"] == sum(
+    for part in (result, result.baseline):
+        ablation = part.of("ablation")
+        assert ablation.n_excerpts == sum(
             len(v) for k, v in split_excerpts(collection.record(LAYER, 7)).items() if k in SETS
         )
-        assert ablation["kl_mean_ablated"] > 0 and ablation["score"]["value"] is not None
-        assert ablation["score"]["value"] <= 1.0
+        assert ablation.kl_mean_ablated > 0 and ablation.score.value is not None
+        assert ablation.score.value <= 1.0
     # the baseline's mean-ablation KL is the explanation's: computed once per unit side
-    assert result["ablation"]["kl_mean_ablated"] == result["baseline"]["ablation"]["kl_mean_ablated"]
+    assert result.of("ablation").kl_mean_ablated == result.baseline.of("ablation").kl_mean_ablated

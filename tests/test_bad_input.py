@@ -61,7 +61,7 @@ def test_neuron_that_never_activates(embedded):
     zeros = [Excerpt(["a", "b"], np.zeros(2), index=i) for i in range(8)]
     rec = UnitRecord(UnitId(0, 0), zeros, zeros[:3], [zeros[:1]], [(0.0, 0.5)], [0.0, 0.0], 0, 0, 0, 0, 0.0, 0.0)
     entry = explain_unit(rec, llm=None)  # no LLM is needed to see there is nothing to explain
-    assert entry["explanation"] is None and "never activates" in entry["failure"] and not entry.get("retryable")
+    assert entry.explanation is None and "never activates" in entry.failure and not entry.retryable
     m = score([np.zeros(4)], [np.arange(4.0)]).correlation
     assert m.value is None and "constant" in m.reason
 

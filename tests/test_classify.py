@@ -118,7 +118,7 @@ def test_token_lookup_baseline_judge_by_hand():
     got = token_lookup_judge(table, [j.item for j in items])
     assert got.tolist() == [2.0, 0.5, 0.5, 0.0]  # max over tokens; min over marked tokens
     result = task_result(items[:2], got[:2], True, threshold=1.0)
-    assert result["balanced_accuracy"]["value"] == 1.0 and result["auroc"]["value"] == 1.0
+    assert result.balanced_accuracy.value == 1.0 and result.auroc.value == 1.0
 
 
 def test_judge_prompt_pieces():

@@ -4,6 +4,7 @@ each) flow through the stages and every view unchanged; and a run folder written
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,17 @@ from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.io import read_json
 from nbutils.core.records import RecordStore
+from nbutils.core.results import to_json
 from nbutils.core.units import UnitId
 from nbutils.explain.stage import run_explain_stage
 from nbutils.llm import contract as llm_contract
 from nbutils.llm.contract import Backend, BackendSpec, Judgements, Usage
 from nbutils.llm.prompts import EXPLANATION_PREFIX, LABELS
 from nbutils.score import contract as score_contract
-from nbutils.score.contract import Column, Scorer, UnitContext
+from nbutils.score.classification import JudgedItem
+from nbutils.score.contract import Column, Scorer, UnitContext, UnitScores
+from nbutils.score.metrics import Metric
+from nbutils.score.simulation import SimulationResult
 from nbutils.score.stage import run_score_stage
 from nbutils.subject import units as unit_registry
 from nbutils.subject.models import SubjectModel
@@ -57,15 +62,25 @@ def test_a_run_written_in_format_1_still_opens(old_run, tmp_path):
     view = RunView.open(old_run)
     (key,) = view.scores
     result = view.scores[key]
-    assert result["format"] == 2 and result["simulation"]["top_and_random"] == old["top_and_random"]
-    assert result["baseline"]["simulation"]["random_only"] == old["baseline"]["random_only"]
+    assert isinstance(result, UnitScores) and isinstance(result.of("simulation"), SimulationResult)  # read typed
+    assert to_json(result.of("simulation").top_and_random) == old["top_and_random"]
+    assert to_json(result.baseline.of("simulation").random_only) == old["baseline"]["random_only"]
+    assert result.to_dict()["format"] == 2
     assert [sc.name for sc in view.scorers] == ["simulation", "detection", "fuzzing"]
     shown = _visible(neuron_html(view, *key))
     assert f"{old['top_and_random']['correlation']['value']:.3f}" in shown and "True versus simulated" in shown
     assert "detection items" in shown and "detection balanced accuracy" in shown
-    assert view.simulation(key)["simulation"]["excerpts"] and view.simulation(key)["detection"]
+    details = view.simulation(key)
+    assert details.of("simulation").excerpts and isinstance(details.of("detection")[0], JudgedItem)
     assert plots.write_report(view, tmp_path / "report")["simulated_vs_true"].is_file()
     assert any(r["scorer"] == "simulation" for r in plots.scorer_rows(view))
+
+
+@dataclass
+class WordCount:
+    """The result type of the scorer below: one `Metric`."""
+
+    words: Metric
 
 
 class ExplanationLength(Scorer):
@@ -73,26 +88,30 @@ class ExplanationLength(Scorer):
 
     name = "explanation_length"
     title = "length of the explanation in words"
-    columns = (Column("words", ("words",), notes=lambda r: ["very short"] if r["words"]["value"] < 4 else []),)
+    columns = (Column("words", ("words",), notes=lambda r: ["very short"] if r.words.value < 4 else []),)
+    result_type = WordCount
+    details_type = dict[str, str]
 
-    def baseline(self, ctx: UnitContext) -> dict[str, Any]:
-        return {"words": {"value": float(len(ctx.entry["baseline"]["explanation"].split()))}}
+    def baseline(self, ctx: UnitContext) -> WordCount:
+        return WordCount(Metric(float(len(ctx.entry.baseline.explanation.split()))))
 
-    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], dict[str, Any]]:
-        words = ctx.entry["explanation"].split()
-        return {"words": {"value": float(len(words))}}, {"first word": words[0]}
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[WordCount, dict[str, str]]:
+        words = ctx.entry.explanation.split()
+        return WordCount(Metric(float(len(words)))), {"first word": words[0]}
 
 
 def test_a_scorer_defined_here_reaches_every_view(old_run, monkeypatch):
     monkeypatch.setitem(score_contract.SCORERS, "explanation_length", ExplanationLength)
     config = RunConfig(scorers=["explanation_length"], simulator_backend="oracle")  # the oracle is never asked
     (result,) = run_score_stage(old_run / "01_collect", old_run / "02_explain", old_run / "03_new", config)
-    words = float(len(result["explanation"].split()))
-    assert result["explanation_length"] == {"words": {"value": words}}
-    baseline_words = float(len(result["baseline"]["explanation"].split()))  # 'the tokens "a", "b", ...'
-    assert result["baseline"]["explanation_length"]["words"]["value"] == baseline_words
+    words = float(len(result.explanation.split()))
+    assert result.of("explanation_length") == WordCount(Metric(words))
+    baseline_words = float(len(result.baseline.explanation.split()))  # 'the tokens "a", "b", ...'
+    assert result.baseline.of("explanation_length").words.value == baseline_words
     view = RunView.open(old_run, score_dir=old_run / "03_new")
-    key = (result["layer"], result["neuron"], result["sign"])
+    key = result.key
+    assert view.scores[key] == result  # read back from the store as written
+    assert view.simulation(key).of("explanation_length") == {"first word": result.explanation.split()[0]}
     assert [sc.name for sc in view.scorers] == ["explanation_length"]
     shown = _visible(neuron_html(view, *key))
     assert "words" in shown and f"{words:.3f}" in shown and f"{baseline_words:.3f}" in shown  # both
@@ -146,10 +165,10 @@ def test_a_backend_defined_here_explains_simulates_and_judges(old_run, monkeypat
         explain_neurons=[[0, 1], [29, 0]], explainer_backend="parrot", simulator_backend="parrot", n_boot=20
     )
     entries = run_explain_stage(old_run / "01_collect", old_run / "02_new", config, progress=False)
-    assert all(e["explanation"] and e["candidates"][0]["reply"].startswith(EXPLANATION_PREFIX) for e in entries)
+    assert all(e.explanation and e.candidates[0].reply.startswith(EXPLANATION_PREFIX) for e in entries)
     results = run_score_stage(old_run / "01_collect", old_run / "02_new", old_run / "03_new", config, progress=False)
     for r in results:
-        assert not r.get("failure") and {"simulation", "detection", "fuzzing"} <= set(r)
+        assert not r.failure and {"simulation", "detection", "fuzzing"} <= set(r.results)
     assert read_json(old_run / "03_new" / "usage.json")["requests"] == 0  # the parrot counts only explanations
     assert read_json(old_run / "02_new" / "usage.json")["requests"] == 2
 

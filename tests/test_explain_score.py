@@ -14,13 +14,15 @@ from nbutils.core.config import RunConfig
 from nbutils.core.io import read_jsonl
 from nbutils.core.layout import explanations, scores
 from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
+from nbutils.core.results import OutputsShown
 from nbutils.core.store import ResultStore
 from nbutils.core.units import UnitId
 from nbutils.explain.explainer import explain_unit
 from nbutils.explain.stage import run_explain_stage
 from nbutils.interop.neuron_explainer import from_openai_results, to_openai_results
 from nbutils.score.baseline import token_lookup_explanation, token_lookup_simulate, token_table
-from nbutils.score.contract import ScoreSettings, registered
+from nbutils.score.contract import ScoreSettings, UnitDetails, UnitScores, registered
+from nbutils.score.metrics import Metric
 from nbutils.score.stage import run_score_stage, score_entry
 
 
@@ -49,14 +51,16 @@ def test_token_lookup_baseline_by_hand():
 def test_explain_and_score_stages(collection, tmp_path):
     config = RunConfig(explain_neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, n_boot=50, keep_distributions=True)
     entries = run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
-    assert [(e["layer"], e["neuron"], e["sign"]) for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
+    assert [e.key for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
+    assert read_jsonl(explanations(tmp_path / "02").jsonl) == [e.to_dict() for e in entries]
     for e in entries:
-        assert len(e["candidates"]) == 2 and e["baseline"]["explanation"].startswith("the tokens ")
-        usable = [c for c in e["candidates"] if c["explanation"]]
-        if usable and e["explanation"]:
-            scored = [c for c in usable if c["calibration_score"] is not None]
+        assert len(e.candidates) == 2 and e.baseline.explanation.startswith("the tokens ")
+        usable = [c for c in e.candidates if c.explanation]
+        if usable and e.explanation:
+            scored = [c for c in usable if c.calibration_score is not None]
             if scored:  # best-of-n keeps the candidate with the best calibration score
-                assert e["explanation"] == max(scored, key=lambda c: c["calibration_score"])["explanation"]
+                assert e.explanation == max(scored, key=lambda c: c.calibration_score).explanation
+                assert e.kept.explanation == e.explanation
     usage = json.loads((tmp_path / "02" / "usage.json").read_text())
     assert usage["prompt_tokens"] > 1000 and usage["completion_tokens"] > 0
     again = run_explain_stage(collection.path, tmp_path / "02", config)
@@ -64,24 +68,25 @@ def test_explain_and_score_stages(collection, tmp_path):
     assert len(explanations(tmp_path / "02").jsonl.read_text().splitlines()) == 2
 
     results = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
-    assert len(results) == 2 and read_jsonl(scores(tmp_path / "03").jsonl) == results
+    assert len(results) == 2 and read_jsonl(scores(tmp_path / "03").jsonl) == [r.to_dict() for r in results]
+    assert [UnitScores.from_dict(r.to_dict()) for r in results] == results  # written and read back as written
     for r in results:
-        assert r["format"] == 2 and {"simulation", "detection", "fuzzing"} <= set(r["baseline"])
+        assert r.to_dict()["format"] == 2 and {"simulation", "detection", "fuzzing"} <= set(r.baseline.results)
         for key in ("top_and_random", "random_only", "top_only"):
-            assert set(r["baseline"]["simulation"][key]) >= {"correlation", "rsquared", "absolute_dev_explained"}
-            if r["explanation"] and "simulation" in r:
-                m = r["simulation"][key]["correlation"]
-                assert (m["value"] is None) == (m["reason"] is not None)
-        if not r["explanation"] or "simulation" not in r:
+            assert isinstance(r.baseline.of("simulation").set(key).rsquared, Metric)
+            if r.explanation and r.of("simulation") is not None:
+                m = r.of("simulation").set(key).correlation
+                assert (m.value is None) == (m.reason is not None)
+        if not r.explanation or r.of("simulation") is None:
             continue
-        sim = ResultStore(tmp_path / "03").details((r["layer"], r["neuron"], "positive"))
-        record = collection.record(r["layer"], r["neuron"])
+        sim = UnitDetails.from_dict(ResultStore(tmp_path / "03").details(r.key))
+        record = collection.record(r.layer, r.neuron)
         train = {e.index for e in split_excerpts(record)["train"]}
-        scored = sim["simulation"]["excerpts"]
-        assert train and not train & {x["index"] for x in scored}  # the explainer's excerpts are never scored
+        scored = sim.of("simulation").excerpts
+        assert train and not train & {x.index for x in scored}  # the explainer's excerpts are never scored
         for x in scored:
-            assert len(x["tokens"]) == len(x["true"]) == len(x["expected"]) == len(x["distribution"]) == 64
-            np.testing.assert_allclose(np.array(x["distribution"]) @ np.arange(11), x["expected"], atol=1e-3)
+            assert len(x.tokens) == len(x.true) == len(x.expected) == len(x.distribution) == 64
+            np.testing.assert_allclose(np.array(x.distribution) @ np.arange(11), x.expected, atol=1e-3)
         # OpenAI neuron-explainer results JSON round trip
         exported = to_openai_results(sim)
         assert exported["dataclass_name"] == "NeuronSimulationResults"
@@ -89,16 +94,17 @@ def test_explain_and_score_stages(collection, tmp_path):
         assert {s["dataclass_name"] for s in seqs} == {"ScoredSequenceSimulation"}
         assert seqs[0]["simulation"]["dataclass_name"] == "SequenceSimulation"
         back = from_openai_results(json.loads(json.dumps(exported)))[0]
-        valid = [x for x in scored if x["split"].startswith("valid")]
-        assert [x["tokens"] for x in back["simulation"]["excerpts"]] == [x["tokens"] for x in valid]
-        assert [x["expected"] for x in back["simulation"]["excerpts"]] == [x["expected"] for x in valid]
-        calibrated = back | {"simulation": back["simulation"] | {"calibration": sim["simulation"]["calibration"]}}
-        assert to_openai_results(calibrated) == exported
+        valid = sim.of("simulation").valid()
+        assert [x.tokens for x in back.of("simulation").excerpts] == [x.tokens for x in valid]
+        assert [x.expected for x in back.of("simulation").excerpts] == [x.expected for x in valid]
+        back.of("simulation").calibration = sim.of("simulation").calibration
+        assert to_openai_results(back) == exported
+        back.of("simulation").calibration = None
         pooled = exported["scored_explanations"][0]["scored_simulation"]
-        mine = r["simulation"]["top_and_random"]
-        assert pooled["ev_correlation_score"] == pytest.approx(mine["correlation"]["value"])
+        mine = r.of("simulation").top_and_random
+        assert pooled["ev_correlation_score"] == pytest.approx(mine.correlation.value)
         for name in ("rsquared", "absolute_dev_explained"):  # written when a calibration exists, as stage 03 scores
-            assert pooled[f"{name}_score"] == pytest.approx(mine[name]["value"])
+            assert pooled[f"{name}_score"] == pytest.approx(getattr(mine, name).value)
         uncalibrated = to_openai_results(back)["scored_explanations"][0]["scored_simulation"]
         assert uncalibrated["rsquared_score"] is None and uncalibrated["absolute_dev_explained_score"] is None
     assert run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config) == results  # resumed
@@ -134,7 +140,7 @@ def test_openai_results_keep_per_token_distribution_values():
         ],
     }
     (rec,) = from_openai_results(obj)
-    assert rec["simulation"]["excerpts"][0]["distribution_values"] == values  # every token's own values, as floats
+    assert rec.of("simulation").excerpts[0].distribution_values == values  # every token's own values, as floats
     back = to_openai_results(rec)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"][0]
     assert (
         back["simulation"]["distribution_values"] == values
@@ -146,7 +152,7 @@ def test_a_neuron_that_never_activates(collection):
     flat = [Excerpt(["x"] * 4, np.zeros(4), index=i) for i in range(8)]
     record = UnitRecord(UnitId(2, 5), flat, flat[:6], [], [], [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     entry = explain_unit(record, llm=None)
-    assert entry["explanation"] is None and "never activates" in entry["failure"]
+    assert entry.explanation is None and "never activates" in entry.failure
 
     class Store:  # the scorer reads the record through the same interface as RecordStore
         def record(self, layer, neuron):
@@ -154,9 +160,9 @@ def test_a_neuron_that_never_activates(collection):
 
     scorers = [s for s in registered() if not s.needs_subject]  # no subject model here
     result, sim = score_entry(entry, Store(), None, scorers, ScoreSettings())
-    assert sim is None and "never activates" in result["failure"]
-    corr = result["baseline"]["simulation"]["top_and_random"]["correlation"]
-    assert corr["value"] is None and "constant" in corr["reason"]
+    assert sim is None and "never activates" in result.failure
+    corr = result.baseline.of("simulation").top_and_random.correlation
+    assert corr.value is None and "constant" in corr.reason
 
 
 def test_the_output_aware_explainer_sees_what_the_neuron_writes(collection, embedded):
@@ -170,8 +176,8 @@ def test_the_output_aware_explainer_sees_what_the_neuron_writes(collection, embe
     assert outputs_shown(record, negative=True) == (lowered, raised)  # a negative side writes the reverse
     llm = LocalBackend(embedded)
     entry = explain_unit(record, llm, seed=1, with_outputs=True)
-    assert entry["outputs_shown"] == {"raises": list(raised), "lowers": list(lowered)} and entry["explanation"]
-    assert "outputs_shown" not in explain_unit(record, llm, seed=1)
+    assert entry.outputs_shown == OutputsShown(list(raised), list(lowered)) and entry.explanation
+    assert "outputs_shown" not in explain_unit(record, llm, seed=1).to_dict()
     shown = explanation_messages((), writes=(raised, lowered))
     assert shown[0]["content"].endswith(EXPLAIN_OUTPUTS_NOTE)
     assert f"Makes more likely as the next token: {json.dumps(show_token(raised[0]))}" in shown[-1]["content"]

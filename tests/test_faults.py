@@ -131,8 +131,8 @@ def test_garbage_explanation_is_a_recorded_failure(proxy, collection, tmp_path):
     proxy.rules = [(lambda r: "messages" in r, "garbage")]
     config = RunConfig(explain_neurons=[[3, 1]], **_explainer(proxy))
     (entry,) = run_explain_stage(collection.path, tmp_path / "02", config, progress=False, cache_path="none")
-    assert entry["explanation"] is None and entry["failure"] == "no usable explanation among 1 replies"
-    assert entry["candidates"][0]["reply"] == "!!! ??? ..." and entry["baseline"]["explanation"]
+    assert entry.explanation is None and entry.failure == "no usable explanation among 1 replies"
+    assert entry.candidates[0].reply == "!!! ??? ..." and entry.baseline.explanation
 
 
 def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, collection, tmp_path):
@@ -144,7 +144,7 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     proxy.queue = ["500"]
     config = RunConfig(explain_neurons=neurons, **_explainer(proxy))
     entries = run_explain_stage(tmp_path / "01", tmp_path / "02", config, progress=False, cache_path=cache)
-    assert all(e["explanation"] for e in entries) and proxy.sent("500")
+    assert all(e.explanation for e in entries) and proxy.sent("500")
 
     def score():  # stage 03 through the proxy, with short prompts
         run = tmp_path / "01", tmp_path / "02", tmp_path / "03"
@@ -161,19 +161,19 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     proxy.rules = [(lambda r: needle in (r.get("prompt") or ""), "503")]
     results = score()
     for _ in range(2):  # on a loaded machine an echo request may time out (60 s): a rerun retries it, as a user's
-        if not any(r.get("retryable") for r in results if (r["layer"], r["neuron"]) != target):
+        if not any(r.retryable for r in results if (r.layer, r.neuron) != target):
             break
         results = score()
-    by = {(r["layer"], r["neuron"]): r for r in results}
-    assert "503" in by[target]["failure"] and by[target]["retryable"]
+    by = {(r.layer, r.neuron): r for r in results}
+    assert "503" in by[target].failure and by[target].retryable
     others = [by[k] for k in [(3, 1), (3, 2)]]
     # the others were simulated and scored; a weak model may still fail one (its own doing: not retried)
-    assert all("simulation" in r["baseline"] and not r.get("retryable") for r in others)
-    assert any("simulation" in r for r in others)
+    assert all(r.baseline.of("simulation") and not r.retryable for r in others)
+    assert any(r.of("simulation") for r in others)
     summary = json.loads((tmp_path / "03" / "summary.json").read_text())
-    failed = 1 + sum(bool(r.get("failure")) for r in others)
+    failed = 1 + sum(bool(r.failure) for r in others)
     assert (summary["succeeded"], summary["failed"], summary["retryable"]) == (3 - failed, failed, 1)
-    assert proxy.url in by[target]["failure"]  # the server the requests went to is named
+    assert proxy.url in by[target].failure  # the server the requests went to is named
     assert f"{3 - failed} succeeded, {failed} failed" in check_failures(tmp_path / "03")
     assert "First failures: " in check_failures(tmp_path / "03") and "503" in check_failures(tmp_path / "03")
     with pytest.raises(StageHadFailures, match="L9 N1"):
@@ -185,9 +185,9 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     target_expl = next(e for e in explained if (e["layer"], e["neuron"]) == target)
     prompts = [e["request"].get("prompt") or "" for e in proxy.sent()]
     assert prompts and all(target_expl["explanation"] in p for p in prompts)
-    assert len(again) == 3 and [r for r in again if r.get("retryable")] == []
-    assert "503" not in (next(r for r in again if (r["layer"], r["neuron"]) == target).get("failure") or "")
-    again_by = {(r["layer"], r["neuron"]): r for r in again}
+    assert len(again) == 3 and [r for r in again if r.retryable] == []
+    assert "503" not in (next(r for r in again if (r.layer, r.neuron) == target).failure or "")
+    again_by = {(r.layer, r.neuron): r for r in again}
     assert [again_by[k] for k in [(3, 1), (3, 2)]] == others  # finished neurons were left alone
     assert json.loads((tmp_path / "03" / "summary.json").read_text())["retryable"] == 0
 

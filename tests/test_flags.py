@@ -3,51 +3,56 @@ explanations, scores over too few items."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 
 from nbutils.llm.prompts import WORKED_EXAMPLES
-from nbutils.score.contract import scorer
+from nbutils.score.contract import ScoredSide, UnitScores, scorer
 from nbutils.score.flags import copied_example, explanation_notes, f1_text, judge_notes, score_set_notes, with_notes
-from nbutils.score.metrics import classification_scores
+from nbutils.score.metrics import Metric, ScoreSet, classification_scores
 from nbutils.subject.planted import BUILT_IN
 from nbutils.view.tables import column_text, score_rows
 
 
 def _task(labels, probs, has_probabilities=True):
-    return asdict(classification_scores(np.array(labels, bool), np.array(probs, float), has_probabilities))
+    return classification_scores(np.array(labels, bool), np.array(probs, float), has_probabilities)
 
 
 def test_an_always_yes_judge_is_degenerate_and_its_f1_is_chance():
     labels = [1] * 10 + [0] * 6
     task = _task(labels, np.linspace(0.6, 0.9, 16))  # every P(yes) above 0.5: yes to all 16 items
-    assert task["balanced_accuracy"]["value"] == 0.5
+    assert task.balanced_accuracy.value == 0.5
     # an always-yes judge: precision 10/16, recall 1, so F1 = 2 * 10 / (2 * 10 + 6)
-    assert task["f1"]["value"] == pytest.approx(20 / 26) and task["f1_chance"]["value"] == pytest.approx(20 / 26)
+    assert task.f1.value == pytest.approx(20 / 26) and task.f1_chance.value == pytest.approx(20 / 26)
     notes = judge_notes(task)
     assert notes == ["degenerate judge: answered yes to all 16 items (balanced accuracy 0.5 by construction)"]
     detection = scorer("detection")
-    assert column_text({"detection": task}, detection, detection.columns[0]).endswith("\u26a0 " + notes[0])
+    assert column_text(ScoredSide(None, {"detection": task}), detection, detection.columns[0]).endswith(
+        "\u26a0 " + notes[0]
+    )
     assert f1_text(task) == "0.769 (always-yes 0.769)"
-    assert column_text({"detection": task}, detection, detection.columns[1]).startswith(
+    assert column_text(ScoredSide(None, {"detection": task}), detection, detection.columns[1]).startswith(
         "0.769 (always-yes 0.769) \u26a0"
     )
-    assert task["auroc"]["value"] is not None  # P(yes) still ranks the items: AUROC is not degenerate
+    assert task.auroc.value is not None  # P(yes) still ranks the items: AUROC is not degenerate
 
     always_no = _task([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [0.1] * 10)
     assert judge_notes(always_no)[0].startswith("degenerate judge: answered no to all 10")
     fine = _task([1] * 5 + [0] * 5, [0.9] * 4 + [0.2] + [0.1] * 5)
     fuzzing = scorer("fuzzing")
-    assert judge_notes(fine) == [] and "\u26a0" not in column_text({"fuzzing": fine}, fuzzing, fuzzing.columns[0])
+    side = ScoredSide(None, {"fuzzing": fine})
+    assert judge_notes(fine) == [] and "\u26a0" not in column_text(side, fuzzing, fuzzing.columns[0])
 
 
 def test_too_few_items_are_noted():
     few = _task([1, 1, 1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.2, 0.9, 0.6, 0.1, 0.7])
     assert judge_notes(few) == ["only 2 negative items"]
-    assert score_set_notes({"n_excerpts": 2, "correlation": {"value": 0.4}}) == ["only 2 excerpts"]
-    assert score_set_notes({"n_excerpts": 12}) == [] and score_set_notes(None) == []
+
+    def scores(n):
+        return ScoreSet(Metric(0.4), Metric(None, "-"), Metric(None, "-"), n, 16 * n)
+
+    assert score_set_notes(scores(2)) == ["only 2 excerpts"]
+    assert score_set_notes(scores(12)) == [] and score_set_notes(None) == []
     assert with_notes("0.400", ["only 2 excerpts"]) == "0.400 \u26a0 only 2 excerpts"
 
 
@@ -72,26 +77,24 @@ def test_copies_of_worked_examples_and_repeats_are_flagged():
     assert notes[(7, 2, "positive")] == ["same as the explanation of 1 other neuron (L7 N3)"]
 
 
+def _simulated(value, n_excerpts, low=None, high=None):
+    """A simulation scorer's result with one top+random correlation (the other sets undefined)."""
+    from nbutils.score.metrics import Calibration
+    from nbutils.score.simulation import SimulationResult
+
+    undefined = ScoreSet(Metric(None, "not scored"), Metric(None, "-"), Metric(None, "-"), 0, 0)
+    top = ScoreSet(Metric(value, None, low, high), Metric(None, "-"), Metric(None, "-"), n_excerpts, 64)
+    return SimulationResult(Calibration(1.0, 0.0), top, undefined, undefined, undefined)
+
+
 def test_stage_tables_carry_the_notes():
     judged = _task([1] * 3 + [0] * 3, [0.9] * 6)
-    base = {
-        "explanation": "the tokens",
-        "simulation": {"top_and_random": {"correlation": {"value": 0.5}, "n_excerpts": 2}},
-    }
+    base = ScoredSide("the tokens", {"simulation": _simulated(0.5, 2)})
     results = [
-        {
-            "layer": 0,
-            "neuron": n,
-            "sign": "positive",
-            "explanation": WORKED_EXAMPLES[0].explanation,
-            "simulation": {
-                "top_and_random": {"correlation": {"value": 0.1, "low": 0.0, "high": 0.2}, "n_excerpts": 10}
-            },
-            "detection": judged,
-            "baseline": base,
-        }
+        UnitScores(layer=0, neuron=n, sign="positive", explanation=WORKED_EXAMPLES[0].explanation,
+                   results={"simulation": _simulated(0.1, 10, 0.0, 0.2), "detection": judged}, baseline=base)
         for n in (1, 2)
-    ]
+    ]  # fmt: skip
     row = score_rows(results)[0]
     assert (
         "copies worked example 1" in row["explanation"] and "same as the explanation of 1 other" in row["explanation"]
@@ -111,16 +114,16 @@ def test_a_calibrated_r_squared_beside_a_negative_correlation_says_why():
               for n in names}  # fmt: skip
     # a simulation that runs opposite to the activations, everywhere (plus a little noise)
     predicted = {n: [10 - 3 * e.activations + rng.normal(0, 0.1, 16) for e in splits[n]] for n in names}
-    result = {"simulation": score_predictions(splits, predicted, n_boot=0, seed=0)}
+    result = ScoredSide(None, {"simulation": score_predictions(splits, predicted, n_boot=0, seed=0)})
     sim = scorer("simulation")
     corr, rsq = (next(c for c in sim.columns if c.label == lab) for lab in ("top+random", "R\u00b2 (calibrated)"))
-    assert corr.value(result["simulation"]) < -0.9 and rsq.value(result["simulation"]) > 0.8
+    assert corr.value(result.of("simulation")) < -0.9 and rsq.value(result.of("simulation")) > 0.8
     text = column_text(result, sim, rsq)
     assert "negative slope" in text and "correlation is negative" in text
     assert "\u26a0" not in column_text(result, sim, corr)  # the correlation itself needs no note
     # the same simulation, the right way round: no note on its R²
     right = {n: [3 * e.activations + rng.normal(0, 0.1, 16) for e in splits[n]] for n in names}
-    result = {"simulation": score_predictions(splits, right, n_boot=0, seed=0)}
+    result = ScoredSide(None, {"simulation": score_predictions(splits, right, n_boot=0, seed=0)})
     assert "\u26a0" not in column_text(result, sim, rsq)
 
 

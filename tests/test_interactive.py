@@ -135,7 +135,7 @@ def test_typed_text_is_escaped_and_bad_input_is_named(run):
 
 
 def _numbers(result, scorers):
-    return {(sc.name, c.label, part): c.value((result if part == "explanation" else result["baseline"]).get(sc.name))
+    return {(sc.name, c.label, part): c.value(result.side(part == "baseline").of(sc.name))
             for sc in scorers for c in sc.columns for part in ("explanation", "baseline")}  # fmt: skip
 
 
@@ -146,15 +146,13 @@ def test_the_stage_02_explanation_scored_live_equals_what_stage_03_stored(scored
     for key, stored in sorted(scored.scores.items()):
         u = scored.unit(*key)
         live = u.score(u.explanation)
-        assert live.result["format"] == stored["format"] and live.explanation == stored["explanation"]
+        assert type(live.result) is type(stored) and live.explanation == stored.explanation
         numbers = _numbers(live.result, live.scorers)
         assert numbers == _numbers(stored, live.scorers)  # every number and baseline number, exactly
-        assert live.result["simulation"] == stored["simulation"]  # intervals and counts too
-        sim = scored.simulation(key)["simulation"]
-        assert [x["expected"] for x in live.details["simulation"]["excerpts"]] == [
-            x["expected"] for x in sim["excerpts"]
-        ]
-        assert live.correlation == stored["simulation"]["top_and_random"]["correlation"]["value"]
+        assert live.result.of("simulation") == stored.of("simulation")  # intervals and counts too
+        sim = scored.simulation(key).of("simulation")
+        assert [x.expected for x in live.details.of("simulation").excerpts] == [x.expected for x in sim.excerpts]
+        assert live.correlation == stored.of("simulation").top_and_random.correlation.value
         low, high = live.interval
         assert low <= live.correlation <= high and live.requests >= 1
         again = u.score(" " + u.explanation + " ")  # the same question: from memory, no request
@@ -186,8 +184,8 @@ def test_your_explanations_compared_on_the_same_excerpts(scored):
 def test_a_new_explanation_shows_its_exact_prompt_and_reply_and_repeats_stage_02(scored):
     for key, stored in sorted(scored.explanations.items()):
         new = scored.unit(*key).explain()
-        assert new.explanation == stored["explanation"]  # the same excerpts, parameters and seed
-        assert new.replies == [c["reply"] for c in stored["candidates"]] and new.requests >= 1
+        assert new.explanation == stored.explanation  # the same excerpts, parameters and seed
+        assert new.replies == [c.reply for c in stored.candidates] and new.requests >= 1
         assert new.messages[0]["role"] == "system" and new.messages[-1]["role"] == "user"
         record = scored.store.record(key[0], key[1])
         assert record.top[0].tokens[0].strip() in new.messages[-1]["content"]  # its own excerpts were shown
@@ -227,7 +225,7 @@ def test_steering_equals_a_hand_hooked_greedy_generation(run):
 
 def test_search_finds_explanations_and_tokens(scored):
     key, entry = sorted(scored.explanations.items())[0]
-    word = max(entry["explanation"].split(), key=len)
+    word = max(entry.explanation.split(), key=len)
     hits = scored.search(word.upper())
     assert any((r["layer"], r["neuron"], r["sign"]) == key and r["where"] == "explanation" for r in hits.rows)
     assert list(hits.to_frame().columns) == ["layer", "neuron", "sign", "where", "explanation", "score"]

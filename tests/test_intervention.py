@@ -16,7 +16,8 @@ from nbutils.core.layout import scores
 from nbutils.core.store import ResultStore
 from nbutils.core.units import NEURON
 from nbutils.explain.stage import run_explain_stage
-from nbutils.score.intervention import N_PROMPTS, TARGET_KL, intervention_notes, pair_accuracy
+from nbutils.score.contract import UnitDetails
+from nbutils.score.intervention import N_PROMPTS, TARGET_KL, InterventionResult, intervention_notes, pair_accuracy
 from nbutils.score.stage import run_score_stage
 from nbutils.subject.intervene import UnitIntervention, intervention_for
 from nbutils.subject.units import MLPNeurons
@@ -33,13 +34,15 @@ def collection(embedded, tmp_path_factory):
 
 def test_pair_accuracy_by_hand():
     perfect = pair_accuracy(np.array([0.9, 0.1, 0.8, 0.3, 0.7, 0.2]), n_boot=100)
-    assert perfect["balanced_accuracy"]["value"] == 1.0 and perfect["auroc"]["value"] == 1.0
+    assert perfect.balanced_accuracy.value == 1.0 and perfect.auroc.value == 1.0
     always_yes = pair_accuracy(np.full(6, 0.9), n_boot=100)  # position bias alone: exactly chance
-    assert always_yes["balanced_accuracy"]["value"] == 0.5 and always_yes["n_yes"] == 6
-    assert any("degenerate judge" in n for n in intervention_notes({**always_yes, "n_unchanged": 0, "kl": TARGET_KL}))
+    assert always_yes.balanced_accuracy.value == 0.5 and always_yes.n_yes == 6
+    steered = InterventionResult(**vars(always_yes), control=None, shift=1.0, kl=TARGET_KL, control_unit=0,
+                                 control_shift=1.0, control_kl=TARGET_KL, n_unchanged=0)  # fmt: skip
+    assert any("degenerate judge" in n for n in intervention_notes(steered))
     half = pair_accuracy(np.array([0.9, 0.1, 0.9, 0.9, np.nan, 0.2]), n_boot=100)
-    assert half["balanced_accuracy"]["value"] == pytest.approx(0.75)  # (1 + 0.5) / 2; the third pair is unanswered
-    assert half["n_unanswered"] == 1 and half["n_prompts"] == 3
+    assert half.balanced_accuracy.value == pytest.approx(0.75)  # (1 + 0.5) / 2; the third pair is unanswered
+    assert half.n_unanswered == 1 and half.n_prompts == 3
 
 
 def test_steering_reaches_its_target_and_continuations_match_greedy_generation(embedded, collection):
@@ -70,15 +73,16 @@ def test_the_stage_scores_intervention_with_a_control_and_is_seeded(embedded, co
     config = RunConfig(explain_neurons=[[LAYER, 7]], n_boot=50, intervention=True, scorers=["simulation"])
     run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
     (result,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
-    mine = result["intervention"]
-    assert mine["n_prompts"] == N_PROMPTS and mine["control_unit"] != 7 and mine["kl"] > 0
-    assert mine["balanced_accuracy"]["value"] is not None and mine["control"]["n_prompts"] == N_PROMPTS
-    assert result["baseline"]["intervention"]["kl"] == mine["kl"]  # the same pairs, judged by token lookup
-    details = ResultStore(tmp_path / "03").details((LAYER, 7, "positive"))["intervention"]
-    assert len(details) == 4 * N_PROMPTS and {d["source"] for d in details} == {"unit", "control"}
-    assert all("[A]" in d["tokens"][0] and "[B]" in d["tokens"][0] for d in details)
+    mine = result.of("intervention")
+    assert mine.n_prompts == N_PROMPTS and mine.control_unit != 7 and mine.kl > 0
+    assert mine.balanced_accuracy.value is not None and mine.control.n_prompts == N_PROMPTS
+    assert result.baseline.of("intervention").kl == mine.kl  # the same pairs, judged by token lookup
+    stored = UnitDetails.from_dict(ResultStore(tmp_path / "03").details((LAYER, 7, "positive")))
+    details = stored.of("intervention")
+    assert len(details) == 4 * N_PROMPTS and {d.source for d in details} == {"unit", "control"}
+    assert all("[A]" in d.tokens[0] and "[B]" in d.tokens[0] for d in details)
     (again,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03b", config, progress=False)
-    assert again["intervention"] == mine  # seeded: a fresh run gives the same result
+    assert again.of("intervention") == mine  # seeded: a fresh run gives the same result
     assert scores(tmp_path / "03").jsonl.is_file()
 
 

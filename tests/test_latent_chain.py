@@ -171,4 +171,4 @@ def test_latents_live_equal_their_records_and_stored_scores(latent_run):
     scale = max(abs(u.record.max), abs(u.record.min), 1e-6)
     for e in u.record.top[:3]:
         np.testing.assert_allclose(u.activations(e.token_ids).values, e.activations, atol=2e-4 * scale, rtol=1e-3)
-    assert u.score(u.explanation).result["simulation"] == run.scores[key]["simulation"]
+    assert u.score(u.explanation).result.of("simulation") == run.scores[key].of("simulation")

@@ -3,6 +3,7 @@ dies on its first real request, and a server that crashes mid-request as the bac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from servers import free_port, llama_server_command
 
@@ -163,3 +165,53 @@ def test_the_wheel_command_prints_only_a_path_on_stdout_and_a_failed_build_cache
     assert res.returncode == 1 and res.stdout == "", res.stdout
     assert "llama-cpp-python==0.0.0" in res.stderr and "error:" in res.stderr
     assert not list(tmp_path.glob("*/llama_cpp_python-*.whl"))  # only a .partial folder, never a cached wheel
+
+
+def test_numpy_ranking_gives_pythons_order_and_leaves_other_calls_alone():
+    from nbutils.llm.llamacpp_server import _sorted, _zip
+
+    rng = np.random.default_rng(0)
+    for row in (
+        np.log(rng.dirichlet(np.ones(4096))).astype(np.float32),
+        np.round(rng.normal(size=3000), 1).astype(np.float32),  # many ties: broken by token id, descending
+        np.concatenate([np.full(500, -np.inf), rng.normal(size=500)]),  # float64, -inf entries
+    ):
+        for values in (row, row.tolist()):
+            want = sorted(zip(values, range(len(values))), reverse=True)
+            got = _sorted(_zip(values, range(len(values))), reverse=True)
+            assert [i for _, i in got] == [i for _, i in want]
+            assert [v for v, _ in got] == [float(v) for v, _ in want]
+    short, nan = [3.0, 1.0, 2.0], np.array([np.nan] * 300 + [1.0] * 300)
+    assert _sorted(_zip(short, range(3)), reverse=True) == [(3.0, 0), (2.0, 2), (1.0, 1)]
+    assert len(_sorted(_zip(nan, range(600)), reverse=True)) == 600  # NaN rows: the built-in sort
+    assert _sorted(_zip(list(range(300)), range(300))) == [(i, i) for i in range(300)]  # not reversed: built-in
+    assert list(_zip("ab", [1, 2])) == [("a", 1), ("b", 2)]
+
+
+def test_numpy_ranking_answers_echo_completions_as_llama_cpp_does():
+    """The embedded model in process, one echo completion with top-20 prompt log-probabilities: the same
+    answer with and without the replacement (only the ranking changed, not what is ranked)."""
+    from llama_cpp import Llama
+
+    from nbutils.llm.llamacpp_server import numpy_top_logprobs
+    from nbutils.subject.models import embedded_gguf_path
+
+    llm = Llama(str(embedded_gguf_path()), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    prompt = "The river ran dry.\tunknown\nTax forms are due in April, and the office is closed on Sunday."
+
+    def complete() -> str:
+        out = llm.create_completion(prompt, max_tokens=1, echo=True, logprobs=20, temperature=0, seed=0)
+        return json.dumps(out["choices"][0], default=float)
+
+    import llama_cpp.llama as module
+
+    plain = complete()
+    ranked_rows = []
+    with numpy_top_logprobs():
+        numpy_sorted = module.sorted
+        module.sorted = lambda it, **kw: (ranked_rows.append(type(it).__name__), numpy_sorted(it, **kw))[1]
+        ranked = complete()
+        module.sorted = numpy_sorted
+    assert ranked_rows and set(ranked_rows) == {"_VocabularyRow"}  # llama_cpp's ranking went through numpy
+    assert "sorted" not in vars(module) and "zip" not in vars(module)  # restored: the built-ins again
+    assert ranked == plain and json.loads(ranked)["logprobs"]["top_logprobs"][1]

@@ -106,14 +106,14 @@ def test_the_oracle_scores_ground_truth_explanations_perfectly(planted_collectio
     write_truth_explanations(planted_collection.path, tmp_path / "02", "planted")
     oracle = RunConfig(simulator_backend="oracle", simulator_model="planted", n_boot=50, judge_per_class=4)
     results = run_score_stage(planted_collection.path, tmp_path / "02", tmp_path / "03", oracle, progress=False)
-    assert len(results) == len(BUILT_IN) and read_jsonl(scores(tmp_path / "03").jsonl) == results
+    assert len(results) == len(BUILT_IN) and read_jsonl(scores(tmp_path / "03").jsonl) == [r.to_dict() for r in results]
     for r in results:
-        assert not r.get("failure"), r.get("failure")
-        assert r["simulation"]["top_and_random"]["correlation"]["value"] == pytest.approx(1.0)
+        assert not r.failure, r.failure
+        assert r.of("simulation").top_and_random.correlation.value == pytest.approx(1.0)
         for task in ("detection", "fuzzing"):
-            assert r[task]["balanced_accuracy"]["value"] == 1.0 and r[task]["auroc"]["value"] == 1.0
-            assert r[task]["n_positive"] > 0 and r[task]["n_negative"] > 0
-        assert "simulation" in r["baseline"] and "detection" in r["baseline"]
+            assert r.of(task).balanced_accuracy.value == 1.0 and r.of(task).auroc.value == 1.0
+            assert r.of(task).n_positive > 0 and r.of(task).n_negative > 0
+        assert r.baseline.of("simulation") and r.baseline.of("detection")
     # an explanation the oracle does not know is a recorded failure, not a score
     entries = read_jsonl(explanations(tmp_path / "02").jsonl)
     entries[0]["explanation"] = "something else entirely"
@@ -122,4 +122,4 @@ def test_the_oracle_scores_ground_truth_explanations_perfectly(planted_collectio
     write_jsonl(explanations(tmp_path / "02b").jsonl, entries[:1])
     unknown = RunConfig(simulator_backend="oracle", n_boot=0)
     (failed,) = run_score_stage(planted_collection.path, tmp_path / "02b", tmp_path / "03b", unknown, progress=False)
-    assert "knows no planted neuron" in failed["failure"] and not failed.get("retryable")
+    assert "knows no planted neuron" in failed.failure and not failed.retryable

@@ -163,6 +163,6 @@ def test_the_explainer_is_asked_about_a_feature_when_the_unit_is_a_latent():
         noun="feature",
     )  # fmt: skip
     entry = explain_unit(rec, Recording())
-    assert entry["explanation"] == "the letter b"
+    assert entry.explanation == "the letter b"
     text = "".join(m["content"] for m in seen[0])
     assert "Feature X" in text and "neuron" not in text.lower()

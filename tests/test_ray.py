@@ -139,11 +139,11 @@ def test_ray_explanations_and_scores_equal_the_single_process_ones(ray_instance,
         e = run_explain_stage(reference, tmp_path / name / "02", config, progress=False)
         s = run_score_stage(reference, tmp_path / name / "02", tmp_path / name / "03", config, progress=False)
         runs[name] = (e, s)
-    assert [e["explanation"] for e in runs["ray"][0]] == [e["explanation"] for e in runs["single"][0]]
-    assert all(e["explanation"] for e in runs["ray"][0])
+    assert [e.explanation for e in runs["ray"][0]] == [e.explanation for e in runs["single"][0]]
+    assert all(e.explanation for e in runs["ray"][0])
     for a, b in zip(runs["single"][1], runs["ray"][1]):
-        assert (a["layer"], a["neuron"]) == (b["layer"], b["neuron"])
-        _assert_close(a, b)
+        assert a.key == b.key
+        _assert_close(a.to_dict(), b.to_dict())
     usage = (tmp_path / "ray" / "03" / "usage.json").read_text()
     assert '"requests"' in usage and not list((tmp_path / "ray" / "03").glob("usage.shard-*.json"))
 

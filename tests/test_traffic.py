@@ -77,7 +77,7 @@ def test_units_overlap_within_the_cap_and_results_do_not_depend_on_it(stand_in, 
     # stage 02 sends one request per unit: 4 at once means 4 units were in progress together
     assert many[2] == 4
     assert many[3] == 6  # the cap was reached and never passed
-    assert all(e["explanation"] for e in many[0]) and not any(r.get("failure") for r in many[1])
+    assert all(e.explanation for e in many[0]) and not any(r.failure for r in many[1])
     assert many[0] == one[0] and many[1] == one[1]  # same explanations, same scores, same order
     # over 16 in flight the backend spreads its requests over several HTTP clients (16 connections each)
     wide = run(40, None, tmp_path / "wide")

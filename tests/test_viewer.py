@@ -61,7 +61,11 @@ def test_tokens_and_llm_text_are_escaped():
     out = heatmap_html(["<script>", "a&b", '"q"'], [1.0, 0.0, -1.0], 1.0)
     assert "<script" not in out and "&lt;script&gt;" in out
     assert _visible_text(out) == '<script>a&b"q"'  # shows literally
-    entry = {"explanation": "<img src=x onerror=alert(1)>", "candidates": [], "baseline": {"explanation": "</table>"}}
+    from nbutils.core.results import BaselineExplanation, Candidate, ExplanationEntry
+
+    text = "<img src=x onerror=alert(1)>"
+    entry = ExplanationEntry(0, 1, "positive", text, candidates=[Candidate(text, "<b>reply")],
+                             baseline=BaselineExplanation("</table>"))  # fmt: skip
     shown = explanation_html(entry)
     assert "<img" not in shown and "&lt;img src=x" in shown and "&lt;/table&gt;" in shown
 
@@ -122,10 +126,10 @@ def test_neuron_view_of_a_real_run(run_dir):
     shown = _visible_text(out)
     for task in ("detection", "fuzzing"):  # the new scores beside the correlations, explanation and baseline
         assert f"{task} balanced accuracy" in shown and f"{task} AUROC" in shown
-        for who in (result, result["baseline"]):
-            m = who[task]["balanced_accuracy"]
-            assert (f"{m['value']:.3f}" if m["value"] is not None else f"undefined: {m['reason']}") in shown
-    assert "stratified" in shown and f"{result['detection']['n_positive']} positive" in shown
+        for who in (result, result.baseline):
+            m = who.of(task).balanced_accuracy
+            assert (f"{m.value:.3f}" if m.value is not None else f"undefined: {m.reason}") in shown
+    assert "stratified" in shown and f"{result.of('detection').n_positive} positive" in shown
     assert "fuzzing items" in shown and "<u style=" in out  # judged items, marked tokens underlined
     rec = view.record(1, 0)
     scale = neuron_scale(rec)
@@ -154,7 +158,7 @@ def test_widget_wiring(run_dir):
     assert viewer.current == (4, 3, "positive") or viewer.current != after_next
     viewer.filter.value = "zzz-no-such-text"
     assert viewer.status.value.count("0 neurons")
-    explained = RunView.open(run_dir).explanations[(1, 0, "positive")]["explanation"]
+    explained = RunView.open(run_dir).explanations[(1, 0, "positive")].explanation
     viewer.filter.value = explained[:12]
     assert (viewer.current[0], viewer.current[1]) in {(1, 0), (4, 2)}
     viewer.sort.value = "layer, neuron"
@@ -222,7 +226,7 @@ def test_report_figures_and_tables(run_dir, tmp_path):
         for w in ("explanation", "baseline")
     }
     bal = [r for r in judged if (r["task"], r["metric"], r["of"]) == ("detection", "balanced accuracy", "explanation")]
-    values = [view.scores[k]["detection"]["balanced_accuracy"]["value"] for k in view.scores]
+    values = [view.scores[k].of("detection").balanced_accuracy.value for k in view.scores]
     assert bal[0]["mean"] == pytest.approx(np.mean([v for v in values if v is not None]))
     assert any(r["series"] == "explanation, stratified" for r in rows)
     summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
@@ -252,15 +256,16 @@ def test_a_run_keeps_expected_values_not_distributions_by_default(run_dir):
 
     view = RunView.open(run_dir)
     for key in view.scores:
-        sim = view.simulation(key)
-        excerpts = sim["simulation"]["excerpts"]
-        assert excerpts and all("distribution" not in x and len(x["expected"]) == len(x["true"]) for x in excerpts)
-        seqs = to_openai_results(sim)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
-        for seq, x in zip(seqs, [x for x in excerpts if x["split"].startswith("valid")]):
+        details = view.simulation(key)
+        excerpts = details.of("simulation").excerpts
+        assert excerpts and all(x.distribution is None and len(x.expected) == len(x.true) for x in excerpts)
+        assert all("distribution" not in x for x in details.to_dict()["simulation"]["excerpts"])  # not written
+        seqs = to_openai_results(details)["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
+        for seq, x in zip(seqs, details.of("simulation").valid()):
             # neuron-explainer's fields hold a point mass at each expected value: its mean is the stored one
             means = [sum(v * q for v, q in zip(vs, qs)) for vs, qs in zip(seq["simulation"]["distribution_values"],
                                                                       seq["simulation"]["distribution_probabilities"])]  # fmt: skip
-            assert means == pytest.approx(x["expected"]) == seq["simulation"]["expected_activations"]
+            assert means == pytest.approx(x.expected) == seq["simulation"]["expected_activations"]
 
 
 def test_researchers_tables_sort_and_group_as_dataframes(run_dir, tmp_path):
@@ -282,20 +287,20 @@ def test_researchers_tables_sort_and_group_as_dataframes(run_dir, tmp_path):
     for key in view.keys():
         r = view.scores[key]
         got = df[(df.layer == key[0]) & (df.neuron == key[1]) & (df.sign == key[2])].iloc[0]
-        want = r["simulation"]["top_and_random"]["correlation"]["value"]
+        want = r.of("simulation").top_and_random.correlation.value
         assert got[corr] == pytest.approx(want) if want is not None else np.isnan(got[corr])
-        base = r["baseline"]["simulation"]["top_and_random"]["correlation"]["value"]
+        base = r.baseline.of("simulation").top_and_random.correlation.value
         assert got[f"baseline {corr}"] == pytest.approx(base) if base is not None else np.isnan(got[f"baseline {corr}"])
-        want = r["detection"]["balanced_accuracy"]["value"]
+        want = r.of("detection").balanced_accuracy.value
         assert got[bal] == pytest.approx(want) if want is not None else np.isnan(got[bal])
-        assert got["explanation"] == r["explanation"]
+        assert got["explanation"] == r.explanation
     numbers = [c for c in df.columns if c not in ("layer", "neuron", "sign", "explanation", "failure", "notes")]
     assert all(df[c].dtype == np.float64 for c in numbers)
     best = df.sort_values(corr, ascending=False).iloc[0]
     assert (best.layer, best.neuron, best.sign) == view.ranked()[0][1]
     assert sorted(df.groupby("layer")[corr].mean().index) == [1, 4]
     ex = view.explanations_frame()
-    assert list(ex.explanation) == [view.explanations[k]["explanation"] for k in sorted(view.explanations)]
+    assert list(ex.explanation) == [view.explanations[k].explanation for k in sorted(view.explanations)]
     assert (ex.candidates >= 1).all() and ex.notes.map(type).eq(str).all()
 
 
@@ -460,11 +465,11 @@ def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_
     view.explanations, view.scores = dict(view.explanations.items()), dict(view.scores.items())  # edited below
     copied = WORKED_EXAMPLES[0].explanation + ", mostly in dates"
     for key in view.explanations:  # both explanations copy the prompt's first worked example, so they repeat
-        view.explanations[key]["explanation"] = copied
+        view.explanations[key].explanation = copied
     key = (1, 0, "positive")
-    det = view.scores[key]["detection"]
-    answered = det["n_positive"] + det["n_negative"] - det["n_unanswered"]
-    det["n_yes"] = answered  # as if the judge had said yes to every item
+    det = view.scores[key].of("detection")
+    answered = det.n_positive + det.n_negative - det.n_unanswered
+    det.n_yes = answered  # as if the judge had said yes to every item
     shown = _visible_text(neuron_html(view, 1, 0))
     assert "copies worked example 1 of the prompt" in shown and "same as the explanation of 1 other neuron" in shown
     assert f"degenerate judge: answered yes to all {answered} items" in shown
@@ -485,7 +490,7 @@ def test_weak_results_flag_themselves_in_the_viewer_the_page_and_the_report(run_
     assert summary["explanations the same as another neuron's"] == "2 of 2"
     rows = plots.classification_rows(view)
     f1 = next(r for r in rows if (r["task"], r["metric"], r["of"]) == ("detection", "F1", "explanation"))
-    chances = [r["detection"]["f1_chance"]["value"] for r in view.scores.values() if r.get("detection")]
+    chances = [r.of("detection").f1_chance.value for r in view.scores.values() if r.of("detection")]
     assert f1["chance"] == pytest.approx(np.mean(chances))
     assert all(r["chance"] == 0.5 for r in rows if r["metric"] != "F1")
 

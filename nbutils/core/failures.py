@@ -18,19 +18,23 @@ from nbutils.core.units import key_of, unit_name
 
 
 def write_summary(
-    path: str | Path, entries: list[dict[str, Any]], rare: dict[tuple[int, int], int] | None = None,
+    path: str | Path, entries: list[Any], rare: dict[tuple[int, int], int] | None = None,
     min_active: int = 1, skipped: int = 0, noun: str = "neuron",
 ) -> dict[str, Any]:  # fmt: skip
-    """Count successes and failures of a stage's entries into ``path`` (its summary.json). ``rare``: the
+    """Count successes and failures of a stage's entries (`nbutils.core.results.ExplanationEntry` or
+    `nbutils.score.contract.UnitScores`) into ``path`` (its summary.json). ``rare``: the
     collection's dead and rare units (`RecordStore.rare_units`), listed with their active-token counts;
     ``skipped``: how many of the units asked for were left out as rare."""
-    failed = [e for e in entries if e.get("failure")]
+    failed = [e for e in entries if e.failure]
     summary = {
         "neurons": len(entries),
         "succeeded": len(entries) - len(failed),
         "failed": len(failed),
-        "retryable": sum(1 for e in failed if e.get("retryable")),
-        "failures": [{k: e.get(k) for k in ("layer", "neuron", "sign", "failure", "retryable")} for e in failed],
+        "retryable": sum(1 for e in failed if e.retryable),
+        "failures": [
+            {"layer": e.layer, "neuron": e.neuron, "sign": e.sign, "failure": e.failure, "retryable": e.retryable}
+            for e in failed
+        ],
     }
     if rare is not None:
         summary["rare"] = rare_listing(rare, min_active, skipped, noun)
@@ -76,9 +80,9 @@ def rare_line(stage_dir: str | Path) -> str:
     )
 
 
-def needs_work(entry: dict[str, Any] | None) -> bool:
+def needs_work(entry: Any | None) -> bool:
     """Not done yet, or failed for a reason a retry can fix (a server error, not an unusable reply)."""
-    return entry is None or bool(entry.get("retryable"))
+    return entry is None or bool(entry.retryable)
 
 
 class StageHadFailures(Exception):

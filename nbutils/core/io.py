@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_jsonl(path: str | os.PathLike, entries: list[dict[str, Any]]) -> None:
+def write_jsonl(path: str | os.PathLike, entries: Iterable[dict[str, Any]]) -> None:
     """All entries as JSON lines, written atomically."""
     atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
 

@@ -37,9 +37,11 @@ class UnitId:
         return (self.layer, self.index, sign)
 
 
-def key_of(entry: dict[str, Any]) -> Key:
-    """The key of a stage-02 or stage-03 entry."""
-    return (int(entry["layer"]), int(entry["neuron"]), str(entry["sign"]))
+def key_of(entry: Any) -> Key:
+    """The key of a stage-02 or stage-03 entry (a typed result, or its JSON)."""
+    if isinstance(entry, dict):
+        return (int(entry["layer"]), int(entry["neuron"]), str(entry["sign"]))
+    return (int(entry.layer), int(entry.neuron), str(entry.sign))
 
 
 def unit_name(key: Key | UnitId) -> str:

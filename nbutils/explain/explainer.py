@@ -16,6 +16,7 @@ import numpy as np
 from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, RecordStore, UnitRecord, split_excerpts
+from nbutils.core.results import BaselineExplanation, Candidate, ExplanationEntry, OutputsShown
 from nbutils.core.units import UnitId
 from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
 from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise, parse_explanation
@@ -33,21 +34,21 @@ def shown_excerpts(excerpts: Sequence[Excerpt], max_activation: float) -> list[S
 
 def _candidate(
     reply: str, llm: Backend, calibration: list[Excerpt], best_of_n: bool, noun: str = "neuron"
-) -> tuple[dict[str, Any], bool | None]:
+) -> tuple[Candidate, bool | None]:
     """One reply as a candidate (with its calibration score for best-of-n); if its simulation failed, whether
     a retry could help (else None)."""
     text = parse_explanation(reply)
-    cand: dict[str, Any] = {"explanation": text, "reply": reply, "calibration_score": None, "reason": None}
+    cand = Candidate(text, reply)
     if not text:
-        cand["reason"] = "empty or unusable explainer reply"
+        cand.reason = "empty or unusable explainer reply"
     elif best_of_n and calibration:
         try:
             ev = expected_values(simulate(llm, text, calibration, noun=noun))
         except LLMFailed as e:
-            cand["reason"] = f"simulation failed: {e}"
+            cand.reason = f"simulation failed: {e}"
             return cand, e.retryable
         m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
-        cand["calibration_score"], cand["reason"] = m.value, m.reason
+        cand.calibration_score, cand.reason = m.value, m.reason
     return cand, None
 
 
@@ -62,16 +63,14 @@ def outputs_shown(record: UnitRecord, negative: bool = False) -> tuple[tuple[str
 
 def base_entry(
     record: UnitRecord, negative: bool = False, split: str = "nbutils", train: list[Excerpt] | None = None
-) -> dict[str, Any]:
+) -> ExplanationEntry:
     """A unit side's stage-02 entry before its explanation: which side, which split, and the token-lookup
     baseline's explanation of its train excerpts (what stage 03 scores beside any explanation). ``train``:
     those excerpts when the caller has split them already."""
     train = split_excerpts(record, negative, split=split)["train"] if train is None else train
-    return {
-        "layer": record.id.layer, "neuron": record.id.index, "sign": "negative" if negative else "positive",
-        "explanation": None, "failure": None, "candidates": [], "split": split,
-        "baseline": {"explanation": token_lookup_explanation(token_table(train)), "method": "token lookup"},
-    }  # fmt: skip
+    baseline = BaselineExplanation(token_lookup_explanation(token_table(train)))
+    sign = "negative" if negative else "positive"
+    return ExplanationEntry(record.id.layer, record.id.index, sign, split=split, baseline=baseline)
 
 
 def explainer_request(
@@ -92,40 +91,42 @@ def explainer_request(
 def explain_unit(
     record: UnitRecord, llm: Backend | None, n_samples: int = 1, temperature: float = 1.0, negative: bool = False,
     seed: int = 0, split: str = "nbutils", with_outputs: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """Explain one unit (one sign of it); returns the JSON-ready entry for explanations.jsonl. ``with_outputs``:
+) -> ExplanationEntry:  # fmt: skip
+    """Explain one unit (one sign of it); returns its stage-02 entry. ``with_outputs``:
     the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`)."""
     sp = split_excerpts(record, negative, split=split)  # once: the entry, the request and the calibration
     entry = base_entry(record, negative, split, sp["train"])
     request = explainer_request(record, n_samples, temperature, negative, seed, split, with_outputs, sp["train"])
     if request is None:
-        entry["failure"] = f"the {record.noun} never activates on its training excerpts, so there is nothing to explain"
+        entry.failure = f"the {record.noun} never activates on its training excerpts, so there is nothing to explain"
         return entry
     if request.writes is not None:
-        entry["outputs_shown"] = {"raises": list(request.writes[0]), "lowers": list(request.writes[1])}
+        entry.outputs_shown = OutputsShown(list(request.writes[0]), list(request.writes[1]))
     try:
         replies = llm.explain(request)
     except LLMFailed as e:
-        entry["failure"], entry["retryable"] = f"explainer request failed: {e}", e.retryable
+        entry.failure, entry.retryable = f"explainer request failed: {e}", e.retryable
         return entry
     calibration = sp["calibration_top"] + sp["calibration_random"]
     failed = []
     for reply in replies:
         cand, retryable = _candidate(reply, llm, calibration, n_samples > 1, record.noun)
-        entry["candidates"].append(cand)
+        entry.candidates.append(cand)
         failed += [] if retryable is None else [retryable]
     if failed:  # a candidate's simulation failed: retry the unit if a server fault was the cause
-        entry["retryable"] = any(failed)
-    usable = [c for c in entry["candidates"] if c["explanation"]]
+        entry.retryable = any(failed)
+    usable = [c for c in entry.candidates if c.explanation]
     if not usable:
-        entry["failure"] = f"no usable explanation among {len(replies)} replies"
+        entry.failure = f"no usable explanation among {len(replies)} replies"
         return entry
-    best = max(usable, key=lambda c: -np.inf if c["calibration_score"] is None else c["calibration_score"])
-    entry["explanation"] = best["explanation"]
+    best = max(usable, key=lambda c: -np.inf if c.calibration_score is None else c.calibration_score)
+    entry.explanation = best.explanation
     return entry
 
 
-def explain_with(record: UnitRecord, llm: Backend | None, config: RunConfig, negative: bool = False) -> dict[str, Any]:
+def explain_with(
+    record: UnitRecord, llm: Backend | None, config: RunConfig, negative: bool = False
+) -> ExplanationEntry:
     """`explain_unit` with a run's explainer parameters (what stage 02 and the interactive ``explain`` call)."""
     c = config
     return explain_unit(record, llm, c.n_samples, c.temperature, negative, c.seed, c.split, c.explain_with_outputs)

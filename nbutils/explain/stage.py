@@ -9,7 +9,6 @@ other tools), ``summary.json`` and ``usage.json``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
@@ -19,6 +18,7 @@ from nbutils.core.layout import explanations
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore
+from nbutils.core.results import ExplanationEntry, to_json
 from nbutils.core.store import ResultStore, shard_part
 from nbutils.explain.explainer import explain_with, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
@@ -40,7 +40,7 @@ def run_explain_stage(
     progress: bool = True,
     cache_path: str | None = None,
     workers: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ExplanationEntry]:
     """Explain the units ``config.explain_neurons`` names into ``out_dir`` (resumable); return every entry.
 
     ``config.split`` says which excerpts the explainer sees (`nbutils.core.records.split_excerpts`); stage 03
@@ -59,7 +59,7 @@ def run_explain_stage(
     rare = counted or {}
     asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
     chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
-    todo = [key for key in chosen if needs_work(saved.get(key))]
+    todo = [key for key in chosen if needs_work(stored_entry(saved, key))]
     if todo:
         run_unit_shards(
             explain_units, todo, config, "explainer_base_url", collection_dir=str(collection_dir),
@@ -68,12 +68,18 @@ def run_explain_stage(
         merge_shard_usage(out.usage, config.prices)
         saved.merge_parts()
     saved.put_notes(explanation_notes(dict(saved.explanations())))  # copied or repeated: read by every view
-    entries = [saved.get(key) for key in chosen]
-    write_jsonl(out.jsonl, entries)
+    entries = [e for e in (stored_entry(saved, key) for key in chosen) if e is not None]
+    write_jsonl(out.jsonl, (to_json(e) for e in entries))
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
     write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
     saved.close()
     return entries
+
+
+def stored_entry(saved: ResultStore, key: tuple[int, int, str]) -> ExplanationEntry | None:
+    """A unit side's stored stage-02 entry, typed (None where it has none)."""
+    found = saved.get(key)
+    return None if found is None else ExplanationEntry.from_dict(found)
 
 
 def explain_units(
@@ -86,7 +92,7 @@ def explain_units(
     saved = ResultStore(out.root, part=shard_part(shard))
     llm = make_backend(explainer_spec(config, cache_path))
 
-    def work(key: tuple[int, int, str]) -> dict[str, Any]:
+    def work(key: tuple[int, int, str]) -> ExplanationEntry:
         return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative")
 
     finished = as_finished(work, keys, workers or llm.parallel_units)
@@ -94,7 +100,7 @@ def explain_units(
         for _, entry in progress_bar(
             iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
         ):
-            saved.put(entry)
+            saved.put(entry.to_dict())
             llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)

@@ -25,8 +25,9 @@ from nbutils.core.io import atomic_write_json
 from nbutils.core.records import DEFAULT_BANDS, Excerpt, RecordStore, UnitRecord
 from nbutils.core.units import UnitId
 from nbutils.llm.prompts import LABELS
-from nbutils.score.contract import upgrade_simulation
-from nbutils.score.metrics import Calibration, correlation, score
+from nbutils.score.contract import UnitDetails
+from nbutils.score.metrics import correlation, score
+from nbutils.score.simulation import SimulatedExcerpt, Simulation
 
 # ----------------------------------------------------------------------------------------------------------
 # NeuronRecord
@@ -153,23 +154,23 @@ def import_openai(path: str | os.PathLike) -> UnitRecord:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _distribution(x: dict[str, Any], labels: list[float]) -> dict[str, Any]:
+def _distribution(x: SimulatedExcerpt, labels: list[float]) -> dict[str, Any]:
     """An excerpt's per-token distributions in neuron-explainer's fields: as stored, or, for a run that kept
     only expected values (``keep_distributions=False``), a point mass at each token's expected value (the
     expected activations are then exact; the spread over labels is what is lost)."""
-    if "distribution" not in x:
+    if x.distribution is None:
         return {
-            "distribution_values": [[v] for v in x["expected"]],
-            "distribution_probabilities": [[1.0] for _ in x["expected"]],
+            "distribution_values": [[v] for v in x.expected],
+            "distribution_probabilities": [[1.0] for _ in x.expected],
         }
     return {
-        "distribution_values": x.get("distribution_values") or [labels for _ in x["tokens"]],
-        "distribution_probabilities": x["distribution"],
+        "distribution_values": x.distribution_values or [labels for _ in x.tokens],
+        "distribution_probabilities": x.distribution,
     }
 
 
-def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
-    """A unit's saved simulation (stage 03's saved details, `RunView.simulation`, either format) as neuron-explainer's
+def to_openai_results(details: UnitDetails) -> dict[str, Any]:
+    """A unit side's saved simulation (stage 03's saved details, `RunView.simulation`) as neuron-explainer's
     ``NeuronSimulationResults`` (the valid excerpts, one explanation).
 
     ``expected_activations`` stay on the simulator's 0..10 scale (``activation_scale`` says so) and
@@ -179,11 +180,10 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
     ``distribution_values`` are written as stored (imported records keep their own), else the labels 0..10;
     a run with ``keep_distributions=False`` gives each token a point mass at its expected value.
     """
-    detail = upgrade_simulation(sim)["simulation"]
-    valid = [x for x in detail["excerpts"] if x["split"].startswith("valid")]
-    labels = [float(v) for v in detail["labels"]]
-    cal = detail.get("calibration")
-    line = Calibration(cal["slope"], cal["intercept"]) if cal else None
+    sim: Simulation = details.of("simulation") or Simulation()
+    valid = sim.valid()
+    labels = [float(v) for v in sim.labels]
+    line = sim.calibration
 
     def scores(t: list[float], p: list[float]) -> dict[str, float | None]:
         out = {"ev_correlation_score": correlation(np.asarray(t), np.asarray(p)).value}
@@ -200,25 +200,26 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
             "dataclass_name": "ScoredSequenceSimulation",
             "simulation": {
                 "dataclass_name": "SequenceSimulation",
-                "tokens": x["tokens"],
-                "expected_activations": x["expected"],
+                "tokens": x.tokens,
+                "expected_activations": x.expected,
                 "activation_scale": "simulated_normalized_activations",
                 **_distribution(x, labels),
                 "uncalibrated_simulation": None,
             },
-            "true_activations": x["true"],
-            **scores(x["true"], x["expected"]),
+            "true_activations": x.true,
+            **scores(x.true, x.expected),
         }
         for x in valid
     ]
-    pooled = scores(sum((x["true"] for x in valid), []), sum((x["expected"] for x in valid), []))
+    pooled = scores(sum((x.true for x in valid), []), sum((x.expected for x in valid), []))
+    nid = {"dataclass_name": "NeuronId", "layer_index": details.layer, "neuron_index": details.neuron}
     return {
         "dataclass_name": "NeuronSimulationResults",
-        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": sim["layer"], "neuron_index": sim["neuron"]},
+        "neuron_id": nid,
         "scored_explanations": [
             {
                 "dataclass_name": "ScoredExplanation",
-                "explanation": sim["explanation"],
+                "explanation": details.explanation,
                 "scored_simulation": {
                     "dataclass_name": "ScoredSimulation",
                     "scored_sequence_simulations": seqs,
@@ -229,9 +230,9 @@ def to_openai_results(sim: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Simulation records (the layout of stage 03's saved details) from a ``NeuronSimulationResults``
-    object, one per explanation.
+def from_openai_results(obj: dict[str, Any]) -> list[UnitDetails]:
+    """Simulation details (what stage 03 saves, `UnitDetails` with a `Simulation`) from a
+    ``NeuronSimulationResults`` object, one per explanation.
 
     Each token keeps its own ``distribution_values`` (floats; neuron-explainer stores, per token, the values
     its simulator saw among the top log-probabilities, so they differ from token to token) beside its
@@ -245,38 +246,28 @@ def from_openai_results(obj: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for scored in obj["scored_explanations"]:
         seqs = scored["scored_simulation"]["scored_sequence_simulations"]
-        out.append(
-            {
-                "layer": nid["layer_index"],
-                "neuron": nid["neuron_index"],
-                "sign": "positive",
-                "explanation": scored["explanation"],
-                "simulation": {
-                    "labels": [int(x) for x in LABELS],
-                    "excerpts": [
-                        {
-                            "split": "valid",
-                            "index": -1,
-                            "tokens": s["simulation"]["tokens"],
-                            "true": s["true_activations"],
-                            "expected": s["simulation"]["expected_activations"],
-                            "distribution": s["simulation"]["distribution_probabilities"],
-                            "distribution_values": [
-                                [float(v) for v in vs] for vs in s["simulation"]["distribution_values"]
-                            ],
-                        }
-                        for s in seqs
-                    ],
-                },
-            }
-        )
+        excerpts = [
+            SimulatedExcerpt(
+                "valid",
+                -1,
+                s["simulation"]["tokens"],
+                s["true_activations"],
+                s["simulation"]["expected_activations"],
+                s["simulation"]["distribution_probabilities"],
+                [[float(v) for v in vs] for vs in s["simulation"]["distribution_values"]],
+            )  # fmt: skip
+            for s in seqs
+        ]
+        simulation = Simulation([int(x) for x in LABELS], None, excerpts)
+        layer, neuron = int(nid["layer_index"]), int(nid["neuron_index"])
+        out.append(UnitDetails(layer, neuron, "positive", scored["explanation"], {"simulation": simulation}))
     return out
 
 
-def export_openai_results(sim: dict[str, Any], out_root: str | Path) -> Path:
+def export_openai_results(details: UnitDetails, out_root: str | Path) -> Path:
     """Write ``<out_root>/<layer>/<neuron>.jsonl`` (neuron-explainer's results layout) from a unit side's
     scorer details (`nbutils.view.runview.RunView.simulation`)."""
-    path = Path(out_root) / str(sim["layer"]) / f"{sim['neuron']}.jsonl"
+    path = Path(out_root) / str(details.layer) / f"{details.neuron}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_openai_results(sim)) + "\n")
+    path.write_text(json.dumps(to_openai_results(details)) + "\n")
     return path

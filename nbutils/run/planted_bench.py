@@ -24,10 +24,11 @@ from nbutils.core.config import RunConfig
 from nbutils.core.io import atomic_write_json, write_jsonl
 from nbutils.core.layout import explanations
 from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.core.results import BaselineExplanation, ExplanationEntry
 from nbutils.core.store import ResultStore
 from nbutils.explain.stage import run_explain_stage
 from nbutils.score.baseline import token_lookup_explanation, token_table
-from nbutils.score.contract import scorer
+from nbutils.score.contract import UnitScores, scorer
 from nbutils.score.stage import run_score_stage
 from nbutils.subject.loading import load_subject_model
 from nbutils.subject.planted import planted_neurons
@@ -47,17 +48,8 @@ def write_truth_explanations(collection_dir: Path, out_dir: Path, spec: str) -> 
     entries = []
     for i, neuron in enumerate(planted_neurons(spec)):
         table = token_table(split_excerpts(store.record(0, i))["train"])
-        entries.append(
-            {
-                "layer": 0,
-                "neuron": i,
-                "sign": "positive",
-                "explanation": neuron.explanation,
-                "failure": None,
-                "candidates": [],
-                "baseline": {"explanation": token_lookup_explanation(table), "method": "token lookup"},
-            }
-        )
+        baseline = BaselineExplanation(token_lookup_explanation(table))
+        entries.append(ExplanationEntry(0, i, "positive", neuron.explanation, baseline=baseline).to_dict())
     layout = explanations(out_dir)
     saved = ResultStore(layout.root)
     for e in entries:
@@ -118,17 +110,18 @@ def run_planted_benchmark(
     return result
 
 
-def benchmark_rows(spec: str, scores: dict[str, list[dict[str, Any]]], oracle: bool) -> list[dict[str, Any]]:
+def benchmark_rows(spec: str, scores: dict[str, list[UnitScores]], oracle: bool) -> list[dict[str, Any]]:
     """One row per planted neuron (and their mean): each metric of the truth, the generated explanation, the
     baseline and (with ``oracle``) the oracle."""
     rows = []
     for i, neuron in enumerate(planted_neurons(spec)):
         row: dict[str, Any] = {"neuron": neuron.name, "ground truth": neuron.explanation}
-        row["generated"] = scores["explainer"][i]["explanation"] or f"(none: {scores['explainer'][i]['failure']})"
+        mine = scores["explainer"][i]
+        row["generated"] = mine.explanation or f"(none: {mine.failure})"
         for name, get in METRICS:
             row[f"truth {name}"] = get(scores["truth"][i])
             row[f"generated {name}"] = get(scores["explainer"][i])
-            row[f"baseline {name}"] = get(scores["truth"][i].get("baseline"))
+            row[f"baseline {name}"] = get(scores["truth"][i].baseline)
             if oracle:
                 row[f"oracle {name}"] = get(scores["oracle"][i])
         rows.append(row)

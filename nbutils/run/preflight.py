@@ -255,7 +255,7 @@ def check_server(role: str, values: dict[str, Any], probe: bool = True) -> None:
             f"{role}_backend=openai with no {role}_base_url means the OpenAI API, which needs a key, and the "
             f"environment variable {key_env} is not set.",
             f"export {key_env}=... (keys are read from the environment only), or point -p {role}_base_url=... at "
-            "a local server such as `python -m llama_cpp.server` (docs/llama-cpp.md).",
+            "a local server such as `python -m nbutils.llm.llamacpp_server` (docs/llama-cpp.md).",
         )
     if not probe:
         return
@@ -275,8 +275,8 @@ def _check_answers(url: str, role: str, key: str | None, key_env: str) -> None:
         raise UserError(
             f"Nothing answers at {url} ({role}_base_url): {e}. Checked before any stage ran, so nothing was "
             "collected or lost.",
-            f"Start the server first (e.g. python -m llama_cpp.server --model X.gguf --port 8080), or fix "
-            f"-p {role}_base_url=... to the URL it listens on (ending in /v1).",
+            "Start the server first (e.g. python -m nbutils.llm.llamacpp_server --model X.gguf --port 8080), "
+            f"or fix -p {role}_base_url=... to the URL it listens on (ending in /v1).",
         ) from None
     request = urllib.request.Request(url.rstrip("/") + "/models")
     if key:

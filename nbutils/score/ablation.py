@@ -21,12 +21,12 @@ simulated for the explanation and for the baseline, mean-ablated once). MLP neur
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from nbutils.core.records import Excerpt
+from nbutils.core.results import JsonRecord
 from nbutils.llm.contract import Backend
 from nbutils.score.baseline import token_lookup_simulate
 from nbutils.score.contract import Column, Scorer, UnitContext
@@ -58,6 +58,17 @@ def ablation_metric(kl_simulated: np.ndarray, kl_mean: np.ndarray, n_boot: int =
     return Metric(value, None, low, high)
 
 
+@dataclass
+class AblationResult(JsonRecord):
+    """The ablation scorer's result: the score, and the mean KL per token (nats) of the output with the unit
+    replaced by its simulation and by its mean, over ``n_excerpts`` excerpts."""
+
+    score: Metric
+    kl_simulated: float | None
+    kl_mean_ablated: float | None
+    n_excerpts: int
+
+
 def _scored(ctx: UnitContext) -> list[Excerpt]:
     return [e for name in SETS for e in ctx.splits[name]]
 
@@ -69,14 +80,15 @@ class AblationScorer(Scorer):
     title = "ablation: the output with the unit replaced by its simulation, against mean ablation (KL)"
     needs_subject = True
     columns = (Column("ablation score", ("score",), chance=0.0),)
+    result_type = AblationResult
 
-    def caption(self, result: dict[str, Any]) -> str:
+    def caption(self, result: AblationResult) -> str:
         return (
-            f"{result.get('n_excerpts')} excerpts; mean KL per token: simulated {result.get('kl_simulated') or 0.0:.3g}, "
-            f"mean-ablated {result.get('kl_mean_ablated') or 0.0:.3g} nats"
+            f"{result.n_excerpts} excerpts; mean KL per token: simulated {result.kl_simulated or 0.0:.3g}, "
+            f"mean-ablated {result.kl_mean_ablated or 0.0:.3g} nats"
         )
 
-    def score_values(self, ctx: UnitContext, values: list[np.ndarray]) -> dict[str, Any]:
+    def score_values(self, ctx: UnitContext, values: list[np.ndarray]) -> AblationResult:
         """The ablation score of replacement ``values`` (activation units, one array per scored excerpt). The
         mean ablation's KL is computed once per unit side and kept in ``ctx.done``."""
         subject: UnitIntervention = ctx.subject
@@ -90,30 +102,30 @@ class AblationScorer(Scorer):
             ctx.done["ablation:mean"] = ({}, kls["mean"])
         kl_sim, kl_mean = kls["simulated"], ctx.done["ablation:mean"][1]
         metric = ablation_metric(kl_sim, kl_mean, ctx.settings.n_boot, ctx.settings.seed)
-        return {
-            "score": asdict(metric),
-            "kl_simulated": float(kl_sim.mean()) if len(kl_sim) else None,
-            "kl_mean_ablated": float(kl_mean.mean()) if len(kl_mean) else None,
-            "n_excerpts": len(excerpts),
-        }
+        return AblationResult(
+            metric,
+            float(kl_sim.mean()) if len(kl_sim) else None,
+            float(kl_mean.mean()) if len(kl_mean) else None,
+            len(excerpts),
+        )
 
     def _replacement(self, ctx: UnitContext, cal: Calibration, predicted: list[np.ndarray]) -> list[np.ndarray]:
         """Calibrated predictions in the unit's own sign (a negative side's excerpts are negated)."""
         sign = -1.0 if ctx.negative else 1.0
         return [sign * cal.apply(p) for p in predicted]
 
-    def baseline(self, ctx: UnitContext) -> dict[str, Any]:
+    def baseline(self, ctx: UnitContext) -> AblationResult:
         cal = calibrate(
             [t for n in CALIBRATION_SETS for t in true_activations(ctx.splits[n])],
             [p for n in CALIBRATION_SETS for p in token_lookup_simulate(ctx.table, ctx.splits[n])],
         )
         return self.score_values(ctx, self._replacement(ctx, cal, token_lookup_simulate(ctx.table, _scored(ctx))))
 
-    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], None]:
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[AblationResult, None]:
         if "simulation" not in ctx.done:  # the simulation scorer did not run on this unit: simulate here
             ctx.done["simulation"] = SimulationScorer().explanation(ctx, llm)
         result, details = ctx.done["simulation"]
-        expected = {(x["split"], x["index"]): np.asarray(x["expected"]) for x in details["excerpts"]}
+        expected = {(x.split, x.index): np.asarray(x.expected) for x in details.excerpts}
         predicted = [expected[(name, e.index)] for name in SETS for e in ctx.splits[name]]
-        cal = Calibration(**result["calibration"])
+        cal = result.calibration
         return self.score_values(ctx, self._replacement(ctx, cal, predicted)), None

@@ -26,18 +26,19 @@ scorer's name (``"detection"``, ``"fuzzing"``); the judged items are saved under
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
+from nbutils.core.results import JsonRecord
 from nbutils.llm.contract import Backend, JudgeRequest
 from nbutils.llm.prompts import MAX_LABEL, TASKS, JudgeItem
 from nbutils.score.baseline import token_lookup_judge
 from nbutils.score.contract import Column, Scorer, UnitContext
 from nbutils.score.flags import f1_text, judge_notes, with_notes
-from nbutils.score.metrics import classification_scores
+from nbutils.score.metrics import ClassificationScores, classification_scores
 
 ACTIVE_FRACTION = 1 / MAX_LABEL
 """An excerpt or token is active at or above this fraction of the explainer's largest shown activation."""
@@ -120,26 +121,45 @@ def judge_items(
     return items + negatives, threshold
 
 
+@dataclass
+class JudgedItem(JsonRecord):
+    """One judged item as saved (for the viewer and for auditing a score): where its excerpt came from, what
+    kind of item it is, the truth, the judge's P(yes) (None: unanswered), its tokens and the marked ones."""
+
+    source: str
+    index: int
+    kind: str
+    label: bool
+    p_yes: float | None
+    tokens: list[str]
+    marked: list[int] | None = None
+
+    @property
+    def wrong(self) -> bool:
+        """Answered on the wrong side of 0.5."""
+        return self.p_yes is not None and (self.p_yes >= 0.5) != self.label
+
+
 def task_result(
     items: Sequence[Judged], answers: np.ndarray, has_probabilities: bool, threshold: float = 0.5
-) -> dict[str, Any]:
-    """The JSON-ready scores of one task: every metric (`nbutils.score.metrics.ClassificationScores`) and the counts."""
+) -> ClassificationScores:
+    """The scores of one task: every metric (`nbutils.score.metrics.ClassificationScores`) and the counts."""
     labels = np.array([j.label for j in items], dtype=bool)
-    return asdict(classification_scores(labels, answers, has_probabilities, threshold))
+    return classification_scores(labels, answers, has_probabilities, threshold)
 
 
-def item_records(items: Sequence[Judged], answers: np.ndarray) -> list[dict[str, Any]]:
-    """What to save about each judged item (for the viewer and for auditing a score)."""
+def item_records(items: Sequence[Judged], answers: np.ndarray) -> list[JudgedItem]:
+    """What to save about each judged item."""
     return [
-        {
-            "source": j.source,
-            "index": j.index,
-            "kind": j.kind,
-            "label": j.label,
-            "p_yes": None if not np.isfinite(a) else round(float(a), 6),
-            "tokens": list(j.item.tokens),
-            "marked": None if j.item.marked is None else [i for i, m in enumerate(j.item.marked) if m],
-        }
+        JudgedItem(
+            j.source,
+            j.index,
+            j.kind,
+            j.label,
+            None if not np.isfinite(a) else round(float(a), 6),
+            list(j.item.tokens),
+            None if j.item.marked is None else [i for i, m in enumerate(j.item.marked) if m],
+        )  # fmt: skip
         for j, a in zip(items, answers)
     ]
 
@@ -156,23 +176,25 @@ class _JudgeScorer(Scorer):
     task: ClassVar[str]
     detail = "judged items"
     columns = (_column("balanced accuracy", "balanced_accuracy"), _column("F1", "f1"), _column("AUROC", "auroc"))
+    result_type = ClassificationScores
+    details_type = list[JudgedItem]
 
-    def caption(self, result: dict[str, Any]) -> str:
-        unanswered = f", {result['n_unanswered']} unanswered" if result.get("n_unanswered") else ""
-        return f"{result.get('n_positive')} positive, {result.get('n_negative')} negative items{unanswered}"
+    def caption(self, result: ClassificationScores) -> str:
+        unanswered = f", {result.n_unanswered} unanswered" if result.n_unanswered else ""
+        return f"{result.n_positive} positive, {result.n_negative} negative items{unanswered}"
 
     def items(self, ctx: UnitContext) -> tuple[list[Judged], float]:
         s = ctx.settings
         return judge_items(ctx.record, self.name, ctx.negative, s.judge_per_class, s.seed, s.split)
 
-    def baseline(self, ctx: UnitContext) -> dict[str, Any]:
+    def baseline(self, ctx: UnitContext) -> ClassificationScores:
         items, threshold = self.items(ctx)
         return task_result(items, token_lookup_judge(ctx.table, [j.item for j in items]), True, threshold)
 
-    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[ClassificationScores, list[JudgedItem]]:
         items, _ = self.items(ctx)
         s = ctx.settings
-        request = JudgeRequest(self.name, ctx.entry["explanation"], tuple(j.item for j in items),
+        request = JudgeRequest(self.name, ctx.entry.explanation, tuple(j.item for j in items),
                                s.max_prompt_tokens, per_request=s.judge_items_per_request,
                                noun=ctx.record.noun)  # fmt: skip
         answers = llm.judge(request)

@@ -1,22 +1,24 @@
-"""The contract every scorer keeps, the registry of scorers, and the format of stage 03's results.
+"""The contract every scorer keeps, the registry of scorers, and the typed results of stage 03.
 
 A scorer judges one unit side's explanation, and the token-lookup baseline's, on excerpts the explainer
-never saw (`UnitContext`). It writes everything under its own name:
+never saw (`UnitContext`). It declares what it returns: ``result_type`` (a dataclass with its `Metric`s,
+e.g. `nbutils.score.simulation.SimulationResult`) and ``details_type`` (what it saves to audit a score, e.g.
+the simulated values per token). A unit side's scores are a `UnitScores`, its details a `UnitDetails`, both
+written and read back through the typed JSON codec (`nbutils.core.results`) in this shape (format 2):
 
-    a result (format 2):   {"layer", "neuron", "sign", "explanation", "format": 2,
-                            <scorer name>: {...its result...}, ...,
-                            "baseline": {"explanation": ..., <scorer name>: {...}, ...},
-                            "failure"?, "retryable"?}
-    its details:           {"layer", "neuron", "sign", "explanation", <scorer name>: <its details>, ...}
+    a result:      {"layer", "neuron", "sign", "explanation", "format": 2,
+                    "baseline": {"explanation": ..., <scorer name>: {...}, ...},
+                    <scorer name>: {...its result...}, ..., "failure"?, "retryable"?}
+    its details:   {"layer", "neuron", "sign", "explanation", <scorer name>: <its details>, ...}
 
 both kept in the stage's results store (`nbutils.core.store`; before it, ``neurons/`` and ``simulations/``
-files), with every `Column`'s number indexed (`result_numbers`),
+files), with every `Column`'s number indexed (`result_numbers`).
 
-and declares the numbers views show (`Column`: where in its result, a label, notes on weak values), so the
-viewer, the static page and the report show any registered scorer without being edited. Adding a scorer is
-one module with a `Scorer` subclass and one line in `SCORERS` (or a call to `register_scorer`). Results and
-simulation files of format 1 (written before scorers had names) are read through `upgrade_result` and
-`upgrade_simulation`.
+A scorer also declares the numbers views show (`Column`: which attributes lead to the `Metric`, a label,
+notes on weak values), so the viewer, the static page and the report show any registered scorer without being
+edited. Adding a scorer is one module with a `Scorer` subclass, its result type, and one line in `SCORERS`
+(or a call to `register_scorer`). Results and simulation files of format 1 (written before scorers had names)
+are upgraded as they are read (`upgrade_result`, `upgrade_simulation`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Any, ClassVar
 
 from nbutils.core.records import Excerpt, UnitRecord
 from nbutils.core.registry import Registry
+from nbutils.core.results import ExplanationEntry, JsonRecord, from_json, to_json
 from nbutils.llm.contract import Backend
+from nbutils.score.metrics import Metric
 
 RESULTS_FORMAT = 2
 
@@ -55,47 +59,52 @@ class UnitContext:
     (`nbutils.core.records.split_excerpts`), the token-lookup table of its train excerpts, and the settings."""
 
     record: UnitRecord
-    entry: dict[str, Any]
+    entry: ExplanationEntry
     splits: dict[str, list[Excerpt]]
     table: dict[str, float]
     settings: ScoreSettings
     subject: Any = None
     """The subject model run with a unit's values set (`nbutils.subject.intervene.UnitIntervention`), for
     scorers with ``needs_subject``; None otherwise."""
-    done: dict[str, tuple[dict[str, Any], Any]] = field(default_factory=dict)
+    done: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """What the scorers that ran before on this unit side returned, by name: (result, details); a scorer
     may also keep its own work for the unit there under ``"<its name>:<what>"`` (shared by its baseline and
     explanation calls, e.g. the intervention scorer's continuations)."""
 
     @property
     def negative(self) -> bool:
-        return self.entry["sign"] == "negative"
+        return self.entry.negative
 
 
 @dataclass(frozen=True)
 class Column:
-    """One number a scorer shows: its label, where it is in the scorer's result, and how it is told.
+    """One number a scorer shows: its label, the attributes that lead from the scorer's result to its `Metric`,
+    and how it is told.
 
     ``notes(result)`` lists warnings to print beside it (`nbutils.score.flags`); ``text(result)``, when given,
     replaces the plain value with its own text (F1 beside its chance level)."""
 
     label: str
     path: tuple[str, ...]
-    notes: Callable[[dict[str, Any]], list[str]] | None = None
-    text: Callable[[dict[str, Any]], str] | None = None
+    notes: Callable[[Any], list[str]] | None = None
+    text: Callable[[Any], str] | None = None
     chance: float | None = None
 
-    def metric(self, result: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The stored metric (``{"value", "reason", "low", "high"}``) this column shows, if any."""
+    def metric(self, result: Any) -> Metric | None:
+        """The `Metric` this column shows in a scorer's result (None where the result has none)."""
         node: Any = result
         for part in self.path:
-            node = (node or {}).get(part) if isinstance(node, dict) else None
-        return node
+            node = getattr(node, part, None)
+        return node if isinstance(node, Metric) else None
 
-    def value(self, result: dict[str, Any] | None) -> float | None:
+    def value(self, result: Any) -> float | None:
         """Its value as a number (None when missing or undefined)."""
         m = self.metric(result)
-        return m.get("value") if isinstance(m, dict) else None
+        return None if m is None else m.value
+
+    def notes_of(self, result: Any) -> list[str]:
+        """Its notes on a scorer's result (none where the result is missing or the column has no notes)."""
+        return self.notes(result) if result is not None and self.notes else []
 
 
 class Scorer(ABC):
@@ -114,18 +123,23 @@ class Scorer(ABC):
     """Put before its columns' labels in tables that show several scorers (e.g. "detection")."""
     compact: ClassVar[tuple[int, ...]] = (0,)
     """The columns shown in compact tables (stage 03's, the static page's index)."""
+    result_type: ClassVar[type]
+    """What `baseline` and `explanation` return: a dataclass (`nbutils.core.results` writes and reads it)."""
+    details_type: ClassVar[Any] = None
+    """What `explanation` saves beside its result (a dataclass, ``list[...]``), or None when it saves nothing."""
 
-    def caption(self, result: dict[str, Any]) -> str | None:
+    def caption(self, result: Any) -> str | None:
         """A line under its table in the viewer (e.g. how many items were judged); None for none."""
         return None
 
     @abstractmethod
-    def baseline(self, ctx: UnitContext) -> dict[str, Any] | None:
-        """The token-lookup baseline's result (None where the scorer has none)."""
+    def baseline(self, ctx: UnitContext) -> Any | None:
+        """The token-lookup baseline's result (a ``result_type``; None where the scorer has none)."""
 
     @abstractmethod
-    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], Any]:
-        """The explanation's result and the details to save; raises `nbutils.llm.contract.LLMFailed`."""
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[Any, Any]:
+        """The explanation's result (a ``result_type``) and the details to save (a ``details_type``); raises
+        `nbutils.llm.contract.LLMFailed`."""
 
 
 SCORERS = Registry(
@@ -175,33 +189,149 @@ def scorer_of(name: str) -> str:
     return name.removeprefix("baseline:").split("/")[0].split("#")[0]
 
 
-def result_numbers(result: dict[str, Any], scorers: list[Scorer]) -> dict[str, float | None]:
-    """Every number ``scorers`` declare in a stage-03 result, the explanation's and the baseline's, by
+def result_numbers(result: UnitScores, scorers: list[Scorer]) -> dict[str, float | None]:
+    """Every number ``scorers`` declare in a unit side's scores, the explanation's and the baseline's, by
     `number_name` (None where missing or undefined), with the flags the report counts (`NOTED`, `DEGENERATE`,
     `F1_CHANCE`): what the store indexes so views sort and aggregate without parsing a result."""
     out: dict[str, float | None] = {}
-    for baseline, part in ((False, result), (True, result.get("baseline") or {})):
+    for baseline, part in ((False, result), (True, result.baseline)):
         for sc in scorers:
-            res = part.get(sc.name)
+            res = part.of(sc.name)
             if res is None:
                 continue
             for column in sc.columns:
                 name = number_name(sc, column, baseline)
                 out[name] = finite(column.value(res))
-                notes = column.notes(res) if column.notes else []
+                notes = column.notes_of(res)
                 if notes:
                     out[name + NOTED] = 1.0
                 if any(n.startswith("degenerate") for n in notes):
                     out[name + DEGENERATE] = 1.0
-            chance = finite(((res if isinstance(res, dict) else {}).get("f1_chance") or {}).get("value"))
-            if chance is not None:
-                out[("baseline:" if baseline else "") + sc.name + F1_CHANCE] = chance
+            chance = getattr(res, "f1_chance", None)
+            if isinstance(chance, Metric) and finite(chance.value) is not None:
+                out[("baseline:" if baseline else "") + sc.name + F1_CHANCE] = float(chance.value)
     return out
 
 
 def finite(value: Any) -> float | None:
     """A number that can be averaged (None for missing, undefined or not finite values)."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A unit side's scores and details, typed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decode_by_scorer(name: str, value: Any, details: bool = False) -> Any:
+    """A registered scorer's stored result (or details) read as its declared type; None where ``name`` is no
+    registered scorer (the caller keeps the raw JSON)."""
+    if name not in SCORERS:
+        return None
+    cls = SCORERS.resolve(name)
+    tp = cls.details_type if details else cls.result_type
+    return value if tp is None or value is None else from_json(tp, value)
+
+
+@dataclass
+class ScoredSide:
+    """One explanation's scores: the explanation and each scorer's result (its ``result_type``) by name."""
+
+    explanation: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, name: str) -> Any | None:
+        """The result of scorer ``name`` (None where it did not score this side)."""
+        return self.results.get(name)
+
+    def _read(self, d: dict[str, Any], known: set[str], extra: dict[str, Any]) -> None:
+        for name, value in d.items():
+            if name in known:
+                continue
+            typed = _decode_by_scorer(name, value)
+            if typed is None and value is not None:
+                extra[name] = value
+            else:
+                self.results[name] = typed
+
+
+@dataclass(kw_only=True)
+class UnitScores(ScoredSide, JsonRecord):
+    """Stage 03's result for one unit side: its explanation's scores (`ScoredSide`), the token-lookup
+    baseline's beside them, and why scoring stopped if it did (``failure``; ``retryable`` when a rerun
+    could fix it). Keys no registered scorer owns are kept in ``extra`` and written back."""
+
+    layer: int
+    neuron: int
+    sign: str
+    baseline: ScoredSide = field(default_factory=ScoredSide)
+    failure: str | None = None
+    retryable: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    baseline_extra: dict[str, Any] = field(default_factory=dict)
+
+    _HEAD = frozenset({"layer", "neuron", "sign", "explanation", "format", "baseline", "failure", "retryable"})
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.layer, self.neuron, self.sign)
+
+    def side(self, baseline: bool = False) -> ScoredSide:
+        """The explanation's scores, or the baseline's."""
+        return self.baseline if baseline else self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnitScores:
+        d = upgrade_result(d)
+        out = cls(layer=int(d["layer"]), neuron=int(d["neuron"]), sign=str(d["sign"]), explanation=d.get("explanation"),
+                  failure=d.get("failure"), retryable=d.get("retryable"))  # fmt: skip
+        out._read(d, cls._HEAD, out.extra)
+        base = d.get("baseline") or {}
+        out.baseline = ScoredSide(base.get("explanation"))
+        out.baseline._read(base, {"explanation"}, out.baseline_extra)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        base = {"explanation": self.baseline.explanation, **to_json(self.baseline.results), **self.baseline_extra}
+        out = {"layer": self.layer, "neuron": self.neuron, "sign": self.sign, "explanation": self.explanation,
+               "format": RESULTS_FORMAT, "baseline": base, **to_json(self.results), **self.extra}  # fmt: skip
+        if self.failure is not None:
+            out["failure"] = self.failure
+        if self.retryable is not None:
+            out["retryable"] = self.retryable
+        return out
+
+
+@dataclass
+class UnitDetails(JsonRecord):
+    """What stage 03's scorers saved for one unit side to audit its scores, by scorer name (each its
+    ``details_type``: the simulation scorer's `nbutils.score.simulation.Simulation`, the judges' items)."""
+
+    layer: int
+    neuron: int
+    sign: str
+    explanation: str | None = None
+    by_scorer: dict[str, Any] = field(default_factory=dict)
+
+    _HEAD = ("layer", "neuron", "sign", "explanation")
+
+    def of(self, name: str) -> Any | None:
+        """The details scorer ``name`` saved (None where it saved none)."""
+        return self.by_scorer.get(name)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnitDetails:
+        d = upgrade_simulation(d)
+        out = cls(int(d["layer"]), int(d["neuron"]), str(d["sign"]), d.get("explanation"))
+        for name, value in d.items():
+            if name not in cls._HEAD:
+                typed = _decode_by_scorer(name, value, details=True)
+                out.by_scorer[name] = value if typed is None else typed
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"layer": self.layer, "neuron": self.neuron, "sign": self.sign, "explanation": self.explanation}
+        return {**head, **to_json(self.by_scorer)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -76,39 +76,42 @@ def explanation_notes(explanations: Mapping[Any, str | None]) -> dict[Any, list[
     return notes
 
 
-def judge_notes(task: Mapping[str, Any] | None) -> list[str]:
-    """Notes on a stored detection/fuzzing result: a degenerate judge, too few items of a class."""
-    if not task:
+def judge_notes(task: Any | None) -> list[str]:
+    """Notes on a judging scorer's result (detection, fuzzing, intervention: anything with ``n_positive``,
+    ``n_negative``, ``n_unanswered`` and ``n_yes``): a degenerate judge, too few items of a class."""
+    if task is None:
         return []
     notes = []
-    answered = task.get("n_positive", 0) + task.get("n_negative", 0) - task.get("n_unanswered", 0)
-    n_yes = task.get("n_yes")
+    answered = task.n_positive + task.n_negative - task.n_unanswered
+    n_yes = task.n_yes
     if answered and n_yes is not None and n_yes in (0, answered):
         notes.append(
             f"degenerate judge: answered {'yes' if n_yes else 'no'} to all {answered} items "
             "(balanced accuracy 0.5 by construction)"
         )
-    for cls in ("positive", "negative"):
-        n = task.get(f"n_{cls}", 0)
+    for cls, n in (("positive", task.n_positive), ("negative", task.n_negative)):
         if n < MIN_CLASS_ITEMS:
             notes.append(f"only {n} {cls} item{'' if n == 1 else 's'}")
     return notes
 
 
-def score_set_notes(scores: Mapping[str, Any] | None) -> list[str]:
-    """Notes on a stored correlation score set (``top_and_random`` ...): too few excerpts."""
-    n = (scores or {}).get("n_excerpts")
+def score_set_notes(scores: Any | None) -> list[str]:
+    """Notes on a correlation score set (a `nbutils.score.metrics.ScoreSet`): too few excerpts."""
+    n = None if scores is None else scores.n_excerpts
     if n is not None and 0 < n < MIN_SCORED_EXCERPTS:
         return [f"only {n} excerpt{'' if n == 1 else 's'}"]
     return []
 
 
-def calibration_notes(result: Mapping[str, Any] | None, scored_set: str, metric: str) -> list[str]:
-    """A note on a calibrated score (R², absolute deviation explained) of a simulation whose calibration line
-    has a negative slope: the fit turns a simulation that runs opposite to the activations around, so these
-    scores can be positive beside a negative correlation."""
-    slope = ((result or {}).get("calibration") or {}).get("slope")
-    value = (((result or {}).get(scored_set) or {}).get(metric) or {}).get("value")
+def calibration_notes(result: Any | None, scored_set: str, metric: str) -> list[str]:
+    """A note on a calibrated score (R², absolute deviation explained) of a simulation
+    (`nbutils.score.simulation.SimulationResult`) whose calibration line has a negative slope: the fit turns
+    a simulation that runs opposite to the activations around, so these scores can be positive beside a
+    negative correlation."""
+    if result is None or result.calibration is None:
+        return []
+    slope = result.calibration.slope
+    value = getattr(result.set(scored_set), metric).value
     if slope is None or slope >= 0 or value is None:
         return []
     return [
@@ -137,10 +140,10 @@ def with_notes(text: str, notes: Iterable[str]) -> str:
     return Noted(text, notes)
 
 
-def f1_text(task: Mapping[str, Any] | None) -> str:
+def f1_text(task: Any | None) -> str:
     """F1 with its chance level, e.g. ``0.741 (always-yes 0.667)``; "-" when there is none."""
-    m = (task or {}).get("f1") or {}
-    if m.get("value") is None:
-        return f"undefined: {m['reason']}" if m.get("reason") else "-"
-    chance = ((task or {}).get("f1_chance") or {}).get("value")
-    return f"{m['value']:.3f}" + (f" (always-yes {chance:.3f})" if chance is not None else "")
+    m = None if task is None else task.f1
+    if m is None or m.value is None:
+        return f"undefined: {m.reason}" if m is not None and m.reason else "-"
+    chance = task.f1_chance.value if task.f1_chance is not None else None
+    return f"{m.value:.3f}" + (f" (always-yes {chance:.3f})" if chance is not None else "")

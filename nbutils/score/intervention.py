@@ -22,13 +22,15 @@ Prompts where steering left the greedy continuation unchanged cannot be told apa
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from nbutils.core.results import JsonRecord
 from nbutils.llm.contract import Backend, JudgeRequest
 from nbutils.llm.prompts import steering_pair
+from nbutils.score.classification import JudgedItem
 from nbutils.score.contract import Column, Scorer, UnitContext
 from nbutils.score.flags import judge_notes
 from nbutils.score.metrics import Metric, auroc
@@ -41,7 +43,36 @@ TARGET_KL = 0.5
 """Mean KL (nats per position) between the steered and the original next-token distributions on the prompts."""
 
 
-def pair_accuracy(p_yes: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+@dataclass
+class PairAccuracy(JsonRecord):
+    """How often the judge picked the steered continuation of a pair, asked both ways round: balanced accuracy
+    over prompts (a 95% bootstrap interval) and AUROC, with the item counts the judge notes read."""
+
+    n_prompts: int
+    n_positive: int
+    n_negative: int
+    n_unanswered: int
+    n_yes: int
+    balanced_accuracy: Metric
+    auroc: Metric
+
+
+@dataclass
+class InterventionResult(PairAccuracy):
+    """The intervention scorer's result: the unit's `PairAccuracy`, a random control unit's (None for the
+    baseline, which has no judge), and the steering: shift, KL reached, the control unit and its steering,
+    and how many continuations steering left unchanged."""
+
+    control: PairAccuracy | None
+    shift: float
+    kl: float
+    control_unit: int
+    control_shift: float
+    control_kl: float
+    n_unchanged: int
+
+
+def pair_accuracy(p_yes: np.ndarray, n_boot: int = 1000, seed: int = 0) -> PairAccuracy:
     """Balanced accuracy, with a bootstrap interval over prompts, of P("turned up in A") answers to pairs
     asked both ways: ``p_yes[2i]`` with the steered text as A (truth 1), ``p_yes[2i + 1]`` as B (truth 0)."""
     p = np.asarray(p_yes, dtype=np.float64).reshape(-1, 2)
@@ -50,14 +81,10 @@ def pair_accuracy(p_yes: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[
     answered = np.isfinite(p).all(axis=1)
     labels = np.tile([True, False], len(p))
     finite = p[np.isfinite(p)]
-    out: dict[str, Any] = {
-        "n_prompts": len(p), "n_positive": len(p), "n_negative": len(p),
-        "n_unanswered": int((~np.isfinite(p)).sum()), "n_yes": int((finite >= 0.5).sum()),
-    }  # fmt: skip
+    counts = (len(p), len(p), len(p), int((~np.isfinite(p)).sum()), int((finite >= 0.5).sum()))
     if not answered.any():
-        out["balanced_accuracy"] = asdict(Metric(None, "the judge answered no pair both ways"))
-        out["auroc"] = asdict(Metric(None, "the judge answered no pair both ways"))
-        return out
+        none = "the judge answered no pair both ways"
+        return PairAccuracy(*counts, Metric(None, none), Metric(None, none))
     per_prompt = correct[answered].mean(axis=1)  # each prompt: one positive and one negative item
     value = float(per_prompt.mean())
     low = high = None
@@ -65,22 +92,20 @@ def pair_accuracy(p_yes: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[
         picks = np.random.default_rng(seed).integers(0, len(per_prompt), (n_boot, len(per_prompt)))
         low, high = (float(x) for x in np.percentile(per_prompt[picks].mean(axis=1), [2.5, 97.5]))
     keep = np.repeat(answered, 2)
-    out["balanced_accuracy"] = asdict(Metric(value, None, low, high))
-    out["auroc"] = asdict(auroc(labels[keep], p.ravel()[keep]))
-    return out
+    return PairAccuracy(*counts, Metric(value, None, low, high), auroc(labels[keep], p.ravel()[keep]))
 
 
-def intervention_notes(result: dict[str, Any] | None) -> list[str]:
+def intervention_notes(result: InterventionResult | None) -> list[str]:
     """A degenerate judge or too few prompts (`judge_notes`), and steering that changed nothing or fell short
     of its target effect."""
     if not result:
         return []
     notes = judge_notes(result)
-    n, unchanged = result.get("n_prompts"), result.get("n_unchanged")
+    n, unchanged = result.n_prompts, result.n_unchanged
     if n and unchanged == n:
         notes.append(f"steering changed none of the {n} continuations (the score can only be chance)")
-    if result.get("kl") is not None and result["kl"] < TARGET_KL / 2:
-        notes.append(f"steering reached KL {result['kl']:.2g} of the {TARGET_KL} targeted")
+    if result.kl is not None and result.kl < TARGET_KL / 2:
+        notes.append(f"steering reached KL {result.kl:.2g} of the {TARGET_KL} targeted")
     return notes
 
 
@@ -91,17 +116,18 @@ class InterventionScorer(Scorer):
     title = "intervention: which continuation had the unit turned up, going by the explanation?"
     needs_subject = True
     detail = "judged items"
+    result_type = InterventionResult
+    details_type = list[JudgedItem]
     columns = (
         Column("intervention balanced accuracy", ("balanced_accuracy",), notes=intervention_notes, chance=0.5),
         Column("control (random unit)", ("control", "balanced_accuracy"), chance=0.5),
         Column("intervention AUROC", ("auroc",), notes=intervention_notes, chance=0.5),
     )
 
-    def caption(self, result: dict[str, Any]) -> str:
+    def caption(self, result: InterventionResult) -> str:
         return (
-            f"{result.get('n_prompts')} prompts asked both ways, {result.get('n_unchanged')} with an unchanged "
-            f"continuation; steered by {result.get('shift', 0):+.3g} (KL {result.get('kl', 0):.2f}); control "
-            f"unit {result.get('control_unit')}"
+            f"{result.n_prompts} prompts asked both ways, {result.n_unchanged} with an unchanged "
+            f"continuation; steered by {result.shift:+.3g} (KL {result.kl:.2f}); control unit {result.control_unit}"
         )
 
     def _pairs(self, ctx: UnitContext) -> dict[str, Any]:
@@ -146,14 +172,14 @@ class InterventionScorer(Scorer):
 
     def _result(
         self, pairs: dict[str, Any], p_yes: np.ndarray, control: np.ndarray | None, ctx: UnitContext
-    ) -> dict[str, Any]:
+    ) -> InterventionResult:
         s = ctx.settings
-        out = pair_accuracy(p_yes, s.n_boot, s.seed)
-        out["control"] = pair_accuracy(control, s.n_boot, s.seed) if control is not None else None
+        own = pair_accuracy(p_yes, s.n_boot, s.seed)
+        ctrl = pair_accuracy(control, s.n_boot, s.seed) if control is not None else None
         keep = ("shift", "kl", "control_unit", "control_shift", "control_kl", "n_unchanged")
-        return {**out, **{k: pairs[k] for k in keep}}
+        return InterventionResult(**vars(own), control=ctrl, **{k: pairs[k] for k in keep})
 
-    def baseline(self, ctx: UnitContext) -> dict[str, Any]:
+    def baseline(self, ctx: UnitContext) -> InterventionResult:
         pairs = self._pairs(ctx)
 
         def lookup(tokens: list[str]) -> float:
@@ -166,9 +192,9 @@ class InterventionScorer(Scorer):
             p += [first, 1.0 - first if a != b else 0.5]  # the same pair the other way round
         return self._result(pairs, np.array(p), None, ctx)
 
-    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[InterventionResult, list[JudgedItem]]:
         pairs = self._pairs(ctx)
-        explanation, limit = ctx.entry["explanation"], ctx.settings.max_prompt_tokens
+        explanation, limit = ctx.entry.explanation, ctx.settings.max_prompt_tokens
         asked = self._items(pairs, "steered")
         noun = ctx.record.noun
         p_yes = llm.judge(JudgeRequest("intervention", explanation, tuple(asked), limit, examples=(), noun=noun)).p_yes
@@ -177,9 +203,9 @@ class InterventionScorer(Scorer):
             JudgeRequest("intervention", explanation, tuple(control), limit, examples=(), noun=noun)
         ).p_yes
         details = [
-            {"source": "control" if j >= len(asked) else "unit", "index": (j % len(asked)) // 2,
-             "kind": "steered as [A]" if j % 2 == 0 else "steered as [B]", "label": j % 2 == 0,
-             "p_yes": None if not np.isfinite(p) else round(float(p), 6), "tokens": list(item.tokens), "marked": None}
+            JudgedItem("control" if j >= len(asked) else "unit", (j % len(asked)) // 2,
+                       "steered as [A]" if j % 2 == 0 else "steered as [B]", j % 2 == 0,
+                       None if not np.isfinite(p) else round(float(p), 6), list(item.tokens))
             for j, (item, p) in enumerate(zip(asked + control, np.concatenate([p_yes, p_control])))
         ]  # fmt: skip
         return self._result(pairs, p_yes, p_control, ctx), details

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nbutils.core.results import omitted_when
+
 
 @dataclass
 class Metric:
@@ -59,7 +61,8 @@ class ScoreSet:
     absolute_dev_explained: Metric
     n_excerpts: int
     n_tokens: int
-    calibration: Calibration | None = None
+    calibration: Calibration | None = omitted_when(None)
+    """The line the secondary scores were computed with (stored once per simulation, not per set)."""
 
 
 def _flat(parts: list[np.ndarray]) -> np.ndarray:

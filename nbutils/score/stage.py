@@ -25,6 +25,7 @@ from nbutils.core.layout import explanations, scores
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore, shard_part
 from nbutils.core.units import Key, key_of
 from nbutils.llm.contract import (
@@ -38,14 +39,15 @@ from nbutils.llm.contract import (
 )
 from nbutils.score.baseline import token_table
 from nbutils.score.contract import (
-    RESULTS_FORMAT,
+    ScoredSide,
     Scorer,
     ScoreSettings,
     UnitContext,
+    UnitDetails,
+    UnitScores,
     registered,
     result_numbers,
     scorer,
-    upgrade_result,
 )
 from nbutils.subject.intervene import intervention_for
 
@@ -84,60 +86,63 @@ def chosen_scorers(config: RunConfig) -> list[Scorer]:
     return [scorer(name) for name in names]
 
 
-def unit_context(entry: dict[str, Any], store: RecordStore, s: ScoreSettings, subject: Any = None) -> UnitContext:
+def unit_context(entry: ExplanationEntry, store: RecordStore, s: ScoreSettings, subject: Any = None) -> UnitContext:
     """What the scorers get for one stage-02 entry (refused if stage 02 split the excerpts differently)."""
-    if entry.get("split", "nbutils") != s.split:
+    if entry.split != s.split:
         raise UserError(
-            f"L{entry['layer']} N{entry['neuron']} was explained from the split={entry['split']!r} excerpts; scoring it "
+            f"L{entry.layer} N{entry.neuron} was explained from the split={entry.split!r} excerpts; scoring it "
             f"with split={s.split!r} could score excerpts the explainer saw.",
-            f"Run stage 03 with split={entry['split']!r} (nbutils run passes one split to both stages).",
+            f"Run stage 03 with split={entry.split!r} (nbutils run passes one split to both stages).",
         )
-    rec = store.record(entry["layer"], entry["neuron"])
-    splits = split_excerpts(rec, entry["sign"] == "negative", s.per_band, s.split)
+    rec = store.record(entry.layer, entry.neuron)
+    splits = split_excerpts(rec, entry.negative, s.per_band, s.split)
     return UnitContext(rec, entry, splits, token_table(splits["train"]), s, subject)
 
 
 def score_entry(
-    entry: dict[str, Any], store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings,
+    entry: ExplanationEntry, store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings,
     subject: Any = None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+) -> tuple[UnitScores, UnitDetails | None]:  # fmt: skip
     """Scores of one stage-02 entry, and the details to save (None when no scorer of the explanation ran).
     ``subject``: the subject model for scorers that run it (`nbutils.subject.intervene.UnitIntervention`)."""
     ctx = unit_context(entry, store, s, subject)
-    head = {k: entry[k] for k in ("layer", "neuron", "sign", "explanation")}
-    result: dict[str, Any] = {
-        **head,
-        "format": RESULTS_FORMAT,
-        "baseline": {"explanation": entry["baseline"]["explanation"]},
-    }
+    baseline = ScoredSide(entry.baseline.explanation if entry.baseline else None)
+    result = UnitScores(layer=entry.layer, neuron=entry.neuron, sign=entry.sign, explanation=entry.explanation,
+                        baseline=baseline)  # fmt: skip
     for sc in scorers:
         base = sc.baseline(ctx)
         if base is not None:
-            result["baseline"][sc.name] = base
-    if not entry.get("explanation"):
-        result["failure"] = entry.get("failure") or "no explanation"
+            baseline.results[sc.name] = base
+    if not entry.explanation:
+        result.failure = entry.failure or "no explanation"
         return result, None
-    details: dict[str, Any] = {}
+    details = UnitDetails(entry.layer, entry.neuron, entry.sign, entry.explanation)
     for sc in scorers:
         try:
-            result[sc.name], details[sc.name] = sc.explanation(ctx, llm)
-            ctx.done[sc.name] = (result[sc.name], details[sc.name])
+            result.results[sc.name], details.by_scorer[sc.name] = done = sc.explanation(ctx, llm)
+            ctx.done[sc.name] = done
         except LLMFailed as e:  # the scores so far stay; a rerun retries the unit if the fault was the server's
-            result["failure"], result["retryable"] = f"{sc.name} failed: {e}", e.retryable
+            result.failure, result.retryable = f"{sc.name} failed: {e}", e.retryable
             break
-    return result, ({**head, **details} if details else None)
+    return result, (details if details.by_scorer else None)
 
 
 def stored_numbers(result: dict[str, Any]) -> dict[str, float | None]:
-    """Every registered scorer's numbers in a result of any format (what the store indexes)."""
-    return result_numbers(upgrade_result(result), registered())
+    """Every registered scorer's numbers in a stored result of any format (what the store indexes)."""
+    return result_numbers(UnitScores.from_dict(result), registered())
 
 
-def _needs_scoring(old: dict[str, Any] | None, entry: dict[str, Any], scorers: list[Scorer]) -> bool:
+def stored_scores(saved: ResultStore, key: Key) -> UnitScores | None:
+    """A unit side's stored stage-03 result, typed (None where it has none)."""
+    found = saved.get(key)
+    return None if found is None else UnitScores.from_dict(found)
+
+
+def _needs_scoring(old: UnitScores | None, entry: ExplanationEntry, scorers: list[Scorer]) -> bool:
     """Not scored with this explanation, a retryable failure, or a scorer missing from its result."""
-    if old is None or old.get("retryable") or old["explanation"] != entry["explanation"]:
+    if old is None or old.retryable or old.explanation != entry.explanation:
         return True
-    return bool(entry.get("explanation")) and not old.get("failure") and any(sc.name not in old for sc in scorers)
+    return bool(entry.explanation) and not old.failure and any(old.of(sc.name) is None for sc in scorers)
 
 
 def run_score_stage(
@@ -148,7 +153,7 @@ def run_score_stage(
     progress: bool = True,
     cache_path: str | None = None,
     workers: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[UnitScores]:
     """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results.
     ``workers``: units in progress at once (default: what the backend asks for). With ``executor="ray"`` the
     units are dealt into shards run as Ray tasks; with several ``simulator_base_url`` they are dealt over the
@@ -158,7 +163,7 @@ def run_score_stage(
     counted = store.rare_units(config.min_active)
     rare = counted or {}
     asked = read_jsonl(explanations(explanation_dir).jsonl)  # what stage 02 last chose to explain
-    entries = [e for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
+    entries = [ExplanationEntry.from_dict(e) for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
     if not entries:
         raise UserError(
             f"No explanations in {explanations(explanation_dir).jsonl}.",
@@ -170,7 +175,7 @@ def run_score_stage(
     saved = ResultStore(out.root, numbers_of=stored_numbers)
     saved.merge_parts()  # what the shards of a killed distributed run finished
     chosen = chosen_scorers(config)
-    todo = [key_of(e) for e in entries if _needs_scoring(upgrade_result(saved.get(key_of(e))), e, chosen)]
+    todo = [e.key for e in entries if _needs_scoring(stored_scores(saved, e.key), e, chosen)]
     if todo:
         run_unit_shards(
             score_units, todo, config, "simulator_base_url", collection_dir=str(collection_dir),
@@ -179,8 +184,8 @@ def run_score_stage(
         )  # fmt: skip
         merge_shard_usage(out.usage, config.prices)
         saved.merge_parts()
-    results = [upgrade_result(saved.get(key_of(e))) for e in entries]
-    write_jsonl(out.jsonl, results)
+    results = [r for r in (stored_scores(saved, e.key) for e in entries) if r is not None]
+    write_jsonl(out.jsonl, (r.to_dict() for r in results))
     write_summary(out.summary, results, counted, config.min_active, len(asked) - len(entries), store.meta.noun)
     saved.close()
     return results
@@ -194,13 +199,14 @@ def score_units(
     usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
     store, out = RecordStore(collection_dir), scores(out_dir)
     asked = ResultStore(explanation_dir)
-    todo = [asked.get(k) for k in keys]
-    if None in todo:  # a folder holding only explanations.jsonl (written or edited by hand): its entries
+    found = [asked.get(k) for k in keys]
+    if None in found:  # a folder holding only explanations.jsonl (written or edited by hand): its entries
         listed = {key_of(e): e for e in read_jsonl(explanations(explanation_dir).jsonl)}
-        todo = [e if e is not None else listed.get(k) for k, e in zip(keys, todo)]
-    todo = [e for e in todo if e is not None]
+        found = [e if e is not None else listed.get(k) for k, e in zip(keys, found)]
+    todo = [ExplanationEntry.from_dict(e) for e in found if e is not None]
     saved = ResultStore(out.root, part=shard_part(shard), numbers_of=stored_numbers)
     chosen, s = chosen_scorers(config), settings(config)
+    indexed = registered()  # every registered scorer's numbers are indexed
     llm = make_backend(simulator_spec(config, cache_path))
     subject = None
     if any(sc.needs_subject for sc in chosen):  # loaded once, shared by the units in progress
@@ -211,7 +217,8 @@ def score_units(
     bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
     try:
         for _, (result, details) in bar:
-            saved.put(result, details)  # with its numbers (`stored_numbers`)
+            # one transaction: the result, its details, and its numbers for the index
+            saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed))
             llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
         llm.usage.save(shard_usage(out.usage, shard), config.prices)

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
-from nbutils.score.contract import Scorer
+from nbutils.score.contract import Scorer, UnitDetails, UnitScores
 from nbutils.view.render import fragment, scores_table_html, simulation_html
 from nbutils.view.runview import finite, main_score
 from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, table_html
@@ -97,8 +98,8 @@ class ExplanationScore:
 
     key: Key
     explanation: str
-    result: dict[str, Any]
-    details: dict[str, Any] | None
+    result: UnitScores
+    details: UnitDetails | None
     scorers: list[Scorer]
     scale: float
     notes: list[tuple[str, str]]
@@ -106,8 +107,8 @@ class ExplanationScore:
     explanation's own (a copy of the prompt's worked example)."""
     requests: int = 0
     """LLM requests this score sent (0 when every one was answered from the cache or the run's memory)."""
-    stored: dict[str, Any] | None = None
-    """Stage 03's result for this side, if it was scored (its explanation is ``stored["explanation"]``)."""
+    stored: UnitScores | None = None
+    """Stage 03's result for this side, if it was scored (its explanation is ``stored.explanation``)."""
 
     @property
     def correlation(self) -> float | None:
@@ -117,22 +118,23 @@ class ExplanationScore:
     @property
     def interval(self) -> tuple[float, float] | None:
         """Its 95% bootstrap interval (resampling whole excerpts)."""
-        m = ((self.result.get("simulation") or {}).get("top_and_random") or {}).get("correlation") or {}
-        low, high = finite(m.get("low")), finite(m.get("high"))
+        sim = self.result.of("simulation")
+        m = sim.top_and_random.correlation if sim is not None else None
+        low, high = (finite(m.low), finite(m.high)) if m is not None else (None, None)
         return (low, high) if low is not None and high is not None else None
 
     @property
     def baseline_correlation(self) -> float | None:
-        return main_score(self.result.get("baseline"))
+        return main_score(self.result.baseline)
 
     @property
     def failure(self) -> str | None:
-        return self.result.get("failure")
+        return self.result.failure
 
     def numbers(self, baseline: bool = False) -> dict[str, float | None]:
         """Every scorer number of this explanation (or of the token-lookup baseline), by column label."""
-        part = (self.result.get("baseline") or {}) if baseline else self.result
-        return {label(sc, c): finite(c.value(part.get(sc.name))) for sc in self.scorers for c in sc.columns}
+        part = self.result.side(baseline)
+        return {label(sc, c): finite(c.value(part.of(sc.name))) for sc in self.scorers for c in sc.columns}
 
     def to_frame(self):
         """A pandas DataFrame, one row per scorer number: ``number``, ``this explanation``, ``baseline`` and,
@@ -142,20 +144,18 @@ class ExplanationScore:
         mine, base = self.numbers(), self.numbers(baseline=True)
         rows = [{"number": name, "this explanation": mine[name], "baseline": base[name]} for name in mine]
         if self.stored:
-            stored = {
-                label(sc, c): finite(c.value(self.stored.get(sc.name))) for sc in self.scorers for c in sc.columns
-            }
+            stored = {label(sc, c): finite(c.value(self.stored.of(sc.name))) for sc in self.scorers for c in sc.columns}
             for row in rows:
                 row["stored explanation"] = stored[row["number"]]
         return pd.DataFrame(rows)
 
     def _repr_html_(self) -> str:
         stored = ""
-        if self.stored and self.stored.get("explanation"):
+        if self.stored and self.stored.explanation:
             value = main_score(self.stored)
             shown = "undefined" if value is None else f"{value:.3f}"
             stored = (
-                f"<p class='nbx-muted'>stage 03's explanation, \"{_esc(self.stored['explanation'])}\", scored "
+                f"<p class='nbx-muted'>stage 03's explanation, \"{_esc(self.stored.explanation)}\", scored "
                 f"{shown} (top+random correlation) on the same excerpts.</p>"
             )
         cost = f"{self.requests} LLM request{'s' if self.requests != 1 else ''}"
@@ -165,7 +165,7 @@ class ExplanationScore:
             + _notes_html([n for n in self.notes if n[0] == "explanation"])  # the numbers' notes: in the tables
             + scores_table_html(self.result, self.scorers)
             + stored
-            + simulation_html((self.details or {}).get("simulation"), self.scale)
+            + simulation_html(self.details.of("simulation") if self.details else None, self.scale)
         )
         return fragment(body)
 
@@ -189,7 +189,7 @@ class Comparison:
                for s in self.scores]  # fmt: skip
         if self.scores:
             first = self.scores[0]
-            baseline_text = (first.result.get("baseline") or {}).get("explanation")
+            baseline_text = first.result.baseline.explanation
             out.append({"explanation": f"(token-lookup baseline) {baseline_text}", **first.numbers(baseline=True),
                         "notes": ""})  # fmt: skip
         return out
@@ -215,21 +215,21 @@ class NewExplanation:
     key: Key
     messages: list[dict[str, str]]
     """The chat as the explainer received it (system, worked examples, this unit's excerpts)."""
-    entry: dict[str, Any]
+    entry: ExplanationEntry
     requests: int = 0
 
     @property
     def explanation(self) -> str | None:
-        return self.entry.get("explanation")
+        return self.entry.explanation
 
     @property
     def replies(self) -> list[str]:
         """The explainer's raw replies, one per candidate (the reply continues "the main thing ... find")."""
-        return [c.get("reply") or "" for c in self.entry.get("candidates") or []]
+        return [c.reply or "" for c in self.entry.candidates]
 
     @property
     def failure(self) -> str | None:
-        return self.entry.get("failure")
+        return self.entry.failure
 
     @property
     def prompt(self) -> str:

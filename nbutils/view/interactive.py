@@ -31,11 +31,12 @@ from nbutils.core.errors import UserError
 from nbutils.core.io import read_json
 from nbutils.core.layout import MANIFEST
 from nbutils.core.records import UnitRecord
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
 from nbutils.explain.explainer import base_entry, explain_with, explainer_request
 from nbutils.explain.stage import explainer_spec
 from nbutils.llm.contract import Backend, make_backend
-from nbutils.score.contract import Scorer
+from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import explanation_notes
 from nbutils.score.intervention import TARGET_KL
 from nbutils.score.stage import chosen_scorers, score_entry, settings, simulator_spec
@@ -87,10 +88,11 @@ class Unit:
 
     @property
     def explanation(self) -> str | None:
-        return (self.run.explanations.get(self.key) or {}).get("explanation")
+        entry = self.run.explanations.get(self.key)
+        return entry.explanation if entry else None
 
     @property
-    def scores(self) -> dict[str, Any] | None:
+    def scores(self) -> UnitScores | None:
         """This side's stage-03 result, if it was scored."""
         return self.run.scores.get(self.key)
 
@@ -266,14 +268,14 @@ class Run(RunView):
         if memo in self._memo:
             return self._memo[memo]
         config, scorers = self.config, self.scorers_live
-        entry = dict(self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split))
-        entry.update(explanation=explanation, failure=None)
+        entry = replace(self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split),
+                        explanation=explanation, failure=None)  # fmt: skip
         subject = self.live.intervention if any(sc.needs_subject for sc in scorers) else None
         llm = self.simulator
         before = llm.usage.requests
         result, details = score_entry(entry, self.store, llm, scorers, settings(config), subject)
-        if result.get("retryable"):
-            raise _unreachable("simulator", result["failure"], config)
+        if result.retryable:
+            raise _unreachable("simulator", result.failure, config)
         own = explanation_notes({u.key: explanation}).get(u.key, [])
         found = ExplanationScore(
             u.key, explanation, result, details, scorers, neuron_scale(u.record), result_notes(result, scorers, own),
@@ -292,8 +294,8 @@ class Run(RunView):
         messages = llm.explanation_messages(request) if request is not None else []
         before = llm.usage.requests
         entry = explain_with(u.record, llm, c, u.negative)
-        if entry.get("retryable") and not entry.get("explanation"):
-            raise _unreachable("explainer", entry["failure"], c)
+        if entry.retryable and not entry.explanation:
+            raise _unreachable("explainer", entry.failure, c)
         found = NewExplanation(u.key, messages, entry, llm.usage.requests - before)
         self._memo[memo] = found
         return found
@@ -327,7 +329,7 @@ class Run(RunView):
         rows = [
             {"layer": layer, "unit": index, "relative": rel, "value": value, "collected_max": peak,
              "position": pos, "token": tokens[pos],
-             "explanation": (self.explanations.get((layer, index, "positive")) or {}).get("explanation")}
+             "explanation": _text(self.explanations.get((layer, index, "positive")))}
             for rel, layer, index, value, peak, pos in found[:k]
         ]  # fmt: skip
         return TopUnits(tokens, rows)
@@ -344,16 +346,16 @@ class Run(RunView):
         said: list[Key] = []
         tokens: list[Key] = []
         for key, e in self.explanations.items():  # streamed: one pass, nothing kept but the keys found
-            if all(w in (e.get("explanation") or "").lower() for w in words):
+            if all(w in (e.explanation or "").lower() for w in words):
                 said.append(key)
-            elif needle in ((e.get("baseline") or {}).get("explanation") or "").lower():
+            elif needle in (e.baseline.explanation if e.baseline else "").lower():
                 tokens.append(key)
         score = {key: value for value, key in self.ranked()}  # the store's index, not every result
         said.sort(key=lambda key: (-score.get(key, -np.inf), key))
         chosen = [(key, "explanation") for key in said] + [(key, "baseline tokens") for key in sorted(tokens)]
         rows = [
             {"layer": key[0], "neuron": key[1], "sign": key[2], "where": where,
-             "explanation": self.explanations[key].get("explanation"), "score": score.get(key)}
+             "explanation": _text(self.explanations.get(key)), "score": score.get(key)}
             for key, where in chosen[:k]
         ]  # fmt: skip
         return SearchResults(text, rows)
@@ -371,3 +373,8 @@ class Run(RunView):
 
 
 __all__ = ["Run", "Unit"]
+
+
+def _text(entry: ExplanationEntry | None) -> str | None:
+    """An entry's explanation (None where the side has no entry)."""
+    return entry.explanation if entry else None

@@ -37,6 +37,7 @@ import numpy as np
 
 from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, UnitRecord
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
 from nbutils.view.runview import RunView, finite, scorer_value
 
@@ -113,10 +114,10 @@ def _activation_row(
     }  # fmt: skip
 
 
-def _explanation_row(mid: str, source: str, key: Key, entry: dict[str, Any], explainer: str) -> dict[str, Any]:
-    text = entry["explanation"] + (" (negative side)" if key[2] == "negative" else "")
+def _explanation_row(mid: str, source: str, key: Key, entry: ExplanationEntry, explainer: str) -> dict[str, Any]:
+    text = entry.explanation + (" (negative side)" if key[2] == "negative" else "")
     return {
-        "id": _id(mid, source, *key, entry["explanation"]), "modelId": mid, "layer": source, "index": str(key[1]),
+        "id": _id(mid, source, *key, entry.explanation), "modelId": mid, "layer": source, "index": str(key[1]),
         "authorId": CREATOR, "description": text, "embedding": None, "typeName": EXPLANATION_TYPE,
         "explanationModelName": explainer, "umap_x": None, "umap_y": None, "umap_cluster": None,
         "umap_log_feature_sparsity": None,
@@ -133,7 +134,7 @@ def _score_rows(view: RunView, key: Key, explanation_id: str, simulator: str) ->
             value = scorer_value(result, sc, i)
             if value is None:
                 continue
-            base = scorer_value(result.get("baseline"), sc, i)
+            base = scorer_value(result.baseline, sc, i)
             rows.append({
                 "id": _id(explanation_id, sc.name, col.label), "initiatedByUserId": CREATOR, "value": value,
                 "explanationId": explanation_id, "explanationScoreTypeName": score_type(sc.name, col.label),

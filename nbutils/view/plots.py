@@ -162,10 +162,11 @@ def simulated_vs_true(view: RunView, n: int = 2):
         return fig
     fig, axes = _figure(3.2 * len(picks), 3.2, ncols=len(picks))
     for ax, (score, key) in zip(np.atleast_1d(axes), picks):
-        detail = (view.simulation(key) or {}).get("simulation") or {"excerpts": []}
-        valid = [x for x in detail["excerpts"] if x["split"].startswith("valid")]
-        true = np.concatenate([x["true"] for x in valid]) if valid else np.zeros(0)
-        pred = np.concatenate([x["expected"] for x in valid]) if valid else np.zeros(0)
+        details = view.simulation(key)
+        sim = details.of("simulation") if details is not None else None
+        valid = sim.valid() if sim is not None else []
+        true = np.concatenate([x.true for x in valid]) if valid else np.zeros(0)
+        pred = np.concatenate([x.expected for x in valid]) if valid else np.zeros(0)
         ax.scatter(true, pred, s=4, alpha=0.4)
         ax.set_title(f"L{key[0]} N{key[1]} {key[2][:3]}: r={score:.2f}", fontsize=9)
         ax.set_xlabel("true activation")

@@ -20,9 +20,12 @@ import numpy as np
 
 from nbutils.core.failures import rare_units_text
 from nbutils.core.records import Excerpt
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
-from nbutils.score.contract import Scorer
+from nbutils.score.classification import JudgedItem
+from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import WARN, with_notes
+from nbutils.score.simulation import Simulation
 from nbutils.view.runview import RunView
 from nbutils.view.tables import Legend, column_text, heatmap_html, label, neuron_scale, scorers_of
 
@@ -77,52 +80,52 @@ def writes_html(writes: dict[str, list[tuple[str, float]]] | None, sign: str = "
     )
 
 
-def scorer_table_html(result: dict[str, Any], sc: Scorer) -> str:
+def scorer_table_html(result: UnitScores, sc: Scorer) -> str:
     """One scorer's numbers for the explanation and the token-lookup baseline, each with its notes."""
     head = "".join(f"<th>{_esc(label(sc, c))}</th>" for c in sc.columns)
     rows, legend = [], Legend(kind=str)  # a note shared by several numbers is written once, under the table
-    for name, part in (("explanation", result), ("token-lookup baseline", result.get("baseline") or {})):
+    for name, part in (("explanation", result), ("token-lookup baseline", result.baseline)):
         cells = "".join(f"<td>{legend.cell(column_text(part, sc, c))}</td>" for c in sc.columns)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
-    own = result.get(sc.name) or (result.get("baseline") or {}).get(sc.name) or {}
-    caption = sc.caption(own) if own else None
+    own = result.of(sc.name) or result.baseline.of(sc.name)
+    caption = sc.caption(own) if own is not None else None
     note = f"<p class='nbx-muted'>{_esc(caption)}</p>" if caption else ""
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{legend.html()}{note}"
 
 
-def scores_table_html(result: dict[str, Any] | None, scorers: Sequence[Scorer] | None = None) -> str:
+def scores_table_html(result: UnitScores | None, scorers: Sequence[Scorer] | None = None) -> str:
     """Every scorer's numbers for the explanation beside the token-lookup baseline's (95% intervals in
     brackets, notes beside weak numbers), one table per scorer, then any failure."""
     if not result:
         return "<p class='nbx-muted'>Not scored yet (stage 03).</p>"
     present = [sc for sc in (scorers if scorers is not None else scorers_of([result]))]
     tables = "".join(
-        scorer_table_html(result, sc) for sc in present if sc.name in result or sc.name in result.get("baseline", {})
+        scorer_table_html(result, sc) for sc in present if result.of(sc.name) or result.baseline.of(sc.name)
     )
-    failure = f"<p>Failure: {_esc(result['failure'])}</p>" if result.get("failure") else ""
+    failure = f"<p>Failure: {_esc(result.failure)}</p>" if result.failure else ""
     return tables + failure
 
 
-def explanation_html(entry: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+def explanation_html(entry: ExplanationEntry | None, notes: Sequence[str] = ()) -> str:
     """The kept explanation (with notes: a copy of the prompt's worked example, the same as other neurons'),
     every candidate with its calibration score, and the baseline explanation."""
     if not entry:
         return "<p class='nbx-muted'>Not explained yet (stage 02).</p>"
-    kept = entry.get("explanation")
+    kept = entry.explanation
     warn = "".join(f"<br><span class='nbx-warn'>{WARN} {_esc(n)}</span>" for n in notes)
     head = (
         f"<p><b>Explanation:</b> {_esc(kept)}{warn}</p>"
         if kept
-        else f"<p><b>No explanation:</b> {_esc(entry.get('failure'))}</p>"
+        else f"<p><b>No explanation:</b> {_esc(entry.failure)}</p>"
     )
     rows = []
-    for c in entry.get("candidates") or []:
-        score = c.get("calibration_score")
-        shown = f"{score:.3f}" if isinstance(score, float) else _esc(c.get("reason") or "-")
-        mark = " \u2713" if c.get("explanation") == kept and kept else ""
-        rows.append(f"<tr><td>{_esc(c.get('explanation'))}{mark}</td><td>{shown}</td></tr>")
+    for c in entry.candidates:
+        score = c.calibration_score
+        shown = f"{score:.3f}" if isinstance(score, float) else _esc(c.reason or "-")
+        mark = " \u2713" if c.explanation == kept and kept else ""
+        rows.append(f"<tr><td>{_esc(c.explanation)}{mark}</td><td>{shown}</td></tr>")
     table = f"<table><tr><th>candidate</th><th>calibration score</th></tr>{''.join(rows)}</table>" if rows else ""
-    base = (entry.get("baseline") or {}).get("explanation")
+    base = entry.baseline.explanation if entry.baseline else None
     return head + table + (f"<p><b>Token-lookup baseline:</b> {_esc(base)}</p>" if base else "")
 
 
@@ -144,7 +147,7 @@ def _sparkline(true: Sequence[float], simulated: Sequence[float], scale: float) 
     )
 
 
-def simulation_html(detail: dict[str, Any] | None, scale: float) -> str:
+def simulation_html(detail: Simulation | None, scale: float) -> str:
     """True versus simulated activations for each scored (validation) excerpt: two aligned rows and an overlay
     (the details a scorer of the "simulation" kind saves)."""
     if not detail:
@@ -154,36 +157,33 @@ def simulation_html(detail: dict[str, Any] | None, scale: float) -> str:
         "<p class='nbx-legend'><span style='background:rgba(255,140,0,0.6)'>true activation</span>"
         "<span style='background:rgba(40,170,80,0.6)'>simulated, 0..10</span></p>",
     ]
-    for x in detail["excerpts"]:
-        if not x["split"].startswith("valid"):
-            continue
+    for x in detail.valid():
         parts.append(
-            f"<div data-split='{_esc(x['split'])}' style='margin:6px 0'>"
-            f"<span class='nbx-row-label'>true</span>{heatmap_html(x['tokens'], x['true'], scale, 'true')}"
+            f"<div data-split='{_esc(x.split)}' style='margin:6px 0'>"
+            f"<span class='nbx-row-label'>true</span>{heatmap_html(x.tokens, x.true, scale, 'true')}"
             f"<span class='nbx-row-label'>simulated</span>"
-            f"{heatmap_html(x['tokens'], x['expected'], 10.0, 'simulated', hue='green')}"
-            f"{_sparkline(x['true'], x['expected'], scale)}</div>"
+            f"{heatmap_html(x.tokens, x.expected, 10.0, 'simulated', hue='green')}"
+            f"{_sparkline(x.true, x.expected, scale)}</div>"
         )
     return "".join(parts)
 
 
-def judged_html(task: str, items: list[dict[str, Any]], limit: int = 20) -> str:
+def judged_html(task: str, items: list[JudgedItem], limit: int = 20) -> str:
     """A judging scorer's items for one unit: truth, the judge's P(yes), and the text (marked tokens
     underlined), so a researcher can see where the judge went wrong."""
     if not items:
         return ""
     rows = []
     for it in items[:limit]:
-        marked = set(it.get("marked") or [])
+        marked = set(it.marked or [])
         text = "".join(
             f"<u style='background:#ffe9a8'>{_token_text(t)}</u>" if i in marked else _token_text(t)
-            for i, t in enumerate(it["tokens"])
+            for i, t in enumerate(it.tokens)
         )
-        p = "-" if it["p_yes"] is None else f"{it['p_yes']:.2f}"
-        wrong = it["p_yes"] is not None and (it["p_yes"] >= 0.5) != it["label"]
+        p = "-" if it.p_yes is None else f"{it.p_yes:.2f}"
         rows.append(
-            f"<tr><td>{_esc(it['kind'])}</td><td>{_esc(it['source'])}</td><td>{'yes' if it['label'] else 'no'}</td>"
-            f"<td{' style=color:#c00' if wrong else ''}>{p}</td><td class='nbx-excerpt'>{text}</td></tr>"
+            f"<tr><td>{_esc(it.kind)}</td><td>{_esc(it.source)}</td><td>{'yes' if it.label else 'no'}</td>"
+            f"<td{' style=color:#c00' if it.wrong else ''}>{p}</td><td class='nbx-excerpt'>{text}</td></tr>"
         )
     more = f" <span class='nbx-muted'>(first {limit} of {len(items)})</span>" if len(items) > limit else ""
     return (
@@ -194,13 +194,13 @@ def judged_html(task: str, items: list[dict[str, Any]], limit: int = 20) -> str:
 
 def details_html(view: RunView, key: Key, scale: float) -> str:
     """Every scorer's saved details that views know how to draw (simulations, judged items)."""
-    sim = view.simulation(key) or {}
+    details = view.simulation(key)
     parts = []
-    for sc in view.scorers:
+    for sc in view.scorers if details is not None else []:
         if sc.detail == "simulation":
-            parts.append(simulation_html(sim.get(sc.name), scale))
+            parts.append(simulation_html(details.of(sc.name), scale))
         elif sc.detail == "judged items":
-            parts.append(judged_html(sc.name, sim.get(sc.name) or []))
+            parts.append(judged_html(sc.name, details.of(sc.name) or []))
     return "".join(parts)
 
 
@@ -277,9 +277,9 @@ def run_index_html(view: RunView, keys: Sequence[Key], linked: set[Key] | None =
     rows, legend = [], Legend()  # a note shows as a numbered marker; the legend below says each kind once
     notes = view.explanation_notes
     for k in keys:
-        e, r = view.explanations.get(k) or {}, view.scores.get(k) or {}
-        text = with_notes(e.get("explanation") or e.get("failure") or "", notes.get(k, []))
-        cells = [column_text(r.get("baseline") if base else r, sc, c) for sc, c, base in columns]
+        e, r = view.explanations.get(k), view.scores.get(k)
+        text = with_notes((e.explanation or e.failure or "") if e else "", notes.get(k, []))
+        cells = [column_text(r.side(base) if r else None, sc, c) for sc, c, base in columns]
         rows.append(
             f"<tr><td>{_index_name(k, linked)} {_esc(k[2])}</td>"
             f"<td>{legend.cell(text)}</td>" + "".join(f"<td>{legend.cell(c)}</td>" for c in cells) + "</tr>"

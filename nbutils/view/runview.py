@@ -5,8 +5,9 @@ units that were not explained or scored yet still have their excerpts. Opening a
 collection's metadata: explanations and scores are read from the stages' results stores
 (`nbutils.core.store`) when asked for, one unit at a time, and sorting and filtering read the store's
 indexes and explanation column (`StoredResults`), so a run of 300,000 units opens as fast as one of ten.
-Results written in format 1 are upgraded as they are read (`nbutils.score.contract.upgrade_result`), so older
-runs open unchanged.
+Entries and results are read back typed (`nbutils.core.results.ExplanationEntry`,
+`nbutils.score.contract.UnitScores`); those written in format 1 are upgraded as they are read, so older runs
+open unchanged.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from nbutils.core.errors import UserError
 from nbutils.core.io import read_json
 from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, scores
 from nbutils.core.records import RecordStore, UnitRecord
+from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore
-from nbutils.core.units import Key, key_of
+from nbutils.core.units import Key
 from nbutils.score import contract
-from nbutils.score.contract import Column, Scorer, finite, registered, upgrade_result, upgrade_simulation
+from nbutils.score.contract import Column, ScoredSide, Scorer, UnitDetails, UnitScores, finite, registered
 from nbutils.score.flags import explanation_notes
 from nbutils.view.tables import label
 
@@ -35,18 +37,17 @@ MAIN_SCORE = "simulation/top_and_random/correlation"
 """The store's name (`nbutils.score.contract.number_name`) of the number `main_score` reads."""
 
 
-def scorer_value(result: dict[str, Any] | None, sc: Scorer, column: int = 0) -> float | None:
-    """A scorer's number (its headline by default) in a result or a result's baseline part."""
-    return finite(sc.columns[column].value((result or {}).get(sc.name)))
+def scorer_value(side: ScoredSide | None, sc: Scorer, column: int = 0) -> float | None:
+    """A scorer's number (its headline by default) in a unit side's scores or its baseline's."""
+    return None if side is None else finite(sc.columns[column].value(side.of(sc.name)))
 
 
-def column_notes(sc: Scorer, column: Column, part: dict[str, Any] | None) -> list[str]:
-    """The notes on one scorer number of a result (or of its baseline part): `Column.notes`, if any."""
-    res = (part or {}).get(sc.name)
-    return column.notes(res) if res is not None and column.notes else []
+def column_notes(sc: Scorer, column: Column, side: ScoredSide | None) -> list[str]:
+    """The notes on one scorer number of a unit side's scores (or its baseline's): `Column.notes`, if any."""
+    return [] if side is None else column.notes_of(side.of(sc.name))
 
 
-def scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
+def scorer_notes(sc: Scorer, part: ScoredSide) -> list[tuple[str, str]]:
     """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
     per_column = [(column, column_notes(sc, column, part)) for column in sc.columns]
     out: dict[tuple[str, str], None] = {}
@@ -57,19 +58,22 @@ def scorer_notes(sc: Scorer, part: dict[str, Any]) -> list[tuple[str, str]]:
     return list(out)
 
 
-def result_notes(result: dict[str, Any], scorers: list[Scorer], own: list[str]) -> list[tuple[str, str]]:
+def result_notes(result: UnitScores | None, scorers: list[Scorer], own: list[str]) -> list[tuple[str, str]]:
     """(which result, note) for a stage-03 result: ``own`` (its explanation's notes), then each scorer number's,
     the explanation's and the baseline's."""
     found = [("explanation", n) for n in own]
-    for who, part in (("explanation", result), ("baseline", result.get("baseline") or {})):
+    if result is None:
+        return found
+    for who, part in (("explanation", result), ("baseline", result.baseline)):
         found += [(f"{who} {what}", n) for sc in scorers for what, n in scorer_notes(sc, part)]
     return found
 
 
-def main_score(result: dict[str, Any] | None, which: str = "top_and_random") -> float | None:
-    """The pooled correlation of the simulation scorer in a result (None when missing or undefined)."""
-    sets = ((result or {}).get("simulation") or {}).get(which) or {}
-    return finite((sets.get("correlation") or {}).get("value"))
+def main_score(side: ScoredSide | None, which: str = "top_and_random") -> float | None:
+    """The pooled correlation of the simulation scorer in a unit side's scores (None when missing or
+    undefined)."""
+    sim = None if side is None else side.of("simulation")
+    return None if sim is None else finite(sim.set(which).correlation.value)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class ScoreTable:
     """Per judging scorer: the F1 of answering yes to every item, where stored."""
 
     @classmethod
-    def build(cls, results: Iterator[tuple[Key, dict[str, Any]]], scorers: list[Scorer]) -> ScoreTable:
+    def build(cls, results: Iterator[tuple[Key, UnitScores]], scorers: list[Scorer]) -> ScoreTable:
         cols = [(who, sc, i, c) for who in WHO for sc in scorers for i, c in enumerate(sc.columns)]
         keys: list[Key] = []
         failed: list[bool] = []
@@ -100,19 +104,20 @@ class ScoreTable:
         chance: dict[tuple, list[float]] = {(w, sc.name): [] for w in WHO for sc in scorers}
         for key, r in results:
             keys.append(key)
-            failed.append(bool(r.get("failure")))
-            parts = {"explanation": r, "baseline": r.get("baseline") or {}}
+            failed.append(bool(r.failure))
+            parts = {"explanation": r, "baseline": r.baseline}
             for who, sc, i, column in cols:
-                res = parts[who].get(sc.name)
+                res = parts[who].of(sc.name)
                 v = finite(column.value(res))
-                notes = column.notes(res) if res is not None and column.notes else []
+                notes = column.notes_of(res)
                 values[(who, sc.name, i)].append(np.nan if v is None else v)
                 noted[(who, sc.name, i)].append(bool(notes))
                 degenerate[(who, sc.name, i)].append(any(n.startswith("degenerate") for n in notes))
             for who in WHO:
                 for sc in scorers:
-                    f1 = ((parts[who].get(sc.name) or {}).get("f1_chance") or {}).get("value")
-                    chance[(who, sc.name)].append(np.nan if finite(f1) is None else float(f1))
+                    m = getattr(parts[who].of(sc.name), "f1_chance", None)
+                    f1 = finite(m.value) if m is not None else None
+                    chance[(who, sc.name)].append(np.nan if f1 is None else f1)
         return cls(
             keys, np.array(failed, dtype=bool),
             {k: np.array(v, dtype=float) for k, v in values.items()},
@@ -182,13 +187,14 @@ class StoredNotes(Mapping[Key, list[str]]):
         return self.store.all_notes()
 
 
-class StoredResults(Mapping[Key, dict[str, Any]]):
-    """A stage's results as a read-only mapping from key to entry, read from its store when asked: ``get`` and
-    ``[]`` read one entry, iteration and ``len`` read the keys (once), ``values()`` and ``items()`` stream the
-    entries in key order a batch at a time (so nothing holds every entry in memory)."""
+class StoredResults(Mapping[Key, Any]):
+    """A stage's results as a read-only mapping from key to typed entry (``decode``: e.g.
+    `ExplanationEntry.from_dict`), read from its store when asked: ``get`` and ``[]`` read one entry,
+    iteration and ``len`` read the keys (once), ``values()`` and ``items()`` stream the entries in key order a
+    batch at a time (so nothing holds every entry in memory)."""
 
-    def __init__(self, store: ResultStore, upgrade: Callable[[Any], Any] = lambda r: r) -> None:
-        self.store, self._upgrade = store, upgrade
+    def __init__(self, store: ResultStore, decode: Callable[[dict[str, Any]], Any]) -> None:
+        self.store, self._upgrade = store, decode
         self._keys: list[Key] | None = None
 
     def _all_keys(self) -> list[Key]:
@@ -196,7 +202,7 @@ class StoredResults(Mapping[Key, dict[str, Any]]):
             self._keys = self.store.keys()
         return self._keys
 
-    def __getitem__(self, key: Key) -> dict[str, Any]:
+    def __getitem__(self, key: Key) -> Any:
         found = self.store.get(key)
         if found is None:
             raise KeyError(key)
@@ -217,11 +223,11 @@ class StoredResults(Mapping[Key, dict[str, Any]]):
     def __len__(self) -> int:
         return len(self._all_keys())
 
-    def values(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+    def values(self) -> Iterator[Any]:  # type: ignore[override]
         return (self._upgrade(e) for e in self.store.entries())
 
-    def items(self) -> Iterator[tuple[Key, dict[str, Any]]]:  # type: ignore[override]
-        return ((key_of(e), e) for e in self.values())
+    def items(self) -> Iterator[tuple[Key, Any]]:  # type: ignore[override]
+        return ((e.key, e) for e in self.values())
 
 
 @dataclass
@@ -229,8 +235,8 @@ class RunView:
     """Everything the viewer and the report read from one run."""
 
     store: RecordStore
-    explanations: Mapping[Key, dict[str, Any]] = field(default_factory=dict)
-    scores: Mapping[Key, dict[str, Any]] = field(default_factory=dict)
+    explanations: Mapping[Key, ExplanationEntry] = field(default_factory=dict)
+    scores: Mapping[Key, UnitScores] = field(default_factory=dict)
     score_layout: ResultsLayout | None = None
     score_store: ResultStore | None = None
     """Stage 03's store, where the scorers' details are read (`simulation`)."""
@@ -248,13 +254,13 @@ class RunView:
         view = cls(store=RecordStore(collection_dir))
         if explanation_dir is not None:
             layout = explanations(explanation_dir)
-            view.explanations = StoredResults(ResultStore(layout.root))
+            view.explanations = StoredResults(ResultStore(layout.root), ExplanationEntry.from_dict)
             view.explanation_summary = layout.summary
             view.usage_files[STAGES[1].folder] = layout.usage
         if score_dir is not None:
             view.score_layout = scores(score_dir)
             view.score_store = ResultStore(score_dir)
-            view.scores = StoredResults(view.score_store, upgrade_result)
+            view.scores = StoredResults(view.score_store, UnitScores.from_dict)
             view.usage_files[STAGES[2].folder] = view.score_layout.usage
         return view
 
@@ -297,7 +303,7 @@ class RunView:
         return [
             sc
             for sc in registered()
-            if any(sc.name in r or sc.name in r.get("baseline", {}) for r in self.scores.values())
+            if any(r.of(sc.name) is not None or r.baseline.of(sc.name) is not None for r in self.scores.values())
         ]
 
     @cached_property
@@ -323,7 +329,7 @@ class RunView:
     def explanation_texts(self) -> list[tuple[Key, str | None]]:
         """(key, explanation) of every stage-02 entry: the store's explanation column, or the entries."""
         stored = _store(self.explanations)
-        return stored.explanations() if stored else [(k, e.get("explanation")) for k, e in self.explanations.items()]
+        return stored.explanations() if stored else [(k, e.explanation) for k, e in self.explanations.items()]
 
     def keys(self) -> list[Key]:
         """Every explained or scored unit side, in (layer, neuron, sign) order."""
@@ -332,7 +338,7 @@ class RunView:
     def notes(self, key: Key) -> list[tuple[str, str]]:
         """(which result, note) for every note on a unit side (`nbutils.score.flags`): its explanation's
         (copied, repeated), then each scorer number's, the explanation's and the baseline's."""
-        return result_notes(self.scores.get(key) or {}, self.scorers, self.explanation_notes.get(key, []))
+        return result_notes(self.scores.get(key), self.scorers, self.explanation_notes.get(key, []))
 
     def noted_keys(self) -> set[Key]:
         """The unit sides with any note: on their explanation, or on a number (the store's flags)."""
@@ -376,13 +382,13 @@ class RunView:
         rows = []
         for key in sorted(self.explanations):
             e = self.explanations[key]
-            kept = [c for c in e.get("candidates") or [] if c.get("explanation") == e.get("explanation")]
+            kept = e.kept
             rows.append({
-                "layer": key[0], "neuron": key[1], "sign": key[2], "explanation": e.get("explanation"),
-                "baseline": (e.get("baseline") or {}).get("explanation"),
-                "candidates": len(e.get("candidates") or []),
-                "calibration_score": finite(kept[0].get("calibration_score")) if kept else None,
-                "failure": e.get("failure"), "retryable": bool(e.get("retryable")),
+                "layer": key[0], "neuron": key[1], "sign": key[2], "explanation": e.explanation,
+                "baseline": e.baseline.explanation if e.baseline else None,
+                "candidates": len(e.candidates),
+                "calibration_score": finite(kept.calibration_score) if kept else None,
+                "failure": e.failure, "retryable": bool(e.retryable),
                 "notes": "; ".join(self.explanation_notes.get(key, [])),
             })  # fmt: skip
         names = ["layer", "neuron", "sign", "explanation", "baseline", "candidates", "calibration_score", "failure",
@@ -397,9 +403,10 @@ class RunView:
         found = [s for s in ("positive", "negative") if (layer, neuron, s) in self.explanations]
         return found or ["positive"]
 
-    def simulation(self, key: Key) -> dict[str, Any] | None:
-        """A unit side's saved scorer details (format 2), if any."""
-        return upgrade_simulation(self.score_store.details(key)) if self.score_store is not None else None
+    def simulation(self, key: Key) -> UnitDetails | None:
+        """A unit side's saved scorer details (`UnitDetails`: each scorer's, typed), if any."""
+        found = self.score_store.details(key) if self.score_store is not None else None
+        return None if found is None else UnitDetails.from_dict(found)
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
@@ -431,7 +438,7 @@ class RunView:
         stored = _store(self.scores)
         if stored is not None and stored.indexed:
             return stored.ranked(("baseline:" if baseline else "") + MAIN_SCORE)
-        pairs = [(main_score(r.get("baseline") if baseline else r), k) for k, r in self.scores.items()]
+        pairs = [(main_score(r.side(baseline)), k) for k, r in self.scores.items()]
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
 
 
@@ -440,7 +447,7 @@ def _column(results: Mapping[Key, Any], name: str) -> dict[Key, Any]:
     stored = _store(results)
     if stored is not None and stored.indexed:
         return dict(stored.explanations() if name == "explanation" else stored.failures())
-    return {k: r.get(name) for k, r in results.items()}
+    return {k: getattr(r, name) for k, r in results.items()}
 
 
 def _store(results: Mapping[Key, Any]) -> ResultStore | None:

@@ -19,9 +19,10 @@ import numpy as np
 from nbutils.core.io import read_json
 from nbutils.core.layout import usage_path
 from nbutils.core.records import RecordStore, UnitRecord
-from nbutils.core.units import key_of
-from nbutils.score.contract import Column, Scorer, registered
+from nbutils.core.results import ExplanationEntry
+from nbutils.score.contract import Column, ScoredSide, Scorer, UnitScores, registered
 from nbutils.score.flags import WARN, explanation_notes, with_notes
+from nbutils.score.metrics import Metric
 
 
 def strongest_neurons(store: RecordStore, n: int = 10) -> list[dict[str, Any]]:
@@ -153,16 +154,16 @@ def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3
     return f'<div style="{EXCERPTS_STYLE}">' + "\n".join(parts) + "</div>"
 
 
-def fmt_metric(m: dict[str, Any] | None, notes: Sequence[str] = ()) -> str:
+def fmt_metric(m: Metric | None, notes: Sequence[str] = ()) -> str:
     """A stored metric as text: value with its 95% interval, or "undefined: reason"; then any notes on it
     (`nbutils.score.flags`: a degenerate judge, too few items)."""
-    if not m:
+    if m is None:
         return "-"
-    if m.get("value") is None:
-        return f"undefined: {m.get('reason')}"
-    if m.get("low") is not None and m.get("high") is not None:
-        return with_notes(f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]", notes)
-    return with_notes(f"{m['value']:.3f}", notes)
+    if m.value is None:
+        return f"undefined: {m.reason}"
+    if m.low is not None and m.high is not None:
+        return with_notes(f"{m.value:.3f} [{m.low:.2f}, {m.high:.2f}]", notes)
+    return with_notes(f"{m.value:.3f}", notes)
 
 
 def label(sc: Scorer, column: Column) -> str:
@@ -170,50 +171,50 @@ def label(sc: Scorer, column: Column) -> str:
     return f"{sc.label_prefix} {column.label}".strip()
 
 
-def column_text(part: dict[str, Any] | None, sc: Scorer, column: Column) -> str:
-    """One scorer's number in a result (or in its ``baseline`` part) as text, with its notes."""
-    res = (part or {}).get(sc.name)
+def column_text(part: ScoredSide | None, sc: Scorer, column: Column) -> str:
+    """One scorer's number in a unit side's scores (or its baseline's) as text, with its notes."""
+    res = None if part is None else part.of(sc.name)
     if res is None:
         return "-"
     if column.text is not None:
         return column.text(res)
-    return fmt_metric(column.metric(res), column.notes(res) if column.notes else ())
+    return fmt_metric(column.metric(res), column.notes_of(res))
 
 
-def scorers_of(results: list[dict[str, Any]]) -> list[Scorer]:
+def scorers_of(results: list[UnitScores]) -> list[Scorer]:
     """The registered scorers that have results among these, in registry order."""
-    present = {name for r in results for name in list(r or {}) + list((r or {}).get("baseline") or {})}
+    present = {name for r in results if r is not None for name in [*r.results, *r.baseline.results]}
     return [sc for sc in registered() if sc.name in present]
 
 
-def explanation_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def explanation_rows(entries: list[ExplanationEntry]) -> list[dict[str, Any]]:
     """Table rows of stage-02 entries, with notes on copied or repeated explanations."""
-    notes = explanation_notes({key_of(e): e.get("explanation") for e in entries})
+    notes = explanation_notes({e.key: e.explanation for e in entries})
     return [
         {
-            "layer": e["layer"],
-            "neuron": e["neuron"],
-            "sign": e["sign"],
-            "explanation": with_notes(e["explanation"] or f"(failed: {e['failure']})", notes.get(key_of(e), [])),
-            "baseline": e["baseline"]["explanation"],
+            "layer": e.layer,
+            "neuron": e.neuron,
+            "sign": e.sign,
+            "explanation": with_notes(e.explanation or f"(failed: {e.failure})", notes.get(e.key, [])),
+            "baseline": e.baseline.explanation if e.baseline else None,
         }
         for e in entries
     ]
 
 
-def score_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def score_rows(results: list[UnitScores]) -> list[dict[str, Any]]:
     """Table rows of stage-03 results: each scorer's compact columns for the explanation, then its headline
     for the token-lookup baseline, each number with its notes."""
-    notes = explanation_notes({key_of(r): r.get("explanation") for r in results})
+    notes = explanation_notes({r.key: r.explanation for r in results})
     present = scorers_of(results)
     rows = []
     for r in results:
-        row = {"layer": r["layer"], "neuron": r["neuron"], "sign": r["sign"]}
-        row["explanation"] = with_notes(r.get("explanation") or f"(none: {r.get('failure')})", notes.get(key_of(r), []))
+        row: dict[str, Any] = {"layer": r.layer, "neuron": r.neuron, "sign": r.sign}
+        row["explanation"] = with_notes(r.explanation or f"(none: {r.failure})", notes.get(r.key, []))
         for sc in present:
             row |= {label(sc, sc.columns[i]): column_text(r, sc, sc.columns[i]) for i in sc.compact}
         for sc in present:
-            row[f"baseline {label(sc, sc.columns[0])}"] = column_text(r.get("baseline"), sc, sc.columns[0])
+            row[f"baseline {label(sc, sc.columns[0])}"] = column_text(r.baseline, sc, sc.columns[0])
         rows.append(row)
     return rows
 
