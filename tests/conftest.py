@@ -72,9 +72,13 @@ def embedded():
     return load_subject_model("embedded")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    """llama.cpp's OpenAI-compatible server on localhost with the embedded GGUF (one for the whole run).
+    """llama.cpp's OpenAI-compatible server on localhost with the embedded GGUF, one per test module.
+
+    Per module, not per run: the server answers one request at a time and still computes requests whose
+    client gave up (a killed run, a fault test's timeout), so a shared one can reach the next module with a
+    queue that outlasts that module's timeouts.
 
     It must answer one real completion before any test uses it: a build with CPU instructions this machine
     cannot run (AMX from a native build) answers /v1/models and dies on the first matrix product, and that
