@@ -3,6 +3,7 @@
     python bench/planted.py                                  # built-in rules, embedded model, 1000 excerpts
     python bench/planted.py --planted planted:my_rules.py    # your own rules (a file defining PLANTED)
     python bench/planted.py --backend openai --model gpt-4o-mini --base-url http://127.0.0.1:8000/v1
+    python bench/planted.py --backend rules --planted planted:bench/planted_context.py   # no LLM
 
 Per planted neuron and on average: top+random correlation ("r") and detection / fuzzing balanced accuracy
 of the ground-truth explanation ("truth": how good the simulator is), of the explainer's explanation
@@ -30,7 +31,8 @@ def main() -> int:
     p.add_argument("--excerpts", type=int, default=1000, help="excerpts of 64 tokens from the corpus")
     p.add_argument("--corpus", default="embedded")
     p.add_argument("--model", default="embedded", help="explainer and simulator model")
-    p.add_argument("--backend", default="local", choices=["local", "openai"])
+    p.add_argument("--backend", default="local", choices=["local", "openai", "rules"],
+                   help="explainer (and simulator); rules: no LLM, its rules simulated exactly")  # fmt: skip
     p.add_argument("--base-url", default=None)
     p.add_argument("--judge-per-class", type=int, default=10, help="detection/fuzzing items per class")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle simulator")

@@ -89,8 +89,9 @@ class RunConfig:
         2, (EXPLAIN,), 'neurons per layer (an int, seeded), "strongest:N" per layer, "all", or [[layer, neuron], ...]'
     )
     explainer_backend: str = _param(
-        "local", (EXPLAIN,), '"local" (transformers in the kernel), "openai" (any compatible server), or another '
-        "registered backend", choices="backends",
+        "local", (EXPLAIN,), '"local" (transformers in the kernel), "openai" (any compatible server), "rules" (no '
+        "LLM: rules found by running the subject model, simulated exactly), or another registered backend",
+        choices="backends",
     )  # fmt: skip
     explainer_model: str = _param(
         "embedded", (EXPLAIN,), 'local: "embedded", a Hugging Face id, folder or .gguf; openai: the model name',

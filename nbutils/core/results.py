@@ -238,6 +238,8 @@ class ExplanationEntry(JsonRecord):
     outputs_shown: OutputsShown | None = omitted_when(None)
     retryable: bool | None = omitted_when(None)
     """Whether a rerun could fix the failure (a server's fault); absent where nothing failed that way."""
+    rule: dict[str, Any] | None = omitted_when(None)
+    """The rules explainer's rule (`nbutils.llm.rules.Rule.to_dict`) and what finding it took."""
     extra: dict[str, Any] = extra_keys()
 
     @property

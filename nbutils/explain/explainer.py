@@ -20,6 +20,7 @@ from nbutils.core.results import BaselineExplanation, Candidate, ExplanationEntr
 from nbutils.core.units import UnitId
 from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
 from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise, parse_explanation
+from nbutils.llm.rules import RulesBackend, RuleSearch
 from nbutils.score.baseline import token_lookup_explanation, token_table
 from nbutils.score.metrics import correlation
 from nbutils.score.simulation import expected_values, simulate, true_activations
@@ -102,6 +103,8 @@ def explain_unit(
         return entry
     if request.writes is not None:
         entry.outputs_shown = OutputsShown(list(request.writes[0]), list(request.writes[1]))
+    if isinstance(llm, RulesBackend):
+        return rules_entry(entry, llm.find(sp["train"], record.id.layer, record.id.index, negative))
     try:
         replies = llm.explain(request)
     except LLMFailed as e:
@@ -121,6 +124,19 @@ def explain_unit(
         return entry
     best = max(usable, key=lambda c: -np.inf if c.calibration_score is None else c.calibration_score)
     entry.explanation = best.explanation
+    return entry
+
+
+def rules_entry(entry: ExplanationEntry, found: RuleSearch) -> ExplanationEntry:
+    """A unit side's entry from the rules explainer: the rule's text as its explanation, the rule and its cost
+    stored with it."""
+    text = found.rule.describe()
+    entry.explanation = text
+    entry.candidates.append(Candidate(text, text, found.train_correlation, found.note))
+    entry.rule = {
+        **found.rule.to_dict(), "forward_passes": found.forward_passes, "sequences": found.sequences,
+        "train_correlation": found.train_correlation, "note": found.note,
+    }  # fmt: skip
     return entry
 
 

@@ -22,6 +22,7 @@ from nbutils.core.results import ExplanationEntry, to_json
 from nbutils.core.store import ResultStore, shard_part
 from nbutils.explain.explainer import explain_with, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
+from nbutils.llm.rules import RulesBackend
 from nbutils.score.flags import explanation_notes
 
 
@@ -91,6 +92,8 @@ def explain_units(
     store, out = RecordStore(collection_dir), explanations(out_dir)
     saved = ResultStore(out.root, part=shard_part(shard))
     llm = make_backend(explainer_spec(config, cache_path))
+    if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
+        llm.bind_collection(store.meta)
 
     def work(key: tuple[int, int, str]) -> ExplanationEntry:
         return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative")

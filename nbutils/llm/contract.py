@@ -295,6 +295,7 @@ BACKENDS = Registry(
         "local": "nbutils.llm.local:LocalBackend",
         "openai": "nbutils.llm.openai_compat:OpenAIBackend",
         "oracle": "nbutils.llm.oracle:OracleBackend",
+        "rules": "nbutils.llm.rules:RulesBackend",  # no LLM: rules found by running the subject model
     },
 )
 """Backends by name: a class, or ``"module:Class"`` imported when first asked for."""

@@ -58,7 +58,9 @@ class OracleBackend(Backend):
 
     def simulate(self, request: SimulationRequest) -> list[np.ndarray]:
         neuron = self._neuron(request.explanation)
-        return [_distribution(np.clip(neuron.activations(tokens), 0, MAX_LABEL)) for tokens in request.excerpts]
+        return [
+            two_point_distribution(np.clip(neuron.activations(tokens), 0, MAX_LABEL)) for tokens in request.excerpts
+        ]
 
     def judge(self, request: JudgeRequest) -> Judgements:
         neuron = self._neuron(request.explanation)
@@ -73,7 +75,7 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip(".").lower()
 
 
-def _distribution(values: np.ndarray) -> np.ndarray:
+def two_point_distribution(values: np.ndarray) -> np.ndarray:
     """[tokens, 11] two-point distributions over the labels 0..10 whose expected values are ``values``."""
     out = np.zeros((len(values), len(LABELS)))
     low = np.floor(values).astype(int)

@@ -84,10 +84,13 @@ def run_planted_benchmark(
     cfg = CollectConfig(layers=None, top_k=20, n_random=20, band_size=5, quantile_warmup=256, seed=seed)
     store = collect_activations(subject, excerpts, out / "01_collect", cfg, progress=progress)
     write_truth_explanations(store.path, out / "02_truth", spec)
+    # the rules explainer's rules are simulated exactly by their own simulator (`nbutils.llm.rules`); the
+    # ground truths, which are no rules, then by the oracle
+    simulator, sim_model = ("oracle", spec) if backend == "rules" else (backend, model)
     config = RunConfig(
         explain_neurons="all", explainer_backend=backend, explainer_model=model, explainer_base_url=base_url,
-        simulator_backend=backend, simulator_model=model, simulator_base_url=base_url, n_boot=n_boot, seed=seed,
-        judge_per_class=judge_per_class, **options,
+        simulator_backend=simulator, simulator_model=sim_model, simulator_base_url=base_url, n_boot=n_boot,
+        seed=seed, judge_per_class=judge_per_class, **options,
     )  # fmt: skip
     run_explain_stage(store.path, out / "02_explain", config, progress=progress)
     scores = {
@@ -114,21 +117,26 @@ def benchmark_rows(spec: str, scores: dict[str, list[UnitScores]], oracle: bool)
     """One row per planted neuron (and their mean): each metric of the truth, the generated explanation, the
     baseline and (with ``oracle``) the oracle."""
     rows = []
+    by_neuron = {set_name: {s.neuron: s for s in found} for set_name, found in scores.items()}
     for i, neuron in enumerate(planted_neurons(spec)):
         row: dict[str, Any] = {"neuron": neuron.name, "ground truth": neuron.explanation}
-        mine = scores["explainer"][i]
+        mine = by_neuron["explainer"].get(i)
+        if mine is None:  # stage 02 passed over it: it never (or too rarely) fired on the corpus
+            row["generated"] = "(none: it never activates on the corpus, so stage 02 passed over it)"
+            rows.append(row)
+            continue
         row["generated"] = mine.explanation or f"(none: {mine.failure})"
         for name, get in METRICS:
-            row[f"truth {name}"] = get(scores["truth"][i])
-            row[f"generated {name}"] = get(scores["explainer"][i])
-            row[f"baseline {name}"] = get(scores["truth"][i].baseline)
+            row[f"truth {name}"] = get(by_neuron["truth"][i])
+            row[f"generated {name}"] = get(mine)
+            row[f"baseline {name}"] = get(by_neuron["truth"][i].baseline)
             if oracle:
-                row[f"oracle {name}"] = get(scores["oracle"][i])
+                row[f"oracle {name}"] = get(by_neuron["oracle"][i])
         rows.append(row)
     mean = {"neuron": "mean", "ground truth": "", "generated": ""}
-    for col in rows[0]:
+    for col in max(rows, key=len):
         if col not in mean:
-            values = [r[col] for r in rows if isinstance(r[col], float)]
+            values = [r[col] for r in rows if isinstance(r.get(col), float)]
             mean[col] = float(np.mean(values)) if values else None
     return rows + [mean]
 
@@ -136,7 +144,7 @@ def benchmark_rows(spec: str, scores: dict[str, list[UnitScores]], oracle: bool)
 def markdown_table(result: dict[str, Any], columns: list[str] | None = None) -> str:
     """The result rows as a Markdown table (numbers to 2 decimals, "-" where undefined)."""
     rows = result["rows"]
-    cols = columns or [c for c in rows[0] if c not in ("ground truth", "generated")]
+    cols = columns or [c for c in max(rows, key=len) if c not in ("ground truth", "generated")]
 
     def cell(v: Any) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)

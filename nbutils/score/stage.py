@@ -37,6 +37,7 @@ from nbutils.llm.contract import (
     shard_usage,
     traffic_options,
 )
+from nbutils.llm.rules import rules_simulator
 from nbutils.score.baseline import token_table
 from nbutils.score.contract import (
     ScoredSide,
@@ -117,6 +118,7 @@ def score_entry(
         result.failure = entry.failure or "no explanation"
         return result, None
     details = UnitDetails(entry.layer, entry.neuron, entry.sign, entry.explanation)
+    llm = rules_simulator(entry.explanation) or llm  # a rule's text is simulated exactly, by its own rules
     for sc in scorers:
         try:
             result.results[sc.name], details.by_scorer[sc.name] = done = sc.explanation(ctx, llm)

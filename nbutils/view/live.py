@@ -26,14 +26,9 @@ class Live:
     @classmethod
     def load(cls, model: str, unit: dict[str, Any], site: dict[str, Any] | None) -> Live:
         """Load the model (on GPU when there is one) and resolve the unit type on it."""
-        import torch
+        from nbutils.subject.loading import load_collected
 
-        from nbutils.subject.loading import load_subject_model
-        from nbutils.subject.units import unit_type_class
-
-        subject = load_subject_model(model, device="cuda" if torch.cuda.is_available() else "cpu")
-        units = unit_type_class(unit.get("kind", "neuron")).from_dict(unit, site)
-        return cls(subject, units, units.site(subject.model), unit)
+        return cls(*load_collected(model, unit, site), unit)
 
     @property
     def tokenizer(self) -> Any:
