@@ -33,9 +33,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbutils"
         ({"layers": [0, "x"]}, "expected a list of integers or null"),
         ({"temperature": True}, "expected a number"),  # a bool is not a number here
         ({"n_exerpts": 10}, "Unknown parameter 'n_exerpts': no stage takes it. Did you mean 'n_excerpts'?"),
-        ({"explainer_backend": "opnai"}, "is not one of 'local', 'openai', 'oracle'. Did you mean 'openai'?"),
+        ({"explainer_backend": "opnai"}, "is not one of 'local', 'openai', 'oracle', 'rules'. Did you mean 'openai'?"),
         ({"scorers": ["simulation", "fuzing"]}, "scorers='fuzing' is not one of"),
-        ({"explainer_backend": "vllm"}, "is not one of 'local', 'openai', 'oracle'"),
+        ({"explainer_backend": "vllm"}, "is not one of 'local', 'openai', 'oracle', 'rules'"),
         ({"explain_neurons": "strongest:x"}, 'is not "all" or "strongest:N"'),
         ({"explain_neurons": [[0, 1, 2]]}, "not [layer, neuron] pairs"),
         ({"output_dir": "/tmp/x"}, "set by the pipeline itself"),
