@@ -36,6 +36,7 @@ from nbutils.core.units import Key
 from nbutils.explain.explainer import base_entry, explain_with, explainer_request
 from nbutils.explain.stage import explainer_spec
 from nbutils.llm.contract import Backend, make_backend
+from nbutils.llm.rules import RulesBackend
 from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import explanation_notes
 from nbutils.score.intervention import TARGET_KL
@@ -229,7 +230,10 @@ class Run(RunView):
         same = simulator_spec(self.config)
         if (spec.kind, spec.model, spec.base_url) == (same.kind, same.model, same.base_url):
             return self.simulator
-        return make_backend(replace(spec, options=self._llm_options))
+        llm = make_backend(replace(spec, options=self._llm_options))
+        if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
+            llm.bind_collection(self.store.meta)
+        return llm
 
     @cached_property
     def _memo(self) -> dict[tuple[Any, ...], Any]:
