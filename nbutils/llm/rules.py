@@ -420,7 +420,7 @@ def _probe_peaks(
             ablated.append(ids[:j] + [probe.neutral_id] + ids[j + 1 :])
             which.append((n, length - 1 - j))
     drops = probe.last_values(ablated) if ablated else np.zeros(0)
-    base = {n: probe_value for n, probe_value in _pruned_values(findings, owner, values).items()}
+    base = _pruned_values(findings, owner, values)
     for (n, distance), v in zip(which, drops):
         f = findings[n]
         importance = 1.0 - v / base[n] if base[n] > 0 else 0.0
