@@ -132,7 +132,9 @@ def rules_entry(entry: ExplanationEntry, found: RuleSearch) -> ExplanationEntry:
     stored with it."""
     text = found.rule.describe()
     entry.explanation = text
-    entry.candidates.append(Candidate(text, text, found.train_correlation, found.note))
+    # no calibration score: the rule's fit is on its own train excerpts (kept in entry.rule), and showing it
+    # as a calibration score would read as a held-out number
+    entry.candidates.append(Candidate(text, text, None, found.note))
     entry.rule = {
         **found.rule.to_dict(), "forward_passes": found.forward_passes, "sequences": found.sequences,
         "train_correlation": found.train_correlation, "note": found.note,
