@@ -18,9 +18,15 @@ def _run(*args: str, cwd: Path) -> str:
     return res.stdout
 
 
+# every CPU benchmark but `ray`: its Ray start-up and per-task model loads take ~5 min on 2 cores, and the sharded
+# Ray collection it times is checked equal to the single process by tests/test_ray.py
+SMOKED = ["collect", "e2e", "interactive", "memory", "scale", "simulate", "throughput"]
+
+
 def test_every_cpu_benchmark_starts(tmp_path):
     out = _run(
         str(BENCH / "run.py"),
+        *[x for name in SMOKED for x in ("--only", name)],
         "--excerpts",
         "32",
         "--repeats",
@@ -35,14 +41,12 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "600",
         "--stage-units",
         "20",
-        "--ray-shards",
-        "2",
         "--results",
         str(tmp_path),
         cwd=tmp_path,
     )
     results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert sorted(results) == ["collect", "e2e", "interactive", "memory", "ray", "scale", "simulate", "throughput"]
+    assert sorted(results) == SMOKED
     assert "| variant |" in out
     assert results["simulate"]["max_abs_difference"] < 1e-4  # prefix reuse changes no probability
     assert results["collect"]["rows"][-1]["ideal"] > 1.5
@@ -56,7 +60,6 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert capped["units_02"] == 12 * 4 and batched["judge_items_per_request"] == 5
     assert capped["client_cpu_ms_per_request"] > 0
     assert batched["requests_per_unit"] < capped["requests_per_unit"]  # several judging items per request
-    assert [r["variant"] for r in results["ray"]["rows"]][1:] == ["Ray, 1 worker", "Ray, 2 workers"]
     scale = {r["what"]: r for r in results["scale"]["rows"]}
     assert scale["open + first unit"]["shown"] and scale["sort by a score"]["units"] == 600
     assert (

@@ -29,9 +29,10 @@ SMALL = [
     "top_k=8",
     "n_random=6",
     "band_size=2",
-    "explain_neurons=[[2, 0], [20, 2]]",  # two units: a kill after the first leaves the second to resume
+    "explain_neurons=[[2, 0], [2, 1], [20, 2]]",  # three units: kills after the first and the second leave some
     "n_boot=50",
 ]
+UNITS = 3
 COMPARED = ["01_collect", "02_explain/explanations.jsonl", "03_score/scores.jsonl"]
 STORES = ["02_explain", "03_score"]  # compared by what they hold (a database's pages depend on its write order)
 SECRET = "sk-nbutils-test-0123456789abcdef-SECRET"
@@ -102,25 +103,28 @@ def reference(tmp_path_factory) -> Path:
     return root / "ref"
 
 
-@pytest.mark.parametrize(
-    "where, sig",
-    [("collect", signal.SIGKILL), ("explain", signal.SIGINT), ("explain", signal.SIGKILL), ("score", signal.SIGKILL)],
-)
-def test_killed_run_resumes_to_the_same_artifacts(reference, tmp_path, where, sig):
+def test_a_run_killed_in_every_stage_resumes_to_the_same_artifacts(reference, tmp_path):
+    """One run cut four times (one chain, not four: each chain costs a minute and a half on 2 cores): SIGKILL
+    while collecting, SIGINT after the first explained unit, SIGKILL after the second, SIGKILL after the first
+    scored unit; each time the same command resumes it, and the last one completes it."""
     run = tmp_path / "k"
     cmd = _cmd("k", tmp_path) + ["--stages", "01,02,03"]
-    ready = {
-        "collect": lambda: (run / "01_collect" / "fingerprint.txt").is_file(),  # collection under way
-        "explain": lambda: _count(run / "02_explain") >= 1,  # some neurons explained
-        "score": lambda: _count(run / "03_score") >= 1,
-    }[where]
-    _kill_when(cmd, ready, sig)
-    assert not (run / "03_score" / "manifest.json").is_file()  # it really was cut short
+    kills = [
+        ("collect", signal.SIGKILL, lambda: (run / "01_collect" / "fingerprint.txt").is_file()),  # under way
+        ("explain", signal.SIGINT, lambda: _count(run / "02_explain") >= 1),
+        ("explain", signal.SIGKILL, lambda: _count(run / "02_explain") >= 2),
+        ("score", signal.SIGKILL, lambda: _count(run / "03_score") >= 1),
+    ]
+    for where, sig, ready in kills:
+        _kill_when(cmd, ready, sig)
+        assert not (run / "03_score" / "manifest.json").is_file(), where  # it really was cut short
+        if where == "explain":
+            assert not (run / "02_explain" / "manifest.json").is_file() and _count(run / "02_explain") < UNITS
     _run(cmd)
     want, got = _files(reference), _files(run)
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
-    assert _lines(run / "02_explain" / "explanations.jsonl") == 2 and _lines(run / "03_score" / "scores.jsonl") == 2
+    assert _lines(run / "02_explain" / "explanations.jsonl") == UNITS == _lines(run / "03_score" / "scores.jsonl")
 
 
 def _env(cache: Path) -> dict[str, str]:
