@@ -38,6 +38,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbutils"
         ({"explainer_backend": "vllm"}, "is not one of 'local', 'openai', 'oracle', 'rules'"),
         ({"explain_neurons": "strongest:x"}, 'is not "all" or "strongest:N"'),
         ({"explain_neurons": [[0, 1, 2]]}, "not [layer, neuron] pairs"),
+        ({"llm_when": "rule_above:0.7"}, 'is not "always" or "rule_below:X"'),
+        ({"llm_when": "rule_below:high"}, 'is not "always" or "rule_below:X"'),
+        ({"llm_when": "rule_below:7"}, "with X a correlation in -1..1"),
         ({"output_dir": "/tmp/x"}, "set by the pipeline itself"),
         ({"model": "planted", "ablation": True}, "ablation scores compare the model's next-token predictions"),
         ({"model": "planted", "scorers": ["intervention"]}, "set intervention=false and leave them out of scorers"),
@@ -57,6 +60,7 @@ def test_values_that_pass_and_are_normalised(tmp_path):
         assert parse_value(text) is None
     assert parse_value("[0, 5]") == [0, 5] and parse_value("strongest:5") == "strongest:5"
     assert check_parameters({"explain_neurons": parse_value("strongest:5")})["explain_neurons"] == "strongest:5"
+    assert check_parameters({"llm_when": parse_value("rule_below:0.7")})["llm_when"] == "rule_below:0.7"
     assert describe(list[list[int]] | None) == "a list of lists of integers or null (None)"
     assert conforms({"prompt": 1}, dict[str, float]) and not conforms({"prompt": "1"}, dict[str, float])
 

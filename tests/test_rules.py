@@ -190,3 +190,64 @@ def test_rules_for_sae_latents_probe_the_latents(tmp_path):
     np.testing.assert_allclose(probe.last_values([top.token_ids[: p + 1]]), [top.activations[p]], rtol=1e-4, atol=1e-5)
     found = find_rule(split_excerpts(record)["train"], probe)
     assert found.rule.clauses and found.forward_passes > 0 and found.note is None
+
+
+def test_triage_keeps_the_rules_that_reach_the_threshold_and_sends_the_rest_to_the_llm(context_bench, tmp_path):
+    """``llm_when="rule_below:0.8"`` with the embedded LLM explainer: a unit whose rule's calibration correlation
+    (recomputed here from the rule and the calibration excerpts) reaches 0.8 keeps its rule and sends no
+    request; the others go to the LLM, their rule kept beside; the summary counts them and prices the saving."""
+    import json
+
+    from nbutils.core.config import RunConfig
+    from nbutils.core.failures import triage_line
+    from nbutils.explain.stage import run_explain_stage
+
+    out, spec, _ = context_bench
+    store = RecordStore(out / "01_collect")
+    prices = {"prompt": 1.0, "completion": 2.0}
+    config = RunConfig(explain_neurons="all", llm_when="rule_below:0.8", prices=prices, min_active=1)
+    entries = run_explain_stage(out / "01_collect", tmp_path / "02", config, progress=False)
+    kept, sent = [], []
+    for entry in entries:
+        if entry.failure:  # the never-firing neuron: nothing to explain, no rule to try
+            assert entry.triage is None and "never activates" in entry.failure
+            continue
+        rule = Rule.from_dict(entry.rule)
+        sp = split_excerpts(store.record(entry.layer, entry.neuron))
+        cal = sp["calibration_top"] + sp["calibration_random"]
+        by_hand = np.corrcoef(
+            np.concatenate([e.activations for e in cal]), np.concatenate([rule.apply(e.tokens) for e in cal])
+        )[0, 1]
+        if not any(c.graded for c in rule.clauses):  # graded values past three levels are clipped
+            assert entry.triage.rule_calibration == pytest.approx(by_hand, abs=1e-9)
+        assert entry.triage.threshold == 0.8
+        if entry.triage.sent_to_llm:
+            assert entry.triage.rule_calibration is None or entry.triage.rule_calibration < 0.8
+            assert entry.explanation != rule.describe() and parse_rule(entry.explanation) is None
+            sent.append(entry)
+        else:
+            assert entry.triage.rule_calibration >= 0.8 and entry.explanation == rule.describe()
+            assert entry.kept.calibration_score == entry.triage.rule_calibration
+            kept.append(entry)
+    assert kept and sent  # both ways taken on this set (the comma-after-number rule scores ~0.6)
+    usage = json.loads((tmp_path / "02" / "usage.json").read_text())
+    triage = json.loads((tmp_path / "02" / "summary.json").read_text())["triage"]
+    assert (triage["kept_rule"], triage["sent_to_llm"]) == (len(kept), len(sent))
+    assert usage["requests"] == len(sent)  # one explainer request per unit sent, none for a kept rule
+    assert triage["requests_saved"] == len(kept) and triage["cost_saved"] == pytest.approx(
+        len(kept) * (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6 / len(sent)
+    )
+    assert f"{len(kept)} of {len(kept) + len(sent)} units kept their rule" in triage_line(tmp_path / "02")
+
+
+def test_the_hint_lists_the_units_rule_in_the_llms_prompt(context_bench):
+    """``explain_with_rules``: the live explain call shows the chat the LLM got; it lists the rule found."""
+    import nbutils
+
+    out, _, _ = context_bench
+    run = nbutils.open_run(out, explainer_backend="local", explainer_model="embedded", explain_with_rules=True)
+    found = run.unit(0, 2).explain()  # "quoted"
+    rule = Rule.from_dict(found.entry.rule)
+    assert rule.clauses and f"Rule found by the search: {rule.describe()}" in found.messages[-1]["content"]
+    assert "automatic search" in found.messages[0]["content"] and found.requests == 1
+    assert found.explanation and parse_rule(found.explanation) is None  # the LLM's words, not the rule's

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nbutils.core.errors import UserError
+
 COLLECT, EXPLAIN, SCORE, INSPECT = "01_collect", "02_explain", "03_score", "04_inspect"
 
 
@@ -117,6 +119,15 @@ class RunConfig:
     )
     explain_with_outputs: bool = _param(
         False, (EXPLAIN,), "the explainer also sees the tokens each neuron makes more and less likely next"
+    )
+    llm_when: str = _param(
+        "always", (EXPLAIN,), '"always": every unit goes to explainer_backend; "rule_below:X": the rules explainer '
+        "first, and the LLM only for units whose rule's correlation on their calibration excerpts is below X (the "
+        "stage's summary.json says what that saved)",
+        example="rule_below:0.7",
+    )  # fmt: skip
+    explain_with_rules: bool = _param(
+        False, (EXPLAIN,), "the LLM explainer's prompt also lists the rule the rules explainer found for the unit"
     )
     split: str = _param(
         "nbutils", BOTH, '"nbutils" (every collected excerpt) or "paper" (neuron-explainer\'s exact 1:1 split)',
@@ -228,3 +239,22 @@ def stage_parameters(stage: str) -> list[str]:
 def stage_values(config: RunConfig, stage: str) -> dict[str, Any]:
     """A config's values of the parameters a stage takes (what the stage records in its ``parameters.json``)."""
     return {name: getattr(config, name) for name in stage_parameters(stage)}
+
+
+def rule_threshold(llm_when: str) -> float | None:
+    """The calibration correlation below which ``llm_when="rule_below:X"`` sends a unit to the LLM (None for
+    "always"); a clear error for anything else."""
+    kind, _, number = llm_when.partition(":")
+    if llm_when == "always":
+        return None
+    try:
+        threshold = float(number) if kind == "rule_below" else None
+    except ValueError:
+        threshold = None
+    if threshold is None or not -1.0 <= threshold <= 1.0:
+        raise UserError(
+            f'llm_when={llm_when!r} is not "always" or "rule_below:X" with X a correlation in -1..1.',
+            "Write e.g. -p llm_when=rule_below:0.7 (units whose rule scores 0.7 or more on their calibration "
+            "excerpts keep the rule; the rest go to the LLM), or -p llm_when=always.",
+        )
+    return threshold

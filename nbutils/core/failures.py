@@ -109,3 +109,19 @@ def check_failures(stage_dir: str | Path, fail_on_errors: bool = False) -> str:
     if fail_on_errors:
         raise StageHadFailures(f"{line}. First failures: {reasons}")
     return f"{line}. First failures: {reasons}"
+
+
+def triage_line(stage_dir: str | Path) -> str:
+    """One line on what ``llm_when="rule_below:X"`` decided and saved (from stage 02's summary.json)."""
+    triage = json.loads(summary_path(stage_dir).read_text()).get("triage")
+    if not triage:
+        return "llm_when=always: every unit went to the explainer backend"
+    line = (
+        f"llm_when=rule_below:{triage['threshold']}: {triage['kept_rule']} of {triage['units']} units kept their "
+        f"rule (calibration correlation >= {triage['threshold']}), {triage['sent_to_llm']} went to the LLM"
+    )
+    if triage["requests_saved"] is not None:
+        line += f"; saved ~{triage['requests_saved']:g} explainer requests"
+        line += f" (~{triage['cost_saved']:.4f} in prices' currency)" if triage["cost_saved"] is not None else ""
+        line += " and the kept units' simulator requests in stage 03 (a rule is simulated exactly)"
+    return line + (f" ({triage['note']})" if triage.get("note") else "")

@@ -223,6 +223,17 @@ class OutputsShown(JsonRecord):
 
 
 @dataclass
+class Triage(JsonRecord):
+    """How ``llm_when="rule_below:X"`` chose a unit side's explainer: the rule's correlation on the side's
+    calibration excerpts against the threshold (None: undefined, e.g. a rule that predicts a constant)."""
+
+    threshold: float
+    rule_calibration: float | None
+    sent_to_llm: bool
+    extra: dict[str, Any] = extra_keys()
+
+
+@dataclass
 class ExplanationEntry(JsonRecord):
     """A unit side's stage-02 result: its explanation (None with a ``failure``), every candidate reply, the
     excerpt split it was explained from and the token-lookup baseline's explanation."""
@@ -239,7 +250,11 @@ class ExplanationEntry(JsonRecord):
     retryable: bool | None = omitted_when(None)
     """Whether a rerun could fix the failure (a server's fault); absent where nothing failed that way."""
     rule: dict[str, Any] | None = omitted_when(None)
-    """The rules explainer's rule (`nbutils.llm.rules.Rule.to_dict`) and what finding it took."""
+    """The rules explainer's rule (`nbutils.llm.rules.Rule.to_dict`) and what finding it took: the explanation
+    itself (``explainer_backend="rules"``, or a unit ``llm_when`` kept on its rule) or what the LLM was shown
+    (``explain_with_rules``) or chosen over."""
+    triage: Triage | None = omitted_when(None)
+    """With ``llm_when="rule_below:X"``: why this side's explanation is the rule's or the LLM's."""
     extra: dict[str, Any] = extra_keys()
 
     @property

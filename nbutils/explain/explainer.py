@@ -9,20 +9,21 @@ candidates are recorded with their scores. Every unit also gets the token-lookup
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from nbutils.core.config import RunConfig
+from nbutils.core.config import RunConfig, rule_threshold
 from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, RecordStore, UnitRecord, split_excerpts
-from nbutils.core.results import BaselineExplanation, Candidate, ExplanationEntry, OutputsShown
+from nbutils.core.results import BaselineExplanation, Candidate, ExplanationEntry, OutputsShown, Triage
 from nbutils.core.units import UnitId
 from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
 from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise, parse_explanation
 from nbutils.llm.rules import RulesBackend, RuleSearch
 from nbutils.score.baseline import token_lookup_explanation, token_table
-from nbutils.score.metrics import correlation
+from nbutils.score.metrics import Metric, correlation
 from nbutils.score.simulation import expected_values, simulate, true_activations
 
 
@@ -44,13 +45,19 @@ def _candidate(
         cand.reason = "empty or unusable explainer reply"
     elif best_of_n and calibration:
         try:
-            ev = expected_values(simulate(llm, text, calibration, noun=noun))
+            m = calibration_correlation(text, llm, calibration, noun)
         except LLMFailed as e:
             cand.reason = f"simulation failed: {e}"
             return cand, e.retryable
-        m = correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
         cand.calibration_score, cand.reason = m.value, m.reason
     return cand, None
+
+
+def calibration_correlation(explanation: str, llm: Backend, calibration: list[Excerpt], noun: str) -> Metric:
+    """An explanation's correlation on calibration excerpts, simulated by ``llm`` (best-of-n's choice and
+    ``llm_when``'s triage; raises `LLMFailed` when the simulation fails)."""
+    ev = expected_values(simulate(llm, explanation, calibration, noun=noun))
+    return correlation(np.concatenate(true_activations(calibration)), np.concatenate(ev))
 
 
 def outputs_shown(record: UnitRecord, negative: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -76,25 +83,49 @@ def base_entry(
 
 def explainer_request(
     record: UnitRecord, n_samples: int = 1, temperature: float = 1.0, negative: bool = False, seed: int = 0,
-    split: str = "nbutils", with_outputs: bool = False, train: list[Excerpt] | None = None,
+    split: str = "nbutils", with_outputs: bool = False, train: list[Excerpt] | None = None, rule: str | None = None,
 ) -> ExplainRequest | None:  # fmt: skip
     """What the explainer is asked for one unit side: its train excerpts as 0..10 values (and, ``with_outputs``,
-    the tokens it raises and lowers); None when the side never activates on them (nothing to explain)."""
+    the tokens it raises and lowers; ``rule``, the rule the rules explainer found); None when the side never
+    activates on them (nothing to explain)."""
     train = split_excerpts(record, negative, split=split)["train"] if train is None else train
     max_act = max((float(np.max(e.activations)) for e in train), default=0.0)
     if not train or max_act <= 0:
         return None
     writes = outputs_shown(record, negative) if with_outputs else None
     shown = tuple(shown_excerpts(train, max_act))
-    return ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun)
+    return ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun, rule=rule)
+
+
+@dataclass(frozen=True)
+class RuleUse:
+    """How an LLM explainer uses the rules explainer (`RunConfig.llm_when`, `RunConfig.explain_with_rules`):
+    ``rules`` finds each unit's rule; a rule whose calibration correlation reaches ``keep_above`` is kept as
+    the explanation (no LLM request); ``hint`` lists the rule in the LLM's prompt."""
+
+    rules: RulesBackend
+    keep_above: float | None = None
+    hint: bool = False
+
+
+def rule_use(config: RunConfig, llm: Backend | None, meta: Any) -> RuleUse | None:
+    """The `RuleUse` a run's config asks of an LLM explainer, bound to the collection ``meta`` describes (None
+    when it asks none, or when the explainer is the rules backend itself)."""
+    keep_above = rule_threshold(config.llm_when)
+    if isinstance(llm, RulesBackend) or (keep_above is None and not config.explain_with_rules):
+        return None
+    rules = RulesBackend()
+    rules.bind_collection(meta)
+    return RuleUse(rules, keep_above, config.explain_with_rules)
 
 
 def explain_unit(
     record: UnitRecord, llm: Backend | None, n_samples: int = 1, temperature: float = 1.0, negative: bool = False,
-    seed: int = 0, split: str = "nbutils", with_outputs: bool = False,
+    seed: int = 0, split: str = "nbutils", with_outputs: bool = False, rules: RuleUse | None = None,
 ) -> ExplanationEntry:  # fmt: skip
     """Explain one unit (one sign of it); returns its stage-02 entry. ``with_outputs``:
-    the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`)."""
+    the explainer also sees the tokens the unit raises and lowers as the next token (`outputs_shown`);
+    ``rules``: the rules explainer goes first (`RuleUse`)."""
     sp = split_excerpts(record, negative, split=split)  # once: the entry, the request and the calibration
     entry = base_entry(record, negative, split, sp["train"])
     request = explainer_request(record, n_samples, temperature, negative, seed, split, with_outputs, sp["train"])
@@ -103,14 +134,26 @@ def explain_unit(
         return entry
     if request.writes is not None:
         entry.outputs_shown = OutputsShown(list(request.writes[0]), list(request.writes[1]))
+    calibration = sp["calibration_top"] + sp["calibration_random"]
     if isinstance(llm, RulesBackend):
         return rules_entry(entry, llm.find(sp["train"], record.id.layer, record.id.index, negative))
+    if rules is not None:
+        found = rules.rules.find(sp["train"], record.id.layer, record.id.index, negative)
+        if rules.keep_above is not None:
+            # a rule's own text always parses; an empty rule predicts a constant: undefined, so to the LLM
+            r = calibration_correlation(found.rule.describe(), rules.rules, calibration, record.noun).value
+            keep = r is not None and r >= rules.keep_above
+            entry.triage = Triage(rules.keep_above, r, sent_to_llm=not keep)
+            if keep:
+                return rules_entry(entry, found, r)
+        entry.rule = rule_record(found)
+        if rules.hint and found.rule.clauses:
+            request = replace(request, rule=found.rule.describe())
     try:
         replies = llm.explain(request)
     except LLMFailed as e:
         entry.failure, entry.retryable = f"explainer request failed: {e}", e.retryable
         return entry
-    calibration = sp["calibration_top"] + sp["calibration_random"]
     failed = []
     for reply in replies:
         cand, retryable = _candidate(reply, llm, calibration, n_samples > 1, record.noun)
@@ -127,27 +170,34 @@ def explain_unit(
     return entry
 
 
-def rules_entry(entry: ExplanationEntry, found: RuleSearch) -> ExplanationEntry:
-    """A unit side's entry from the rules explainer: the rule's text as its explanation, the rule and its cost
-    stored with it."""
-    text = found.rule.describe()
-    entry.explanation = text
-    # no calibration score: the rule's fit is on its own train excerpts (kept in entry.rule), and showing it
-    # as a calibration score would read as a held-out number
-    entry.candidates.append(Candidate(text, text, None, found.note))
-    entry.rule = {
+def rule_record(found: RuleSearch) -> dict[str, Any]:
+    """What an entry keeps of a rule search: the rule and what finding it took."""
+    return {
         **found.rule.to_dict(), "forward_passes": found.forward_passes, "sequences": found.sequences,
         "train_correlation": found.train_correlation, "note": found.note,
     }  # fmt: skip
+
+
+def rules_entry(entry: ExplanationEntry, found: RuleSearch, calibration: float | None = None) -> ExplanationEntry:
+    """A unit side's entry from the rules explainer: the rule's text as its explanation, the rule and its cost
+    stored with it. ``calibration``: the rule's correlation on the calibration excerpts, where triage
+    measured it (the rule's fit on its own train excerpts, in-sample, is kept in entry.rule, not shown as one)."""
+    text = found.rule.describe()
+    entry.explanation = text
+    entry.candidates.append(Candidate(text, text, calibration, found.note))
+    entry.rule = rule_record(found)
     return entry
 
 
 def explain_with(
-    record: UnitRecord, llm: Backend | None, config: RunConfig, negative: bool = False
+    record: UnitRecord, llm: Backend | None, config: RunConfig, negative: bool = False, rules: RuleUse | None = None
 ) -> ExplanationEntry:
-    """`explain_unit` with a run's explainer parameters (what stage 02 and the interactive ``explain`` call)."""
+    """`explain_unit` with a run's explainer parameters (what stage 02 and the interactive ``explain`` call);
+    ``rules``: `rule_use` of the same config."""
     c = config
-    return explain_unit(record, llm, c.n_samples, c.temperature, negative, c.seed, c.split, c.explain_with_outputs)
+    return explain_unit(
+        record, llm, c.n_samples, c.temperature, negative, c.seed, c.split, c.explain_with_outputs, rules
+    )
 
 
 def units_to_explain(

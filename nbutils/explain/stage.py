@@ -8,9 +8,11 @@ other tools), ``summary.json`` and ``usage.json``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from nbutils.core.config import RunConfig, stage_values
+from nbutils.core.config import RunConfig, rule_threshold, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.failures import needs_work, write_summary
 from nbutils.core.io import atomic_write_json, write_jsonl
@@ -20,7 +22,7 @@ from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore
 from nbutils.core.results import ExplanationEntry, to_json
 from nbutils.core.store import ResultStore, shard_part
-from nbutils.explain.explainer import explain_with, units_to_explain
+from nbutils.explain.explainer import explain_with, rule_use, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
 from nbutils.llm.rules import RulesBackend
 from nbutils.score.flags import explanation_notes
@@ -72,7 +74,10 @@ def run_explain_stage(
     entries = [e for e in (stored_entry(saved, key) for key in chosen) if e is not None]
     write_jsonl(out.jsonl, (to_json(e) for e in entries))
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
-    write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
+    summary = write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
+    if rule_threshold(config.llm_when) is not None:
+        summary["triage"] = triage_savings(entries, out.usage, config.prices)
+        atomic_write_json(out.summary, summary)
     saved.close()
     return entries
 
@@ -94,9 +99,10 @@ def explain_units(
     llm = make_backend(explainer_spec(config, cache_path))
     if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
         llm.bind_collection(store.meta)
+    rules = rule_use(config, llm, store.meta)  # llm_when / explain_with_rules: the rules explainer goes first
 
     def work(key: tuple[int, int, str]) -> ExplanationEntry:
-        return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative")
+        return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative", rules)
 
     finished = as_finished(work, keys, workers or llm.parallel_units)
     try:
@@ -109,3 +115,32 @@ def explain_units(
         llm.usage.save(shard_usage(out.usage, shard), config.prices)
         saved.close()
     return len(keys)
+
+
+def triage_savings(
+    entries: list[ExplanationEntry], usage_path: Path, prices: dict[str, float] | None
+) -> dict[str, Any]:
+    """What ``llm_when="rule_below:X"`` saved: the unit sides kept on their rule, and the explainer requests and
+    cost they would have taken at the mean of those sent to the LLM (this stage's ``usage.json``; requests
+    served from the LLM cache count as requests). Stage 03 saves their simulator requests too: a rule is
+    simulated exactly."""
+    triaged = [e for e in entries if e.triage is not None]
+    kept = [e for e in triaged if not e.triage.sent_to_llm]
+    sent = len(triaged) - len(kept)
+    usage = json.loads(usage_path.read_text()) if usage_path.is_file() else {}
+    out: dict[str, Any] = {
+        "threshold": triaged[0].triage.threshold if triaged else None,
+        "units": len(triaged), "kept_rule": len(kept), "sent_to_llm": sent,
+        "requests_saved": None, "cost_saved": None,
+    }  # fmt: skip
+    if not sent:
+        out["note"] = "no unit went to the LLM: nothing to estimate the saving from"
+        return out
+    asked = usage.get("requests", 0) + usage.get("cache_hits", 0)
+    out["requests_per_llm_unit"] = asked / sent
+    out["requests_saved"] = round(len(kept) * asked / sent, 1)
+    if prices and "estimated_cost" in usage:
+        out["cost_saved"] = len(kept) * usage["estimated_cost"] / sent
+    else:
+        out["note"] = "set prices (per million tokens) for the cost saved"
+    return out

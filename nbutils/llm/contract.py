@@ -160,6 +160,8 @@ class ExplainRequest:
     """For the output-aware explainer: the tokens the unit raises and lowers as the next token."""
     noun: str = "neuron"
     """What the prompt calls the unit ("feature" for SAE latents; `nbutils.llm.prompts.speak_of`)."""
+    rule: str | None = None
+    """With ``explain_with_rules``: the rule the rules explainer found, listed after the activations."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ class Backend(ABC):
         made: dict[tuple[WorkedExample, ...], list[dict[str, str]]] = {}  # each candidate rendered once
 
         def render(ex: Sequence[WorkedExample]) -> str:
-            made[tuple(ex)] = explanation_messages(request.excerpts, ex, request.writes, request.noun)
+            made[tuple(ex)] = explanation_messages(request.excerpts, ex, request.writes, request.noun, request.rule)
             return "".join(m["content"] for m in made[tuple(ex)])
 
         return made[self.fit(render, 120, request.examples)]

@@ -163,6 +163,14 @@ EXPLAIN_OUTPUTS_NOTE = (
 )
 
 
+EXPLAIN_RULE_NOTE = (
+    " The real neuron also comes with a rule that an automatic search found by running the model on shortened "
+    "excerpts: the tokens and contexts it fires on, with the values it predicts. The rule is often right about "
+    "which tokens and less often about why; check it against the activations, and describe in plain words what "
+    "the neuron responds to."
+)
+
+
 def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
     """The lines of an output-aware prompt that list what a neuron writes: (raised tokens, lowered tokens)."""
     raised, lowered = (
@@ -173,19 +181,20 @@ def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
 
 def _neuron_text(
     name: str, excerpts: Sequence[ShownExcerpt], writes: tuple[Sequence[str], Sequence[str]] | None = None,
-    noun: str = "neuron",
+    noun: str = "neuron", rule: str | None = None,
 ) -> str:  # fmt: skip
     text = f"{noun.capitalize()} {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
     repeat = zero_filtered_block(excerpts)
     strongest = strongest_tokens(excerpts)
     listed = f"Strongest tokens: {strongest}\n" if strongest else ""
     outputs = writes_text(writes) if writes else ""
-    return text + (repeat or "") + listed + outputs + f'\nComplete: "{explanation_prefix(noun)} ..."'
+    found = f"Rule found by the search: {rule}\n" if rule else ""
+    return text + (repeat or "") + listed + outputs + found + f'\nComplete: "{explanation_prefix(noun)} ..."'
 
 
 def explanation_messages(
     excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES,
-    writes: tuple[Sequence[str], Sequence[str]] | None = None, noun: str = "neuron",
+    writes: tuple[Sequence[str], Sequence[str]] | None = None, noun: str = "neuron", rule: str | None = None,
 ) -> list[dict[str, str]]:  # fmt: skip
     """Chat messages asking for an explanation; the reply should continue `explanation_prefix` (``noun``
     names the unit throughout: "feature" for SAE latents, see `speak_of`).
@@ -195,14 +204,16 @@ def explanation_messages(
     ...'). Without this, the embedded 135M explainer began all ten main-job explanations with the first
     worked example's "names of months"; with it, none (README, "Explanations that copy the prompt").
     ``writes`` (the output-aware explainer): the tokens the neuron raises and lowers as the next token, listed
-    after its activations (`writes_text`)."""
-    system = speak_of(EXPLAIN_SYSTEM + (EXPLAIN_OUTPUTS_NOTE if writes else ""), noun)
+    after its activations (`writes_text`). ``rule`` (``explain_with_rules``): the rule the rules explainer
+    found, listed last (`EXPLAIN_RULE_NOTE`)."""
+    notes = (EXPLAIN_OUTPUTS_NOTE if writes else "") + (EXPLAIN_RULE_NOTE if rule else "")
+    system = speak_of(EXPLAIN_SYSTEM + notes, noun)
     messages = [{"role": "system", "content": system}]
     for i, ex in enumerate(examples):
         messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts, noun=noun)})
         answer = f"{explanation_prefix(noun)} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes, noun)})
+    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes, noun, rule)})
     return messages
 
 

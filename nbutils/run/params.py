@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import defaults, hints, schema
+from nbutils.core.config import defaults, hints, rule_threshold, schema
 from nbutils.core.errors import UserError
 from nbutils.llm.contract import BACKENDS
 from nbutils.score.contract import SCORERS
@@ -128,6 +128,7 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
     for name, f in schema().items():
         _check_choice(name, out[name], choices(f.metadata.get("choices")))
     _check_explain_neurons(out["explain_neurons"])
+    rule_threshold(out["llm_when"])
     _check_output_scores(out)
     base = Path(cwd or os.getcwd())
     out["model"] = resolve_model(out["model"], base, "model")

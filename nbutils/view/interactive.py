@@ -33,10 +33,10 @@ from nbutils.core.layout import MANIFEST
 from nbutils.core.records import UnitRecord
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
-from nbutils.explain.explainer import base_entry, explain_with, explainer_request
+from nbutils.explain.explainer import RuleUse, base_entry, explain_with, explainer_request, rule_use
 from nbutils.explain.stage import explainer_spec
 from nbutils.llm.contract import Backend, make_backend
-from nbutils.llm.rules import RulesBackend
+from nbutils.llm.rules import Rule, RulesBackend
 from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import explanation_notes
 from nbutils.score.intervention import TARGET_KL
@@ -236,6 +236,11 @@ class Run(RunView):
         return llm
 
     @cached_property
+    def _rule_use(self) -> RuleUse | None:
+        """The rules explainer ahead of the LLM, where the run's config asks for it (`rule_use`)."""
+        return rule_use(self.config, self.explainer, self.store.meta)
+
+    @cached_property
     def _memo(self) -> dict[tuple[Any, ...], Any]:
         return {}
 
@@ -293,11 +298,15 @@ class Run(RunView):
         if memo in self._memo:
             return self._memo[memo]
         c, llm = self.config, self.explainer
-        request = explainer_request(u.record, c.n_samples, c.temperature, u.negative, c.seed, c.split,
-                                    c.explain_with_outputs)  # fmt: skip
-        messages = llm.explanation_messages(request) if request is not None else []
         before = llm.usage.requests
-        entry = explain_with(u.record, llm, c, u.negative)
+        uses = self._rule_use
+        entry = explain_with(u.record, llm, c, u.negative, uses)
+        rule = Rule.from_dict(entry.rule) if uses and uses.hint and entry.rule else Rule()
+        hint = rule.describe() if rule.clauses else None  # what the prompt listed (as `explain_unit` does)
+        request = explainer_request(u.record, c.n_samples, c.temperature, u.negative, c.seed, c.split,
+                                    c.explain_with_outputs, rule=hint)  # fmt: skip
+        kept_rule = entry.triage is not None and not entry.triage.sent_to_llm  # no LLM request was made
+        messages = llm.explanation_messages(request) if request is not None and not kept_rule else []
         if entry.retryable and not entry.explanation:
             raise _unreachable("explainer", entry.failure, c)
         found = NewExplanation(u.key, messages, entry, llm.usage.requests - before)
