@@ -4,6 +4,7 @@
     python bench/planted.py --planted planted:my_rules.py    # your own rules (a file defining PLANTED)
     python bench/planted.py --backend openai --model gpt-4o-mini --base-url http://127.0.0.1:8000/v1
     python bench/planted.py --backend rules --planted planted:bench/planted_context.py   # no LLM
+    python bench/planted.py --explain-with-rules --out outputs/planted-hint   # the rule listed in the LLM's prompt
 
 Per planted neuron and on average: top+random correlation ("r") and detection / fuzzing balanced accuracy
 of the ground-truth explanation ("truth": how good the simulator is), of the explainer's explanation
@@ -36,6 +37,8 @@ def main() -> int:
     p.add_argument("--base-url", default=None)
     p.add_argument("--judge-per-class", type=int, default=10, help="detection/fuzzing items per class")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle simulator")
+    p.add_argument("--llm-when", default="always", help='"always" or "rule_below:X" (rules first; RunConfig.llm_when)')
+    p.add_argument("--explain-with-rules", action="store_true", help="the LLM's prompt also lists the rule found")
     p.add_argument("--out", type=Path, default=Path("outputs/planted-bench"), help="run folder (resumable)")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for planted.json")
     args = p.parse_args()
@@ -50,6 +53,8 @@ def main() -> int:
             base_url=args.base_url,
             oracle=not args.no_oracle,
             judge_per_class=args.judge_per_class,
+            llm_when=args.llm_when,
+            explain_with_rules=args.explain_with_rules,
         )
     except UserError as e:
         print(f"error: {e.problem} Fix: {e.fix}", file=sys.stderr)
