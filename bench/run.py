@@ -342,12 +342,15 @@ def bench_interactive(excerpts: int, repeats: int) -> dict[str, Any]:
     return run(excerpts, repeats)
 
 
-def bench_scale(excerpts: int, repeats: int, units: int = 307_200, stage_units: int = 6400) -> dict[str, Any]:
-    """Stages 02-03 per unit and every view of a run of ``units`` unit sides (`bench/scale.py`)."""
+def bench_scale(
+    excerpts: int, repeats: int, units: int = 307_200, stage_units: int = 6400, rules_units: int = 64
+) -> dict[str, Any]:
+    """Stages 02-03 per unit, the rules explainer's forward passes, and every view of a run of ``units`` unit
+    sides (`bench/scale.py`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scale import bench_scale as run
 
-    return run(units, stage_units)
+    return run(units, stage_units, rules_units=rules_units)
 
 
 BENCHMARKS = {
@@ -372,6 +375,7 @@ def main() -> None:
     p.add_argument("--limits", default="1,8,64,256", help="throughput: caps on requests in flight to compare")
     p.add_argument("--units", type=int, default=307_200, help="scale: unit sides in the run's stores")
     p.add_argument("--stage-units", type=int, default=6400, help="scale: units stages 02-03 run for real")
+    p.add_argument("--rules-units", type=int, default=64, help="scale: units the rules explainer explains")
     p.add_argument("--ray-shards", type=int, default=4, help="ray: excerpt shards (each Ray task loads the model)")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
@@ -386,7 +390,7 @@ def main() -> None:
         if name == "throughput":
             kwargs = {"latency": args.latency, "limits": args.limits}
         if name == "scale":
-            kwargs = {"units": args.units, "stage_units": args.stage_units}
+            kwargs = {"units": args.units, "stage_units": args.stage_units, "rules_units": args.rules_units}
         if name == "ray":
             kwargs = {"shards": args.ray_shards}
         result = BENCHMARKS[name](args.excerpts, args.repeats, **kwargs)

@@ -13,6 +13,8 @@
    sort by a score, next unit, filter by text, the report's tables and figures, the static page, and both
    exports (``export-openai`` on one layer, as its output is one file per unit; the time and disk scale
    linearly).
+5. The rules explainer (stage 02 with ``explainer_backend="rules"``) on ``--rules-units`` units of layer 1:
+   its subject-model forward passes and client CPU per unit.
 
     python bench/run.py --only scale --units 307200
 """
@@ -186,6 +188,25 @@ def run_stages(root: Path, layer: int, units: int, n_boot: int) -> list[dict[str
     return rows
 
 
+def run_rules(root: Path, layer: int, units: int) -> dict[str, Any]:
+    """Stage 02 with the rules explainer (``explainer_backend="rules"``: no LLM, the subject model probed on
+    pruned contexts) on ``units`` units of ``layer``, into its own folder: the forward passes per unit."""
+    from nbutils.core.config import RunConfig
+    from nbutils.explain.stage import run_explain_stage
+
+    config = RunConfig(explain_neurons=[[layer, i] for i in range(units)], explainer_backend="rules", min_active=1)
+    start, cpu = time.perf_counter(), time.process_time()
+    results = run_explain_stage(root / "01_collect", root / "02_rules", config, progress=False)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    passes = [e.rule["forward_passes"] for e in results if e.rule]
+    sequences = [e.rule["sequences"] for e in results if e.rule]
+    n = len(results)
+    return {"what": f"stage 02 explain, rules explainer, {n:,} units", "units": n, "wall_s": wall,
+            "client_cpu_ms_per_unit": 1000 * cpu / n, "peak_rss_mb": _rss_mb(),
+            "forward_passes_per_unit": float(np.mean(passes)) if passes else 0.0,
+            "forward_passes_max": max(passes, default=0), "sequences_per_unit": float(np.mean(sequences or [0]))}  # fmt: skip
+
+
 def fill(root: Path, units: int) -> list[dict[str, Any]]:
     """Copy the stages' results onto the other collected units' keys, in order, until each store holds
     ``units`` unit sides (through `ResultStore.put_many`); a row per store."""
@@ -263,7 +284,9 @@ def view_child(what: str, root: Path) -> dict[str, Any]:
     return {"what": what, "wall_s": time.perf_counter() - start, "peak_rss_mb": _rss_mb(), **detail}
 
 
-def bench_scale(units: int, stage_units: int, n_boot: int = 100, excerpts: int = 64, excerpt_len: int = 32) -> dict:
+def bench_scale(
+    units: int, stage_units: int, n_boot: int = 100, rules_units: int = 64, excerpts: int = 64, excerpt_len: int = 32
+) -> dict:
     layers = LAYERS if units >= LAYERS * WIDTH else max(2, -(-units // WIDTH))
     width = WIDTH if units >= WIDTH else max(8, units // 2)
     root = Path(tempfile.mkdtemp(prefix="nbutils-scale-"))
@@ -273,6 +296,7 @@ def bench_scale(units: int, stage_units: int, n_boot: int = 100, excerpts: int =
              "wall_s": time.perf_counter() - start, "peak_rss_mb": _rss_mb()}]  # fmt: skip
     layer = 0
     rows += run_stages(root, layer, min(stage_units, width), n_boot)
+    rows.append(run_rules(root, 1, min(rules_units, width)))
     rows += fill(root, units)
     for what in VIEWS:
         res = subprocess.run([sys.executable, __file__, "--view", what, str(root)], capture_output=True, text=True,

@@ -41,6 +41,8 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "600",
         "--stage-units",
         "20",
+        "--rules-units",
+        "4",
         "--results",
         str(tmp_path),
         cwd=tmp_path,
@@ -65,6 +67,8 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert (
         scale["stage 03 score, 20 units"]["bytes_per_unit"] > 0 and scale["export-openai (one layer)"]["files"] == 300
     )
+    rules = scale["stage 02 explain, rules explainer, 4 units"]  # bounded: 12 peaks x (24 + 23) sequences
+    assert 0 < rules["forward_passes_per_unit"] and rules["sequences_per_unit"] <= 12 * (24 + 23)
     live = results["interactive"]
     assert [r["ratio"] > 0 for r in live["rows"]] == [True] * 3 and live["score_requests"] >= 1
 

@@ -131,10 +131,14 @@ def openai_record_path(root: str | os.PathLike, nid: UnitId) -> Path:
 
 
 def export_openai(store: RecordStore, out_dir: str | os.PathLike, ids: Iterable[UnitId] | None = None) -> int:
-    """Write neuron-explainer ``NeuronRecord`` files for the given neurons (default: all). Returns the count."""
+    """Write neuron-explainer ``NeuronRecord`` files for the given neurons (default: all). Returns the count.
+
+    One unit in memory at a time; each file compact JSON written atomically but not fsynced (an export is
+    written again from the collection if a crash cut it short)."""
     count = 0
     for nid in ids if ids is not None else store.all_ids():
-        atomic_write_json(openai_record_path(out_dir, nid), to_openai_json(store.record(nid.layer, nid.neuron)))
+        record = to_openai_json(store.record(nid.layer, nid.neuron))
+        atomic_write_json(openai_record_path(out_dir, nid), record, compact=True, durable=False)
         count += 1
     return count
 
