@@ -103,7 +103,8 @@ class Clause:
 
     ``kind``: "token" (``token`` fires), "word" (a token that reads ``token`` stripped and lower-cased), "class" (a token of class ``token``, a key of `TOKEN_CLASSES`),
     "after" (``token``, or a token of class ``token_class`` or any token when both are None, right after
-    ``context``, or after a token ending in it with ``ending``), "inside" (after an unclosed ``context``
+    ``context``, or after a token ending in it with ``ending``, or after any token of class
+    ``context_class``), "inside" (after an unclosed ``context``
     opener, closed by ``closer``; ``graded``: value per level of nesting) or "repeat" (a non-blank token seen
     earlier in the excerpt)."""
 
@@ -115,6 +116,7 @@ class Clause:
     graded: bool = False
     token_class: str | None = None
     ending: bool = False
+    context_class: str | None = None
 
     def _after(self, tokens: Sequence[str], i: int) -> bool:
         if not (tokens[i] == self.token if self.token is not None else _is(tokens[i], self.token_class)):
@@ -122,6 +124,8 @@ class Clause:
         before = previous_token(tokens, i)
         if before is None:
             return False
+        if self.context_class is not None:
+            return _is(before, self.context_class)
         return before.strip().endswith(self.context.strip()) if self.ending else before == self.context
 
     def matches(self, tokens: Sequence[str]) -> np.ndarray:
@@ -160,6 +164,7 @@ class Clause:
         if self.kind == "after":
             what = json.dumps(self.token) if self.token is not None else self.token_class or "any token"
             where = f"a token ending in {json.dumps(self.context)}" if self.ending else json.dumps(self.context)
+            where = self.context_class or where
             return f"on {what} right after {where} ({v})"
         if self.kind == "inside":
             span = f"inside {json.dumps(self.context)} ... {json.dumps(self.closer)}"
@@ -214,7 +219,12 @@ _PATTERNS = [
     ("token", re.compile(rf"on ({_JSON}) \({_NUM}\)$")),
     ("word", re.compile(rf"on the word ({_JSON}) \({_NUM}\)$")),
     ("class", re.compile(rf"on ({_CLASSES}) \({_NUM}\)$")),
-    ("after", re.compile(rf"on (any token|{_CLASSES}|{_JSON}) right after (a token ending in )?({_JSON}) \({_NUM}\)$")),
+    (
+        "after",
+        re.compile(
+            rf"on (any token|{_CLASSES}|{_JSON}) right after (?:(a token ending in )?({_JSON})|({_CLASSES})) \({_NUM}\)$"
+        ),
+    ),
     ("inside", re.compile(rf"inside ({_JSON}) \.\.\. ({_JSON})(, more the deeper)? \({_NUM}( per level)?\)$")),
     ("repeat", re.compile(rf"on a token repeated from earlier in the text \({_NUM}\)$")),
 ]
@@ -270,8 +280,9 @@ def _parse_clause(part: str) -> Clause | None:
             if kind == "after":
                 token = json.loads(g[0]) if g[0].startswith('"') else None
                 token_class = g[0] if g[0] in TOKEN_CLASSES else None
-                return Clause("after", float(g[3]), token=token, context=json.loads(g[2]), token_class=token_class,
-                              ending=g[1] is not None)  # fmt: skip
+                context = json.loads(g[2]) if g[2] is not None else None
+                return Clause("after", float(g[4]), token=token, context=context, token_class=token_class,
+                              ending=g[1] is not None, context_class=g[3])  # fmt: skip
             if kind == "inside":
                 graded = g[2] is not None
                 if graded != (g[4] is not None):
@@ -457,6 +468,9 @@ def _candidates(train: Sequence[Excerpt], findings: list[Finding], top: float) -
             ends = {key, key.strip()[-1:]} - {""}  # the token, and its last character (".", "," of ").", "*,")
             for end, ending in [(e, True) for e in sorted(ends)] + [(key, False)]:  # on a tie, the general
                 out += [Clause("after", 0.0, context=end, token_class=c, ending=ending) for c in (None, *TOKEN_CLASSES)]
+            for before in (c for c in TOKEN_CLASSES if _is(key, c)):  # after any token of the key's class
+                out += [Clause("after", 0.0, token=token, context_class=before)]
+                out += [Clause("after", 0.0, token_class=c, context_class=before) for c in (None, *TOKEN_CLASSES)]
         for ch in key.strip():
             if ch in PAIRS:
                 out += [Clause("inside", 0.0, context=ch, closer=PAIRS[ch], graded=g) for g in (False, True)]
