@@ -78,6 +78,29 @@ def test_the_probe_reads_the_models_own_values_with_padding(embedded):
     np.testing.assert_allclose(negative.last_values(seqs), -got, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_probe_runs_on_a_model_without_its_lm_head(arch):
+    """Pruning needs no LM head: on the base model alone (``GPT2Model``, ``LlamaModel``) the probe reads the
+    same values as on the model with its head, and for GPT-2 the values recomputed from the block's weights."""
+    model = tiny_model(arch)
+    base = model.base_model  # the same weights, without the head
+    assert not hasattr(base, "lm_head")
+    units = MLPNeurons()
+    site = units.site(model)
+    seqs = [[5, 17, 3, 99, 42, 8], [7, 1, 300]]
+    with_head = UnitProbe(model, site, units, 1, 7, neutral_id=0).last_values(seqs)
+    headless = UnitProbe(base, site, units, 1, 7, neutral_id=0).last_values(seqs)
+    np.testing.assert_allclose(headless, with_head, rtol=1e-6, atol=1e-7)
+    if arch == "gpt2":
+        block, by_hand = base.h[1], []
+        with torch.no_grad():
+            for s in seqs:
+                h = base(torch.tensor([s]), output_hidden_states=True).hidden_states[1]
+                h = h + block.attn(block.ln_1(h))[0]
+                by_hand.append(float(block.mlp.act(block.mlp.c_fc(block.ln_2(h)))[0, -1, 7]))
+        np.testing.assert_allclose(headless, by_hand, rtol=1e-5, atol=1e-6)
+
+
 def test_the_simulator_and_judge_apply_a_rules_text_exactly():
     be = make_backend(BackendSpec("rules"))
     assert isinstance(be, RulesBackend)

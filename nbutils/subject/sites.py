@@ -85,14 +85,21 @@ def num_layers(model: Any) -> int:
 
 
 def site_module(model: Any, site: NeuronSite, layer: int) -> torch.nn.Module:
+    """The site's module at ``layer``. A model without its LM head (``GPT2Model``, ``LlamaModel``: the base
+    model that the built-in sites' paths start with, ``transformer.`` or ``model.``) is found without that
+    prefix, so the rules explainer's probe and the capture run on it too."""
     name = site.module.format(layer=layer)
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise UserError(
-            f"Module {name!r} (neuron site {site.module!r}, layer {layer}) does not exist in this model.",
-            "Check the site's module path against model.named_modules().",
-        ) from None
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    names = [name] + ([name[len(prefix) :]] if prefix != "." and name.startswith(prefix) else [])
+    for candidate in names:
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise UserError(
+        f"Module {name!r} (neuron site {site.module!r}, layer {layer}) does not exist in this model.",
+        "Check the site's module path against model.named_modules().",
+    )
 
 
 def neurons_per_layer(model: Any, site: NeuronSite) -> int:
