@@ -47,50 +47,47 @@ def _time(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> flo
 def measure_collection(
     model: torch.nn.Module, batches: list[torch.Tensor], repeats: int, sync: Callable[[], None] = lambda: None
 ) -> list[dict[str, Any]]:
-    """Bare full forward, collector with every layer hooked, and collector for layers 0..L/2-1 only, on the
-    same batches of [32, 64] token ids; rows with tokens/s and the speed against the bare forward."""
-    from nbutils.collect.collector import CollectConfig, Collector
-    from nbutils.collect.stage import choose_neurons
-    from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
+    """Bare full forward, bare body forward (the model without its LM head: the collector's fair floor, since
+    it stops before the head), the collector with every layer hooked, and the collector for layers 0..L/2-1
+    only, on the same batches of [32, 64] token ids; rows with tokens/s and the speed against both forwards.
+    The collector runs as stage 01 runs it at scale: the capture's stacked buffer, statistics compiled."""
+    from nbutils.subject.sites import neurons_per_layer, num_layers, resolve_site
 
     site = resolve_site(model)
     width, n_layers = neurons_per_layer(model, site), num_layers(model)
-    n_excerpts = sum(len(b) for b in batches)
-    device = batches[0].device
+    body = model.get_submodule(model.base_model_prefix)
 
-    def bare() -> None:
-        with torch.inference_mode():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-
-    def collect(layers: list[int]) -> Callable[[], None]:
+    def bare(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
-            cfg = CollectConfig(layers=layers, quantile_warmup=min(1024, n_excerpts // 2))
-            col = Collector(n_excerpts, 64, choose_neurons(width, layers, None, 0), cfg, site.signed, device=device)
-            with NeuronCapture(model, site, layers) as cap:
-                for i, ids in enumerate(batches):
-                    col.update(i * 32, cap.run(ids))
+            with torch.inference_mode():
+                for ids in batches:
+                    module(input_ids=ids, use_cache=False)
 
         return run
 
     half = n_layers // 2
     variants = {
-        "bare forward": bare,
-        "collect all layers": collect(list(range(n_layers))),
-        f"collect layers 0..{half - 1}": collect(list(range(half))),
+        "bare forward": bare(model),
+        "bare body forward (no LM head)": bare(body),
+        "collect all layers": lambda: _collect(model, site, width, list(range(n_layers)), batches),
+        f"collect layers 0..{half - 1}": lambda: _collect(model, site, width, list(range(half)), batches),
     }
-    bare()  # warm-up
+    bare(model)()  # warm-up; the collector's compiled statistics are compiled here, outside the timings
+    _collect(model, site, width, list(range(n_layers)), batches[:1])
+    _collect(model, site, width, list(range(half)), batches[:1])
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):  # variants alternate within a repeat, so machine noise hits all alike
         for name, fn in variants.items():
             times[name].append(_time(fn, sync))
-    tokens = n_excerpts * 64
+    tokens = sum(len(b) for b in batches) * 64
     base = statistics.median(times["bare forward"])
+    base_body = statistics.median(times["bare body forward (no LM head)"])
     rows = [
         {
             "variant": name,
             "tokens_per_s": tokens / statistics.median(ts),
             "speed_vs_bare": base / statistics.median(ts),
+            "speed_vs_body": base_body / statistics.median(ts),
             "seconds": _median_spread(ts),
         }
         for name, ts in times.items()
@@ -99,8 +96,81 @@ def measure_collection(
     return rows
 
 
+def _collect(
+    model: torch.nn.Module, site: Any, width: int, layers: list[int], batches: list[torch.Tensor], **kw: Any
+) -> Any:
+    """One collection of ``batches`` as stage 01 feeds it (the capture's stacked buffer); the collector."""
+    from nbutils.collect.collector import Collector
+    from nbutils.collect.stage import choose_neurons
+    from nbutils.subject.sites import NeuronCapture
+
+    n_excerpts = sum(len(b) for b in batches)
+    cfg = _collect_cfg(layers, n_excerpts)
+    kw = {"fused": _worth_compiling(layers, width), **kw}
+    col = Collector(n_excerpts, 64, choose_neurons(width, layers, None, 0), cfg, site.signed, batches[0].device, **kw)
+    with NeuronCapture(model, site, layers, stacked=True) as cap:
+        for i, ids in enumerate(batches):
+            cap.run(ids)
+            col.update(i * 32, cap.buffer)
+    return col
+
+
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::masked_select")
+"""Operators after which the host waits for the device: their result's size or value is read on the host."""
+
+
+def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Operator calls and host-device synchronisations per batch of the collector's update (torch.profiler
+    on the CPU), for the GPU path (``dense``, compiled statistics) and the CPU path, every layer and half of
+    them: a small constant per batch is the target, not a number per layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nbutils.collect.collector import Collector
+    from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
+
+    site = resolve_site(model)
+    width, n_layers = neurons_per_layer(model, site), num_layers(model)
+    rows = []
+    for layers in (list(range(n_layers)), list(range(n_layers // 2))):
+        captured = []
+        with NeuronCapture(model, site, layers, stacked=True) as cap:
+            for ids in batches:
+                cap.run(ids)
+                captured.append(cap.buffer.clone())
+        for path, dense in (("GPU path (dense merges)", True), ("CPU path", False)):
+            _collect(model, site, width, layers, batches[:1], dense=dense)  # compiles outside the count
+            n = len(batches) * 32
+            col = Collector(n, 64, {la: np.arange(width) for la in layers}, _collect_cfg(layers, n), site.signed,
+                            fused=_worth_compiling(layers, width), dense=dense)  # fmt: skip
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i, x in enumerate(captured):
+                    col.update(i * 32, x)
+            top = [e for e in prof.events() if e.cpu_parent is None]
+            waits = [e for e in prof.events() if e.name in SYNC_OPS]
+            rows.append({
+                "variant": f"{path}, {len(layers)} layers",
+                "operator_calls_per_batch": len(top) / len(batches),
+                "host_waits_per_batch": len(waits) / len(batches),
+                "waiting_operators": ", ".join(sorted({e.name for e in waits})) or "none",
+            })  # fmt: skip
+    return rows
+
+
+def _worth_compiling(layers: list[int], width: int) -> bool | None:
+    """Compiled statistics for batches of real size (as a long collection gets them by default); tiny smoke
+    models keep the collector's own choice rather than pay the compile."""
+    return True if len(layers) * width * 32 * 64 >= 2**24 else None
+
+
+def _collect_cfg(layers: list[int], n_excerpts: int) -> Any:
+    from nbutils.collect.collector import CollectConfig
+
+    return CollectConfig(layers=layers, quantile_warmup=max(1, min(1024, n_excerpts // 2)))
+
+
 def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
-    """Collector tokens/s (all layers hooked; and layers 0..L/2) over bare full-forward tokens/s."""
+    """Collector tokens/s (all layers hooked; and layers 0..L/2) over bare full- and body-forward tokens/s, then
+    the collector's operator calls and host waits per batch."""
     from nbutils.collect.corpus import load_texts, make_excerpts
     from nbutils.subject.loading import load_subject_model
 
@@ -108,7 +178,9 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
     batches = [torch.from_numpy(ex.tokens[s : s + 32].astype(np.int64)) for s in range(0, len(ex), 32)]
     rows = measure_collection(subject.model, batches, repeats)
-    return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": "32 x 64", "rows": rows}
+    ops = count_collector_ops(subject.model, batches[:4])
+    return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": "32 x 64", "rows": rows,
+            "profiler": ops}  # fmt: skip
 
 
 def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:
@@ -409,16 +481,22 @@ def _fmt(v: Any) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     """The result's rows as a Markdown table (medians with min-max), then its other numbers."""
-    rows = result["rows"]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
     print(f"\n## {result['benchmark']} ({result['model']}; {result['machine']['platform']})\n")
+    _table(result["rows"])
+    for k, v in result.items():
+        if k != "rows" and isinstance(v, list) and v and isinstance(v[0], dict):  # a second table (profile)
+            print(f"\n{k}:\n")
+            _table(v)
+        elif k not in ("rows", "machine", "benchmark", "model"):
+            print(f"- {k}: {_fmt(v)}")
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    for k, v in result.items():
-        if k not in ("rows", "machine", "benchmark", "model"):
-            print(f"- {k}: {_fmt(v)}")
 
 
 if __name__ == "__main__":

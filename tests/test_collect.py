@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from test_hooks import expected_neurons
 
-from nbutils.collect.collector import CollectConfig, Collector
+from nbutils.collect.collector import CollectConfig, Collector, sorted_lists
 from nbutils.collect.corpus import load_texts, make_excerpts
 from nbutils.collect.stage import collect_activations
 from nbutils.core.errors import UserError
@@ -171,3 +171,89 @@ def test_bad_collection_settings(setup, tmp_path, change, message):
     subject, excerpts, _ = setup
     with pytest.raises(UserError, match=message):
         collect_activations(subject, excerpts, tmp_path / "x", CollectConfig(**{**CFG, **change}), progress=False)
+
+
+def _collect_lists(values, neurons, cfg, signed, **paths):
+    """Feed ``values`` ({layer: [n, T, N]}) in batches; each layer's ordered lists, random sample and stats."""
+    n, T = next(iter(values.values())).shape[:2]
+    col = Collector(n, T, neurons, cfg, signed, **paths)
+    for start in range(0, n, cfg.batch_size):
+        col.update(start, {layer: v[start : start + cfg.batch_size] for layer, v in values.items()})
+    out = {}
+    for layer, state in col.layers.items():
+        t = state.t
+        lists = [
+            sorted_lists(t[f"{name}_key"], t[f"{name}_index"], t[f"{name}_acts"], largest=name != "band")
+            for name in ("top", "bottom", "band")
+        ]
+        out[layer] = {
+            "lists": [x.numpy().copy() for pair in lists for x in pair],
+            "random": t["random_acts"].numpy().copy(),
+            "active": t["active"].numpy().copy(),
+            "stats": state.stats(),
+        }
+    return out
+
+
+@pytest.mark.parametrize("signed, subset, batch", [(True, None, 8), (False, 7, 16), (True, [3, 5, 30], 32)])
+def test_collector_paths_keep_the_same_lists_and_float64_exact_statistics(signed, subset, batch):
+    """The GPU path (dense merges, no nonzero) and the CPU path keep the same lists, bit for bit, including
+    exact ties between excerpts and a short last batch; the statistics equal a float64 computation over every
+    token to 1e-12 of the unit's scale."""
+    from nbutils.collect.stage import choose_neurons
+
+    g = torch.Generator().manual_seed(batch)
+    values = {layer: torch.randn(130, 12, 40, generator=g) * (layer + 1) + 0.3 for layer in (0, 3, 5)}
+    for v in values.values():
+        v[5:9] = v[0:4].clone()  # equal maxima: the earlier excerpt wins in every path
+        if not signed:
+            v.clamp_(min=0)
+    neurons = choose_neurons(40, [0, 3, 5], subset, 1)
+    cfg = CollectConfig(layers=[0, 3, 5], top_k=6, n_random=7, band_size=3, quantile_warmup=40, batch_size=batch)
+    cpu = _collect_lists(values, neurons, cfg, signed, dense=False, fused=False)
+    gpu = _collect_lists(values, neurons, cfg, signed, dense=True, fused=False)
+    for layer, got in cpu.items():
+        for a, b in zip(got["lists"], gpu[layer]["lists"]):
+            assert np.array_equal(a, b)
+        assert np.array_equal(got["random"], gpu[layer]["random"]) and np.array_equal(
+            got["active"], gpu[layer]["active"]
+        )
+        x = values[layer][..., torch.from_numpy(neurons[layer])].reshape(-1, len(neurons[layer])).double().numpy()
+        z = (x - x.mean(0)) / x.std(0)
+        exact = np.stack([x.mean(0), x.var(0), (z**3).mean(0), (z**4).mean(0) - 3, x.max(0), x.min(0)], axis=1)
+        scale = np.maximum(np.abs(exact), np.stack([x.std(0), x.var(0)] + [np.ones(len(z[0]))] * 2 + [x.std(0)] * 2, 1))
+        assert np.abs(got["stats"] - exact).max(initial=0) <= 1e-12 * scale.max()
+        assert (np.abs(got["stats"] - exact) <= 1e-12 * scale).all()
+        top_index = got["lists"][0]
+        maxes = values[layer][..., torch.from_numpy(neurons[layer])].amax(1).numpy()  # [n, N]
+        for j in range(len(neurons[layer])):
+            assert top_index[j].tolist() == np.argsort(-maxes[:, j], kind="stable")[:6].tolist()
+
+
+def test_compiled_statistics_equal_the_eager_ones():
+    """``fused`` (torch.compile of `batch_stats`) changes only the order of float64 additions."""
+    from nbutils.collect.collector import batch_stats
+
+    g = torch.Generator().manual_seed(0)
+    x, shift = torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 16, generator=g)
+    for signed in (True, False):
+        eager = batch_stats(x, shift, signed)
+        fused = torch.compile(batch_stats, dynamic=False)(x, shift, signed)
+        torch.testing.assert_close(fused[0], eager[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(fused[1:], eager[1:]):
+            assert torch.equal(a, b)
+
+
+def test_stacked_capture_equals_the_model_values(setup):
+    """``NeuronCapture(stacked=True)`` rows hold what the plain capture returns, in layer order."""
+    from nbutils.subject.sites import NeuronCapture, resolve_site
+
+    subject, excerpts, full = setup
+    ids = torch.from_numpy(excerpts.tokens[:8].astype(np.int64))
+    site = resolve_site(subject.model)
+    with NeuronCapture(subject.model, site, LAYERS, stacked=True) as cap:
+        got = cap.run(ids)
+        assert cap.buffer.shape[0] == len(LAYERS)
+        for row, layer in enumerate(LAYERS):
+            assert got[layer].data_ptr() == cap.buffer[row].data_ptr()
+            np.testing.assert_allclose(cap.buffer[row].numpy(), full[layer][:8], rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ it and a resumed pass equals an uninterrupted one.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,41 +67,74 @@ def order_keys(keys: torch.Tensor, index: torch.Tensor, largest: bool) -> torch.
     return ordered * 2**32 + tie
 
 
-def _keep_best(
+def _merge_best(
     keys: torch.Tensor,
     index: torch.Tensor,
     acts: torch.Tensor,
     new_keys: torch.Tensor,
     new_index: torch.Tensor,
-    batch_acts: torch.Tensor,
+    x: torch.Tensor,
+    row_unit: torch.Tensor,
     largest: bool,
+    dense: bool,
 ) -> None:
-    """Merge a batch into per-neuron lists of the m best keys with their excerpts, in place.
+    """Merge a batch into every layer's per-row lists of the m best keys with their excerpts, in place.
 
-    keys/index [N, m] and acts [N, m, T] hold the lists, unordered (`sorted_lists` orders them at the end);
-    new_keys [N, B] and new_index [B] describe the batch, whose activations are batch_acts [B, T, N]. Among
-    equal keys the earlier excerpt is kept (`order_keys`). Only the slots whose entry is displaced are
-    written, so the cost follows the number of replacements.
+    keys/index [L, R, m] and acts [L, R, m, T] hold the lists, unordered (`sorted_lists` orders them at the
+    end); new_keys [L, R, B] and new_index [B] describe the batch, whose values are x [L, B, T, N]; row r's
+    activations are unit
+    ``row_unit[r]``'s. One ``topk`` over the kept and the new keys picks the m best (equal keys: the earlier
+    excerpt, `order_keys`); the j-th displaced slot of a row receives the j-th new entry taken.
+
+    ``dense`` works on every row and writes every slot through a mask: no ``nonzero``, so the host never
+    waits for the device (the GPU path). Otherwise only the rows the batch can change are merged and only
+    their displaced slots written (the CPU path: once the lists fill, few rows change per batch).
     """
-    old = order_keys(keys, index, largest)
-    new = order_keys(new_keys, new_index.expand_as(new_keys), largest)
-    worst = old.amin(1, keepdim=True) if largest else old.amax(1, keepdim=True)
-    rows = ((new > worst) if largest else (new < worst)).any(dim=1).nonzero().squeeze(1)
-    if rows.numel() == 0:
+    L, R, m = keys.shape
+    B, T = new_keys.shape[-1], acts.shape[-1]
+    keys, index, acts, new_keys = (
+        keys.view(L * R, m),
+        index.view(L * R, m),
+        acts.view(L * R, m, T),
+        new_keys.reshape(L * R, B),
+    )
+    rows = None
+    if not dense:  # rows whose best new key reaches the worst kept one (equal keys decided below)
+        if largest:
+            hit = new_keys.amax(-1) >= keys.amin(-1)
+        else:
+            hit = new_keys.amin(-1) <= keys.amax(-1)
+        rows = hit.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+    k, i, n = (keys, index, new_keys) if rows is None else (keys[rows], index[rows], new_keys[rows])
+    old = order_keys(k, i, largest)
+    new = order_keys(n, new_index.expand_as(n), largest)
+    chosen = torch.topk(torch.cat([old, new], dim=-1), m, dim=-1, largest=largest, sorted=False).indices
+    taken = torch.zeros(old.shape[0], m + B, dtype=torch.bool, device=keys.device)
+    taken.scatter_(-1, chosen, True)
+    displaced, entering = ~taken[:, :m], taken[:, m:]
+    if rows is not None:
+        row, slot = displaced.nonzero(as_tuple=True)  # row-major: each row's slots and entries pair in order
+        pos = entering.nonzero(as_tuple=True)[1]
+        flat = rows[row]
+        layer, unit = flat // R, row_unit[flat % R]
+        # read x in memory order: x[layer, excerpt, :, unit] strides T by N, so unsorted reads (thousands of
+        # rows while the lists fill) miss the cache on every value; sorted, neighbours share cache lines
+        order = torch.argsort((layer * B + pos) * x.shape[-1] + unit)
+        row, slot, pos, flat, layer, unit = (v[order] for v in (row, slot, pos, flat, layer, unit))
+        keys[flat, slot] = n[row, pos]
+        index[flat, slot] = new_index[pos]
+        acts[flat, slot] = x[layer, pos, :, unit].to(acts.dtype)
         return
-    m = keys.shape[1]
-    cand = torch.topk(new[rows], min(m, new.shape[1]), dim=1, largest=largest, sorted=False)
-    chosen = torch.topk(torch.cat([old[rows], cand.values], dim=1), m, dim=1, largest=largest, sorted=False)
-    taken = torch.zeros(len(rows), m + cand.values.shape[1], dtype=torch.bool, device=keys.device)
-    taken.scatter_(1, chosen.indices, True)
-    # per row, the j-th displaced old slot receives the j-th taken candidate (both counts are equal)
-    slot_row, slot = (~taken[:, :m]).nonzero(as_tuple=True)
-    cand_row, cand_pos = taken[:, m:].nonzero(as_tuple=True)
-    neuron = rows[slot_row]
-    batch_pos = cand.indices[cand_row, cand_pos]
-    keys[neuron, slot] = new_keys[neuron, batch_pos]
-    index[neuron, slot] = new_index[batch_pos]
-    acts[neuron, slot] = batch_acts[batch_pos, :, neuron]
+    rank = (displaced.cumsum(-1) - 1).clamp(min=0)  # the how-many-th displaced slot of its row
+    first = torch.argsort((~entering).to(torch.int8), dim=-1, stable=True)  # entering positions first
+    src = first.gather(-1, rank)  # [L*R, m]: the batch position each displaced slot receives
+    keys.copy_(torch.where(displaced, new_keys.gather(-1, src), keys))
+    index.copy_(torch.where(displaced, new_index[src], index))
+    flat = torch.arange(L * R, device=keys.device)[:, None].expand_as(src)
+    fresh = x[flat // R, src, :, row_unit[flat % R]].to(acts.dtype)  # [L*R, m, T]
+    acts.copy_(torch.where(displaced.unsqueeze(-1), fresh, acts))
 
 
 def sorted_lists(
@@ -117,57 +150,24 @@ def sorted_lists(
 
 
 class LayerState:
-    """Fixed-size running state for the neurons of one layer."""
+    """One layer's rows of the collector's stacked state: ``t`` maps each state name to a view of that layer
+    (setting ``t`` copies the given tensors in), so checkpoints and shard merges stay per layer."""
 
-    def __init__(
-        self, n: int, excerpt_len: int, cfg: CollectConfig, bottom_k: int, warmup: int, device: str = "cpu"
-    ) -> None:
-        T, f32, i64 = excerpt_len, torch.float32, torch.int64
-        nb, m = len(cfg.bands), cfg.band_size
-        self.t: dict[str, torch.Tensor] = {
-            # power sums of (x - shift) in float64; shift = the first batch's mean keeps them well conditioned
-            "count": torch.zeros((), dtype=torch.float64),
-            "shift": torch.zeros(n, dtype=f32),
-            "sums": torch.zeros(4, n, dtype=torch.float64),
-            "max": torch.full((n,), -math.inf, dtype=f32),
-            "min": torch.full((n,), math.inf, dtype=f32),
-            "active": torch.zeros(n, dtype=i64),  # tokens with a value > 0 (!= 0 if signed): dead and rare units
-            "top_key": torch.full((n, cfg.top_k), -math.inf, dtype=f32),
-            "top_index": torch.full((n, cfg.top_k), -1, dtype=i64),
-            "top_acts": torch.zeros((n, cfg.top_k, T), dtype=f32),
-            "bottom_key": torch.full((n, bottom_k), -math.inf, dtype=f32),
-            "bottom_index": torch.full((n, bottom_k), -1, dtype=i64),
-            "bottom_acts": torch.zeros((n, bottom_k, T), dtype=f32),
-            "random_acts": torch.zeros((n, cfg.n_random, T), dtype=f32),
-            "warmup_max": torch.zeros((warmup, n), dtype=f32),
-            "band_edges": torch.full((n, nb + 1), math.nan, dtype=f32),
-            "band_key": torch.full((n, nb, m), math.inf, dtype=f32),
-            "band_index": torch.full((n, nb, m), -1, dtype=i64),
-            "band_acts": torch.zeros((n, nb, m, T), dtype=f32),
-        }
-        self.t = {k: v.to(device) for k, v in self.t.items()}
-        self.shift_fixed = False
-        """True when ``shift`` was given (a shard takes the warm-up shard's, so shards' sums add up)."""
+    def __init__(self, stack: dict[str, torch.Tensor], row: int) -> None:
+        self._stack, self._row = stack, row
 
-    def update_moments(self, x: torch.Tensor, scratch: list[torch.Tensor]) -> None:
-        """Add a batch (x: [tokens, N]) to the shifted power sums, using two preallocated scratch buffers."""
-        t = self.t
-        if float(t["count"]) == 0 and not self.shift_fixed:
-            t["shift"] = x.mean(dim=0)
-        d, p = scratch
-        torch.sub(x, t["shift"], out=d)
-        s1 = d.sum(0)
-        torch.mul(d, d, out=p)
-        s2 = p.sum(0)
-        torch.mul(p, d, out=d)
-        s3 = d.sum(0)
-        torch.mul(p, p, out=p)
-        t["sums"] += torch.stack([s1, s2, s3, p.sum(0)]).double()
-        t["count"] += x.shape[0]
+    @property
+    def t(self) -> dict[str, torch.Tensor]:
+        return {k: v[self._row] for k, v in self._stack.items()}
+
+    @t.setter
+    def t(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self._stack[k][self._row].copy_(v)
 
     def stats(self) -> np.ndarray:
         """[N, 6] float64: mean, variance, skewness, excess kurtosis, max, min."""
-        t = {k: self.t[k].cpu() for k in ("count", "sums", "shift", "max", "min")}
+        t = {k: v.cpu() for k, v in self.t.items() if k in ("count", "sums", "shift", "max", "min")}
         n = float(t["count"])
         s1, s2, s3, s4 = (t["sums"] / n).numpy()
         mu = s1  # mean of (x - shift)
@@ -184,8 +184,34 @@ class LayerState:
         return np.stack(cols, axis=1)
 
 
+def batch_stats(
+    x: torch.Tensor, shift: torch.Tensor, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one pass over a batch x [L, B, T, N] adds to the state: the power sums 1..4 of (x - shift) over
+    every token in float64 [L, 4, N], each excerpt's max and min [L, B, N], and the active-token counts
+    [L, N]. Written so that `torch.compile` fuses it into one read of x (`Collector`'s ``fused``)."""
+    d = x.double() - shift[:, None, None, :].double()
+    d2 = d * d
+    sums = torch.stack([d.sum((1, 2)), d2.sum((1, 2)), (d2 * d).sum((1, 2)), (d2 * d2).sum((1, 2))], dim=1)
+    active = ((x != 0) if signed else (x > 0)).sum((1, 2))
+    return sums, x.amax(2).float(), x.amin(2).float(), active
+
+
+_COMPILED: dict[bool, Any] = {}
+
+
+def _compiled_batch_stats() -> Any:
+    if True not in _COMPILED:
+        _COMPILED[True] = torch.compile(batch_stats, dynamic=False)
+    return _COMPILED[True]
+
+
 class Collector:
-    """The streaming collector for a set of layers; feed it batches with `update`."""
+    """The streaming collector for a set of layers; feed it batches with `update`.
+
+    Every layer's state lives in one stacked tensor per kind ([layers, units, ...]), and a batch updates all
+    layers together with a fixed number of tensor operations, not a number per layer: on a GPU the
+    collector's cost is kernel launches and host waits, not arithmetic."""
 
     def __init__(
         self,
@@ -195,8 +221,15 @@ class Collector:
         cfg: CollectConfig,
         signed: bool,
         device: str | torch.device = "cpu",
+        fused: bool | None = None,
+        dense: bool | None = None,
     ):
-        """State lives on ``device`` (the model's), so a GPU model's activations never leave the GPU."""
+        """State lives on ``device`` (the model's), so a GPU model's activations never leave the GPU.
+
+        ``fused``: compute each batch's statistics with `torch.compile` (one pass over the values; None: on a
+        GPU, or on the CPU from 10^9 values read: enough to repay the compile, about 20 s once per process).
+        ``dense``: merge the kept lists without ``nonzero`` (None: on a GPU). Either way the results agree:
+        the lists exactly, the statistics to float64 rounding."""
         self.cfg = cfg
         self.signed = signed
         self.device = torch.device(device)
@@ -204,92 +237,146 @@ class Collector:
         rng = np.random.default_rng(cfg.seed)
         n_random = min(cfg.n_random, n_excerpts)
         self.random_index = np.sort(rng.choice(n_excerpts, size=n_random, replace=False)).astype(np.int64)
-        cfg_random = CollectConfig(**{**asdict(cfg), "n_random": n_random})
         # the warm-up ends on a batch boundary; leave at least half the excerpts for band sampling
         warm = min(cfg.quantile_warmup, max(1, n_excerpts // 2))
         self.warmup = min(n_excerpts, math.ceil(warm / cfg.batch_size) * cfg.batch_size)
         self.neurons = neurons
-        self.layers = {
-            layer: LayerState(len(idx), excerpt_len, cfg_random, self.bottom_k, self.warmup, self.device)
-            for layer, idx in neurons.items()
+        self.order = sorted(neurons)
+        widths = {len(neurons[layer]) for layer in self.order}
+        if len(widths) != 1:
+            raise ValueError(f"every layer needs the same number of units to stack, got {sorted(widths)}")
+        n, T, L = widths.pop(), excerpt_len, len(self.order)
+        f32, i64 = torch.float32, torch.int64
+        nb, m, k = len(cfg.bands), cfg.band_size, cfg.top_k
+        self.stack: dict[str, torch.Tensor] = {
+            # power sums of (x - shift) in float64; shift = the first batch's mean keeps them well conditioned
+            "count": torch.zeros(L, dtype=torch.float64),
+            "shift": torch.zeros(L, n, dtype=f32),
+            "sums": torch.zeros(L, 4, n, dtype=torch.float64),
+            "max": torch.full((L, n), -math.inf, dtype=f32),
+            "min": torch.full((L, n), math.inf, dtype=f32),
+            "active": torch.zeros(L, n, dtype=i64),  # tokens > 0 (!= 0 if signed): dead and rare units
+            "top_key": torch.full((L, n, k), -math.inf, dtype=f32),
+            "top_index": torch.full((L, n, k), -1, dtype=i64),
+            "top_acts": torch.zeros((L, n, k, T), dtype=f32),
+            "bottom_key": torch.full((L, n, self.bottom_k), -math.inf, dtype=f32),
+            "bottom_index": torch.full((L, n, self.bottom_k), -1, dtype=i64),
+            "bottom_acts": torch.zeros((L, n, self.bottom_k, T), dtype=f32),
+            "random_acts": torch.zeros((L, n, n_random, T), dtype=f32),
+            "warmup_max": torch.zeros((L, self.warmup, n), dtype=f32),
+            "band_edges": torch.full((L, n, nb + 1), math.nan, dtype=f32),
+            "band_key": torch.full((L, n, nb, m), math.inf, dtype=f32),
+            "band_index": torch.full((L, n, nb, m), -1, dtype=i64),
+            "band_acts": torch.zeros((L, n, nb, m, T), dtype=f32),
         }
+        self.stack = {name: v.to(self.device) for name, v in self.stack.items()}
+        self.layers = {layer: LayerState(self.stack, i) for i, layer in enumerate(self.order)}
         self.position = 0
         self.tokens_seen = 0
-        self._buffers: list[torch.Tensor] | None = None
+        self.shift_fixed = False
+        """True when ``shift`` was given (a shard takes the warm-up shard's, so shards' sums add up)."""
+        gpu = self.device.type != "cpu"
+        work = L * n * excerpt_len * n_excerpts  # values the collection reads
+        self.fused = (gpu or work >= 1e9) if fused is None else fused
+        self.dense = gpu if dense is None else dense
+        self._fused_shape: tuple[int, ...] | None = None
+        self._row_unit = {"unit": torch.arange(n, device=self.device)}
+        self._row_unit["band"] = self._row_unit["unit"].repeat_interleave(nb)
 
-    def _scratch(self, rows: int, cols: int) -> list[torch.Tensor]:
-        if self._buffers is None or self._buffers[0].shape != (rows, cols):
-            self._buffers = [torch.empty(rows, cols, device=self.device) for _ in range(2)]
-        return self._buffers
+    def _band_keys(self, start: int, shape: tuple[int, int]) -> torch.Tensor:
+        """[L, N, B] priority keys, one stream per (seed, layer, batch start): drawn on the CPU so every device
+        and shard draws the same keys, and moved to the device in one copy."""
+        keys = []
+        for layer in self.order:
+            seed = int(np.random.SeedSequence([self.cfg.seed, layer, start]).generate_state(1)[0])
+            keys.append(torch.rand(shape, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(keys).to(self.device, non_blocking=True)
 
-    def _band_keys(self, layer: int, start: int, shape: tuple[int, int]) -> torch.Tensor:
-        seed = int(np.random.SeedSequence([self.cfg.seed, layer, start]).generate_state(1)[0])
-        g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same keys on every device
-        return torch.rand(shape, generator=g).to(self.device)
+    def _batch_stats(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`batch_stats`, compiled when ``fused`` (for the first batch's shape: a smaller last batch runs
+        eagerly rather than compile again); a compiler that fails falls back to eager once, with a note."""
+        if self.fused and self._fused_shape in (None, tuple(x.shape)):
+            try:
+                out = _compiled_batch_stats()(x, shift, self.signed)
+                self._fused_shape = tuple(x.shape)
+                return out
+            except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported device: stay correct
+                print(f"collect: torch.compile unavailable ({type(e).__name__}); statistics computed eagerly")
+                self.fused = False
+        return batch_stats(x, shift, self.signed)
 
-    def update(self, start: int, values: dict[int, torch.Tensor]) -> None:
-        """Add a batch of excerpts ``start, start+1, ...``; values[layer] is [batch, tokens, all neurons]."""
-        for layer, full in values.items():
-            state = self.layers[layer]
-            t = state.t
-            sel = self.neurons[layer]
-            full = full.to(self.device)
-            if len(sel) == full.shape[-1]:
-                acts = full.float()
-            else:
-                acts = full[..., torch.from_numpy(sel).to(self.device)].float()
-            B, T, N = acts.shape
-            index = torch.arange(start, start + B, dtype=torch.int64, device=self.device)
-            bmax = acts.amax(dim=1).T.contiguous()  # [N, B]
-            bmin = acts.amin(dim=1).T.contiguous()
-            state.update_moments(acts.reshape(B * T, N), self._scratch(B * T, N))
-            t["max"] = torch.maximum(t["max"], bmax.amax(1))
-            t["min"] = torch.minimum(t["min"], bmin.amin(1))
-            t["active"] += ((acts != 0) if self.signed else (acts > 0)).sum(dim=(0, 1))
-            _keep_best(t["top_key"], t["top_index"], t["top_acts"], bmax, index, acts, largest=True)
-            if self.bottom_k:
-                _keep_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bmin, index, acts, largest=True)
-            lo, hi = np.searchsorted(self.random_index, [start, start + B])
-            for slot in range(lo, hi):
-                t["random_acts"][:, slot] = acts[int(self.random_index[slot]) - start].T
-            if start < self.warmup:
-                t["warmup_max"][start : start + B] = bmax.T[: self.warmup - start]
-                if start + B >= self.warmup:
-                    q = torch.tensor(band_quantiles(self.cfg.bands), dtype=torch.float32, device=self.device)
-                    t["band_edges"] = torch.quantile(t["warmup_max"], q, dim=0).T.contiguous()
-            else:
-                keys = self._band_keys(layer, start, (N, B))
-                edges = t["band_edges"]
-                for b in range(len(self.cfg.bands)):
-                    upper = bmax < edges[:, b + 1 : b + 2]
-                    inside = upper if b == 0 else upper & (bmax >= edges[:, b : b + 1])
-                    band_keys = torch.where(inside, keys, torch.full_like(keys, math.inf))
-                    _keep_best(
-                        t["band_key"][:, b], t["band_index"][:, b], t["band_acts"][:, b],
-                        band_keys, index, acts, largest=False,
-                    )  # fmt: skip
-        batch, tokens = next(iter(values.values())).shape[:2]
-        self.position = start + batch
-        self.tokens_seen += batch * tokens
+    def update(self, start: int, values: dict[int, torch.Tensor] | torch.Tensor) -> None:
+        """Add a batch of excerpts ``start, start+1, ...``: values[layer] is [batch, tokens, all units], or
+        ``values`` is every layer's stacked in the collector's layer order ([layers, batch, tokens, units], as
+        `NeuronCapture(stacked=True)` keeps them: no copy)."""
+        t, cfg = self.stack, self.cfg
+        if isinstance(values, dict):
+            values = torch.stack([values[layer].to(self.device) for layer in self.order])
+        x = values.to(self.device)
+        sel = self.neurons[self.order[0]]
+        if len(sel) != x.shape[-1] or any(not np.array_equal(self.neurons[la], sel) for la in self.order):
+            pick = torch.from_numpy(np.stack([self.neurons[la] for la in self.order])).to(self.device)
+            x = torch.gather(x, 3, pick[:, None, None, :].expand(*x.shape[:3], pick.shape[1]))
+        L, B, T, N = x.shape
+        if self.position == 0 and start == 0 and not self.shift_fixed:
+            t["shift"].copy_(x.float().mean(dim=(1, 2)))
+        sums, bmax, bmin, active = self._batch_stats(x, t["shift"])  # bmax, bmin: [L, B, N]
+        t["sums"] += sums
+        t["count"] += B * T
+        t["active"] += active
+        torch.maximum(t["max"], bmax.amax(1), out=t["max"])
+        torch.minimum(t["min"], bmin.amin(1), out=t["min"])
+        index = torch.arange(start, start + B, dtype=torch.int64, device=self.device)
+        top, bottom = bmax.transpose(1, 2), bmin.transpose(1, 2)  # [L, N, B]
+        units = self._row_unit["unit"]
+        _merge_best(t["top_key"], t["top_index"], t["top_acts"], top, index, x, units, True, self.dense)
+        if self.bottom_k:
+            _merge_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bottom, index, x, units, True,
+                        self.dense)  # fmt: skip
+        lo, hi = np.searchsorted(self.random_index, [start, start + B])
+        if hi > lo:  # the random sample's excerpts in this batch, every layer at once
+            rows = torch.from_numpy(self.random_index[lo:hi] - start).to(self.device)
+            t["random_acts"][:, :, lo:hi] = x[:, rows].permute(0, 3, 1, 2).to(torch.float32)
+        if start < self.warmup:
+            t["warmup_max"][:, start : start + B] = bmax[:, : self.warmup - start]
+            if start + B >= self.warmup:
+                q = torch.tensor(band_quantiles(cfg.bands), dtype=torch.float32, device=self.device)
+                for i in range(L):  # once per collection; per layer since quantile() caps its input size
+                    t["band_edges"][i] = torch.quantile(t["warmup_max"][i], q, dim=0).T
+        else:
+            nb = len(cfg.bands)
+            keys = self._band_keys(start, (N, B))  # [L, N, B]
+            edges = t["band_edges"]  # [L, N, nb + 1]
+            inside = top.unsqueeze(2) < edges[..., 1:, None]  # [L, N, nb, B]
+            inside[:, :, 1:] &= top.unsqueeze(2) >= edges[..., 1:nb, None]
+            band_keys = torch.where(inside, keys.unsqueeze(2), math.inf).reshape(L, N * nb, B)
+            m = cfg.band_size
+            _merge_best(
+                t["band_key"].view(L, N * nb, m), t["band_index"].view(L, N * nb, m),
+                t["band_acts"].view(L, N * nb, m, T), band_keys, index, x, self._row_unit["band"], False,
+                self.dense,
+            )  # fmt: skip
+        self.position = start + B
+        self.tokens_seen += B * T
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "position": self.position,
             "tokens_seen": self.tokens_seen,
-            "layers": {layer: {k: v.cpu() for k, v in s.t.items()} for layer, s in self.layers.items()},
+            "layers": {layer: {k: v.to("cpu", copy=True) for k, v in s.t.items()} for layer, s in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         self.tokens_seen = int(state["tokens_seen"])
         for layer, tensors in state["layers"].items():
-            missing = set(self.layers[int(layer)].t) - set(tensors)
+            missing = set(self.stack) - set(tensors)
             if missing:
                 raise UserError(
                     f"The collection checkpoint was written by an older nbutils (it lacks {sorted(missing)}).",
                     "Delete the checkpoint (checkpoint.pt in the stage folder) and rerun to collect from the start.",
                 )
-            self.layers[int(layer)].t = {k: v.to(self.device) for k, v in tensors.items()}
+            self.layers[int(layer)].t = tensors
 
 
 def _best_of(parts: list[dict[str, torch.Tensor]], name: str, largest: bool, m: int) -> dict[str, torch.Tensor]:

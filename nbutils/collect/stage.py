@@ -172,11 +172,16 @@ def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Colle
         torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
         atomic_write_bytes(checkpoint, buf.getvalue())
 
-    with NeuronCapture(subject.model, plan.site, plan.layers) as capture, _held_interrupt() as interrupted:
+    with (
+        NeuronCapture(subject.model, plan.site, plan.layers, stacked=True) as capture,
+        _held_interrupt() as interrupted,
+    ):
         for start in range(col.position, n, batch):
             ids = torch.from_numpy(excerpts.tokens[start : min(start + batch, n)].astype(np.int64)).to(device)
             captured = capture.run(ids)
-            col.update(start, {layer: plan.unit.transform(v, layer) for layer, v in captured.items()})
+            units = {layer: plan.unit.transform(v, layer) for layer, v in captured.items()}
+            same = all(units[layer] is captured[layer] for layer in units)  # neurons: the capture's stacked buffer
+            col.update(start, capture.buffer if same else units)
             bar.update(len(ids))
             if (
                 checkpoint
@@ -303,8 +308,8 @@ def collect_shard(
         start = torch.load(warm, weights_only=False)["state"]["layers"]
         for layer, state in col.layers.items():
             for name in ("shift", "band_edges"):
-                state.t[name] = start[layer][name].to(col.device)
-            state.shift_fixed = True
+                state.t[name].copy_(start[layer][name])
+        col.shift_fixed = True
     Path(path).with_suffix(".started").write_text(f"{os.getpid()}\n")  # which process works on it (tests)
     _stream(subject, excerpts, plan, col, None, cfg, progress=False, stop=hi)
     buf = io.BytesIO()

@@ -143,21 +143,36 @@ class NeuronCapture:
     stopping the forward pass after the last requested layer.
     """
 
-    def __init__(self, model: Any, site: NeuronSite, layers: Iterable[int], stop_early: bool = True) -> None:
+    def __init__(
+        self, model: Any, site: NeuronSite, layers: Iterable[int], stop_early: bool = True, stacked: bool = False
+    ) -> None:
+        """``stacked``: copy each layer's values into one reused [layers, batch, tokens, neurons] buffer, whose
+        rows ``run`` returns (valid until the next ``run``): the model's own tensors are freed as it goes, and
+        the collector reads every layer as one tensor (``buffer``, in the order of ``layers``)."""
         self.model = model
         self.site = site
         self.layers = sorted(layers)
         self.stop_early = stop_early
+        self.stacked = stacked
+        self.buffer: torch.Tensor | None = None
         self.values: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def _hook(self, layer: int):  # noqa: ANN202
         last = layer == self.layers[-1]
+        row = self.layers.index(layer)
 
         def keep(value: Any) -> None:
             if isinstance(value, tuple):
                 value = value[0]
-            self.values[layer] = value.detach()
+            if self.stacked:
+                shape = (len(self.layers), *value.shape)
+                if self.buffer is None or self.buffer.shape != shape or self.buffer.dtype != value.dtype:
+                    self.buffer = torch.empty(shape, dtype=value.dtype, device=value.device)
+                self.buffer[row].copy_(value)
+                self.values[layer] = self.buffer[row]
+            else:
+                self.values[layer] = value.detach()
             if last and self.stop_early:
                 raise _StopForward
 
