@@ -52,6 +52,8 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert "| variant |" in out
     assert results["simulate"]["max_abs_difference"] < 1e-4  # prefix reuse changes no probability
     assert results["collect"]["rows"][-1]["ideal"] > 1.5
+    ops = {r["variant"]: r for r in results["collect"]["profiler"]}
+    assert all(r["host_waits_per_batch"] == 0 for name, r in ops.items() if name.startswith("GPU path"))
     mem = results["memory"]["rows"]
     assert [r["tokens"] for r in mem] == [0, 32 * 64, 4 * 32 * 64] and mem[1]["collector_state_mb"] > 0
     e2e = results["e2e"]
@@ -78,7 +80,9 @@ def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):
         str(BENCH / "gpu.py"), "--smoke", "--batches", "2", "--repeats", "1", "--results", str(tmp_path), cwd=tmp_path
     )
     rows = json.loads((tmp_path / "gpu_smoke.json").read_text())["rows"]
-    assert len(rows) == 8 and all(r["tokens_per_s"] > 0 for r in rows) and "tokens_per_s" in out
+    assert len(rows) == 10 and all(r["tokens_per_s"] > 0 for r in rows) and "tokens_per_s" in out
+    body = [r for r in rows if r["variant"].startswith("bare body forward")]
+    assert len(body) == 2 and all(r["speed_vs_body"] == 1 for r in body)  # both models' body-forward baseline
     assert all(r["max_abs_difference"] < 1e-4 for r in rows if "max_abs_difference" in r)
 
 
