@@ -100,14 +100,9 @@ def _collect(
     model: torch.nn.Module, site: Any, width: int, layers: list[int], batches: list[torch.Tensor], **kw: Any
 ) -> Any:
     """One collection of ``batches`` as stage 01 feeds it (the capture's stacked buffer); the collector."""
-    from nbutils.collect.collector import Collector
-    from nbutils.collect.stage import choose_neurons
     from nbutils.subject.sites import NeuronCapture
 
-    n_excerpts = sum(len(b) for b in batches)
-    cfg = _collect_cfg(layers, n_excerpts)
-    kw = {"fused": _worth_compiling(layers, width), **kw}
-    col = Collector(n_excerpts, 64, choose_neurons(width, layers, None, 0), cfg, site.signed, batches[0].device, **kw)
+    col = _collector(layers, width, sum(len(b) for b in batches), site.signed, batches[0].device, **kw)
     with NeuronCapture(model, site, layers, stacked=True) as cap:
         for i, ids in enumerate(batches):
             cap.run(ids)
@@ -125,7 +120,6 @@ def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> 
     them: a small constant per batch is the target, not a number per layer."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nbutils.collect.collector import Collector
     from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
 
     site = resolve_site(model)
@@ -139,9 +133,7 @@ def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> 
                 captured.append(cap.buffer.clone())
         for path, dense in (("GPU path (dense merges)", True), ("CPU path", False)):
             _collect(model, site, width, layers, batches[:1], dense=dense)  # compiles outside the count
-            n = len(batches) * 32
-            col = Collector(n, 64, {la: np.arange(width) for la in layers}, _collect_cfg(layers, n), site.signed,
-                            fused=_worth_compiling(layers, width), dense=dense)  # fmt: skip
+            col = _collector(layers, width, len(batches) * 32, site.signed, batches[0].device, dense=dense)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for i, x in enumerate(captured):
                     col.update(i * 32, x)
@@ -156,16 +148,14 @@ def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> 
     return rows
 
 
-def _worth_compiling(layers: list[int], width: int) -> bool | None:
-    """Compiled statistics for batches of real size (as a long collection gets them by default); tiny smoke
-    models keep the collector's own choice rather than pay the compile."""
-    return True if len(layers) * width * 32 * 64 >= 2**24 else None
+def _collector(layers: list[int], width: int, n_excerpts: int, signed: bool, device: Any, **kw: Any) -> Any:
+    """A collector of every unit of ``layers`` for ``n_excerpts``; statistics compiled for batches of real size
+    (as a long collection gets them by default), while tiny smoke models keep the collector's own choice."""
+    from nbutils.collect.collector import CollectConfig, Collector
 
-
-def _collect_cfg(layers: list[int], n_excerpts: int) -> Any:
-    from nbutils.collect.collector import CollectConfig
-
-    return CollectConfig(layers=layers, quantile_warmup=max(1, min(1024, n_excerpts // 2)))
+    cfg = CollectConfig(layers=layers, quantile_warmup=max(1, min(1024, n_excerpts // 2)))
+    kw = {"fused": True if len(layers) * width * 32 * 64 >= 2**24 else None, **kw}
+    return Collector(n_excerpts, 64, {layer: np.arange(width) for layer in layers}, cfg, signed, device, **kw)
 
 
 def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:

@@ -21,6 +21,7 @@ it and a resumed pass equals an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +83,9 @@ def _merge_best(
 
     keys/index [L, R, m] and acts [L, R, m, T] hold the lists, unordered (`sorted_lists` orders them at the
     end); new_keys [L, R, B] and new_index [B] describe the batch, whose values are x [L, B, T, N]; row r's
-    activations are unit
-    ``row_unit[r]``'s. One ``topk`` over the kept and the new keys picks the m best (equal keys: the earlier
-    excerpt, `order_keys`); the j-th displaced slot of a row receives the j-th new entry taken.
+    activations are unit ``row_unit[r]``'s. One ``topk`` over the kept and the new keys picks the m best
+    (equal keys: the earlier excerpt, `order_keys`); the j-th displaced slot of a row receives the j-th new
+    entry taken.
 
     ``dense`` works on every row and writes every slot through a mask: no ``nonzero``, so the host never
     waits for the device (the GPU path). Otherwise only the rows the batch can change are merged and only
@@ -197,13 +198,9 @@ def batch_stats(
     return sums, x.amax(2).float(), x.amin(2).float(), active
 
 
-_COMPILED: dict[bool, Any] = {}
-
-
+@functools.cache
 def _compiled_batch_stats() -> Any:
-    if True not in _COMPILED:
-        _COMPILED[True] = torch.compile(batch_stats, dynamic=False)
-    return _COMPILED[True]
+    return torch.compile(batch_stats, dynamic=False)
 
 
 class Collector:
@@ -280,6 +277,8 @@ class Collector:
         self.fused = (gpu or work >= 1e9) if fused is None else fused
         self.dense = gpu if dense is None else dense
         self._fused_shape: tuple[int, ...] | None = None
+        self._pick = torch.from_numpy(np.stack([neurons[layer] for layer in self.order])).to(self.device)
+        self._all_units = bool((self._pick == torch.arange(n, device=self.device)).all())
         self._row_unit = {"unit": torch.arange(n, device=self.device)}
         self._row_unit["band"] = self._row_unit["unit"].repeat_interleave(nb)
 
@@ -313,10 +312,8 @@ class Collector:
         if isinstance(values, dict):
             values = torch.stack([values[layer].to(self.device) for layer in self.order])
         x = values.to(self.device)
-        sel = self.neurons[self.order[0]]
-        if len(sel) != x.shape[-1] or any(not np.array_equal(self.neurons[la], sel) for la in self.order):
-            pick = torch.from_numpy(np.stack([self.neurons[la] for la in self.order])).to(self.device)
-            x = torch.gather(x, 3, pick[:, None, None, :].expand(*x.shape[:3], pick.shape[1]))
+        if x.shape[-1] != len(self._pick[0]) or not self._all_units:  # a subset of the units: pick them
+            x = torch.gather(x, 3, self._pick[:, None, None, :].expand(*x.shape[:3], self._pick.shape[1]))
         L, B, T, N = x.shape
         if self.position == 0 and start == 0 and not self.shift_fixed:
             t["shift"].copy_(x.float().mean(dim=(1, 2)))
