@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from nbutils.core.errors import UserError
 from nbutils.core.records import DEFAULT_BANDS, STAT_FIELDS
@@ -116,32 +117,50 @@ def _merge_best(
     taken.scatter_(-1, chosen, True)
     displaced, entering = ~taken[:, :m], taken[:, m:]
     if rows is not None:
-        row, slot = displaced.nonzero(as_tuple=True)  # row-major: each row's slots and entries pair in order
-        pos = entering.nonzero(as_tuple=True)[1]
-        flat = rows[row]
-        layer, unit = flat // R, row_unit[flat % R]
-        # read x in memory order: x[layer, excerpt, :, unit] strides T by N, so unsorted reads (thousands of
-        # rows while the lists fill) miss the cache on every value; sorted, neighbours share cache lines
-        order = torch.argsort((layer * B + pos) * x.shape[-1] + unit)
-        row, slot, pos, flat, layer, unit = (v[order] for v in (row, slot, pos, flat, layer, unit))
-        keys[flat, slot] = n[row, pos]
-        index[flat, slot] = new_index[pos]
-        acts[flat, slot] = x[layer, pos, :, unit].to(acts.dtype)
-        return
+        _write_displaced(keys, index, acts, n, new_index, x, rows, row_unit, displaced, entering, R)
+    else:
+        _write_masked(keys, index, acts, new_keys, new_index, x, row_unit, displaced, entering, R)
+
+
+def _write_displaced(
+    keys: Tensor, index: Tensor, acts: Tensor, n: Tensor, new_index: Tensor, x: Tensor, rows: Tensor,
+    row_unit: Tensor, displaced: Tensor, entering: Tensor, R: int,
+) -> None:  # fmt: skip
+    """The CPU path of `_merge_best`: write the displaced slots of ``rows`` only, pairing each row's j-th
+    displaced slot with its j-th entering excerpt (both found row-major by ``nonzero``)."""
+    row, slot = displaced.nonzero(as_tuple=True)
+    pos = entering.nonzero(as_tuple=True)[1]
+    flat = rows[row]
+    layer, unit = flat // R, row_unit[flat % R]
+    # read x in memory order: x[layer, excerpt, :, unit] strides T by N, so unsorted reads (thousands of rows
+    # while the lists fill) miss the cache on every value; sorted, neighbours share cache lines
+    order = torch.argsort((layer * x.shape[1] + pos) * x.shape[-1] + unit)
+    row, slot, pos, flat, layer, unit = (v[order] for v in (row, slot, pos, flat, layer, unit))
+    keys[flat, slot] = n[row, pos]
+    index[flat, slot] = new_index[pos]
+    acts[flat, slot] = x[layer, pos, :, unit].to(acts.dtype)
+
+
+def _write_masked(
+    keys: Tensor, index: Tensor, acts: Tensor, new_keys: Tensor, new_index: Tensor, x: Tensor, row_unit: Tensor,
+    displaced: Tensor, entering: Tensor, R: int,
+) -> None:  # fmt: skip
+    """The GPU path of `_merge_best`: every slot written through the ``displaced`` mask, the j-th displaced slot
+    of a row taking the j-th entering excerpt found by ranks (no ``nonzero``, so no wait for the device)."""
     rank = (displaced.cumsum(-1) - 1).clamp(min=0)  # the how-many-th displaced slot of its row
     first = torch.argsort((~entering).to(torch.int8), dim=-1, stable=True)  # entering positions first
-    src = first.gather(-1, rank)  # [L*R, m]: the batch position each displaced slot receives
+    src = first.gather(-1, rank)  # [rows, m]: the batch position each displaced slot receives
     keys.copy_(torch.where(displaced, new_keys.gather(-1, src), keys))
     index.copy_(torch.where(displaced, new_index[src], index))
-    flat = torch.arange(L * R, device=keys.device)[:, None].expand_as(src)
-    fresh = x[flat // R, src, :, row_unit[flat % R]].to(acts.dtype)  # [L*R, m, T]
+    flat = torch.arange(keys.shape[0], device=keys.device)[:, None].expand_as(src)
+    fresh = x[flat // R, src, :, row_unit[flat % R]].to(acts.dtype)  # [rows, m, T]
     acts.copy_(torch.where(displaced.unsqueeze(-1), fresh, acts))
 
 
 def sorted_lists(
     keys: torch.Tensor, index: torch.Tensor, acts: torch.Tensor, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lists of `_keep_best` ordered best first (equal keys: earlier excerpt first); slots never filled
+    """The lists of `_merge_best` ordered best first (equal keys: earlier excerpt first); slots never filled
     (infinite key) get index -1."""
     order = torch.argsort(order_keys(keys, index, largest), dim=-1, descending=largest, stable=True)
     keys = torch.gather(keys, -1, order)
@@ -203,6 +222,36 @@ def _compiled_batch_stats() -> Any:
     return torch.compile(batch_stats, dynamic=False)
 
 
+def _initial_state(
+    L: int, n: int, T: int, cfg: CollectConfig, bottom_k: int, n_random: int, warmup: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The collector's empty state for L layers of n units and excerpts of T tokens, stacked per kind."""
+    f32, i64 = torch.float32, torch.int64
+    nb, m, k = len(cfg.bands), cfg.band_size, cfg.top_k
+    state = {
+        # power sums of (x - shift) in float64; shift = the first batch's mean keeps them well conditioned
+        "count": torch.zeros(L, dtype=torch.float64),
+        "shift": torch.zeros(L, n, dtype=f32),
+        "sums": torch.zeros(L, 4, n, dtype=torch.float64),
+        "max": torch.full((L, n), -math.inf, dtype=f32),
+        "min": torch.full((L, n), math.inf, dtype=f32),
+        "active": torch.zeros(L, n, dtype=i64),  # tokens > 0 (!= 0 if signed): dead and rare units
+        "top_key": torch.full((L, n, k), -math.inf, dtype=f32),
+        "top_index": torch.full((L, n, k), -1, dtype=i64),
+        "top_acts": torch.zeros((L, n, k, T), dtype=f32),
+        "bottom_key": torch.full((L, n, bottom_k), -math.inf, dtype=f32),
+        "bottom_index": torch.full((L, n, bottom_k), -1, dtype=i64),
+        "bottom_acts": torch.zeros((L, n, bottom_k, T), dtype=f32),
+        "random_acts": torch.zeros((L, n, n_random, T), dtype=f32),
+        "warmup_max": torch.zeros((L, warmup, n), dtype=f32),
+        "band_edges": torch.full((L, n, nb + 1), math.nan, dtype=f32),
+        "band_key": torch.full((L, n, nb, m), math.inf, dtype=f32),
+        "band_index": torch.full((L, n, nb, m), -1, dtype=i64),
+        "band_acts": torch.zeros((L, n, nb, m, T), dtype=f32),
+    }
+    return {name: v.to(device) for name, v in state.items()}
+
+
 class Collector:
     """The streaming collector for a set of layers; feed it batches with `update`.
 
@@ -243,30 +292,7 @@ class Collector:
         if len(widths) != 1:
             raise ValueError(f"every layer needs the same number of units to stack, got {sorted(widths)}")
         n, T, L = widths.pop(), excerpt_len, len(self.order)
-        f32, i64 = torch.float32, torch.int64
-        nb, m, k = len(cfg.bands), cfg.band_size, cfg.top_k
-        self.stack: dict[str, torch.Tensor] = {
-            # power sums of (x - shift) in float64; shift = the first batch's mean keeps them well conditioned
-            "count": torch.zeros(L, dtype=torch.float64),
-            "shift": torch.zeros(L, n, dtype=f32),
-            "sums": torch.zeros(L, 4, n, dtype=torch.float64),
-            "max": torch.full((L, n), -math.inf, dtype=f32),
-            "min": torch.full((L, n), math.inf, dtype=f32),
-            "active": torch.zeros(L, n, dtype=i64),  # tokens > 0 (!= 0 if signed): dead and rare units
-            "top_key": torch.full((L, n, k), -math.inf, dtype=f32),
-            "top_index": torch.full((L, n, k), -1, dtype=i64),
-            "top_acts": torch.zeros((L, n, k, T), dtype=f32),
-            "bottom_key": torch.full((L, n, self.bottom_k), -math.inf, dtype=f32),
-            "bottom_index": torch.full((L, n, self.bottom_k), -1, dtype=i64),
-            "bottom_acts": torch.zeros((L, n, self.bottom_k, T), dtype=f32),
-            "random_acts": torch.zeros((L, n, n_random, T), dtype=f32),
-            "warmup_max": torch.zeros((L, self.warmup, n), dtype=f32),
-            "band_edges": torch.full((L, n, nb + 1), math.nan, dtype=f32),
-            "band_key": torch.full((L, n, nb, m), math.inf, dtype=f32),
-            "band_index": torch.full((L, n, nb, m), -1, dtype=i64),
-            "band_acts": torch.zeros((L, n, nb, m, T), dtype=f32),
-        }
-        self.stack = {name: v.to(self.device) for name, v in self.stack.items()}
+        self.stack = _initial_state(L, n, T, cfg, self.bottom_k, n_random, self.warmup, self.device)
         self.layers = {layer: LayerState(self.stack, i) for i, layer in enumerate(self.order)}
         self.position = 0
         self.tokens_seen = 0
@@ -280,7 +306,7 @@ class Collector:
         self._pick = torch.from_numpy(np.stack([neurons[layer] for layer in self.order])).to(self.device)
         self._all_units = bool((self._pick == torch.arange(n, device=self.device)).all())
         self._row_unit = {"unit": torch.arange(n, device=self.device)}
-        self._row_unit["band"] = self._row_unit["unit"].repeat_interleave(nb)
+        self._row_unit["band"] = self._row_unit["unit"].repeat_interleave(len(cfg.bands))
 
     def _band_keys(self, start: int, shape: tuple[int, int]) -> torch.Tensor:
         """[L, N, B] priority keys, one stream per (seed, layer, batch start): drawn on the CPU so every device
