@@ -10,9 +10,9 @@
 3. The stores are then filled to ``--units`` unit sides through the writer API (`ResultStore.put_many`)
    with copies of those results under the other layers' keys.
 4. Each view, in a fresh process (its own peak RSS): open the run and show the first unit in the viewer,
-   sort by a score, next unit, filter by text, the report's tables and figures, the static page, and both
-   exports (``export-openai`` on one layer, as its output is one file per unit; the time and disk scale
-   linearly).
+   sort by a score, next unit, filter by text, the report's tables and figures, the static page, and the
+   exports (``export-openai`` on one layer, as its output is one file per unit, so the time and disk scale
+   linearly; ``export-neuronpedia``; ``export-jsonl``, both stages' entries as JSON lines).
 5. The rules explainer (stage 02 with ``explainer_backend="rules"``) on ``--rules-units`` units of layer 1:
    its subject-model forward passes and client CPU per unit.
 
@@ -225,6 +225,7 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
             (n.layer, n.index) for n in RecordStore(root / "01_collect").all_ids() if (n.layer, n.index) not in have
         ]
         store.put_many(_copies(template, free[: max(units - len(template), 0)]))
+        store.select(store.keys())  # what a stage asked for every unit records when it starts
         if stage == "02_explain":  # what stage 02 does when it finishes: the run-wide notes, for every view
             store.put_notes(explanation_notes(dict(store.explanations())))
         store.close()
@@ -244,7 +245,7 @@ def _copies(template: list[tuple[dict, Any, Any]], targets: list[tuple[int, int]
 
 
 VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", "report", "page",
-         "export-neuronpedia", "export-openai (one layer)")  # fmt: skip
+         "export-neuronpedia", "export-openai (one layer)", "export-jsonl")  # fmt: skip
 
 
 def view_child(what: str, root: Path) -> dict[str, Any]:
@@ -281,6 +282,10 @@ def view_child(what: str, root: Path) -> dict[str, Any]:
         elif what.startswith("export-openai"):
             ids = [n for n in view.store.all_ids() if n.layer == 0]
             detail["files"] = export_openai(view.store, out, ids)
+        elif what == "export-jsonl":  # what `nbutils export-jsonl` does: both stages' entries, streamed
+            detail["lines"] = sum(
+                ResultStore(root / s).export_jsonl(out / f"{s}.jsonl") for s in ("02_explain", "03_score")
+            )
     return {"what": what, "wall_s": time.perf_counter() - start, "peak_rss_mb": _rss_mb(), **detail}
 
 

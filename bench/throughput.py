@@ -89,10 +89,7 @@ def run_variant(
     import nbutils.explain.stage as explain_stage
     import nbutils.score.stage as score_stage
     from nbutils.core.config import RunConfig
-    from nbutils.core.io import read_jsonl
-    from nbutils.core.layout import explanations
-    from nbutils.core.store import ResultStore
-    from nbutils.core.units import key_of
+    from nbutils.core.store import ResultStore, StoredSequence
 
     tmp = Path(tempfile.mkdtemp(prefix="nbutils-throughput-"))
     config = RunConfig(
@@ -105,7 +102,7 @@ def run_variant(
 
     def score() -> None:
         first = {tuple(u) for u in units[:n_scored]}
-        scored.extend(key_of(e) for e in read_jsonl(explanations(tmp / "02").jsonl) if key_of(e)[:2] in first)
+        scored.extend(k for k in StoredSequence.of(tmp / "02", dict).keys if k[:2] in first)
         score_stage.score_units(str(collection), str(tmp / "02"), str(tmp / "03"), config, scored, cache, workers,
                                 False, None)  # fmt: skip
 
@@ -121,7 +118,7 @@ def run_variant(
             cpus[name] = time.process_time() - cpu
         flights[name] = rec.in_flight()
     counts = {"02": len(units), "03": len(scored)}
-    failed = sum(1 for e in read_jsonl(explanations(tmp / "02").jsonl) if e.get("failure"))
+    failed = len(StoredSequence.of(tmp / "02", dict).failed())
     saved = ResultStore(tmp / "03")
     failed += sum(1 for k in scored if (saved.get(k) or {"failure": "missing"}).get("failure"))
     per_unit = seconds["02"] / counts["02"] + seconds["03"] / counts["03"]

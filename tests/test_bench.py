@@ -69,6 +69,7 @@ def test_every_cpu_benchmark_starts(tmp_path):
     assert (
         scale["stage 03 score, 20 units"]["bytes_per_unit"] > 0 and scale["export-openai (one layer)"]["files"] == 300
     )
+    assert scale["export-jsonl"]["lines"] == 2 * 600  # both stages' filled stores, every unit side
     rules = scale["stage 02 explain, rules explainer, 4 units"]  # bounded: 12 peaks x (24 + 23) sequences
     assert 0 < rules["forward_passes_per_unit"] and rules["sequences_per_unit"] <= 12 * (24 + 23)
     live = results["interactive"]

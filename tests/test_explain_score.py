@@ -15,7 +15,7 @@ from nbutils.core.io import read_jsonl
 from nbutils.core.layout import explanations, scores
 from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
 from nbutils.core.results import OutputsShown
-from nbutils.core.store import ResultStore
+from nbutils.core.store import ResultStore, StoredSequence
 from nbutils.core.units import UnitId
 from nbutils.explain.explainer import explain_unit
 from nbutils.explain.stage import run_explain_stage
@@ -52,7 +52,10 @@ def test_explain_and_score_stages(collection, tmp_path):
     config = RunConfig(explain_neurons=[[2, 5], [20, 77]], n_samples=2, seed=3, n_boot=50, keep_distributions=True)
     entries = run_explain_stage(collection.path, tmp_path / "02", config, progress=False)
     assert [e.key for e in entries] == [(2, 5, "positive"), (20, 77, "positive")]
-    assert read_jsonl(explanations(tmp_path / "02").jsonl) == [e.to_dict() for e in entries]
+    assert not explanations(tmp_path / "02").jsonl.exists()  # no file rewritten whole at the stage's end
+    with ResultStore(tmp_path / "02") as stored:  # the export on request streams the chosen entries
+        assert stored.export_jsonl(tmp_path / "x" / "explanations.jsonl") == 2
+    assert read_jsonl(tmp_path / "x" / "explanations.jsonl") == [e.to_dict() for e in entries]
     for e in entries:
         assert len(e.candidates) == 2 and e.baseline.explanation.startswith("the tokens ")
         usable = [c for c in e.candidates if c.explanation]
@@ -64,11 +67,11 @@ def test_explain_and_score_stages(collection, tmp_path):
     usage = json.loads((tmp_path / "02" / "usage.json").read_text())
     assert usage["prompt_tokens"] > 1000 and usage["completion_tokens"] > 0
     again = run_explain_stage(collection.path, tmp_path / "02", config)
-    assert again == entries  # nothing redone
-    assert len(explanations(tmp_path / "02").jsonl.read_text().splitlines()) == 2
+    assert again == entries and list(again) == list(entries)  # nothing redone
 
     results = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03", config, progress=False)
-    assert len(results) == 2 and read_jsonl(scores(tmp_path / "03").jsonl) == [r.to_dict() for r in results]
+    assert len(results) == 2 and not scores(tmp_path / "03").jsonl.exists()
+    assert list(StoredSequence.of(tmp_path / "03", dict)) == [r.to_dict() for r in results]
     assert [UnitScores.from_dict(r.to_dict()) for r in results] == results  # written and read back as written
     for r in results:
         assert r.to_dict()["format"] == 2 and {"simulation", "detection", "fuzzing"} <= set(r.baseline.results)

@@ -17,9 +17,8 @@ from nbutils.collect.corpus import load_texts, make_excerpts
 from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.failures import StageHadFailures, check_failures
-from nbutils.core.io import read_jsonl
-from nbutils.core.layout import explanations
 from nbutils.core.records import RecordStore, split_excerpts
+from nbutils.core.store import StoredSequence
 from nbutils.explain.stage import run_explain_stage
 from nbutils.llm.cache import RequestCache
 from nbutils.llm.contract import LLMFailed, SimulationRequest
@@ -181,7 +180,7 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
     # the server recovers; the rerun sends requests for the failed neuron only
     proxy.rules, proxy.log = [], []
     again = score()
-    explained = read_jsonl(explanations(tmp_path / "02").jsonl)
+    explained = list(StoredSequence.of(tmp_path / "02", dict))
     target_expl = next(e for e in explained if (e["layer"], e["neuron"]) == target)
     prompts = [e["request"].get("prompt") or "" for e in proxy.sent()]
     assert prompts and all(target_expl["explanation"] in p for p in prompts)

@@ -33,7 +33,7 @@ SMALL = [
     "n_boot=50",
 ]
 UNITS = 3
-COMPARED = ["01_collect", "02_explain/explanations.jsonl", "03_score/scores.jsonl"]
+COMPARED = ["01_collect"]
 STORES = ["02_explain", "03_score"]  # compared by what they hold (a database's pages depend on its write order)
 SECRET = "sk-nbutils-test-0123456789abcdef-SECRET"
 
@@ -47,10 +47,6 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res
-
-
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _count(stage_dir: Path) -> int:
@@ -124,7 +120,7 @@ def test_a_run_killed_in_every_stage_resumes_to_the_same_artifacts(reference, tm
     want, got = _files(reference), _files(run)
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
-    assert _lines(run / "02_explain" / "explanations.jsonl") == UNITS == _lines(run / "03_score" / "scores.jsonl")
+    assert _count(run / "02_explain") == UNITS == _count(run / "03_score")
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -186,7 +182,7 @@ def test_killed_http_run_sends_no_completed_request_again(llama_server, tmp_path
             key = RequestCache.key(f"openai:{endpoint}:{proxy.url}", "smollm2", request)
             resent += [key] if key in done_before else []
         assert sent_before > 0 and proxy.sent() and resent == []
-        assert _lines(run / "03_score" / "scores.jsonl") == 2
+        assert _count(run / "03_score") == 2
     finally:
         proxy.stop()
 

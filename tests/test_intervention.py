@@ -12,7 +12,6 @@ from nbutils.collect.corpus import load_texts, make_excerpts
 from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
-from nbutils.core.layout import scores
 from nbutils.core.store import ResultStore
 from nbutils.core.units import NEURON
 from nbutils.explain.stage import run_explain_stage
@@ -83,7 +82,7 @@ def test_the_stage_scores_intervention_with_a_control_and_is_seeded(embedded, co
     assert all("[A]" in d.tokens[0] and "[B]" in d.tokens[0] for d in details)
     (again,) = run_score_stage(collection.path, tmp_path / "02", tmp_path / "03b", config, progress=False)
     assert again.of("intervention") == mine  # seeded: a fresh run gives the same result
-    assert scores(tmp_path / "03").jsonl.is_file()
+    assert ResultStore(tmp_path / "03").selection() == [(LAYER, 7, "positive")]  # what stage 03 was asked for
 
 
 def test_planted_neurons_have_no_output_to_intervene_on():

@@ -18,6 +18,7 @@ from test_pipeline import nbutils_run, params
 
 from nbutils.collect.sae_training import SAETraining, TopKSAE, read_activations
 from nbutils.core.records import RecordStore
+from nbutils.core.store import StoredSequence
 from nbutils.subject.latents import read_sae_folder
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "neuronpedia_export.schema.json").read_text())
@@ -81,14 +82,14 @@ def test_the_five_stages_run_on_latents(latent_run, trained):
     store = RecordStore(run / "01_collect")
     assert store.meta.kind == "sae_latent" and store.meta.noun == "feature" and store.layers == [3]
     assert store.meta.neurons_per_layer == 1152 and not store.meta.signed
-    explained = [json.loads(x) for x in (run / "02_explain" / "explanations.jsonl").read_text().splitlines()]
+    explained = list(StoredSequence.of(run / "02_explain", dict))
     assert len(explained) == 1 * 2 and all(e["layer"] == 3 for e in explained)
     rare = json.loads((run / "02_explain" / "summary.json").read_text())["rare"]
     counts = store.active(3)
     assert rare["count"] == int((counts < 3).sum()) and rare["noun"] == "feature"
     assert all(counts[u[1]] == u[2] < 3 for u in rare["units"])
     assert not {e["neuron"] for e in explained} & {u[1] for u in rare["units"]}
-    scored = [json.loads(x) for x in (run / "03_score" / "scores.jsonl").read_text().splitlines()]
+    scored = list(StoredSequence.of(run / "03_score", dict))
     assert len(scored) == 2 and all("simulation" in s or s.get("failure") for s in scored)
     page = (run / "04_inspect" / "run.html").read_text()
     assert "<h2>Feature explanations</h2>" in page and "Layer 3, feature" in page

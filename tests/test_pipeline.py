@@ -21,6 +21,7 @@ from servers import free_port
 from nbutils.collect.corpus import load_texts
 from nbutils.core.layout import STAGES
 from nbutils.core.records import RecordStore
+from nbutils.core.store import StoredSequence
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -104,7 +105,12 @@ def test_five_stages_run_through_papermill_with_manifests(small_run):
         "score_by_layer.png",
         "simulated_vs_true.png",
     }
-    scores = [json.loads(line) for line in (run / "03_score" / "scores.jsonl").read_text().splitlines()]
+    exported = nbutils_run(
+        str(run), cwd=run, command="export-jsonl"
+    )  # the JSON-lines files other tools read, on request
+    assert exported.returncode == 0 and "1 entries to" in exported.stdout, exported.stderr[-2000:]
+    scores = [json.loads(line) for line in (run / "exports" / "scores.jsonl").read_text().splitlines()]
+    assert len((run / "exports" / "explanations.jsonl").read_text().splitlines()) == 1
     assert [(s["layer"], s["neuron"]) for s in scores] == [(29, 0)] and "top_and_random" in scores[0]["baseline"][
         "simulation"
     ]
@@ -252,7 +258,7 @@ def test_planted_neurons_flow_through_the_unchanged_pipeline(tmp_path):
     rec = store.record(0, 0)
     for e in rec.top + rec.random:
         assert e.activations.tolist() == [float(any(c.isdigit() for c in t)) for t in e.tokens]
-    (score,) = [json.loads(line) for line in (tmp_path / "p" / "03_score" / "scores.jsonl").read_text().splitlines()]
+    (score,) = StoredSequence.of(tmp_path / "p" / "03_score", dict)
     baseline = score["baseline"]
     assert (score["layer"], score["neuron"]) == (0, 0) and baseline["simulation"]["top_and_random"]["correlation"][
         "value"

@@ -99,14 +99,16 @@ def test_user_rules_from_a_file(tmp_path):
 
 def test_the_oracle_scores_ground_truth_explanations_perfectly(planted_collection, tmp_path):
     from nbutils.core.config import RunConfig
-    from nbutils.core.layout import explanations, scores
+    from nbutils.core.layout import explanations
+    from nbutils.core.store import StoredSequence
     from nbutils.run.planted_bench import write_truth_explanations
+    from nbutils.score.contract import UnitScores
     from nbutils.score.stage import run_score_stage
 
     write_truth_explanations(planted_collection.path, tmp_path / "02", "planted")
     oracle = RunConfig(simulator_backend="oracle", simulator_model="planted", n_boot=50, judge_per_class=4)
     results = run_score_stage(planted_collection.path, tmp_path / "02", tmp_path / "03", oracle, progress=False)
-    assert len(results) == len(BUILT_IN) and read_jsonl(scores(tmp_path / "03").jsonl) == [r.to_dict() for r in results]
+    assert len(results) == len(BUILT_IN) and list(StoredSequence.of(tmp_path / "03", UnitScores.from_dict)) == results
     for r in results:
         assert not r.failure, r.failure
         assert r.of("simulation").top_and_random.correlation.value == pytest.approx(1.0)

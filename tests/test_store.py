@@ -200,3 +200,71 @@ def test_queries_read_the_index_and_the_explanation_column(tmp_path):
     store.put(_entry(1, 4, explanation="weekdays"), None, {"sim": 0.1})  # rewritten: its old numbers go
     assert store.search("month") == [(2, 0, "positive")] and store.ranked("sim")[-1] == (0.1, (1, 4, "positive"))
     assert store.indexed and ResultStore(tmp_path / "empty").ranked("sim") == []
+
+
+def test_the_selection_lists_the_chosen_entries_in_its_order_and_the_export_streams_them(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put_many([(_entry(2, 0, x=1), None, None), (_entry(0, 1, x=2), None, None), (_entry(1, 3, x=3), None, None)])
+    assert store.selection() is None and store.chosen() == store.keys()  # none recorded: every key, key order
+    store.select([(1, 3, "positive"), (9, 9, "positive"), (2, 0, "positive")])
+    assert ResultStore(tmp_path).selection() == [(1, 3, "positive"), (9, 9, "positive"), (2, 0, "positive")]
+    assert store.chosen() == [(1, 3, "positive"), (2, 0, "positive")]  # (9, 9) has no entry (yet)
+    store.select([(0, 1, "positive")])  # a new selection replaces the old one; the entries all stay
+    assert store.chosen() == [(0, 1, "positive")] and len(store) == 3
+    store.select([(2, 0, "positive"), (1, 3, "positive")])
+    out = tmp_path / "x" / "explanations.jsonl"
+    assert store.export_jsonl(out) == 2
+    assert [json.loads(line)["x"] for line in out.read_text().splitlines()] == [1, 3]
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_file_and_no_temporary_one(tmp_path):
+    from nbutils.core.io import write_lines
+
+    out = tmp_path / "scores.jsonl"
+    assert write_lines(out, ["a", "b"]) == 2
+
+    def lines():
+        yield "c"
+        raise RuntimeError("the store went away")
+
+    with pytest.raises(RuntimeError):
+        write_lines(out, lines())
+    assert out.read_text() == "a\nb\n" and [p.name for p in tmp_path.iterdir()] == ["scores.jsonl"]
+
+
+def test_a_stored_sequence_reads_each_result_when_asked_and_parses_only_failures_to_count_them(tmp_path):
+    from nbutils.core.store import StoredSequence
+
+    store = ResultStore(tmp_path)
+    store.put_many([(_entry(0, n, x=n, failure="boom" if n == 2 else None), None, None) for n in range(5)])
+    store.select([(0, n, "positive") for n in (4, 2, 0)])
+    parsed = []
+    seq = StoredSequence.of(tmp_path, lambda e: parsed.append(e["x"]) or e["x"])
+    assert len(seq) == 3 and parsed == []  # nothing read yet
+    assert seq.failed() == [2] and parsed == [2]
+    assert seq[0] == 4 and seq[-1] == 0 and seq[1:] == [2, 0] and list(seq) == [4, 2, 0] and seq == [4, 2, 0]
+    assert seq != [4, 2] and 2 in seq
+    store.put(_entry(0, 4, x=40))  # read when asked: the store as it is now
+    assert seq[0] == 40
+
+
+def test_stage_03_takes_stage_02s_selection_or_else_its_jsonl_file(tmp_path):
+    from nbutils.core.io import write_jsonl
+    from nbutils.score.stage import explained
+
+    new = ResultStore(tmp_path / "new")
+    new.put_many([(_entry(0, n, explanation=f"e{n}"), None, None) for n in range(3)])
+    new.select([(0, 2, "positive"), (0, 0, "positive")])
+    assert explained(tmp_path / "new") == {(0, 2, "positive"): "e2", (0, 0, "positive"): "e0"}
+    old = ResultStore(tmp_path / "old")  # a store from before selections were kept, beside its JSON-lines file
+    old.put_many([(_entry(0, n, explanation=f"e{n}"), None, None) for n in range(3)])
+    old.close()
+    with sqlite3.connect(tmp_path / "old" / "results.sqlite") as db:
+        db.execute("DROP TABLE selection")
+    write_jsonl(tmp_path / "old" / "explanations.jsonl", [_entry(0, 1, explanation="e1")])
+    assert ResultStore(tmp_path / "old").selection() is None
+    assert explained(tmp_path / "old") == {(0, 1, "positive"): "e1"}
+    write_jsonl(tmp_path / "hand" / "explanations.jsonl", [_entry(3, 3, explanation="by hand")])  # no store
+    assert explained(tmp_path / "hand") == {(3, 3, "positive"): "by hand"}
+    ResultStore(tmp_path / "old").select([(0, 0, "positive")])  # the next stage-02 run adds the table back
+    assert explained(tmp_path / "old") == {(0, 0, "positive"): "e0"}

@@ -577,3 +577,14 @@ def test_views_read_only_what_they_show(run_dir, tmp_path, monkeypatch):
             f"{values[(int(a), int(b), 'positive')]:.3g}"
         )
     assert "unit sides (+ positive, - negative)" in _visible_text(compact)
+
+
+def test_a_stage_notebooks_table_shows_its_first_rows_and_says_how_many_were_left_out():
+    from nbutils.view.tables import head_table_html
+
+    rows_of = lambda xs: [{"unit": f"<b>{x}</b>"} for x in xs]  # noqa: E731
+    small = head_table_html(rows_of, list(range(3)), limit=5)
+    assert small.count("<tr>") == 4 and "left out" not in small and "of 3" not in small
+    big = head_table_html(rows_of, list(range(1234)), limit=5)
+    assert big.count("<tr>") == 6 and "The first 5 of 1,234 unit sides" in big and "&lt;b&gt;4&lt;/b&gt;" in big
+    assert "<b>5</b>" not in big and "&lt;b&gt;5&lt;/b&gt;" not in big

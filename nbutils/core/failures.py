@@ -9,23 +9,25 @@ them into the stage's ``summary.json`` (the chain reruns a stage that has retrya
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nbutils.core.io import atomic_write_json
 from nbutils.core.layout import summary_path
+from nbutils.core.store import StoredSequence
 from nbutils.core.units import key_of, unit_name
 
 
 def write_summary(
-    path: str | Path, entries: list[Any], rare: dict[tuple[int, int], int] | None = None,
+    path: str | Path, entries: Sequence[Any], rare: dict[tuple[int, int], int] | None = None,
     min_active: int = 1, skipped: int = 0, noun: str = "neuron",
 ) -> dict[str, Any]:  # fmt: skip
     """Count successes and failures of a stage's entries (`nbutils.core.results.ExplanationEntry` or
-    `nbutils.score.contract.UnitScores`) into ``path`` (its summary.json). ``rare``: the
-    collection's dead and rare units (`RecordStore.rare_units`), listed with their active-token counts;
-    ``skipped``: how many of the units asked for were left out as rare."""
-    failed = [e for e in entries if e.failure]
+    `nbutils.score.contract.UnitScores`; a `StoredSequence` parses only its failed ones) into ``path`` (its
+    summary.json). ``rare``: the collection's dead and rare units (`RecordStore.rare_units`), listed with their
+    active-token counts; ``skipped``: how many of the units asked for were left out as rare."""
+    failed = entries.failed() if isinstance(entries, StoredSequence) else [e for e in entries if e.failure]
     summary = {
         "neurons": len(entries),
         "succeeded": len(entries) - len(failed),

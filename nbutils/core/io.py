@@ -1,6 +1,4 @@
-"""Files that are never seen half-written: atomic writes of bytes, JSON and arrays, JSON lines, and the
-per-unit result files of stages 02 and 03 (one file each, so a killed run loses at most the unit in
-progress and a retried unit replaces its own file)."""
+"""Files that are never seen half-written: atomic writes of bytes, JSON, arrays and (streamed) JSON lines."""
 
 from __future__ import annotations
 
@@ -8,25 +6,25 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
-    """Write a file through a temporary file in the same folder and a rename, so readers never see half of it.
-
-    ``durable=False`` skips the fsync (a few ms a file): for files that can be written again from what is
-    kept (exports), where hundreds of thousands of them would otherwise wait on the disk one by one."""
+@contextmanager
+def _replacing(path: str | os.PathLike, mode: str, durable: bool = True) -> Iterator[IO[Any]]:
+    """A temporary file in ``path``'s folder, renamed over ``path`` when the block ends without an error (and
+    removed when it fails), so readers never see half of the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -34,6 +32,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write a file through a temporary file in the same folder and a rename, so readers never see half of it.
+
+    ``durable=False`` skips the fsync (a few ms a file): for files that can be written again from what is
+    kept (exports), where hundreds of thousands of them would otherwise wait on the disk one by one."""
+    with _replacing(path, "wb", durable) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, compact: bool = False, durable: bool = True) -> None:
@@ -61,8 +68,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: str | os.PathLike, entries: Iterable[dict[str, Any]]) -> None:
-    """All entries as JSON lines, written atomically."""
-    atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
+    """All entries as JSON lines, written atomically and streamed."""
+    write_lines(path, (json.dumps(e, default=json_default) for e in entries))
+
+
+def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
+    """Lines of text streamed to ``path`` atomically (as `atomic_write_bytes`), in bounded memory for any
+    number of lines. Returns how many were written."""
+    count = 0
+    with _replacing(path, "w") as f:
+        for line in lines:
+            f.write(line + "\n")
+            count += 1
+    return count
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -6,14 +6,16 @@
         02_explain/  03_score/               `ResultsLayout`: per-unit results, their JSON lines, summaries
         04_inspect/run.html                  the static page of the run
         05_report/figures/*.png              the report's figures
+        exports/                             ``nbutils export-jsonl``: explanations.jsonl, scores.jsonl
         <stage>/manifest.json                parameters, versions, every artifact's size and SHA-256
 
 Each stage folder of results holds its results store ``results.sqlite`` (`nbutils.core.store`: every unit
 side's entry and, for stage 03, its scorers' details and numbers; ``parts/`` while shards of a distributed
-run write), a JSON-lines export of all entries (``explanations.jsonl`` or ``scores.jsonl``), ``summary.json``
-(successes and failures), ``usage.json`` (LLM tokens and cost) and ``parameters.json`` (what it ran with).
+run write), ``summary.json`` (successes and failures), ``usage.json`` (LLM tokens and cost) and ``parameters.json`` (what it ran with).
 Folders written before the store hold ``neurons/`` and ``simulations/`` files (one JSON file per unit side)
-instead; they are still read.
+instead; they are still read. Folders written before the JSON-lines files became exports on request hold
+``explanations.jsonl`` or ``scores.jsonl`` (`ResultsLayout.jsonl`): stage 03 reads stage 02's choice from it
+where the store recorded none, and a folder holding only such a file (written by hand) is explained by it.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ class RunLayout:
         self.page = page_path(self.stage_dir("04_inspect"))
         self.report = self.stage_dir("05_report")
         self.figures = figures_dir(self.report)
+        self.exports = self.root / "exports"
+        """JSON-lines exports of stages 02 and 03 (outside the stage folders, so no manifest lists them)."""
 
     def stage_dir(self, folder: str) -> Path:
         return self.root / folder

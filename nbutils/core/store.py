@@ -16,12 +16,19 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
     number_names(name)                                         every name in ``numbers``
     notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
+    selection(position, layer, neuron, side)                   the unit sides the stage last chose, in order
 
 ``numbers`` also holds the flags the report counts beside each number (``<name>#noted``, ``#degenerate``,
 ``<scorer>#f1_chance``: `nbutils.score.contract.result_numbers`), so the report aggregates a run from the
 index without parsing a result. ``notes`` holds what depends on every entry at once (an explanation the same
 as other units' or copying the prompt's worked example), written by stage 02 when it finishes
 (`ResultStore.put_notes`) and current until the next write (meta ``notes``); views compute them otherwise.
+``selection`` is what the stage was last asked to do (`ResultStore.select`, written when it changes): stage 03
+scores stage 02's selection, and `ResultStore.export_jsonl` and `StoredSequence` list it in that order. The
+store may hold more (units of an earlier, wider run); nothing is deleted.
+
+No file is rewritten whole when a stage ends: the JSON-lines files other tools read (``explanations.jsonl``,
+``scores.jsonl``) are exports written on request (``nbutils export-jsonl``), streamed from the store.
 
 ``side`` is 0 for the positive side of a unit and 1 for the negative one, so the primary key's order is the
 order views list units in. Entries stay JSON text, so SQLite's own JSON functions query them, e.g.
@@ -35,24 +42,26 @@ read as they are and copied into the store the first time a stage writes there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from nbutils.core.errors import UserError
-from nbutils.core.io import json_default
+from nbutils.core.io import json_default, write_lines
 from nbutils.core.layout import StoreLayout
 from nbutils.core.units import Key
 
+T = TypeVar("T")
 STORE_FORMAT = 1
 MIN_ARRAY = 8  # a list of at least this many floats is stored as an array
 _ARRAY = "\x00array"  # the placeholder key of a packed array in a details body
@@ -75,6 +84,8 @@ CREATE TABLE IF NOT EXISTS number_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notes (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selection (
+    position INTEGER PRIMARY KEY, layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL);
 """
 _NOTES_CURRENT = "DELETE FROM meta WHERE name='notes'"  # any write makes the run-wide notes stale
 
@@ -497,10 +508,111 @@ class ResultStore:
             ).fetchall() if conn else []  # fmt: skip
         return [(r[0], (r[1], r[2], SIDES[r[3]])) for r in rows]
 
+    def select(self, keys: list[Key]) -> None:
+        """Record the unit sides this stage was asked for, in its order (one transaction; nothing is written
+        when the selection is the one already recorded, so a rerun of the same stage writes nothing here)."""
+        digest = _digest(keys)
+        with self._query(create=True) as conn:
+            if conn.execute("SELECT 1 FROM meta WHERE name='selection' AND value=?", (digest,)).fetchone():
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            self._wrote = True
+            try:
+                conn.execute("DELETE FROM selection")
+                conn.executemany("INSERT INTO selection VALUES (?, ?, ?, ?)",
+                                 [(i, *_row_key(k)) for i, k in enumerate(keys)])  # fmt: skip
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('selection', ?)", (digest,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def selection(self) -> list[Key] | None:
+        """The unit sides the stage last recorded with `select`, in its order; None where it recorded none (a
+        store written before selections were kept, a folder of files from before the store, or no store)."""
+        if not self.indexed:
+            return None
+        with self._query() as conn:
+            if conn is None or not conn.execute("SELECT 1 FROM meta WHERE name='selection'").fetchone():
+                return None
+            rows = conn.execute("SELECT layer, neuron, side FROM selection ORDER BY position").fetchall()
+        return [(r[0], r[1], SIDES[r[2]]) for r in rows]
+
+    def chosen(self) -> list[Key]:
+        """The selection's unit sides that have an entry, in its order (every key held, in key order, where no
+        selection was recorded)."""
+        held = self.keys()
+        picked = self.selection()
+        if picked is None:
+            return held
+        have = set(held)
+        return [k for k in picked if k in have]
+
+    def export_jsonl(self, path: str | os.PathLike) -> int:
+        """Write the `chosen` entries to ``path`` as JSON lines (streamed: bounded memory for any number of
+        units; atomic: readers see the old file or the new one). Returns how many were written."""
+        keys = self.chosen()
+        return write_lines(path, (json.dumps(self.get(k), default=json_default) for k in keys))
+
     def number_names(self) -> list[str]:
         """Every number name stored (`nbutils.score.contract.number_name`)."""
         with self._query() as conn:
             return [r[0] for r in conn.execute("SELECT name FROM number_names")] if conn else []
+
+
+class StoredSequence(Sequence[T]):
+    """A stage's results in the order of its `ResultStore.chosen` keys, each read from the store (and parsed
+    by ``parse``) when it is asked for: what a stage returns, so a run of any size is not held in memory.
+    ``len``, indexing, slicing and iteration work as on a list; what is read is the store as it is then."""
+
+    def __init__(self, root: str | os.PathLike, keys: list[Key], parse: Callable[[dict[str, Any]], T]) -> None:
+        self.root, self.keys, self._parse = Path(root), list(keys), parse
+        self._store: ResultStore | None = None
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, parse: Callable[[dict[str, Any]], T]) -> StoredSequence[T]:
+        """A stage folder's `ResultStore.chosen` results."""
+        with ResultStore(root) as store:
+            return cls(root, store.chosen(), parse)
+
+    def failed(self) -> list[T]:
+        """The results with a failure, found from the store's failure column (only those are parsed)."""
+        with ResultStore(self.root) as store:
+            failing = {k for k, f in store.failures() if f}
+        return [self._read(k) for k in self.keys if k in failing]
+
+    def _read(self, key: Key) -> T:
+        if self._store is None:
+            self._store = ResultStore(self.root)
+        found = self._store.get(key)
+        if found is None:
+            raise KeyError(f"{key} is no longer in the results store {self._store.path}")
+        return self._parse(found)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._read(k) for k in self.keys[i]]
+        return self._read(self.keys[i])
+
+    def __iter__(self) -> Iterator[T]:
+        return (self._read(k) for k in self.keys)
+
+    def __eq__(self, other: object) -> bool:  # as a list compares: item by item
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # (a sequence that compares by its items is not hashable)
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} results in {self.root}>"
 
 
 def shard_part(shard: int | None) -> str | None:
@@ -511,6 +623,13 @@ def shard_part(shard: int | None) -> str | None:
 SIDES = ("positive", "negative")
 _KEYED = "SELECT layer, neuron, side, {} FROM entries ORDER BY layer, neuron, side"
 _AT = "layer=? AND neuron=? AND side=?"
+
+
+def _digest(keys: list[Key]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(f"{k[0]},{k[1]},{k[2]};".encode())
+    return f"{len(keys)}:{h.hexdigest()}"
 
 
 def _row_key(key: Key) -> tuple[int, int, int]:

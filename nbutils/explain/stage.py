@@ -2,26 +2,28 @@
 
 Results go to the stage folder (`nbutils.core.layout.ResultsLayout`): its results store
 (`nbutils.core.store`), one transaction per unit side as each finishes (a rerun skips finished units and
-retries those that failed by a server's fault), then ``explanations.jsonl`` with all of them (an export for
-other tools), ``summary.json`` and ``usage.json``.
+retries those that failed by a server's fault), the units it was asked for (`ResultStore.select`: what stage
+03 scores), ``summary.json`` and ``usage.json``. Nothing is rewritten whole at the end: ``explanations.jsonl``
+for other tools is an export on request (``nbutils export-jsonl``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nbutils.core.config import RunConfig, rule_threshold, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.failures import needs_work, write_summary
-from nbutils.core.io import atomic_write_json, write_jsonl
+from nbutils.core.io import atomic_write_json
 from nbutils.core.layout import explanations
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore
-from nbutils.core.results import ExplanationEntry, to_json
-from nbutils.core.store import ResultStore, shard_part
+from nbutils.core.results import ExplanationEntry
+from nbutils.core.store import ResultStore, StoredSequence, shard_part
 from nbutils.explain.explainer import explain_with, rule_use, units_to_explain
 from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
 from nbutils.llm.rules import RulesBackend
@@ -43,8 +45,9 @@ def run_explain_stage(
     progress: bool = True,
     cache_path: str | None = None,
     workers: int | None = None,
-) -> list[ExplanationEntry]:
-    """Explain the units ``config.explain_neurons`` names into ``out_dir`` (resumable); return every entry.
+) -> StoredSequence[ExplanationEntry]:
+    """Explain the units ``config.explain_neurons`` names into ``out_dir`` (resumable); return every entry (a
+    sequence read from the store as it is used, so a run of any size fits in memory).
 
     ``config.split`` says which excerpts the explainer sees (`nbutils.core.records.split_excerpts`); stage 03
     must use the same. ``workers``: units in progress at once (default: what the backend asks for). With
@@ -62,6 +65,7 @@ def run_explain_stage(
     rare = counted or {}
     asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
     chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
+    saved.select(chosen)
     todo = [key for key in chosen if needs_work(stored_entry(saved, key))]
     if todo:
         run_unit_shards(
@@ -71,8 +75,7 @@ def run_explain_stage(
         merge_shard_usage(out.usage, config.prices)
         saved.merge_parts()
     saved.put_notes(explanation_notes(dict(saved.explanations())))  # copied or repeated: read by every view
-    entries = [e for e in (stored_entry(saved, key) for key in chosen) if e is not None]
-    write_jsonl(out.jsonl, (to_json(e) for e in entries))
+    entries = StoredSequence(out.root, saved.chosen(), ExplanationEntry.from_dict)  # read when asked for
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
     summary = write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
     if rule_threshold(config.llm_when) is not None:
@@ -118,7 +121,7 @@ def explain_units(
 
 
 def triage_savings(
-    entries: list[ExplanationEntry], usage_path: Path, prices: dict[str, float] | None
+    entries: Sequence[ExplanationEntry], usage_path: Path, prices: dict[str, float] | None
 ) -> dict[str, Any]:
     """What ``llm_when="rule_below:X"`` saved: the unit sides kept on their rule, and the explainer requests and
     cost they would have taken at the mean of those sent to the LLM (this stage's ``usage.json``; requests

@@ -104,6 +104,27 @@ def _cmd_export_neuronpedia(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_jsonl(args: argparse.Namespace) -> int:
+    from nbutils.core.layout import RunLayout, find_run
+    from nbutils.core.store import ResultStore
+
+    run = RunLayout(find_run(args.run))
+    out = Path(args.out) if args.out else run.exports
+    wrote = []
+    for stage in (run.explain, run.score):
+        with ResultStore(stage.root) as store:
+            if len(store):
+                count = store.export_jsonl(out / stage.jsonl.name)
+                wrote.append(f"{count} entries to {out / stage.jsonl.name}")
+    if not wrote:
+        raise UserError(
+            f"{run.root} holds no stage-02 or stage-03 results to export.",
+            "Name a run folder (outputs/<run_id>) whose stages 02-03 ran: python -m nbutils run.",
+        )
+    print("wrote " + "; ".join(wrote))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbutils", description="Explain and score language-model neurons.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     npx.add_argument("--model-id", help="Neuronpedia model id (default: from the run's model)")
     npx.add_argument("--source-set", help="Neuronpedia source set name (default: from the unit type)")
     npx.set_defaults(func=_cmd_export_neuronpedia)
+    jl = sub.add_parser("export-jsonl", help="write a run's explanations and scores as JSON lines (one entry a line)")
+    jl.add_argument("run", help="a run folder (outputs/<run_id>, or outputs/latest)")
+    jl.add_argument("--out", help="folder for explanations.jsonl and scores.jsonl (default: <run>/exports)")
+    jl.set_defaults(func=_cmd_export_jsonl)
     return p
 
 

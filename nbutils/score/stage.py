@@ -7,8 +7,9 @@ unit if the server was at fault); the baseline is always scored.
 
 Artifacts in the stage folder (`nbutils.core.layout.ResultsLayout`): the results store
 (`nbutils.core.store`), where each unit side's result, its scorers' details and numbers are written in one
-transaction, then ``scores.jsonl`` with all results (an export for other tools), ``summary.json`` and
-``usage.json``.
+transaction, the unit sides it was asked for (stage 02's selection less rare units: `ResultStore.select`),
+``summary.json`` and ``usage.json``. Nothing is rewritten whole at the end: ``scores.jsonl`` for other tools
+is an export on request (``nbutils export-jsonl``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.errors import UserError
 from nbutils.core.failures import write_summary
-from nbutils.core.io import atomic_write_json, read_jsonl, write_jsonl
+from nbutils.core.io import atomic_write_json, read_jsonl
 from nbutils.core.layout import explanations, scores
 from nbutils.core.parallel import as_finished
 from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, split_excerpts
 from nbutils.core.results import ExplanationEntry
-from nbutils.core.store import ResultStore, shard_part
+from nbutils.core.store import ResultStore, StoredSequence, shard_part
 from nbutils.core.units import Key, key_of
 from nbutils.llm.contract import (
     Backend,
@@ -140,11 +141,25 @@ def stored_scores(saved: ResultStore, key: Key) -> UnitScores | None:
     return None if found is None else UnitScores.from_dict(found)
 
 
-def _needs_scoring(old: UnitScores | None, entry: ExplanationEntry, scorers: list[Scorer]) -> bool:
+def _needs_scoring(old: UnitScores | None, explanation: str | None, scorers: list[Scorer]) -> bool:
     """Not scored with this explanation, a retryable failure, or a scorer missing from its result."""
-    if old is None or old.retryable or old.explanation != entry.explanation:
+    if old is None or old.retryable or old.explanation != explanation:
         return True
-    return bool(entry.explanation) and not old.failure and any(old.of(sc.name) is None for sc in scorers)
+    return bool(explanation) and not old.failure and any(old.of(sc.name) is None for sc in scorers)
+
+
+def explained(explanation_dir: str | Path) -> dict[Key, str | None]:
+    """What stage 02 chose and explained, in its order, with each explanation's text: its store's selection
+    (read from columns, no entry parsed); for a folder from before selections were kept, or one holding only an
+    ``explanations.jsonl`` written by hand, that file's entries; else every entry its store holds."""
+    with ResultStore(explanation_dir) as asked:
+        if asked.selection() is not None:
+            texts = dict(asked.explanations())
+            return {k: texts[k] for k in asked.chosen()}
+        listed = read_jsonl(explanations(explanation_dir).jsonl)
+        if listed:
+            return {key_of(e): e.get("explanation") for e in listed}
+        return {k: t for k, t in asked.explanations()}
 
 
 def run_score_stage(
@@ -155,20 +170,20 @@ def run_score_stage(
     progress: bool = True,
     cache_path: str | None = None,
     workers: int | None = None,
-) -> list[UnitScores]:
-    """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results.
-    ``workers``: units in progress at once (default: what the backend asks for). With ``executor="ray"`` the
-    units are dealt into shards run as Ray tasks; with several ``simulator_base_url`` they are dealt over the
-    servers (`nbutils.core.distribute`)."""
+) -> StoredSequence[UnitScores]:
+    """Score every stage-02 entry with ``config.scorers`` into ``out_dir`` (resumable); return all results (a
+    sequence read from the store as it is used). ``workers``: units in progress at once (default: what the
+    backend asks for). With ``executor="ray"`` the units are dealt into shards run as Ray tasks; with several
+    ``simulator_base_url`` they are dealt over the servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
     store = RecordStore(collection_dir)
     counted = store.rare_units(config.min_active)
     rare = counted or {}
-    asked = read_jsonl(explanations(explanation_dir).jsonl)  # what stage 02 last chose to explain
-    entries = [ExplanationEntry.from_dict(e) for e in asked if (int(e["layer"]), int(e["neuron"])) not in rare]
-    if not entries:
+    asked = explained(explanation_dir)
+    keys = [k for k in asked if k[:2] not in rare]
+    if not keys:
         raise UserError(
-            f"No explanations in {explanations(explanation_dir).jsonl}.",
+            f"No explanations in {explanations(explanation_dir).root}.",
             "Run stage 02 first (python -m nbutils run runs every stage in order).",
         )
     out = scores(out_dir)
@@ -176,8 +191,9 @@ def run_score_stage(
     atomic_write_json(out.parameters, stage_values(config, "03_score"))
     saved = ResultStore(out.root, numbers_of=stored_numbers)
     saved.merge_parts()  # what the shards of a killed distributed run finished
+    saved.select(keys)
     chosen = chosen_scorers(config)
-    todo = [e.key for e in entries if _needs_scoring(stored_scores(saved, e.key), e, chosen)]
+    todo = [k for k in keys if _needs_scoring(stored_scores(saved, k), asked[k], chosen)]
     if todo:
         run_unit_shards(
             score_units, todo, config, "simulator_base_url", collection_dir=str(collection_dir),
@@ -186,9 +202,8 @@ def run_score_stage(
         )  # fmt: skip
         merge_shard_usage(out.usage, config.prices)
         saved.merge_parts()
-    results = [r for r in (stored_scores(saved, e.key) for e in entries) if r is not None]
-    write_jsonl(out.jsonl, (r.to_dict() for r in results))
-    write_summary(out.summary, results, counted, config.min_active, len(asked) - len(entries), store.meta.noun)
+    results = StoredSequence(out.root, saved.chosen(), UnitScores.from_dict)  # read when asked for
+    write_summary(out.summary, results, counted, config.min_active, len(asked) - len(keys), store.meta.noun)
     saved.close()
     return results
 

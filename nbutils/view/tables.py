@@ -106,6 +106,27 @@ def table_html(rows: list[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{legend.html()}"
 
 
+SHOWN = 50
+"""Rows a stage notebook's table shows (the viewer, the page and `nbutils.open_run` have every unit)."""
+
+
+def head_table_html(
+    rows_of: Callable[[Sequence[Any]], list[dict[str, Any]]], items: Sequence[Any], limit: int = SHOWN
+) -> str:
+    """The table of the first ``limit`` items (``rows_of``: `explanation_rows` or `score_rows`), and, where
+    there are more, a line saying how many were left out and where to see them: a notebook of a run of any
+    size stays small, and only the rows shown are read (from a `nbutils.core.store.StoredSequence`)."""
+    shown = list(items[:limit])
+    table = table_html(rows_of(shown))
+    if len(items) <= limit:
+        return table
+    return table + (
+        f"<p><em>The first {limit:,} of {len(items):,} unit sides (notes on repeated explanations compare these "
+        "rows only). Every unit: the viewer (notebook 04), or <code>nbutils.open_run(run_dir).scores_frame()"
+        "</code> and <code>.explanations_frame()</code>.</em></p>"
+    )
+
+
 def colour(value: float, scale: float) -> str:
     """Orange for positive, blue for negative values, alpha by magnitude relative to ``scale``."""
     if not np.isfinite(value) or scale <= 0:
@@ -187,7 +208,7 @@ def scorers_of(results: list[UnitScores]) -> list[Scorer]:
     return [sc for sc in registered() if sc.name in present]
 
 
-def explanation_rows(entries: list[ExplanationEntry]) -> list[dict[str, Any]]:
+def explanation_rows(entries: Sequence[ExplanationEntry]) -> list[dict[str, Any]]:
     """Table rows of stage-02 entries, with notes on copied or repeated explanations."""
     notes = explanation_notes({e.key: e.explanation for e in entries})
     return [
@@ -202,7 +223,7 @@ def explanation_rows(entries: list[ExplanationEntry]) -> list[dict[str, Any]]:
     ]
 
 
-def score_rows(results: list[UnitScores]) -> list[dict[str, Any]]:
+def score_rows(results: Sequence[UnitScores]) -> list[dict[str, Any]]:
     """Table rows of stage-03 results: each scorer's compact columns for the explanation, then its headline
     for the token-lookup baseline, each number with its notes."""
     notes = explanation_notes({r.key: r.explanation for r in results})
