@@ -66,6 +66,15 @@ def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (real tokens for tiny random models; fast tier). The first use on a
+    machine converts the GGUF once (about 40 s), as any first run does; later ones take about a second."""
+    from nbutils.subject.models import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
 def embedded():
     from nbutils.subject.loading import load_subject_model
 
@@ -99,9 +108,94 @@ def llama_server(tmp_path_factory):
         proc.kill()
 
 
+# The two tiers (docs/testing.md). A test is in the slow tier when it loads the embedded model, starts a server,
+# Ray, JupyterLab or a browser, runs a notebook or a whole `nbutils run`: either it reaches one of these fixtures
+# (directly or through another fixture, which `item.fixturenames` includes), or it is a notebook cell, or it
+# carries `@pytest.mark.slow` itself. `python -m pytest -m "not slow"` is the fast tier; the guards installed by
+# `pytest_configure` below fail a fast-tier test that does one of these things without the marker.
+SLOW_FIXTURES = frozenset({"embedded", "llama_server", "chat_only_server", "ray_instance", "stand_in", "small_run"})
+
+
+def is_slow(item) -> bool:
+    return (
+        item.get_closest_marker("slow") is not None
+        or Path(str(item.fspath)).suffix == ".ipynb"
+        or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+    )
+
+
 def pytest_collection_modifyitems(items: list) -> None:
-    """nbval runs the notebooks with their default parameters. The walkthrough of one unit (00_explore_a_unit)
-    reads the run that the stage notebooks 01-05 write with theirs, so it runs after them (a stable sort: the
-    rest keep their order). The hook lives here, not in notebooks/, so that ``from conftest import`` in the
-    tests keeps meaning this file."""
+    """Marks the slow tier (above). nbval runs the notebooks with their default parameters; the walkthrough of
+    one unit (00_explore_a_unit) reads the run that the stage notebooks 01-05 write with theirs, so it runs after
+    them (a stable sort: the rest keep their order). The hook lives here, not in notebooks/, so that
+    ``from conftest import`` in the tests keeps meaning this file."""
+    for item in items:
+        if is_slow(item) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: Path(str(item.fspath)).name.startswith("00_"))
+
+
+def _slow_command(args) -> str | None:
+    """What a command line starts that belongs in the slow tier, or None."""
+    argv = [str(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+    line = " ".join(argv)
+    for what in ("llama_cpp.server", "llamacpp_server", "jupyter", "chromium", "chromedriver", "transformers serve"):
+        if what in line:
+            return what
+    if any(Path(a).parent.name == "bench" and a.endswith(".py") for a in argv):
+        return "a benchmark"
+    return None
+
+
+_running: list = [None]  # the test whose set-up, call or tear-down runs now
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    yield
+    _running[0] = None
+
+
+def _refuse_in_fast_tier(what: str) -> None:
+    item = _running[0]
+    if item is not None and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} {what}: mark it @pytest.mark.slow (docs/testing.md)", pytrace=False)
+
+
+def pytest_configure(config) -> None:
+    """In a test of the fast tier (its set-up included, so module fixtures too), loading the embedded model (any
+    GGUF model), starting Ray, a llama.cpp server, a browser, JupyterLab or a benchmark fails at once, naming the
+    marker to add: the fast tier stays fast by construction, not by review."""
+    import nbutils.subject.loading as loading
+
+    load = loading.load_hf_model
+
+    def guarded_load(spec="embedded", *args, **kwargs):
+        if spec == "embedded" or (
+            str(spec).endswith(".gguf") and Path(spec).is_file()
+        ):  # its tokenizer alone is allowed
+            _refuse_in_fast_tier("loads the embedded model (or another GGUF model)")
+        return load(spec, *args, **kwargs)
+
+    loading.load_hf_model = guarded_load
+    popen_init = subprocess.Popen.__init__
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        what = _slow_command(args)
+        if what:
+            _refuse_in_fast_tier(f"starts {what}")
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded_popen
+    try:
+        import ray
+    except ImportError:
+        return
+    ray_init = ray.init
+
+    def guarded_init(*args, **kwargs):
+        _refuse_in_fast_tier("starts Ray")
+        return ray_init(*args, **kwargs)
+
+    ray.init = guarded_init

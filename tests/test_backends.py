@@ -10,6 +10,8 @@ from nbutils.llm.local import LocalBackend
 from nbutils.llm.prompts import EXPLANATION_PREFIX, LABELS, ShownExcerpt, explanation_messages, simulation_prefix
 from nbutils.score.simulation import expected_values
 
+pytestmark = pytest.mark.slow  # every test reads the embedded model's own probabilities
+
 EXCERPTS = [
     ["The", " river", " ran", " dry", " after", " months", " without", " rain", "."],
     ["Tax", " forms", " are", " due", " in", " April", "."],

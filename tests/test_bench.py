@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts a benchmark script (minutes)
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

@@ -19,11 +19,11 @@ CFG = dict(layers=LAYERS, top_k=4, n_random=5, band_size=3, quantile_warmup=24, 
 
 
 @pytest.fixture(scope="module")
-def setup(embedded):
+def setup(embedded_tokenizer):
     """A tiny random Llama that reads real tokens of the embedded corpus through the real tokenizer."""
-    model = tiny_model("llama", vocab_size=len(embedded.tokenizer))
-    subject = SubjectModel(model, embedded.tokenizer, "tiny-llama")
-    excerpts = make_excerpts(embedded.tokenizer, load_texts("embedded")[:200], 16, 80, seed=5, corpus="embedded")
+    model = tiny_model("llama", vocab_size=len(embedded_tokenizer))
+    subject = SubjectModel(model, embedded_tokenizer, "tiny-llama")
+    excerpts = make_excerpts(embedded_tokenizer, load_texts("embedded")[:200], 16, 80, seed=5, corpus="embedded")
     full = {}
     ids = torch.from_numpy(excerpts.tokens.astype(np.int64))
     for layer in LAYERS:

@@ -211,3 +211,16 @@ def test_a_unit_type_defined_here_is_collected_and_named(tmp_path, monkeypatch):
     assert rec.top[0].max == pytest.approx(pairs[:, :, 5].max(), rel=1e-5)
     neurons = RecordStore(collect_activations(subject, excerpts, tmp_path / "n", cfg, progress=False).path)
     assert neurons.meta.kind == "mlp_neuron" and "unit" not in read_json(tmp_path / "n" / "collection.json")
+
+
+def test_a_stored_run_exports_to_neuronpedia_in_its_format(old_run, tmp_path):
+    """The export read from a stored run (the fast tier's check of the format; the full suite also exports a
+    fresh run through `nbutils export-neuronpedia` and a latent run, in test_pipeline and test_latent_chain)."""
+    from test_latent_chain import check_neuronpedia_export
+
+    from nbutils.view.neuronpedia import export_neuronpedia
+
+    written = export_neuronpedia(old_run, tmp_path / "np")
+    source = tmp_path / "np" / "smollm2-135m-instruct" / "29-mlp-neurons"
+    assert source / "features" / "batch-0.jsonl.gz" in written
+    check_neuronpedia_export(tmp_path / "np", source, 1)  # every row valid against the schema, ids join up

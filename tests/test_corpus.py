@@ -46,8 +46,8 @@ def test_bad_sources_are_user_errors(tmp_path):
         load_texts("no-such-user/no-such-dataset")
 
 
-def test_excerpts_are_fixed_length_deterministic_and_traceable(embedded):
-    tok = embedded.tokenizer
+def test_excerpts_are_fixed_length_deterministic_and_traceable(embedded_tokenizer):
+    tok = embedded_tokenizer
     texts = load_texts("embedded")[:100]
     a = make_excerpts(tok, texts, 32, 50, seed=7)
     b = make_excerpts(tok, texts, 32, 50, seed=7)
@@ -62,8 +62,8 @@ def test_excerpts_are_fixed_length_deterministic_and_traceable(embedded):
     assert len(everything) == everything.windows_available > 50
 
 
-def test_too_short_text_and_bad_lengths(embedded):
-    tok = embedded.tokenizer
+def test_too_short_text_and_bad_lengths(embedded_tokenizer):
+    tok = embedded_tokenizer
     with pytest.raises(UserError, match="no document of at least 64 tokens"):
         make_excerpts(tok, ["just a few words"], 64)
     with pytest.raises(UserError, match="longer than the model's context"):

@@ -20,6 +20,8 @@ from nbutils.core.layout import cache_dir
 from nbutils.core.store import ResultStore
 from nbutils.llm.cache import RequestCache
 
+pytestmark = pytest.mark.slow  # whole `nbutils run` chains, killed and resumed
+
 SMALL = [
     "n_excerpts=48",
     "excerpt_len=32",

@@ -21,6 +21,8 @@ from nbutils.core.records import RecordStore
 from nbutils.core.store import StoredSequence
 from nbutils.subject.latents import read_sae_folder
 
+pytestmark = pytest.mark.slow  # trains an SAE and runs the chain on the embedded model through `nbutils`
+
 SCHEMA = json.loads((Path(__file__).parent / "data" / "neuronpedia_export.schema.json").read_text())
 
 

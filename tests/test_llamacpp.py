@@ -188,6 +188,7 @@ def test_numpy_ranking_gives_pythons_order_and_leaves_other_calls_alone():
     assert list(_zip("ab", [1, 2])) == [("a", 1), ("b", 2)]
 
 
+@pytest.mark.slow  # the embedded model in llama.cpp
 def test_numpy_ranking_answers_echo_completions_as_llama_cpp_does():
     """The embedded model in process, one echo completion with top-20 prompt log-probabilities: the same
     answer with and without the replacement (only the ranking changed, not what is ranked)."""

@@ -224,6 +224,7 @@ def test_rules_for_sae_latents_probe_the_latents(tmp_path):
     assert found.rule.clauses and found.forward_passes > 0 and found.note is None
 
 
+@pytest.mark.slow  # the embedded LLM explains
 def test_triage_keeps_the_rules_that_reach_the_threshold_and_sends_the_rest_to_the_llm(context_bench, tmp_path):
     """``llm_when="rule_below:0.8"`` with the embedded LLM explainer: a unit whose rule's calibration correlation
     (recomputed here from the rule and the calibration excerpts) reaches 0.8 keeps its rule and sends no
@@ -272,6 +273,7 @@ def test_triage_keeps_the_rules_that_reach_the_threshold_and_sends_the_rest_to_t
     assert f"{len(kept)} of {len(kept) + len(sent)} units kept their rule" in triage_line(tmp_path / "02")
 
 
+@pytest.mark.slow  # the embedded LLM explains
 def test_the_hint_lists_the_units_rule_in_the_llms_prompt(context_bench):
     """``explain_with_rules``: the live explain call shows the chat the LLM got; it lists the rule found."""
     import nbutils
