@@ -218,12 +218,13 @@ def measure_simulation(
 
 
 def bench_simulate(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
-    """Local all-at-once simulation of one explanation over 10 excerpts: prefix reuse + batching vs plain."""
+    """Local all-at-once simulation of one explanation over 10 excerpts: prefix reuse + batching vs plain. (The
+    test's smoke run, under 64 excerpts, simulates 2: the same paths, a fifth of the forward passes.)"""
     from nbutils.collect.corpus import load_texts, make_excerpts
     from nbutils.llm.local import LocalBackend
 
     be = LocalBackend(model, batch_size=5)
-    ex = make_excerpts(be.tokenizer, load_texts("embedded"), 64, 10, seed=1)
+    ex = make_excerpts(be.tokenizer, load_texts("embedded"), 64, 10 if excerpts >= 64 else 2, seed=1)
     tokens = [[be.tokenizer.decode([int(t)]) for t in row] for row in ex.tokens]
     return {"benchmark": "simulate", "model": model, **measure_simulation(be, tokens, repeats)}
 
@@ -313,7 +314,8 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
     subject = load_subject_model(model)
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
     tmp = Path(tempfile.mkdtemp())
-    cfg = CollectConfig(layers=[7, 22], quantile_warmup=min(1024, excerpts // 2))
+    layers = [7, 22] if neurons > 1 else [7]  # the test's smoke (--neurons 1): one unit of one layer
+    cfg = CollectConfig(layers=layers, quantile_warmup=min(1024, excerpts // 2))
     t0 = time.perf_counter()
     collect_activations(subject, ex, tmp / "01", cfg, progress=False)
     t_collect = time.perf_counter() - t0
@@ -338,7 +340,7 @@ def bench_e2e(excerpts: int, repeats: int, model: str = "embedded", neurons: int
         setattr(LocalBackend, part, timed(part))
     try:
         t0 = time.perf_counter()
-        run_explain_stage(tmp / "01", tmp / "02", RunConfig(explain_neurons=neurons // 2), progress=False)
+        run_explain_stage(tmp / "01", tmp / "02", RunConfig(explain_neurons=neurons // len(layers)), progress=False)
         t_explain = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = run_score_stage(tmp / "01", tmp / "02", tmp / "03", progress=False)

@@ -119,7 +119,7 @@ SLOW_FIXTURES = frozenset({"embedded", "llama_server", "chat_only_server", "ray_
 def is_slow(item) -> bool:
     return (
         item.get_closest_marker("slow") is not None
-        or Path(str(item.fspath)).suffix == ".ipynb"
+        or item.path.suffix == ".ipynb"
         or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
     )
 
@@ -132,7 +132,7 @@ def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if is_slow(item) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: Path(str(item.fspath)).name.startswith("00_"))
+    items.sort(key=lambda item: item.path.name.startswith("00_"))
 
 
 def _slow_command(args) -> str | None:
@@ -150,11 +150,13 @@ def _slow_command(args) -> str | None:
 _running: list = [None]  # the test whose set-up, call or tear-down runs now
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _running[0] = item
-    yield
-    _running[0] = None
+    try:
+        return (yield)
+    finally:
+        _running[0] = None
 
 
 def _refuse_in_fast_tier(what: str) -> None:

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_model
 
 from nbutils.collect.collector import CollectConfig
 from nbutils.collect.corpus import load_texts, make_excerpts
@@ -19,6 +20,7 @@ from nbutils.explain.explainer import explain_unit
 from nbutils.llm.cache import RequestCache
 from nbutils.run.manifests import artifact_list, verify_artifacts
 from nbutils.score.metrics import score
+from nbutils.subject.models import SubjectModel
 
 
 def test_corrupted_llm_cache(tmp_path):
@@ -38,10 +40,11 @@ def test_missing_upstream_artifacts_one_paragraph(tmp_path):
     assert "needs the output of an earlier stage" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_truncated_or_altered_artifacts_are_detected(embedded, tmp_path):
-    ex = make_excerpts(embedded.tokenizer, load_texts("embedded"), 16, 16, seed=0)
+def test_truncated_or_altered_artifacts_are_detected(embedded_tokenizer, tmp_path):
+    subject = SubjectModel(tiny_model("llama", vocab_size=len(embedded_tokenizer)), embedded_tokenizer, "tiny-llama")
+    ex = make_excerpts(embedded_tokenizer, load_texts("embedded"), 16, 16, seed=0)
     store = collect_activations(
-        embedded, ex, tmp_path / "01_collect", CollectConfig(layers=[1], neurons=[0, 1]), progress=False
+        subject, ex, tmp_path / "01_collect", CollectConfig(layers=[1], neurons=[0, 1]), progress=False
     )
     manifest = tmp_path / "01_collect" / "manifest.json"
     manifest.write_text(json.dumps({"artifacts": artifact_list(tmp_path / "01_collect", tmp_path)}))
@@ -57,7 +60,7 @@ def test_truncated_or_altered_artifacts_are_detected(embedded, tmp_path):
         RecordStore(store.path).record(1, 0)
 
 
-def test_neuron_that_never_activates(embedded):
+def test_neuron_that_never_activates():
     zeros = [Excerpt(["a", "b"], np.zeros(2), index=i) for i in range(8)]
     rec = UnitRecord(UnitId(0, 0), zeros, zeros[:3], [zeros[:1]], [(0.0, 0.5)], [0.0, 0.0], 0, 0, 0, 0, 0.0, 0.0)
     entry = explain_unit(rec, llm=None)  # no LLM is needed to see there is nothing to explain

@@ -34,7 +34,7 @@ def test_every_cpu_benchmark_starts(tmp_path):
         "--repeats",
         "1",
         "--neurons",
-        "2",
+        "1",  # e2e: one unit of one layer (its LLM calls are the smoke's largest cost)
         "--latency",
         "0.05",
         "--limits",
@@ -59,7 +59,7 @@ def test_every_cpu_benchmark_starts(tmp_path):
     mem = results["memory"]["rows"]
     assert [r["tokens"] for r in mem] == [0, 32 * 64, 4 * 32 * 64] and mem[1]["collector_state_mb"] > 0
     e2e = results["e2e"]
-    assert e2e["neurons"] == 2 and e2e["simulate_tokens_per_neuron"] >= e2e["simulate_floor_per_neuron"] > 0
+    assert e2e["neurons"] == 1 and e2e["simulate_tokens_per_neuron"] >= e2e["simulate_floor_per_neuron"] > 0
     today, capped, batched = results["throughput"]["rows"]
     assert today["in_flight_max"] <= 8 and capped["in_flight_max"] == 4  # the cap reached, never passed
     assert today["failed"] == capped["failed"] == batched["failed"] == 0 and capped["units"] == 3 * 4

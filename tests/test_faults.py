@@ -204,7 +204,7 @@ def test_explainer_and_simulator_on_two_servers_in_one_run(proxy, llama_server, 
     (cache / "models").symlink_to(cache_dir() / "models")
     params = [
         "model=planted", "layers=null", "n_excerpts=32", "excerpt_len=8", "top_k=4", "n_random=3", "band_size=1",
-        "explain_neurons=[[0, 0], [0, 4]]", "explainer_backend=openai", "explainer_model=smollm2",
+        "explain_neurons=[[0, 0]]", "explainer_backend=openai", "explainer_model=smollm2",
         f"explainer_base_url={proxy.url}", "simulator_backend=openai", "simulator_model=smollm2",
         f"simulator_base_url={llama_server}", "simulation_mode=echo", "max_prompt_tokens=320", "per_band=0",
         "scorers=[detection]", "n_boot=20", f"max_in_flight={IN_FLIGHT}",

@@ -73,15 +73,15 @@ def test_live_values_on_a_stored_excerpt_equal_the_collected_ones(run):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
-def test_live_values_equal_the_collected_ones_on_other_architectures(arch, embedded, tmp_path):
+def test_live_values_equal_the_collected_ones_on_other_architectures(arch, embedded_tokenizer, tmp_path):
     """A random-initialised model of another architecture, saved as a folder the run names: the live path
     loads it from the collection's own record and reads the same neurons (non-gated GELU, gated GELU)."""
-    model = tiny_model(arch, vocab_size=len(embedded.tokenizer), seed=3)
+    model = tiny_model(arch, vocab_size=len(embedded_tokenizer), seed=3)
     folder = tmp_path / f"tiny-{arch}"
     model.save_pretrained(folder)
-    embedded.tokenizer.save_pretrained(folder)
-    subject = SubjectModel(model, embedded.tokenizer, str(folder))
-    excerpts = make_excerpts(embedded.tokenizer, load_texts("embedded")[:60], 16, 24, seed=4, corpus="embedded")
+    embedded_tokenizer.save_pretrained(folder)
+    subject = SubjectModel(model, embedded_tokenizer, str(folder))
+    excerpts = make_excerpts(embedded_tokenizer, load_texts("embedded")[:60], 16, 24, seed=4, corpus="embedded")
     cfg = CollectConfig(layers=[1], neurons=[0, 5, 9], top_k=3, n_random=2, band_size=1, quantile_warmup=8,
                         batch_size=8)  # fmt: skip
     collect_activations(subject, excerpts, tmp_path / "run" / "01_collect", cfg, progress=False)
