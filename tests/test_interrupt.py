@@ -33,6 +33,9 @@ SMALL = [
     "band_size=2",
     "explain_neurons=[[2, 0], [2, 1], [20, 2]]",  # three units: kills after the first and the second leave some
     "n_boot=50",
+    # what is resumed does not depend on the scorers: one of them (detection and fuzzing would triple stage 03's
+    # LLM calls); the HTTP runs below name their own
+    "scorers=[simulation]",
 ]
 UNITS = 3
 COMPARED = ["01_collect"]
