@@ -174,9 +174,8 @@ def pytest_configure(config) -> None:
     load = loading.load_hf_model
 
     def guarded_load(spec="embedded", *args, **kwargs):
-        if spec == "embedded" or (
-            str(spec).endswith(".gguf") and Path(spec).is_file()
-        ):  # its tokenizer alone is allowed
+        gguf = str(spec).endswith(".gguf") and Path(spec).is_file()
+        if spec == "embedded" or gguf:  # the tokenizer alone (`load_tokenizer`) is allowed
             _refuse_in_fast_tier("loads the embedded model (or another GGUF model)")
         return load(spec, *args, **kwargs)
 
