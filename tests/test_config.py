@@ -143,6 +143,19 @@ def test_every_parameter_an_error_message_suggests_exists():
             assert name in accepted, f"{where}: the fix {text[:80]} suggests {name}=, which no stage accepts"
 
 
+def test_every_command_the_package_names_exists():
+    """A message or docstring that says `nbutils X` or `python -m nbutils X` names a real subcommand."""
+    from nbutils.run.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if a.choices and "run" in a.choices]
+    named = []
+    for path in sorted((Path(config.__file__).parent.parent).rglob("*.py")):
+        for command in re.findall(r"(?:python -m nbutils|`nbutils) ([a-z][a-z_-]*)", path.read_text()):
+            named.append((path.name, command))
+    assert len(named) > 15
+    assert [(where, c) for where, c in named if c not in sub.choices] == []
+
+
 def test_papermill_reads_every_declared_parameter():
     """papermill's own reader of the parameters cell (a line it cannot parse is an "unknown parameter" it only
     warns about) finds every parameter the chain passes."""
