@@ -177,7 +177,8 @@ class Run(RunView):
             near = {n: difflib.get_close_matches(n, known, 1) for n in unknown}
             hint = ", ".join(f"{n} (did you mean {m[0]}?)" if m else n for n, m in near.items())
             raise UserError(
-                f"Unknown parameters: {hint}.", "Use names of nbutils.core.config.RunConfig (`nbutils run --list-params` lists them)."
+                f"Unknown parameters: {hint}.",
+                "Use names of nbutils.core.config.RunConfig (`nbutils run --list-params` lists them).",
             )
         self._overrides, self._llm_options = dict(overrides), dict(llm_options or {})
         for name in ("config", "simulator", "explainer", "_memo"):
