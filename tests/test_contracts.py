@@ -17,6 +17,7 @@ from nbutils.collect.collector import CollectConfig
 from nbutils.collect.corpus import ExcerptSet
 from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
+from nbutils.core.errors import UserError
 from nbutils.core.io import read_json
 from nbutils.core.records import RecordStore
 from nbutils.core.results import to_json
@@ -224,3 +225,18 @@ def test_a_stored_run_exports_to_neuronpedia_in_its_format(old_run, tmp_path):
     source = tmp_path / "np" / "smollm2-135m-instruct" / "29-mlp-neurons"
     assert source / "features" / "batch-0.jsonl.gz" in written
     check_neuronpedia_export(tmp_path / "np", source, 1)  # every row valid against the schema, ids join up
+
+
+def test_a_unit_named_by_text_or_numpy_integers_is_the_same_unit(old_run):
+    """`run.unit("29", "0")` (a widget's text) and numpy integers (a data frame's cell) name unit (29, 0); a value
+    that is no whole number is named, not reported as an uncollected layer."""
+    import nbutils
+
+    run = nbutils.open_run(old_run)
+    want = run.unit(29, 0).key
+    for layer, index in (("29", "0"), (np.int64(29), np.int32(0)), (" 29", 0)):
+        got = run.unit(layer, index).key
+        assert got == want and all(type(x) is int for x in got[:2])
+    for layer, index in (("29.5", 0), (29.5, 0), (29, None)):
+        with pytest.raises(UserError, match="is not a whole number"):
+            run.unit(layer, index)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import html
+import operator
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property
@@ -262,7 +263,9 @@ class Run(RunView):
         return self.unit(first.layer, first.index)
 
     def unit(self, layer: int, index: int, sign: str = "positive") -> Unit:
-        """A collected unit side; an uncollected layer or unit is a `UserError` naming what was collected."""
+        """A collected unit side; an uncollected layer or unit is a `UserError` naming what was collected.
+        ``layer`` and ``index`` may come as text or numpy integers (a widget's value, a data frame's cell)."""
+        layer, index = _whole("layer", layer), _whole("index", index)
         self._check_layer(layer)
         return Unit(self, layer, index, sign)
 
@@ -392,3 +395,13 @@ __all__ = ["Run", "Unit"]
 def _text(entry: ExplanationEntry | None) -> str | None:
     """An entry's explanation (None where the side has no entry)."""
     return entry.explanation if entry else None
+
+
+def _whole(name: str, value: Any) -> int:
+    """``value`` as a Python int: an int, a numpy integer or the text of one; anything else is named."""
+    try:
+        return int(value.strip()) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"The unit's {name} {value!r} is not a whole number.", "Pass whole numbers: run.unit(15, 938)."
+        ) from None
