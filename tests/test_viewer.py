@@ -186,9 +186,17 @@ def test_live_panels_on_the_unit_shown(run_dir):
     assert "scored now" in scored and "top+random" in scored and "token-lookup baseline" in scored
     assert "stage 03&#x27;s explanation" in scored or "stage 03's explanation" in scored  # the stored one beside
     assert "<script>" not in scored and "True versus simulated" in scored
+    p.steer.click()  # ticked by default: the intervention score's shift, found by its target KL
+    assert "steered by" in p.steer_out.value and "next-token distributions by KL" in p.steer_out.value
+    assert p.strength.disabled
+    p.by_kl.value = False
+    assert not p.strength.disabled
     p.prompt.value, p.strength.value = "I went to the", 6.0
     p.steer.click()
-    assert "as it is" in p.steer_out.value and "steered by" in p.steer_out.value
+    assert "as it is" in p.steer_out.value and "strength 6 x the unit" in p.steer_out.value
+    p.strength.value = 0.0  # no shift at all: not the default shift
+    p.steer.click()
+    assert "steered by +0 (strength 0 x" in p.steer_out.value and "did not change" in p.steer_out.value
     p.text.value = "   "
     p.show_text.click()
     assert "The text is empty" in p.text_out.value and not p.top_units.children

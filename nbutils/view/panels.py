@@ -43,17 +43,19 @@ class LivePanels:
         self.score = w.Button(description="score", button_style="primary")
         self.score_out = w.HTML()
         self.prompt = w.Text(value="I went to the", description="prompt", layout=wide)
-        self.strength = w.FloatText(value=0.0, description="strength", layout=w.Layout(width="220px"))
+        self.by_kl = w.Checkbox(value=True, description="the intervention score's shift", indent=False)
+        self.strength = w.FloatText(value=1.0, description="strength", layout=w.Layout(width="220px"), disabled=True)
+        self.by_kl.observe(lambda change: setattr(self.strength, "disabled", change["new"]), names="value")
         self.steer = w.Button(description="steer", button_style="primary")
         self.steer_out = w.HTML(
-            "<p class='nbx-muted'>strength: a multiple of the unit's largest value; 0: the shift the intervention "
-            "score uses (a target KL on the prompt)</p>"
+            "<p class='nbx-muted'>Ticked: the shift the intervention score uses (a target KL on the prompt). "
+            "Unticked: strength x the unit's largest value (0: no shift)</p>"
         )
         self.widget = w.Tab(
             children=[
                 w.VBox([w.HBox([self.text, self.show_text]), self.text_out, self.top_units]),
                 w.VBox([w.HBox([self.explanation, self.score]), self.score_out]),
-                w.VBox([w.HBox([self.prompt, self.strength, self.steer]), self.steer_out]),
+                w.VBox([w.HBox([self.prompt, self.by_kl, self.strength, self.steer]), self.steer_out]),
             ]
         )
         for i, title in enumerate(("Try a text", "Test an explanation", "Steer")):
@@ -111,7 +113,7 @@ class LivePanels:
 
     def steer_unit(self) -> None:
         """The prompt continued with and without this unit shifted."""
-        strength = float(self.strength.value) or None
+        strength = None if self.by_kl.value else float(self.strength.value)  # 0 is no shift, not the default
         self._call(self.steer_out, "Steering", lambda: self._unit().steer(self.prompt.value, strength)._repr_html_())
 
 
