@@ -130,7 +130,7 @@ def pytest_collection_modifyitems(items: list) -> None:
     them (a stable sort: the rest keep their order). The hook lives here, not in notebooks/, so that
     ``from conftest import`` in the tests keeps meaning this file."""
     for item in items:
-        if is_slow(item) and item.get_closest_marker("slow") is None:
+        if is_slow(item):  # a second slow marker on a marked test changes nothing
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name.startswith("00_"))
 
