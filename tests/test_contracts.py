@@ -3,6 +3,7 @@ each) flow through the stages and every view unchanged; and a run folder written
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,8 @@ def test_a_scorer_defined_here_reaches_every_view(old_run, monkeypatch):
     assert "words" in shown and f"{words:.3f}" in shown and f"{baseline_words:.3f}" in shown  # both
     page = _visible(run_html(view))
     assert "words" in page and f"{words:.3f}" in page  # the static page's index has its headline
+    # no time of writing on the page: reopening the viewer later rewrites stage 04's checksummed page unchanged
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", page)
     rows = [r for r in plots.scorer_rows(view) if r["scorer"] == "explanation_length"]
     assert {(r["of"], r["mean"]) for r in rows} == {("explanation", words), ("baseline", baseline_words)}
     summary = {r["item"]: r["value"] for r in plots.run_summary(view)}

@@ -19,6 +19,28 @@ def test_embedded_corpus_is_real_prose_of_useful_size():
     assert sum(w.lower() in {"the", "a", "of", "is", "to"} for w in words) / len(words) > 0.05  # English
 
 
+def test_the_embedded_corpus_is_parsed_once_then_read_from_the_cache_unchanged(tmp_path, monkeypatch):
+    from nbutils.collect import corpus
+
+    parsed = list(corpus._parse_embedded_texts(corpus._stdlib_sources()))  # the standard library read afresh
+    monkeypatch.setenv("NBUTILS_CACHE", str(tmp_path))
+    for step in ("parsed", "read from the cache", "damaged in the cache"):
+        corpus._embedded_texts.cache_clear()  # as a new process would
+        (cached,) = list((tmp_path / "corpus").glob("embedded-*.json")) or [None]
+        assert (cached is None) == (step == "parsed"), step
+        if step == "damaged in the cache":  # a damaged cached copy is parsed again and rewritten
+            cached.write_text('["trunc')
+            monkeypatch.undo()
+            monkeypatch.setenv("NBUTILS_CACHE", str(tmp_path))
+        elif step == "read from the cache":  # not parsed again
+            monkeypatch.setattr(corpus, "_parse_embedded_texts", lambda sources: pytest.fail("parsed again"))
+        got = load_texts("embedded")
+        assert got == parsed, step
+        got.append("a caller's change")  # the next caller gets its own copy
+        assert load_texts("embedded") == parsed
+    assert json.loads(cached.read_text()) == parsed
+
+
 def test_local_files_and_folders(tmp_path):
     (tmp_path / "a.txt").write_text("first document " * 20, encoding="utf-8")
     lines = [json.dumps({"text": f"line {i} " * 10, "id": i}) for i in range(3)] + [json.dumps("plain string")]

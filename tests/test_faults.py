@@ -151,6 +151,7 @@ def test_stage_records_failures_carries_on_and_a_rerun_retries_only_them(proxy, 
             simulator_backend="openai", simulator_model="smollm2", simulator_base_url=proxy.url,
             simulation_mode="echo", n_boot=20, max_prompt_tokens=320, judge_per_class=1, per_band=0,
             max_in_flight=IN_FLIGHT,
+            scorers=["simulation"],  # failures and retries are the stage's, whichever scorer's requests fail
         )  # fmt: skip
         return run_score_stage(*run, config, progress=False, cache_path=cache)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -78,8 +79,9 @@ def _files(run: Path) -> dict[str, bytes]:
     return out
 
 
-def _kill_when(cmd: list[str], ready, sig: int, env: dict[str, str] | None = None) -> None:
-    """Start the run in its own process group and send ``sig`` to the whole group once ``ready()`` holds."""
+def _kill_when(cmd: list[str], ready, sig: int, env: dict[str, str] | None = None) -> str:
+    """Start the run in its own process group and send ``sig`` to the whole group once ``ready()`` holds, as a
+    terminal's Ctrl-C does; returns what the run printed."""
     log = open(Path(cmd[cmd.index("--output-root") + 1]) / "killed-run.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + 600
@@ -95,6 +97,8 @@ def _kill_when(cmd: list[str], ready, sig: int, env: dict[str, str] | None = Non
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    log.seek(0)
+    return log.read()
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +109,38 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_a_run_killed_in_every_stage_resumes_to_the_same_artifacts(reference, tmp_path):
-    """One run cut four times (one chain, not four: each chain costs a minute and a half on 2 cores): SIGKILL
-    while collecting, SIGINT after the first explained unit, SIGKILL after the second, SIGKILL after the first
-    scored unit; each time the same command resumes it, and the last one completes it."""
+    """One run cut four times (one chain, not four: each chain costs a minute and a half on 2 cores), each cut
+    sent to the whole process group as a terminal sends it: Ctrl-C (SIGINT) while collecting, Ctrl-C after the
+    first explained unit, SIGKILL after the second, Ctrl-C after the first scored unit; each time the same
+    command resumes it from where it stopped (collection: the interrupted batch's checkpoint; stages 02-03:
+    every unit stored before the cut), and the last one completes it."""
     run = tmp_path / "k"
     cmd = _cmd("k", tmp_path) + ["--stages", "01,02,03"]
     kills = [
-        ("collect", signal.SIGKILL, lambda: (run / "01_collect" / "fingerprint.txt").is_file()),  # under way
+        ("collect", signal.SIGINT, lambda: (run / "01_collect" / "fingerprint.txt").is_file()),  # under way
         ("explain", signal.SIGINT, lambda: _count(run / "02_explain") >= 1),
         ("explain", signal.SIGKILL, lambda: _count(run / "02_explain") >= 2),
-        ("score", signal.SIGKILL, lambda: _count(run / "03_score") >= 1),
+        ("score", signal.SIGINT, lambda: _count(run / "03_score") >= 1),
     ]
+    logs = []
     for where, sig, ready in kills:
-        _kill_when(cmd, ready, sig)
+        logs.append(_kill_when(cmd, ready, sig))
         assert not (run / "03_score" / "manifest.json").is_file(), where  # it really was cut short
+        if where == "collect":  # the batch in progress was finished and checkpointed, nothing collected is lost
+            assert (run / "01_collect" / "checkpoint.pt").is_file(), logs[-1][-3000:]
+            done = int(re.search(r"interrupted: checkpoint at (\d+) of 48 excerpts", logs[-1]).group(1))
+            assert 0 < done < 48 and not (run / "01_collect" / "collection.json").exists()
         if where == "explain":
             assert not (run / "02_explain" / "manifest.json").is_file() and _count(run / "02_explain") < UNITS
+        if sig == signal.SIGINT:
+            assert "rerun the same command (with the same --run-id) to continue" in logs[-1], logs[-1][-3000:]
+        if where == "score":  # the unit stored before the Ctrl-C is still there
+            assert _count(run / "03_score") >= 1
+    # each rerun says where it resumed from: the collection from the interrupted batch's checkpoint
+    assert (
+        f"resumed the collection from its checkpoint ({run / '01_collect' / 'checkpoint.pt'}): {done} excerpts"
+        in (logs[1])
+    )
     _run(cmd)
     want, got = _files(reference), _files(run)
     assert sorted(got) == sorted(want)

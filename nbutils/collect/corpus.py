@@ -17,8 +17,11 @@ Sources (`load_texts`):
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +31,13 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
+from nbutils.core.io import atomic_write_json
+from nbutils.core.layout import cache_dir
 
 EMBEDDED = "embedded"
 _MIN_DOCSTRING_CHARS = 300
+_EMBEDDED_FORMAT = 1
+"""Bumped when what the embedded corpus extracts changes, so cached copies of the old one are not read."""
 _SKIP_STDLIB_DIRS = {
     "test",
     "tests",
@@ -63,26 +70,54 @@ class ExcerptSet:
         return int(self.tokens.shape[1])
 
 
-def _embedded_texts() -> Iterator[str]:
+def _stdlib_sources() -> list[Path]:
+    """The standard library's own .py files the embedded corpus reads, in a fixed order."""
+    stdlib, found = Path(sysconfig.get_paths()["stdlib"]), []
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_STDLIB_DIRS)
+        found += [Path(root, name) for name in sorted(files) if name.endswith(".py")]
+    return found
+
+
+def _parse_embedded_texts(sources: list[Path]) -> Iterator[str]:
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
         yield topics[key]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_STDLIB_DIRS)
-        for name in sorted(files):
-            if not name.endswith(".py"):
-                continue
-            try:
-                tree = ast.parse(Path(root, name).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
-                        yield doc
+    for path in sources:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+                    yield doc
+
+
+@functools.cache
+def _embedded_texts() -> tuple[str, ...]:
+    """The embedded corpus. Parsing the standard library takes seconds, so the documents are kept once per
+    process and on disk under the cache folder, keyed by the Python build and every source file's size and
+    modification time (a changed or added file makes a new key)."""
+    import pydoc_data.topics
+
+    sources = _stdlib_sources()
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in [Path(pydoc_data.topics.__file__), *sources]
+             for st in [p.stat()]]  # fmt: skip
+    key = hashlib.sha256(repr((_EMBEDDED_FORMAT, sys.version, stats)).encode()).hexdigest()[:16]
+    cached = cache_dir() / "corpus" / f"embedded-{key}.json"
+    try:
+        return tuple(json.loads(cached.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    texts = tuple(_parse_embedded_texts(sources))
+    try:
+        atomic_write_json(cached, list(texts), compact=True, durable=False)
+    except OSError:  # a read-only cache folder: the corpus is parsed again next time
+        pass
+    return texts
 
 
 def _read_utf8(path: Path) -> str:
@@ -146,7 +181,7 @@ def _hf_texts(name: str, text_field: str, max_documents: int) -> Iterator[str]:
 def load_texts(source: str = EMBEDDED, text_field: str = "text", max_documents: int = 100_000) -> list[str]:
     """The documents of a corpus source (see the module docstring for the accepted sources)."""
     if source == EMBEDDED:
-        texts = list(_embedded_texts())
+        texts = list(_embedded_texts())  # a new list: callers may change theirs
     else:
         path = Path(source).expanduser()
         if path.is_dir():

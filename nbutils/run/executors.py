@@ -8,12 +8,19 @@ jupyter_client sends by default (which an idle kernel answers with "KeyboardInte
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_KERNELS: list[Any] = []
+"""Kernel managers with a running kernel, in start order (a Ctrl-C is passed on to them)."""
 
 
 class StageFailed(Exception):
@@ -40,7 +47,47 @@ def _kernel_manager_class():
             if not self.shutting_down:
                 await super()._async_interrupt_kernel()
 
+        # AsyncKernelManager binds its public coroutines to KernelManager's private ones: override the public
+        async def start_kernel(self, **kw: Any) -> None:
+            await super().start_kernel(**kw)
+            _KERNELS.append(self)
+
+        async def shutdown_kernel(self, *args: Any, **kw: Any) -> None:
+            with contextlib.suppress(ValueError):
+                _KERNELS.remove(self)
+            await super().shutdown_kernel(*args, **kw)
+
     return QuietKernelManager
+
+
+@contextlib.contextmanager
+def _interrupt_passed_to_kernel() -> Iterator[list[int]]:
+    """While inside, a Ctrl-C is sent on to the stage's kernel instead of stopping this process: jupyter_client
+    starts kernels in their own session, so a terminal's SIGINT reaches only this process, and papermill would
+    kill the kernel mid-batch. The kernel's stage finishes what it holds (stage 01: the batch in progress and
+    its checkpoint; stages 02-03: the units already answered are stored) and raises KeyboardInterrupt, which
+    `execute` passes on. A second Ctrl-C stops at once. Yields the list of signals seen."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        if len(seen) > 1 or not _KERNELS:
+            raise KeyboardInterrupt
+        print("interrupted: the stage is saving its progress (Ctrl-C again to stop at once)", file=sys.stderr)
+        for km in list(_KERNELS):
+            pid = getattr(km.provisioner, "pid", None)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class PapermillExecutor:
@@ -51,18 +98,27 @@ class PapermillExecutor:
         import papermill
 
         os.environ["NBUTILS_PLAIN_PROGRESS"] = "1"
-        try:
-            papermill.execute_notebook(
-                str(source),
-                str(executed),
-                parameters=params,
-                cwd=str(cwd),
-                kernel_name="python3",
-                progress_bar=False,
-                log_output=False,  # True would print the kernel's stderr a second time, through logging
-                stdout_file=sys.stdout,
-                stderr_file=sys.stderr,
-                kernel_manager_class=_kernel_manager_class(),
-            )
-        except papermill.PapermillExecutionError as e:
-            raise StageFailed(stage, executed, f"{e.ename}: {e.evalue}") from None
+        with _interrupt_passed_to_kernel() as interrupted:
+            try:
+                self._papermill(papermill, source, executed, params, cwd)
+            except papermill.PapermillExecutionError as e:
+                if interrupted or e.ename == "KeyboardInterrupt":
+                    raise KeyboardInterrupt from None
+                raise StageFailed(stage, executed, f"{e.ename}: {e.evalue}") from None
+        if interrupted:  # the kernel finished its cell before the interrupt reached it
+            raise KeyboardInterrupt
+
+    @staticmethod
+    def _papermill(papermill: Any, source: Path, executed: Path, params: dict[str, Any], cwd: Path) -> None:
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=params,
+            cwd=str(cwd),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,  # True would print the kernel's stderr a second time, through logging
+            stdout_file=sys.stdout,
+            stderr_file=sys.stderr,
+            kernel_manager_class=_kernel_manager_class(),
+        )

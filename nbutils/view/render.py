@@ -9,7 +9,6 @@ The output needs no kernel, no script and no network, so a page can be saved and
 
 from __future__ import annotations
 
-import datetime
 import html
 import math
 import random
@@ -368,7 +367,7 @@ def run_html(view: RunView, keys: Sequence[Key] | None = None, page_units: int =
     summary = (
         f"<p>Model <b>{_esc(meta.model)}</b>, corpus <b>{_esc(meta.corpus)}</b>, layers {_esc(meta.layers)}, "
         f"{meta.n_excerpts:,} excerpts of {meta.excerpt_len} tokens. {len(view.explanations):,} explained, "
-        f"{len(view.scores):,} scored. Written {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"
+        f"{len(view.scores):,} scored.</p>"  # no time of writing: the same run gives the same page, byte for byte
     )
     cut = f"<p class='nbx-muted'>{_esc(choice)}</p>" if choice else ""
     title = f"{meta.noun.capitalize()} explanations"
