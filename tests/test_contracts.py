@@ -243,3 +243,25 @@ def test_a_unit_named_by_text_or_numpy_integers_is_the_same_unit(old_run):
     for layer, index in (("29.5", 0), (29.5, 0), (29, None)):
         with pytest.raises(UserError, match="is not a whole number"):
             run.unit(layer, index)
+
+
+def test_live_calls_against_a_dead_server_are_refused_in_seconds_naming_it(old_run):
+    """`open_run` with an HTTP explainer and simulator that nothing serves: ``u.score`` and ``u.explain`` probe
+    the server first, as the command line does, instead of failing after the client's retries."""
+    import time
+
+    from servers import free_port
+
+    import nbutils
+
+    dead = {role: f"http://127.0.0.1:{free_port()}/v1" for role in ("explainer", "simulator")}
+    roles = {f"{r}_{k}": v for r in dead for k, v in (("backend", "openai"), ("base_url", dead[r]))}
+    u = nbutils.open_run(old_run, **roles).unit(29, 0)
+    for role, call in (("simulator", lambda: u.score("the word of")), ("explainer", u.explain)):
+        started = time.monotonic()
+        with pytest.raises(UserError, match=re.escape(f"Nothing answers at {dead[role]} ({role}_base_url)")) as e:
+            call()
+        assert time.monotonic() - started < 5, role
+        assert (
+            "before the live call sent anything" in e.value.problem and f"open_run(run, {role}_base_url=" in e.value.fix
+        )

@@ -140,6 +140,12 @@ def test_console_is_quiet_and_ends_saying_where_to_look(small_run):
     assert page == run / "04_inspect" / "run.html" and page.is_file()
     assert report == run / "05_report.ipynb" and report.is_file()
     assert f"figures:      {run / '05_report' / 'figures'}/" in res.stdout
+    # the ways in name this run (not the package's notebook, which opens the newest run under its own outputs/)
+    assert f"viewer:       open {run / '04_inspect_neurons.ipynb'} in JupyterLab" in res.stdout
+    assert f"nbutils.open_run({str(run)!r})" in res.stdout
+    nb = nbformat.read(run / "04_inspect_neurons.ipynb", 4)
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert f"run_dir = {str(run)!r}" in injected.source.replace('"', "'")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ weights, with a fix that, applied, is accepted."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import typing
 
 import numpy as np
 import pytest
+from servers import free_port
 
 from nbutils.core.config import COLLECT, EXPLAIN, SCORE, defaults, hints
 from nbutils.core.errors import UserError
@@ -119,13 +121,74 @@ def test_http_backends_need_a_key_or_a_server_that_answers(llama_server, files, 
 
 def test_the_command_refuses_before_any_model_loads_in_seconds_with_one_paragraph(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    for bad in (["-p", "n_excerpts=0"], ["-p", "layers=[999]"], ["-p", "explainer_backend=openai"]):
+    offline = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    for bad in (
+        ["-p", "n_excerpts=0"],
+        ["-p", "layers=[999]"],
+        ["-p", "explainer_backend=openai"],
+        ["-p", "model=gpt2"],
+    ):
         started = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "nbutils", "run", *bad], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=120)  # fmt: skip
+                             cwd=tmp_path, timeout=120, env=offline)  # fmt: skip
         took = time.monotonic() - started
         assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
         assert "Fix:" in res.stderr and not (tmp_path / "outputs").exists(), (bad, took)  # nothing started
+
+
+def test_a_hub_model_is_refused_up_front_unless_cached_or_on_a_hub_that_answers(files, monkeypatch):
+    """A Hugging Face id the machine cannot load offline is refused in seconds (the hub asked once, with a
+    short timeout), never after a minute of the hub client's retries; a cached one needs no hub."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from huggingface_hub import constants
+
+    asked = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - the http.server API
+            asked.append(self.path)
+            self.send_response(200 if self.path == "/api/models/owner/there" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hub = HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        check({"model": "owner/there"}, files)  # on the hub: stage 01 downloads it
+        with pytest.raises(UserError, match=r"model='owner/missing' is a Hugging Face model id that is not in the "
+                           r"local cache .* has no model of that name .*\(HTTP 404\)") as e:  # fmt: skip
+            check({"model": "owner/missing"}, files)
+        assert "-p model=embedded" in e.value.fix
+        with pytest.raises(UserError, match=r"explainer_model='owner/missing' .* has no model"):
+            check({"explainer_backend": "local", "explainer_model": "owner/missing"}, files)
+        assert asked == ["/api/models/owner/there", "/api/models/owner/missing", "/api/models/owner/missing"]
+    finally:
+        hub.shutdown()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens: offline
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"model='gpt2' .* cannot be reached") as e:
+        check({"model": "gpt2"}, files)
+    assert time.monotonic() - started < 5
+    check(suggested(e.value.fix), files)  # the fix (the embedded model) is accepted
+    with pytest.raises(UserError, match="neither a local file or folder nor a Hugging Face model id"):
+        check({"model": "owner/na me"}, files)
+    snapshot = files / "hub-cache" / "models--owner--cached" / "snapshots" / "abc123"  # the hub client's cache layout
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "intermediate_size": 8}))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    check({"model": "owner/cached"}, files)  # cached: no hub needed
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check({"model": "owner/cached"}, files)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        check({"model": "gpt2"}, files)
 
 
 def test_the_collectors_memory_is_estimated_from_the_config_and_checked_against_what_is_available(files):

@@ -236,6 +236,10 @@ def where_to_look(run_dir: Path) -> list[str]:
         lines.append(f"report:       {report}   (open in JupyterLab; figures inline)")
     if figures:
         lines.append(f"figures:      {run.figures}/ ({', '.join(p.name for p in figures)})")
-    inspect = notebooks_dir() / STAGES[3].notebook
-    lines.append(f"interactive:  open {inspect} in JupyterLab (it opens the newest run; run_dir names another)")
+    # ways in that name this run, so they work from any folder, output root and install (the package's own
+    # notebook opens the newest run under the repository's outputs/, which may be another)
+    viewer = run.executed(STAGES[3])
+    if viewer.is_file():
+        lines.append(f"viewer:       open {viewer} in JupyterLab and run it (its run_dir is this run)")
+    lines.append(f"interactive:  import nbutils; run = nbutils.open_run({str(run.root)!r})   (in JupyterLab or Python)")
     return lines

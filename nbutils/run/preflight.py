@@ -7,6 +7,8 @@ checks what those values mean together, for the stages about to run:
   the collector's state for every unit against the memory available;
 - the subject model's layer count, read from its config alone (``config.json``, or a GGUF file's metadata),
   against ``layers``;
+- a Hugging Face model id (the subject model, a local backend's model) that is not in the local cache: the hub
+  is asked whether it has it (one request, 5 s at most), so an offline machine refuses it at once;
 - the corpus: a file or folder's first file opened and its first record read (binary, empty, not UTF-8, a
   JSON-lines record without ``corpus_text_field``);
 - an SAE folder recognised (SAELens or sparsify) without reading its weights;
@@ -20,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +30,7 @@ from typing import Any
 
 from nbutils.core.config import COLLECT, EXPLAIN, SCORE
 from nbutils.core.errors import UserError
+from nbutils.llm.reach import check_llm_server
 from nbutils.subject.latents import sae_encoder_folders
 from nbutils.subject.units import NEURON_UNITS
 
@@ -45,6 +47,7 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
     """Check the effective parameters for the stage folders in ``stages`` (e.g. ``["01_collect", ...]``)."""
     check_numbers(values)
     if COLLECT in stages:
+        check_hub_model(str(values["model"]), "model", probe_servers)
         check_layers(values)
         check_neurons(values)
         check_memory(values)
@@ -55,6 +58,57 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
     for role, stage in roles:
         if stage in stages and values[f"{role}_backend"] == "openai":
             check_server(role, values, probe_servers)
+        if stage in stages and values[f"{role}_backend"] == "local":
+            check_hub_model(str(values[f"{role}_model"]), f"{role}_model", probe_servers)
+
+
+def check_hub_model(spec: str, name: str, probe: bool = True) -> None:
+    """A model named by a Hugging Face id must be in the local cache or on a hub that answers now: otherwise
+    stage 01 (or the local backend) would spend a minute in the hub client's retries and then fail. Local
+    paths, ``embedded`` and planted neurons are not asked about."""
+    if spec == "embedded" or spec.startswith("planted") or Path(spec).expanduser().exists():
+        return
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
+
+    offline_fix = (
+        f"Use -p {name}=embedded (works offline), a local model folder or .gguf file; or fetch the model once on "
+        f"a machine with a network into the Hugging Face cache (HF_HOME) and copy that cache here."
+    )
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except ValueError:  # huggingface_hub's HFValidationError: not a repository id
+        raise UserError(
+            f"Parameter {name}={spec!r} is neither a local file or folder nor a Hugging Face model id (owner/name).",
+            f"Check the path, or use -p {name}=embedded.",
+        ) from None
+    where = f"a Hugging Face model id that is not in the local cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"Parameter {name}={spec!r} is {where}, and HF_HUB_OFFLINE is set.", offline_fix)
+    if not probe:
+        return
+    request = urllib.request.Request(f"{constants.ENDPOINT}/api/models/{spec}", method="HEAD")
+    token = get_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return  # the hub has it: stage 01 downloads it
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403, 404):
+            raise UserError(
+                f"Parameter {name}={spec!r} is {where}, and the hub ({constants.ENDPOINT}) has no model of that "
+                f"name that this machine may read (HTTP {e.code}).",
+                "Check the id's spelling (owner/name); for a gated or private model, log in first "
+                f"(huggingface-cli login); or use -p {name}=embedded.",
+            ) from None
+        return  # any other answer: the hub is there, and stage 01 reports what it says
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"Parameter {name}={spec!r} is {where}, and the hub ({constants.ENDPOINT}) cannot be reached ({reason}).",
+            offline_fix,
+        ) from None
 
 
 def check_numbers(values: dict[str, Any]) -> None:
@@ -248,45 +302,4 @@ def _check_first_record(path: Path, text: str, text_field: str) -> None:
 
 def check_server(role: str, values: dict[str, Any], probe: bool = True) -> None:
     """An HTTP backend's key (needed for api.openai.com) and each of its servers answering ``GET /models``."""
-    urls, key_env = values[f"{role}_base_url"], values[f"{role}_api_key_env"]
-    key = os.environ.get(key_env)
-    if urls is None and not key:
-        raise UserError(
-            f"{role}_backend=openai with no {role}_base_url means the OpenAI API, which needs a key, and the "
-            f"environment variable {key_env} is not set.",
-            f"export {key_env}=... (keys are read from the environment only), or point -p {role}_base_url=... at "
-            "a local server such as `python -m nbutils.llm.llamacpp_server` (docs/llama-cpp.md).",
-        )
-    if not probe:
-        return
-    for url in [urls] if isinstance(urls, str) else urls or ["https://api.openai.com/v1"]:
-        _check_answers(url, role, key, key_env)
-
-
-def _check_answers(url: str, role: str, key: str | None, key_env: str) -> None:
-    """Something accepts connections at ``url`` and, unless busy, answers ``GET /models`` without refusing
-    the key. A server that accepts but is slow to answer (llama.cpp works through its queue one request at a
-    time, and a killed run's requests may still be in it) passes: it is there."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname or "localhost", port), timeout=10).close()
-    except OSError as e:
-        raise UserError(
-            f"Nothing answers at {url} ({role}_base_url): {e}. Checked before any stage ran, so nothing was "
-            "collected or lost.",
-            "Start the server first (e.g. python -m nbutils.llm.llamacpp_server --model X.gguf --port 8080), "
-            f"or fix -p {role}_base_url=... to the URL it listens on (ending in /v1).",
-        ) from None
-    request = urllib.request.Request(url.rstrip("/") + "/models")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        urllib.request.urlopen(request, timeout=10).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise UserError(f"The server at {url} ({role}_base_url) refused the key ({e.code}).",
-                            f"Check the key in the environment variable {key_env}.") from None  # fmt: skip
-        # other statuses: the server is there (some lack /models)
-    except OSError:
-        pass  # it accepted the connection but is busy or slow: the stage's own retries take over
+    check_llm_server(role, values[f"{role}_base_url"], values[f"{role}_api_key_env"], probe)

@@ -36,7 +36,8 @@ from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
 from nbutils.explain.explainer import RuleUse, base_entry, explain_with, explainer_request, rule_use
 from nbutils.explain.stage import explainer_spec
-from nbutils.llm.contract import Backend, make_backend
+from nbutils.llm.contract import Backend, BackendSpec, make_backend
+from nbutils.llm.reach import LIVE, check_llm_server
 from nbutils.llm.rules import Rule, RulesBackend
 from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import explanation_notes
@@ -160,6 +161,14 @@ class Unit:
         return fragment(neuron_html(self.run, self.layer, self.index, self.sign))
 
 
+def _reachable(role: str, spec: BackendSpec) -> BackendSpec:
+    """``spec``, once its servers answer (HTTP backends): a live call against a dead server is refused in
+    seconds with the server named, as the command line refuses it, not after the client's retries."""
+    if spec.kind == "openai":
+        check_llm_server(role, spec.base_url, spec.api_key_env, when=LIVE)
+    return spec
+
+
 class Run(RunView):
     """A run opened for working with it live (`nbutils.open_run`): everything `RunView` reads, plus units
     and their live calls (module docstring)."""
@@ -223,7 +232,7 @@ class Run(RunView):
     @cached_property
     def simulator(self) -> Backend:
         """The run's simulator (it also judges detection and fuzzing items), made on first use."""
-        return make_backend(replace(simulator_spec(self.config), options=self._llm_options))
+        return make_backend(replace(_reachable("simulator", simulator_spec(self.config)), options=self._llm_options))
 
     @cached_property
     def explainer(self) -> Backend:
@@ -232,7 +241,7 @@ class Run(RunView):
         same = simulator_spec(self.config)
         if (spec.kind, spec.model, spec.base_url) == (same.kind, same.model, same.base_url):
             return self.simulator
-        llm = make_backend(replace(spec, options=self._llm_options))
+        llm = make_backend(replace(_reachable("explainer", spec), options=self._llm_options))
         if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
             llm.bind_collection(self.store.meta)
         return llm
