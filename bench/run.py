@@ -49,7 +49,8 @@ def measure_collection(
 ) -> list[dict[str, Any]]:
     """Bare full forward, bare body forward (the model without its LM head: the collector's fair floor, since
     it stops before the head), the collector with every layer hooked, and the collector for layers 0..L/2-1
-    only, on the same batches of [32, 64] token ids; rows with tokens/s and the speed against both forwards.
+    only, on the same batches of [32, 64] token ids (fewer rows in a smoke run); rows with tokens/s and the speed
+    against both forwards.
     The collector runs as stage 01 runs it at scale: the capture's stacked buffer, statistics compiled."""
     from nbutils.subject.sites import neurons_per_layer, num_layers, resolve_site
 
@@ -106,7 +107,7 @@ def _collect(
     with NeuronCapture(model, site, layers, stacked=True) as cap:
         for i, ids in enumerate(batches):
             cap.run(ids)
-            col.update(i * 32, cap.buffer)
+            col.update(i * len(batches[0]), cap.buffer)
     return col
 
 
@@ -133,10 +134,11 @@ def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> 
                 captured.append(cap.buffer.clone())
         for path, dense in (("GPU path (dense merges)", True), ("CPU path", False)):
             _collect(model, site, width, layers, batches[:1], dense=dense)  # compiles outside the count
-            col = _collector(layers, width, len(batches) * 32, site.signed, batches[0].device, dense=dense)
+            rows_per_batch = len(batches[0])
+            col = _collector(layers, width, len(batches) * rows_per_batch, site.signed, batches[0].device, dense=dense)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for i, x in enumerate(captured):
-                    col.update(i * 32, x)
+                    col.update(i * rows_per_batch, x)
             top = [e for e in prof.events() if e.cpu_parent is None]
             waits = [e for e in prof.events() if e.name in SYNC_OPS]
             rows.append({
@@ -166,11 +168,12 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
 
     subject = load_subject_model(model)
     ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
-    batches = [torch.from_numpy(ex.tokens[s : s + 32].astype(np.int64)) for s in range(0, len(ex), 32)]
-    rows = measure_collection(subject.model, batches, repeats)
+    rows = min(32, excerpts)  # 32 but in a smoke run of fewer excerpts
+    batches = [torch.from_numpy(ex.tokens[s : s + rows].astype(np.int64)) for s in range(0, len(ex), rows)]
+    found = measure_collection(subject.model, batches, repeats)
     ops = count_collector_ops(subject.model, batches[:4])
-    return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": "32 x 64", "rows": rows,
-            "profiler": ops}  # fmt: skip
+    return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": f"{rows} x 64",
+            "rows": found, "profiler": ops}  # fmt: skip
 
 
 def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:

@@ -74,7 +74,17 @@ def test_a_run_written_in_format_1_still_opens(old_run, tmp_path):
     assert "detection items" in shown and "detection balanced accuracy" in shown
     details = view.simulation(key)
     assert details.of("simulation").excerpts and isinstance(details.of("detection")[0], JudgedItem)
-    assert plots.write_report(view, tmp_path / "report")["simulated_vs_true"].is_file()
+    stale = tmp_path / "report" / "figures" / "output_side_scores.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier report's figure")
+    paths = plots.write_report(view, tmp_path / "report")
+    assert paths["simulated_vs_true"].is_file()
+    # a figure with nothing to draw (no ablation or intervention scores in this run) is said, not drawn or saved
+    assert "output_side_scores" not in paths and not stale.exists()
+    empty = plots.output_side_scores(view)
+    assert empty.is_empty and empty._repr_png_() is None and "No figure: no ablation" in empty._repr_html_()
+    drawn = plots.simulated_vs_true(view)
+    assert not drawn.is_empty and drawn._repr_png_()[:4] == b"\x89PNG" and drawn._repr_html_() is None
     assert any(r["scorer"] == "simulation" for r in plots.scorer_rows(view))
 
 

@@ -125,6 +125,12 @@ def test_a_calibrated_r_squared_beside_a_negative_correlation_says_why():
     right = {n: [3 * e.activations + rng.normal(0, 0.1, 16) for e in splits[n]] for n in names}
     result = ScoredSide(None, {"simulation": score_predictions(splits, right, n_boot=0, seed=0)})
     assert "\u26a0" not in column_text(result, sim, rsq)
+    # a constant simulation (a rule that matches nothing): the calibrated R² is that of predicting one number,
+    # positive for activations >= 0, and says so; the correlation is undefined and says why
+    flat = {n: [np.zeros(16) for _ in splits[n]] for n in names}
+    result = ScoredSide(None, {"simulation": score_predictions(splits, flat, n_boot=0, seed=0)})
+    assert rsq.value(result.of("simulation")) > 0 and "simulation is constant" in column_text(result, sim, rsq)
+    assert "the simulation is 0 on every token (the explanation matches nothing" in column_text(result, sim, corr)
 
 
 def test_a_table_marks_each_note_and_explains_each_kind_once():

@@ -111,6 +111,28 @@ def test_the_units_that_fire_on_a_text_are_ranked_by_their_collected_maximum(run
     assert {r["layer"] for r in only.rows} == {LAYERS[1]} and len(only.rows) <= 3
 
 
+def test_the_first_positions_do_not_crowd_out_the_text_and_every_token_shows(run):
+    """A typed text's opening tokens (never at the start of a collected excerpt, which are cut mid-document)
+    are left out of the ranking by default; ranked in, they are compared like any other position."""
+    text = "On Tuesday 14 March\nthe  committee met."
+    top, every = run.top_units(text, k=40), run.top_units(text, k=40, skip_first=0)
+    assert top.skipped == 2 and every.skipped == 0
+    assert top.rows and all(r["position"] >= 2 for r in top.rows)
+    for found, start in ((top, 2), (every, 0)):  # against each unit's own values, by hand: its best position
+        for r in found.rows[:6]:
+            values = run.unit(r["layer"], r["unit"]).activations(text).values[start:]
+            assert r["position"] == start + int(np.argmax(values)) and r["value"] == pytest.approx(values.max())
+    shown = top._repr_html_()
+    assert "Positions 0-1" in shown and "skip_first=0" in shown
+    cells = re.findall(r"<td>(.*?)</td>", shown)
+    assert "" not in cells  # no blank cell: spaces and newlines are marked, an unexplained unit says so
+    assert "(not explained)" in shown
+    short = run.top_units("March", k=3)  # no longer than skip_first: ranked whole
+    assert short.skipped == 0 and short.rows
+    with pytest.raises(UserError, match="skip_first=-1"):
+        run.top_units(text, skip_first=-1)
+
+
 def test_typed_text_is_escaped_and_bad_input_is_named(run):
     u = run.unit(LAYERS[0], 0)
     shown = u.activations("<script>alert(1)</script> & more")._repr_html_()
@@ -162,6 +184,18 @@ def test_the_stage_02_explanation_scored_live_equals_what_stage_03_stored(scored
         assert (frame["this explanation"].fillna(-9) == frame["stored explanation"].fillna(-9)).all()
         checked += 1
     assert checked == 2
+
+
+def test_the_simulation_score_alone_first_then_every_scorer_on_request(scored):
+    u = scored.unit(*sorted(scored.scores)[0])
+    first = u.score("words about numbers", scorers=["simulation"])
+    assert [sc.name for sc in first.scorers] == ["simulation"] and first.result.of("detection") is None
+    full = u.score("words about numbers")  # every scorer of stage 03: the simulation part is the same
+    assert [sc.name for sc in full.scorers] == STAGE_PARAMS["scorers"] and full.result.of("detection") is not None
+    assert full.result.of("simulation") == first.result.of("simulation") and first.requests < full.requests
+    assert "detection" not in first._repr_html_() and "detection" in full._repr_html_()
+    with pytest.raises(UserError, match=r"\['fuzzing'\] not among the run's scorers \['simulation', 'detection'\]"):
+        u.score("words about numbers", scorers=["fuzzing"])
 
 
 def test_your_explanations_compared_on_the_same_excerpts(scored):
@@ -250,6 +284,41 @@ def test_bad_live_input_is_named_with_the_fix(scored, root):
         assert words in str(err.value) and err.value.fix
     away = nbutils.open_run(root, simulator_backend="openai", simulator_base_url="http://127.0.0.1:9/v1",
                             llm_options={"max_retries": 1, "backoff": 0.1})  # fmt: skip
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError) as err:  # nothing listens: the probe names it before any request
         away.unit(*u.key).score("a new explanation")
-    assert "did not answer" in str(err.value) and "simulator_base_url" in err.value.fix
+    assert "Nothing answers at http://127.0.0.1:9/v1" in str(err.value) and "simulator_base_url" in err.value.fix
+    failing, server = _server_that_lists_models_but_fails_requests()  # it answers the probe, fails every request
+    try:
+        away = nbutils.open_run(root, simulator_backend="openai", simulator_base_url=failing,
+                                llm_options={"max_retries": 1, "backoff": 0.1})  # fmt: skip
+        with pytest.raises(UserError) as err:
+            away.unit(*u.key).score("a new explanation")
+        assert "did not answer" in str(err.value) and "simulator_base_url" in err.value.fix
+    finally:
+        server.shutdown()
+
+
+def _server_that_lists_models_but_fails_requests():  # noqa: ANN202 - (its URL, the server)
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            body = b'{"object": "list", "data": []}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/v1", server

@@ -125,3 +125,32 @@ def test_the_oracle_scores_ground_truth_explanations_perfectly(planted_collectio
     unknown = RunConfig(simulator_backend="oracle", n_boot=0)
     (failed,) = run_score_stage(planted_collection.path, tmp_path / "02b", tmp_path / "03b", unknown, progress=False)
     assert "knows no planted neuron" in failed.failure and not failed.retryable
+
+
+ALWAYS_ON_FILE = """
+from nbutils.subject.planted import PlantedNeuron, per_token
+
+PLANTED = [
+    # on everywhere, with a spike at each excerpt's first token: the largest max/std of the two
+    PlantedNeuron("always", "every token", per_token(lambda t, i: 1.0 + 20.0 * (i == 0))),
+    PlantedNeuron("digits", "digits", per_token(lambda t, i: any(c.isdigit() for c in t[i]))),
+]
+"""
+
+
+def test_strongest_passes_over_a_unit_active_on_every_excerpt(tmp_path):
+    """ "strongest:N" ranks by max over standard deviation; a unit active on every excerpt ranks high by it, but
+    detection and fuzzing cannot judge an explanation of it (no silent excerpt): the next one is picked."""
+    from nbutils.explain.explainer import units_to_explain
+    from nbutils.score.classification import has_silent_excerpts
+
+    path = tmp_path / "rules.py"
+    path.write_text(ALWAYS_ON_FILE)
+    subject = load_subject_model(f"planted:{path}")
+    excerpts = make_excerpts(subject.tokenizer, load_texts("embedded"), 32, 64, seed=0, corpus="embedded")
+    cfg = CollectConfig(top_k=6, n_random=8, band_size=1, quantile_warmup=8, batch_size=16)
+    store = collect_activations(subject, excerpts, tmp_path / "c", cfg, progress=False)
+    assert store.strongest(0, 2) == [0, 1]  # by the ratio alone, the always-on unit comes first
+    assert not has_silent_excerpts(store.record(0, 0)) and has_silent_excerpts(store.record(0, 1))
+    assert [u.neuron for u in units_to_explain(store, "strongest:1")] == [1]
+    assert [u.neuron for u in units_to_explain(store, "strongest:2")] == [1, 0]  # taken when nothing else is left

@@ -204,6 +204,9 @@ def test_rules_are_stored_with_their_cost_and_scored_as_stated(context_bench):
     assert [e.explanation for e in entries][:2] == [
         ExplanationEntry.from_dict(saved.get((0, i, "positive"))).explanation for i in range(2)
     ]
+    from nbutils.core.failures import triage_line
+
+    assert triage_line(out / "02_explain").startswith("the rules explainer explained every unit: no LLM was asked")
 
 
 def test_rules_for_sae_latents_probe_the_latents(tmp_path):
@@ -285,3 +288,15 @@ def test_the_hint_lists_the_units_rule_in_the_llms_prompt(context_bench):
     assert rule.clauses and f"Rule found by the search: {rule.describe()}" in found.messages[-1]["content"]
     assert "automatic search" in found.messages[0]["content"] and found.requests == 1
     assert found.explanation and parse_rule(found.explanation) is None  # the LLM's words, not the rule's
+
+
+def test_a_live_explanation_by_the_rules_explainer_shows_no_prompt(context_bench):
+    """`u.explain()` with the rules explainer: a rule found by search, no LLM chat shown as its prompt."""
+    import nbutils
+
+    out, _, _ = context_bench
+    run = nbutils.open_run(out, explainer_backend="rules", simulator_backend="oracle")
+    new = run.unit(0, 0).explain()
+    assert new.explanation and new.messages == [] and new.requests == 0
+    shown = new._repr_html_()
+    assert "No prompt: no LLM was asked" in shown and "The prompt (" not in shown

@@ -31,6 +31,7 @@ def test_correlation_is_pooled_over_tokens_not_averaged_over_excerpts():
     [
         ([2.0, 2.0, 2.0], [1.0, 2.0, 3.0], "true activations are constant"),
         ([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], "simulated activations are constant"),
+        ([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], "the simulation is 0 on every token (the explanation matches nothing"),
         ([1.0], [1.0], "fewer than two tokens"),
         ([1.0, np.nan], [1.0, 2.0], "non-finite"),
     ],

@@ -57,6 +57,19 @@ def _visible_text(fragment: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", fragment))
 
 
+def test_an_explanation_is_quoted_once():
+    from nbutils.view.tables import quoted_html
+
+    assert quoted_html(' "the" after a number ') == "\u201c&quot;the&quot; after a number\u201d"  # no "" at the start
+    assert (
+        quoted_html('"of"') == "&quot;of&quot;" and quoted_html("\u201cof\u201d") == "\u201cof\u201d"
+    )  # quoted already
+    assert (
+        quoted_html("<b>dates</b>") == "\u201c&lt;b&gt;dates&lt;/b&gt;\u201d"
+        and quoted_html('"') == "\u201c&quot;\u201d"
+    )
+
+
 def test_tokens_and_llm_text_are_escaped():
     out = heatmap_html(["<script>", "a&b", '"q"'], [1.0, 0.0, -1.0], 1.0)
     assert "<script" not in out and "&lt;script&gt;" in out
@@ -176,16 +189,31 @@ def test_live_panels_on_the_unit_shown(run_dir):
     shown = p.text_out.value
     assert 'data-kind="live"' in shown and "<script>" not in shown and SCRIPT.strip() in _visible_text(shown)
     assert "fire most on it" in shown and p.top_units.children  # the run's top units, as buttons
+    viewer.show(4, 2)
+    assert p.text_out.value == "" and not p.top_units.children  # another unit: the last one's results are gone
+    p.show_text.click()
     target = p.top_units.children[-1]
     target.click()  # opens that unit in the viewer
     assert f"L{viewer.current[0]} N{viewer.current[1]}" == target.description
     viewer.show(1, 0)
+    assert not p.explanation.continuous_update  # the box's text reaches the kernel whole, before the click
     p.explanation.value = SCRIPT + "numbers and digits"
-    p.score.click()
+    p.score.click()  # the simulation score first
     scored = p.score_out.value
     assert "scored now" in scored and "top+random" in scored and "token-lookup baseline" in scored
     assert "stage 03&#x27;s explanation" in scored or "stage 03's explanation" in scored  # the stored one beside
     assert "<script>" not in scored and "True versus simulated" in scored
+    assert f"Scored for L1 N0: \u201c{html.escape(SCRIPT.strip())}" in scored  # the text it scored, escaped
+    assert "detection" not in _visible_text(scored)
+    p.every_scorer.value = True  # then detection and fuzzing, on request
+    p.score.click()
+    assert "detection" in _visible_text(p.score_out.value)
+    viewer.filter.value = "no explanation says this"  # a filter that matches nothing: no unit, no stale results
+    assert "No neuron matches the filter" in viewer.html.value and "Scored for" not in p.score_out.value
+    p.score.click()
+    assert "No unit is shown" in p.score_out.value
+    viewer.filter.value = ""
+    assert 'class="nbx-neuron"' in viewer.html.value
     p.steer.click()  # ticked by default: the intervention score's shift, found by its target KL
     assert "steered by" in p.steer_out.value and "next-token distributions by KL" in p.steer_out.value
     assert p.strength.disabled
@@ -240,7 +268,9 @@ def test_report_figures_and_tables(run_dir, tmp_path):
     summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
     assert "mean detection balanced accuracy, explanation" in summary
     assert summary["explanations (neuron sides)"] == 2 and summary["neurons collected"] == 12
-    assert [r["stage"] for r in plots.usage_rows(view)] == ["02_explain", "03_score"]
+    usage = plots.usage_rows(view)
+    assert [r["stage"] for r in usage] == ["02_explain", "03_score"] and all(r["requests sent"] > 0 for r in usage)
+    assert {r["request cache"] for r in usage} == {"not used by this backend"}  # the local backend: not "0/0 hits"
     writes = {(r["layer"], r["neuron"]): r for r in plots.writes_rows(view)}
     assert set(writes) == {(1, 0), (4, 2)}
     assert writes[(4, 2)]["raises"].startswith(repr(view.record(4, 2).writes["promotes"][0][0]))

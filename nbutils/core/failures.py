@@ -115,9 +115,12 @@ def check_failures(stage_dir: str | Path, fail_on_errors: bool = False) -> str:
 
 def triage_line(stage_dir: str | Path) -> str:
     """One line on what ``llm_when="rule_below:X"`` decided and saved (from stage 02's summary.json)."""
-    triage = json.loads(summary_path(stage_dir).read_text()).get("triage")
+    summary = json.loads(summary_path(stage_dir).read_text())
+    triage, backend = summary.get("triage"), summary.get("explainer")
     if not triage:
-        return "llm_when=always: every unit went to the explainer backend"
+        if backend == "rules":
+            return "the rules explainer explained every unit: no LLM was asked (llm_when applies to an LLM explainer)"
+        return f"llm_when=always: every unit went to the {backend + ' ' if backend else ''}explainer backend"
     line = (
         f"llm_when=rule_below:{triage['threshold']}: {triage['kept_rule']} of {triage['units']} units kept their "
         f"rule (calibration correlation >= {triage['threshold']}), {triage['sent_to_llm']} went to the LLM"

@@ -23,6 +23,7 @@ from nbutils.llm.contract import Backend, ExplainRequest, LLMFailed
 from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise, parse_explanation
 from nbutils.llm.rules import RulesBackend, RuleSearch
 from nbutils.score.baseline import token_lookup_explanation, token_table
+from nbutils.score.classification import has_silent_excerpts
 from nbutils.score.metrics import Metric, correlation
 from nbutils.score.simulation import expected_values, simulate, true_activations
 
@@ -205,7 +206,9 @@ def units_to_explain(
 ) -> list[UnitId]:
     """Which units to explain: "all"; an int (that many per collected layer, a seeded sample);
     "strongest:N" (per layer, the N with the largest max activation over standard deviation, the most
-    selective ones, strongest first); or [[layer, index], ...]. ``skip``: (layer, index) of dead and rare
+    selective ones, strongest first, passing over units active on every excerpt they kept: an always-on
+    unit with a few spikes ranks high by that ratio, yet no explanation of it can be judged by detection or
+    fuzzing, which need silent excerpts); or [[layer, index], ...]. ``skip``: (layer, index) of dead and rare
     units, which a sample or "strongest:N" passes over (a rare unit is often the "strongest"); "all" and a
     list still name them, and the stage lists them as skipped."""
     skip = skip or set()
@@ -215,7 +218,13 @@ def units_to_explain(
         n = int(spec[len("strongest:") :])
         ids = []
         for layer in store.layers:
-            kept = [x for x in store.strongest(layer, n + len(skip)) if (layer, x) not in skip][:n]
+            kept, always_on = [], []
+            for x in store.strongest(layer, 10 * n + len(skip) + 16):  # a bounded look: records are read
+                if len(kept) == n:
+                    break
+                if (layer, x) not in skip:
+                    (kept if has_silent_excerpts(store.record(layer, x)) else always_on).append(x)
+            kept += always_on[: n - len(kept)]  # only where too few others were found
             ids += [store.unit(layer, x) for x in kept]
         return ids
     if isinstance(spec, int):

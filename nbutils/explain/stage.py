@@ -78,9 +78,10 @@ def run_explain_stage(
     entries = StoredSequence(out.root, saved.chosen(), ExplanationEntry.from_dict)  # read when asked for
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
     summary = write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
+    summary["explainer"] = config.explainer_backend  # what `triage_line` names
     if rule_threshold(config.llm_when) is not None:
         summary["triage"] = triage_savings(entries, out.usage, config.prices)
-        atomic_write_json(out.summary, summary)
+    atomic_write_json(out.summary, summary)
     saved.close()
     return entries
 

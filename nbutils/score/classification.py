@@ -83,6 +83,16 @@ def candidate_excerpts(record: UnitRecord, negative: bool = False, split: str = 
     return out
 
 
+def has_silent_excerpts(record: UnitRecord, negative: bool = False, split: str = "nbutils") -> bool:
+    """Whether some excerpt the explainer did not see stays below the unit's active threshold: detection and
+    fuzzing judge an explanation against such silent excerpts, and are undefined for a unit without any (one
+    active on every excerpt, e.g. always on with occasional spikes)."""
+    threshold = active_threshold(record, negative, split)
+    return threshold > 0 and any(
+        np.max(e.activations) < threshold for _, e in candidate_excerpts(record, negative, split)
+    )
+
+
 def judge_items(
     record: UnitRecord, task: str, negative: bool = False, per_class: int = 10, seed: int = 0, split: str = "nbutils"
 ) -> tuple[list[Judged], float]:

@@ -105,13 +105,18 @@ def score_set_notes(scores: Any | None) -> list[str]:
 
 def calibration_notes(result: Any | None, scored_set: str, metric: str) -> list[str]:
     """A note on a calibrated score (R², absolute deviation explained) of a simulation
-    (`nbutils.score.simulation.SimulationResult`) whose calibration line has a negative slope: the fit turns
+    (`nbutils.score.simulation.SimulationResult`) whose calibration line has a negative slope (the fit turns
     a simulation that runs opposite to the activations around, so these scores can be positive beside a
-    negative correlation."""
+    negative correlation) or is flat (a constant simulation: the score is that of predicting a constant)."""
     if result is None or result.calibration is None:
         return []
     slope = result.calibration.slope
     value = getattr(result.set(scored_set), metric).value
+    if slope == 0 and value is not None:  # `calibrate` of a constant simulation: the line is its mean, flat
+        return [
+            "the simulation is constant on the calibration excerpts, so the calibrated prediction is one number "
+            "(their mean activation) at every token: this measures that constant, not the explanation"
+        ]
     if slope is None or slope >= 0 or value is None:
         return []
     return [

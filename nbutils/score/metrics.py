@@ -89,6 +89,8 @@ def correlation(true: np.ndarray, pred: np.ndarray) -> Metric:
     st, sp = math.sqrt(float(tc @ tc)), math.sqrt(float(pc @ pc))
     if st <= 1e-12 * max(1.0, float(np.abs(t).max())):
         return Metric(None, "the true activations are constant on these excerpts (the unit does not vary)")
+    if not p.any():
+        return Metric(None, "the simulation is 0 on every token (the explanation matches nothing in these excerpts)")
     if sp <= 1e-12 * max(1.0, float(np.abs(p).max())):
         return Metric(None, "the simulated activations are constant (the simulator predicts no variation)")
     return Metric(float(np.clip((tc @ pc) / (st * sp), -1.0, 1.0)))

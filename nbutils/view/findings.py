@@ -16,7 +16,7 @@ from nbutils.core.units import Key
 from nbutils.score.contract import Scorer, UnitDetails, UnitScores
 from nbutils.view.render import fragment, scores_table_html, simulation_html
 from nbutils.view.runview import finite, main_score
-from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, table_html
+from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, quoted_html, table_html, visible_token
 
 LEFT = "text-align:left"  # JupyterLab's own table style right-aligns cells
 
@@ -78,6 +78,8 @@ class TopUnits:
 
     tokens: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    """The text's first positions left out of the ranking (`nbutils.view.interactive.Run.top_units`)."""
 
     def to_frame(self):
         """A pandas DataFrame with one row per unit: ``layer``, ``unit``, ``relative``, ``value``,
@@ -88,7 +90,18 @@ class TopUnits:
         return pd.DataFrame(self.rows, columns=names)
 
     def _repr_html_(self) -> str:
-        return table_html(self.rows) if self.rows else "<p>No collected unit fires on this text.</p>"
+        shown = [
+            {**r, "token": visible_token(r["token"]), "explanation": r["explanation"] or "(not explained)"}
+            for r in self.rows
+        ]
+        left_out = (
+            f"<p class='nbx-muted'>Positions 0-{self.skipped - 1} ({html.escape(' '.join(visible_token(t) for t in self.tokens[: self.skipped]))}) "
+            "are not ranked: a text's opening tokens take values far beyond anything collected mid-document "
+            "(skip_first=0 ranks them).</p>"
+            if self.skipped
+            else ""
+        )
+        return left_out + (table_html(shown) if shown else "<p>No collected unit fires on this text.</p>")
 
 
 @dataclass
@@ -155,12 +168,12 @@ class ExplanationScore:
             value = main_score(self.stored)
             shown = "undefined" if value is None else f"{value:.3f}"
             stored = (
-                f"<p class='nbx-muted'>stage 03's explanation, \"{_esc(self.stored.explanation)}\", scored "
+                f"<p class='nbx-muted'>stage 03's explanation, {quoted_html(self.stored.explanation)}, scored "
                 f"{shown} (top+random correlation) on the same excerpts.</p>"
             )
         cost = f"{self.requests} LLM request{'s' if self.requests != 1 else ''}"
         body = (
-            f'<h4>{_unit_name(self.key)}: "{_esc(self.explanation)}"</h4>'
+            f"<h4>{_unit_name(self.key)}: {quoted_html(self.explanation)}</h4>"
             f"<p class='nbx-muted'>scored now ({cost}); 95% intervals in brackets</p>"
             + _notes_html([n for n in self.notes if n[0] == "explanation"])  # the numbers' notes: in the tables
             + scores_table_html(self.result, self.scorers)
@@ -239,15 +252,20 @@ class NewExplanation:
     def _repr_html_(self) -> str:
         kept = self.explanation
         head = f"<h4>{_unit_name(self.key)}: " + (
-            f'"{_esc(kept)}"</h4>' if kept else f"no explanation</h4><p>{_esc(self.failure)}</p>"
+            f"{quoted_html(kept)}</h4>" if kept else f"no explanation</h4><p>{_esc(self.failure)}</p>"
         )
         replies = "".join(f"<pre class='nbx-excerpt'>{_esc(r)}</pre>" for r in self.replies)
         return fragment(
             head
             + f"<p class='nbx-muted'>{self.requests} LLM request{'s' if self.requests != 1 else ''}</p>"
             + f"<h4>Raw repl{'ies' if len(self.replies) > 1 else 'y'}</h4>{replies}"
-            + f"<details><summary>The prompt ({len(self.messages)} messages)</summary>"
-            f"<pre class='nbx-excerpt'>{_esc(self.prompt)}</pre></details>"
+            + (
+                f"<details><summary>The prompt ({len(self.messages)} messages)</summary>"
+                f"<pre class='nbx-excerpt'>{_esc(self.prompt)}</pre></details>"
+                if self.messages
+                else "<p class='nbx-muted'>No prompt: no LLM was asked (a rule found by search on the subject "
+                "model, or kept by triage).</p>"
+            )
         )
 
 

@@ -108,14 +108,16 @@ class Unit:
             values = -values
         return UnitActivations(self.key, live.tokens(ids), ids, values, neuron_scale(self.record))
 
-    def score(self, explanation: str) -> ExplanationScore:
-        """``explanation`` simulated and scored now by every scorer the run's stage 03 ran, on the same held-out
-        excerpts with the same seed (so the stage-02 explanation scores what stage 03 stored), beside the
-        token-lookup baseline. Costs what stage 03 costs for one unit; the same question again costs nothing."""
+    def score(self, explanation: str, scorers: Sequence[str] | None = None) -> ExplanationScore:
+        """``explanation`` simulated and scored now, on the same held-out excerpts with the same seed as stage
+        03 (so the stage-02 explanation scores what stage 03 stored), beside the token-lookup baseline.
+        ``scorers``: names among the run's stage-03 scorers (default: all of them, costing what stage 03 costs
+        for one unit); ``scorers=["simulation"]`` answers first and fastest while a wording is tried, and
+        detection and fuzzing can follow on request. The same question again costs nothing."""
         text = explanation.strip() if isinstance(explanation, str) else ""
         if not text:
             raise UserError("The explanation is empty.", "Give a sentence, e.g. u.score('dates and month names').")
-        return self.run._score(self, text)
+        return self.run._score(self, text, scorers)
 
     def compare(self, explanations: Sequence[str]) -> Comparison:
         """Several explanations scored on the same excerpts (`score` each), side by side."""
@@ -159,6 +161,10 @@ class Unit:
 
     def _repr_html_(self) -> str:
         return fragment(neuron_html(self.run, self.layer, self.index, self.sign))
+
+
+SKIP_FIRST = 2
+"""Positions at the start of a typed text that `Run.top_units` leaves out of its ranking by default."""
 
 
 def _reachable(role: str, spec: BackendSpec) -> BackendSpec:
@@ -285,11 +291,28 @@ class Run(RunView):
                 f"Pick one of those (layers=None: all of them), or re-run stage 01 with -p 'layers=[{layer}]'.",
             )
 
-    def _score(self, u: Unit, explanation: str) -> ExplanationScore:
-        memo = ("score", u.key, explanation)
+    def _chosen_live(self, names: Sequence[str] | None) -> list[Scorer]:
+        """The run's live scorers named in ``names`` (None: all), refused by name when one is not among them."""
+        live = self.scorers_live
+        if names is None:
+            return live
+        names = [names] if isinstance(names, str) else list(names)
+        known = [sc.name for sc in live]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise UserError(
+                f"scorers={names}: {'none given' if not names else f'{unknown} not among'} the run's scorers {known}.",
+                f"Name some of {known} (e.g. scorers=['{known[0]}']), or leave scorers out for all of them."
+                if known
+                else "The run scores with no scorer: set scorers in open_run(run, scorers=[...]).",
+            )
+        return [sc for sc in live if sc.name in names]
+
+    def _score(self, u: Unit, explanation: str, names: Sequence[str] | None = None) -> ExplanationScore:
+        config, scorers = self.config, self._chosen_live(names)
+        memo = ("score", u.key, explanation, tuple(sc.name for sc in scorers))
         if memo in self._memo:
             return self._memo[memo]
-        config, scorers = self.config, self.scorers_live
         entry = replace(self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split),
                         explanation=explanation, failure=None)  # fmt: skip
         subject = self.live.intervention if any(sc.needs_subject for sc in scorers) else None
@@ -319,31 +342,45 @@ class Run(RunView):
         request = explainer_request(u.record, c.n_samples, c.temperature, u.negative, c.seed, c.split,
                                     c.explain_with_outputs, rule=hint)  # fmt: skip
         kept_rule = entry.triage is not None and not entry.triage.sent_to_llm  # no LLM request was made
-        messages = llm.explanation_messages(request) if request is not None and not kept_rule else []
+        no_chat = kept_rule or isinstance(llm, RulesBackend)  # the rules explainer searches; it sends no chat
+        messages = llm.explanation_messages(request) if request is not None and not no_chat else []
         if entry.retryable and not entry.explanation:
             raise _unreachable("explainer", entry.failure, c)
         found = NewExplanation(u.key, messages, entry, llm.usage.requests - before)
         self._memo[memo] = found
         return found
 
-    def top_units(self, text: str | Sequence[int], k: int = 20, layers: Sequence[int] | None = None) -> TopUnits:
+    def top_units(
+        self, text: str | Sequence[int], k: int = 20, layers: Sequence[int] | None = None, skip_first: int = SKIP_FIRST
+    ) -> TopUnits:
         """The ``k`` collected units (of ``layers``, default all collected) that fire most on ``text``, ranked
-        by their largest value on it relative to their largest collected value (see `TopUnits`)."""
+        by their largest value on it relative to their largest collected value (see `TopUnits`).
+
+        ``skip_first``: the text's first positions left out of the ranking (default 2). The collection read
+        windows from the middle of documents, so no unit's collected maximum covers a text's opening tokens, where
+        many units take values tens of times beyond it (attention-sink positions): ranked in, they crowd out
+        every other hit. 0 ranks every position; a text no longer than ``skip_first`` is ranked whole."""
         layers = sorted(layers) if layers is not None else list(self.store.meta.layers)
         if not layers:
             raise UserError("No layer was asked for.", "Give layers=None for every collected layer.")
+        if not isinstance(skip_first, (int, np.integer)) or skip_first < 0:
+            raise UserError(
+                f"skip_first={skip_first!r} is not a whole number >= 0.",
+                "Give the positions to leave out, e.g. 2 (0: none).",
+            )
         for layer in layers:
             self._check_layer(layer)
         live = self.live
         ids = live.token_ids(text)
         tokens = live.tokens(ids)
+        start = int(skip_first) if len(ids) > skip_first else 0
         found = []
         for layer, values in live.values(ids, layers).items():
             collected = self.store.neurons(layer)
-            mine = values[:, collected]  # [tokens, collected units]
+            mine = values[start:, collected]  # [ranked tokens, collected units]
             peak = self.store.stats(layer)["max"]
             best = mine.max(axis=0)
-            where = mine.argmax(axis=0)
+            where = mine.argmax(axis=0) + start
             with np.errstate(divide="ignore", invalid="ignore"):
                 relative = np.where(peak > 0, best / peak, -np.inf)
             for i in np.argsort(-relative)[:k]:
@@ -358,7 +395,7 @@ class Run(RunView):
              "explanation": _text(self.explanations.get((layer, index, "positive")))}
             for rel, layer, index, value, peak, pos in found[:k]
         ]  # fmt: skip
-        return TopUnits(tokens, rows)
+        return TopUnits(tokens, rows, skipped=start)
 
     def search(self, text: str, k: int = 50) -> SearchResults:
         """Up to ``k`` unit sides whose explanation contains every word of ``text`` (case-insensitive), best

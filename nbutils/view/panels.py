@@ -18,8 +18,17 @@ from nbutils.core.errors import UserError
 from nbutils.core.units import Key
 from nbutils.view.interactive import Run
 from nbutils.view.render import fragment
+from nbutils.view.tables import quoted_html
 
 BUSY = "<p class='nbx-muted'>{what} (the first call loads the models; this can take a while) ...</p>"
+SCORE_HINT = (
+    "<p class='nbx-muted'>The simulation score first (seconds to minutes); tick the box for detection and fuzzing "
+    "too (the run's other scorers: several times the requests)</p>"
+)
+STEER_HINT = (
+    "<p class='nbx-muted'>Ticked: the shift the intervention score uses (a target KL on the prompt). "
+    "Unticked: strength x the unit's largest value (0: no shift)</p>"
+)
 
 
 def _message(problem: str, fix: str = "") -> str:
@@ -39,22 +48,22 @@ class LivePanels:
         self.show_text = w.Button(description="show", button_style="primary")
         self.text_out = w.HTML()
         self.top_units = w.HBox(layout=w.Layout(flex_flow="row wrap"))
-        self.explanation = w.Text(placeholder="your explanation of this unit", layout=wide)
+        # the box's value reaches the kernel when it loses focus (a click on *score*), not keystroke by keystroke:
+        # a click handled between two keystrokes' updates would score a prefix of what the box shows
+        self.explanation = w.Text(placeholder="your explanation of this unit", layout=wide, continuous_update=False)
         self.score = w.Button(description="score", button_style="primary")
-        self.score_out = w.HTML()
+        self.every_scorer = w.Checkbox(value=False, description="every scorer of the run (slower)", indent=False)
+        self.score_out = w.HTML(SCORE_HINT)
         self.prompt = w.Text(value="I went to the", description="prompt", layout=wide)
         self.by_kl = w.Checkbox(value=True, description="the intervention score's shift", indent=False)
         self.strength = w.FloatText(value=1.0, description="strength", layout=w.Layout(width="220px"), disabled=True)
         self.by_kl.observe(lambda change: setattr(self.strength, "disabled", change["new"]), names="value")
         self.steer = w.Button(description="steer", button_style="primary")
-        self.steer_out = w.HTML(
-            "<p class='nbx-muted'>Ticked: the shift the intervention score uses (a target KL on the prompt). "
-            "Unticked: strength x the unit's largest value (0: no shift)</p>"
-        )
+        self.steer_out = w.HTML(STEER_HINT)
         self.widget = w.Tab(
             children=[
                 w.VBox([w.HBox([self.text, self.show_text]), self.text_out, self.top_units]),
-                w.VBox([w.HBox([self.explanation, self.score]), self.score_out]),
+                w.VBox([w.HBox([self.explanation, self.score, self.every_scorer]), self.score_out]),
                 w.VBox([w.HBox([self.prompt, self.by_kl, self.strength, self.steer]), self.steer_out]),
             ]
         )
@@ -105,11 +114,31 @@ class LivePanels:
                 buttons.append(b)
             self.top_units.children = tuple(buttons)
 
+    def clear(self) -> None:
+        """Empty every tab's results (the viewer shows another unit, or none): never one unit's results
+        under another's name."""
+        self.text_out.value, self.score_out.value, self.steer_out.value = "", SCORE_HINT, STEER_HINT
+        self.top_units.children = ()
+
     def test_explanation(self) -> None:
-        """The typed explanation scored now (as stage 03 scores) beside the stored one and the baseline."""
-        self._call(
-            self.score_out, "Simulating and scoring", lambda: self._unit().score(self.explanation.value)._repr_html_()
-        )
+        """The typed explanation scored now (as stage 03 scores) beside the stored one and the baseline: the
+        simulation score alone unless *every scorer* is ticked. The panel names the text it scores."""
+        text = self.explanation.value
+        names = None if self.every_scorer.value else self._first_scorers()
+        quoted = quoted_html(text.strip()[:200])
+        what = f"Simulating and scoring {quoted}" if text.strip() else "Scoring"
+
+        def work() -> str:
+            u = self._unit()
+            found = u.score(text, names)._repr_html_()
+            return f"<p>Scored for L{u.layer} N{u.index}: {quoted}</p>" + found
+
+        self._call(self.score_out, what, work)
+
+    def _first_scorers(self) -> list[str] | None:
+        """The simulation scorer alone when the run has it and others (the fast first answer), else all."""
+        names = [sc.name for sc in self.run.scorers_live]
+        return ["simulation"] if "simulation" in names and len(names) > 1 else None
 
     def steer_unit(self) -> None:
         """The prompt continued with and without this unit shifted."""

@@ -9,6 +9,7 @@ and AUROC.
 
 from __future__ import annotations
 
+import html
 import io
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,33 @@ def _figure_class():
     from matplotlib.figure import Figure
 
     class ReportFigure(Figure):
-        def _repr_png_(self) -> bytes:
+        empty_notes: list[str]
+        """Why each of its axes has nothing to draw (`_empty`); every axes: the figure is not shown or saved."""
+
+        @property
+        def is_empty(self) -> bool:
+            return len(getattr(self, "empty_notes", [])) >= len(self.axes)
+
+        def _repr_png_(self) -> bytes | None:
+            if self.is_empty:
+                return None
             buf = io.BytesIO()
             self.savefig(buf, format="png", dpi=DPI)
             return buf.getvalue()
+
+        def _repr_html_(self) -> str | None:  # an empty figure is said in words, not drawn
+            return f"<p><em>No figure: {html.escape('; '.join(self.empty_notes))}.</em></p>" if self.is_empty else None
 
     return ReportFigure
 
 
 def _empty(ax, text: str) -> None:
+    """An axes with nothing to draw, saying why (a figure whose every axes is empty is neither shown nor saved)."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
+    fig = ax.figure
+    fig.empty_notes = [*getattr(fig, "empty_notes", []), text]
 
 
 def score_values(view: RunView) -> dict[str, np.ndarray]:
@@ -301,14 +317,15 @@ def usage_rows(view: RunView) -> list[dict[str, Any]]:
     """Tokens, requests, cache hits and estimated cost per LLM stage."""
     rows = []
     for stage, u in view.usage().items():
+        hits, looked_up = u.get("cache_hits", 0), u.get("cache_hits", 0) + u.get("cache_misses", 0)
         rows.append(
             {
                 "stage": stage,
                 "requests sent": u.get("requests", 0),
                 "prompt tokens": u.get("prompt_tokens", 0),
                 "completion tokens": u.get("completion_tokens", 0),
-                "cache hits": u.get("cache_hits", 0),
-                "cache misses": u.get("cache_misses", 0),
+                # a backend without a request cache (the local one) looks nothing up: not "0 of 0 hits"
+                "request cache": f"{hits} of {looked_up} answered from it" if looked_up else "not used by this backend",
                 "estimated cost": u.get("estimated_cost", "-"),
             }
         )
@@ -404,7 +421,8 @@ def note_rows(view: RunView, units: int = 200) -> list[dict[str, Any]]:
 
 
 def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
-    """Save every report figure as PNG under ``out_dir/figures``; return their paths by name."""
+    """Save every report figure that has something to show as PNG under ``out_dir/figures``; return their
+    paths by name (a figure with nothing to draw, e.g. output-side scores in a run without them, is left out)."""
     folder = figures_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -416,6 +434,9 @@ def write_report(view: RunView, out_dir: str | Path) -> dict[str, Path]:
         ("output_side_scores", output_side_scores),
     ):
         fig = make(view)
+        if fig.is_empty:
+            (folder / f"{name}.png").unlink(missing_ok=True)  # a figure an earlier report drew, now stale
+            continue
         tmp = folder / f".{name}.tmp.png"
         fig.savefig(tmp, dpi=DPI)
         tmp.replace(folder / f"{name}.png")

@@ -127,6 +127,23 @@ def head_table_html(
     )
 
 
+QUOTES = "\"'\u201c\u201d\u2018\u2019"
+
+
+def quoted_html(text: str) -> str:
+    """``text`` escaped for HTML between curly quotes, or as it is when it already begins and ends with a quote
+    mark: an explanation such as '"the" after a number' never shows doubled quotes."""
+    text = str(text).strip()
+    inner = html.escape(text, quote=True)
+    return inner if len(text) > 1 and text[0] in QUOTES and text[-1] in QUOTES else f"\u201c{inner}\u201d"
+
+
+def visible_token(token: str) -> str:
+    """A token with its white space made visible (a space as \u2423, a newline as \u21b5, a tab as \u21e5), for a
+    table cell where a space token would show as an empty cell."""
+    return token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "")
+
+
 def colour(value: float, scale: float) -> str:
     """Orange for positive, blue for negative values, alpha by magnitude relative to ``scale``."""
     if not np.isfinite(value) or scale <= 0:

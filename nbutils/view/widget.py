@@ -60,7 +60,7 @@ class NeuronViewer:
         self.filter = w.Text(placeholder="text in explanation", description="filter", continuous_update=False)
         self.status = w.HTML()
         self.html = w.HTML()
-        self.panels = LivePanels(self.view, lambda: self.current, self.show)
+        self.panels = LivePanels(self.view, self._unit_shown, self.show)
         self.widget = w.VBox(
             [
                 w.HBox([self.layer, self.neuron, self.sign]),
@@ -71,6 +71,7 @@ class NeuronViewer:
         )
         self._order: list[tuple[int, int]] = []
         self._busy = False
+        self._shown: Key | None = None
         for control in (self.layer, self.neuron, self.sign):
             control.observe(lambda _: self._from_controls(), names="value")
         for control in (self.sort, self.filter):
@@ -104,6 +105,12 @@ class NeuronViewer:
             self._busy = False
         self._render()
 
+    def _unit_shown(self) -> Key:
+        """The unit on screen, for the live tabs; none while a filter matches no unit."""
+        if self._shown is None:
+            raise UserError("No unit is shown: the filter matches none.", "Change or clear the filter first.")
+        return self._shown
+
     def step(self, by: int) -> None:
         """Move ``by`` places through the current order (wrapping around)."""
         if not self._order:
@@ -122,9 +129,19 @@ class NeuronViewer:
         self.status.value = f"<span style='color:#777'>{len(self._order):,} {noun}s in this order</span>"
         if show_first and self._order:
             self.show(*self._order[0])
+        elif show_first:  # nothing matches: no unit is shown, rather than the last one under a filter it fails
+            self.html.value = fragment(
+                f"<p>No {noun} matches the filter {html.escape(repr(self.filter.value.strip()))}: change or clear it "
+                f"to see {noun}s again.</p>"
+            )
+            self.panels.clear()
+            self._shown = None
 
     def _render(self) -> None:
         layer, neuron, sign = self.current
+        if self._shown != (layer, neuron, sign):  # another unit: the live tabs held the last one's results
+            self.panels.clear()
+            self._shown = (layer, neuron, sign)
         try:
             self.html.value = fragment(neuron_html(self.view, layer, neuron, sign))
         except UserError as e:
