@@ -4,7 +4,9 @@ measured against in the same process:
 - ``u.activations`` on a 64-token text (after the first call, which loads the model), against 1 s;
 - ``run.top_units`` over 5 collected layers, against 2 s;
 - ``u.score`` of a new explanation with the run's local simulator, against stage 03's own time per unit
-  on the same run (the same scorers: simulation, detection, fuzzing).
+  on the same run (the same scorers: simulation, detection, fuzzing);
+- ``u.score(..., scorers=["simulation"])``, the first answer a researcher trying a wording gets, against the
+  same stage-03 time per unit.
 
     python bench/run.py --only interactive --excerpts 256 --repeats 3
 """
@@ -59,7 +61,7 @@ def bench_interactive(excerpts: int, repeats: int, model: str = "embedded") -> d
     u.activations(ids)
     first = time.perf_counter() - t0
     assert len(ids) == 64, "the benchmark text is shorter than 64 tokens"
-    acts, top, score = [], [], []
+    acts, top, score, first_answer = [], [], [], []
     requests = []
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -72,6 +74,9 @@ def bench_interactive(excerpts: int, repeats: int, model: str = "embedded") -> d
         s = u.score(f"words about meetings and months, variant {i}")  # a new explanation each time: no memory
         score.append(time.perf_counter() - t0)
         requests.append(s.requests)
+        t0 = time.perf_counter()
+        u.score(f"words about meetings and dates, variant {i}", scorers=["simulation"])
+        first_answer.append(time.perf_counter() - t0)
     rows = [
         {"variant": "u.activations, 64 tokens", "seconds": _spread(acts), "against": "1 s",
          "ratio": statistics.median(acts) / 1.0},
@@ -79,6 +84,9 @@ def bench_interactive(excerpts: int, repeats: int, model: str = "embedded") -> d
          "ratio": statistics.median(top) / 2.0},
         {"variant": "u.score, local simulator", "seconds": _spread(score),
          "against": f"stage 03 per unit {stage_per_unit:.1f} s", "ratio": statistics.median(score) / stage_per_unit},
+        {"variant": "u.score(scorers=['simulation']): the first answer", "seconds": _spread(first_answer),
+         "against": f"stage 03 per unit {stage_per_unit:.1f} s",
+         "ratio": statistics.median(first_answer) / stage_per_unit},
     ]  # fmt: skip
     return {
         "benchmark": "interactive",

@@ -54,7 +54,7 @@ def test_truncated_or_altered_artifacts_are_detected(embedded_tokenizer, tmp_pat
     top.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped, same size
     with pytest.raises(UserError, match="top_acts.npy was truncated or altered") as err:
         verify_artifacts(manifest, tmp_path)
-    assert "rerun the same command" in err.value.fix
+    assert f"nbutils check {tmp_path} --repair" in err.value.fix and "same `nbutils run` command" in err.value.fix
     top.write_bytes(data[: len(data) // 2])  # truncated: loading it names the file too
     with pytest.raises(UserError, match="top_acts.npy is truncated or damaged"):
         RecordStore(store.path).record(1, 0)

@@ -83,7 +83,7 @@ def test_every_cpu_benchmark_starts(tmp_path):
     rules = scale["stage 02 explain, rules explainer, 4 units"]  # bounded: 12 peaks x (24 + 23) sequences
     assert 0 < rules["forward_passes_per_unit"] and rules["sequences_per_unit"] <= 12 * (24 + 23)
     live = results["interactive"]
-    assert [r["ratio"] > 0 for r in live["rows"]] == [True] * 3 and live["score_requests"] >= 1
+    assert [r["ratio"] > 0 for r in live["rows"]] == [True] * 4 and live["score_requests"] >= 1
 
 
 def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):

@@ -19,9 +19,10 @@ import pytest
 from servers import free_port
 
 from nbutils.collect.corpus import load_texts
+from nbutils.core.errors import UserError
 from nbutils.core.layout import STAGES
 from nbutils.core.records import RecordStore
-from nbutils.core.store import StoredSequence
+from nbutils.core.store import ResultStore, StoredSequence
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -371,3 +372,45 @@ def test_a_non_editable_install_finds_its_notebooks(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert RecordStore(tmp_path / "o" / "w" / "01_collect").meta.n_excerpts == 16
+
+
+def _store_rows(stage: Path) -> dict:
+    """Everything a results store holds that views read: entries, details and the numbers table, raw."""
+    import sqlite3
+
+    with ResultStore(stage) as store:
+        held = {str(k): (store.get(k), store.details(k)) for k in store.keys()}
+    with sqlite3.connect(stage / "results.sqlite") as db:
+        held["numbers"] = sorted(db.execute("SELECT layer, neuron, side, name, value FROM numbers").fetchall())
+    return held
+
+
+@pytest.mark.slow
+def test_an_altered_store_is_noticed_everywhere_and_the_printed_repair_gives_the_same_results(small_run):
+    """Runs last in this module (it rewrites the shared run and leaves it complete). One score changed in
+    stage 03's store (8 bytes): the viewer, the report and `nbutils run` refuse it with one fix, `nbutils check
+    RUN --repair`; following it, then the same command, gives back exactly the results the stage wrote."""
+    import sqlite3
+
+    from nbutils.view.runview import RunView
+
+    run, _, args = small_run
+    before = _store_rows(run / "03_score")
+    with sqlite3.connect(run / "03_score" / "results.sqlite") as db:
+        (name,) = db.execute("SELECT name FROM numbers WHERE value IS NOT NULL LIMIT 1").fetchone()
+        db.execute("UPDATE numbers SET value = value + 0.5 WHERE name = ?", (name,))
+    fix = f"nbutils check {run} --repair"
+    with pytest.raises(UserError, match="results.sqlite was truncated or altered") as err:
+        RunView.open(run)
+    assert fix in err.value.fix
+    refused = nbutils_run(*args, cwd=run.parent.parent)
+    assert refused.returncode == 2 and fix in " ".join(refused.stderr.split()), refused.stderr[-2000:]
+    checked = nbutils_run(str(run), cwd=run.parent.parent, command="check")
+    assert checked.returncode == 1 and "03_score: DAMAGED" in checked.stdout and "01_collect: ok" in checked.stdout
+    repaired = nbutils_run(str(run), "--repair", cwd=run.parent.parent, command="check")
+    assert repaired.returncode == 0 and "results store rebuilt with the 1 of 1 unit sides" in repaired.stdout
+    again = nbutils_run(*args, cwd=run.parent.parent)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _store_rows(run / "03_score") == before  # the altered number restored from its entry; nothing lost
+    assert nbutils_run(str(run), cwd=run.parent.parent, command="check").returncode == 0
+    RunView.open(run)  # opens again

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nbutils.core.errors import UserError
+from nbutils.core.integrity import sqlite_problem
 from nbutils.core.store import MIN_ARRAY, STORE_FORMAT, ResultStore, pack, unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_a_half_written_part_is_named_and_the_other_parts_still_merge(tmp_path):
     store = ResultStore(tmp_path)
     with pytest.raises(UserError, match="shard-001.sqlite is damaged") as err:
         store.merge_parts()
-    assert "move it away and rerun the stage" in err.value.fix
+    assert f"nbutils check {tmp_path.parent} --repair" in err.value.fix  # the run's one repair path
     assert [k[1] for k in store.keys()] == list(range(10)) and bad.is_file()  # shard 0's units are kept
 
 
@@ -154,7 +155,18 @@ def test_a_damaged_store_is_named_with_the_fix(tmp_path, damage):
     path.write_bytes(b"not a database at all " * 100 if damage == "garbage" else data[: len(data) // 3])
     with pytest.raises(UserError, match="results.sqlite is damaged") as err:
         list(ResultStore(tmp_path).entries())
-    assert ".recover" in err.value.fix and "rerun the stage" in err.value.fix
+    assert f"nbutils check {tmp_path.parent} --repair" in err.value.fix and "same `nbutils run`" in err.value.fix
+
+
+def test_a_store_format_that_is_not_a_number_is_named_not_a_traceback(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put(_entry(0, 1), _details(1))
+    store.close()
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        db.execute("UPDATE meta SET value='one' WHERE name='format'")
+    with pytest.raises(UserError, match="its store format is 'one', not a number") as err:
+        ResultStore(tmp_path).keys()
+    assert "--repair" in err.value.fix
 
 
 def test_a_store_written_by_a_newer_version_is_refused(tmp_path):
@@ -268,3 +280,37 @@ def test_stage_03_takes_stage_02s_selection_or_else_its_jsonl_file(tmp_path):
     assert explained(tmp_path / "hand") == {(3, 3, "positive"): "by hand"}
     ResultStore(tmp_path / "old").select([(0, 0, "positive")])  # the next stage-02 run adds the table back
     assert explained(tmp_path / "old") == {(0, 0, "positive"): "e0"}
+
+
+def test_check_finds_a_damaged_store_and_repair_keeps_every_unit_that_reads_back(tmp_path):
+    """`nbutils check RUN` names a finished stage whose store SQLite finds damaged (or whose checksum changed);
+    `--repair` rebuilds it from the unit sides that still read back whole and removes the stage's manifest, so
+    the same `nbutils run` recomputes only the rest."""
+    from nbutils.run.cli import main
+    from nbutils.run.manifests import write_manifest
+    from nbutils.run.repair import check_run
+
+    run = tmp_path / "run"
+    stage = run / "02_explain"
+    with ResultStore(stage) as store:
+        for i in range(400):
+            store.put(_entry(0, i, explanation="words " * 40), _details(i, 16))
+    (stage / "summary.json").write_text("{}")
+    write_manifest(stage / "manifest.json", "02_explain", "02.ipynb", {}, time.time(), run)
+    assert [c.ok for c in check_run(run)] == [True] and main(["check", str(run)]) == 0
+    path = stage / "results.sqlite"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2 // 4096 * 4096  # one page in the middle of the file
+    data[middle + 100 : middle + 4000] = bytes(3900)
+    path.write_bytes(bytes(data))
+    (found,) = check_run(run)
+    assert not found.ok and found.changed and "results.sqlite was truncated or altered" in found.line()
+    assert main(["check", str(run)]) == 1
+    assert main(["check", str(run), "--repair"]) == 0
+    assert not (stage / "manifest.json").exists() and (stage / ".results.sqlite.damaged").is_file()
+    with ResultStore(stage) as store:
+        kept = store.keys()
+        assert 0 < len(kept) <= 400  # what read back whole, each unit as it was written
+        assert all(store.get(k) == _entry(0, k[1], explanation="words " * 40) for k in kept)
+        assert all(store.details(k) == _details(k[1], 16) for k in kept)
+    assert sqlite_problem(path) is None and (stage / "summary.json").is_file()  # intact files stay

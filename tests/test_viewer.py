@@ -248,9 +248,9 @@ def test_static_export_is_self_contained(run_dir, tmp_path):
 def test_report_figures_and_tables(run_dir, tmp_path):
     view = RunView.open(run_dir)
     paths = plots.write_report(view, tmp_path)
-    assert sorted(paths) == [
-        "classification_scores", "output_side_scores", "score_by_layer", "score_distributions", "simulated_vs_true"
-    ]  # fmt: skip
+    # no output-side figure: this run has no ablation or intervention scores, so it is said, not drawn
+    assert sorted(paths) == ["classification_scores", "score_by_layer", "score_distributions", "simulated_vs_true"]
+    assert "No figure: no ablation" in plots.output_side_scores(view)._repr_html_()
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths.values())
     rows = plots.layer_rows(view)
     assert {r["layer"] for r in rows} == {1, 4} and all(r["n"] == 1 for r in rows if "top+random" in r["series"])
@@ -480,13 +480,14 @@ def test_viewer_in_jupyterlab_in_headless_chromium(run_dir, tmp_path):
         _run_all_cells(driver, wait)
         shown = ".jp-NotebookPanel .jp-OutputArea-output img"
         try:
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shown)) >= 5)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shown)) >= 4)  # no output-side scores here
         except Exception:
             driver.save_screenshot(str(ARTIFACTS / "report_jupyterlab_failed.png"))
             raise
         images = driver.find_elements(By.CSS_SELECTOR, shown)
         assert all(driver.execute_script("return arguments[0].naturalWidth", i) > 300 for i in images)
-        assert "<Figure size" not in driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
+        notebook_text = driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
+        assert "<Figure size" not in notebook_text and "No figure: no ablation or intervention scores" in notebook_text
         driver.execute_script("arguments[0].scrollIntoView()", images[0])
         assert driver.save_screenshot(str(ARTIFACTS / "report_jupyterlab.png"))
     finally:

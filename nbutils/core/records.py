@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
-from nbutils.core.layout import CollectionLayout
+from nbutils.core.integrity import repair_fix
+from nbutils.core.layout import MANIFEST, CollectionLayout
 from nbutils.core.units import NEURON, UnitId
 
 FORMAT_VERSION = 1
@@ -150,9 +151,11 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.asarray(np.load(path, mmap_mode="r"))
     except (ValueError, OSError, EOFError) as e:
+        stage = path.parent.parent  # <collection>/layer_LLL/<array>.npy
+        in_run = (stage / MANIFEST).is_file()  # a finished stage 01 of a run: the run's one repair path
         raise UserError(
             f"{path} is truncated or damaged ({e}).",
-            f"Restore it, or delete {path.parent.parent} and rerun stage 01 (same command) to collect again.",
+            repair_fix(stage.parent) if in_run else f"Restore it, or delete {stage} and collect again.",
         ) from None
 
 

@@ -57,6 +57,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from nbutils.core.errors import UserError
+from nbutils.core.integrity import repair_fix
 from nbutils.core.io import json_default, write_lines
 from nbutils.core.layout import StoreLayout
 from nbutils.core.units import Key
@@ -163,12 +164,9 @@ def _entry(body: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _damaged(path: Path, e: Exception) -> UserError:
-    return UserError(
-        f"The results store {path} is damaged or is not a results store ({e}).",
-        f"Restore it from a copy; or move it away and rerun the stage (same command): the units it held are then "
-        f"computed again. `sqlite3 {path} .recover` can often save what it holds.",
-    )
+def _damaged(path: Path, e: Exception | str) -> UserError:
+    stage = path.parent.parent if path.parent.name == "parts" else path.parent  # <run>/<stage>/[parts/]x.sqlite
+    return UserError(f"The results store {path} is damaged or is not a results store ({e}).", repair_fix(stage.parent))
 
 
 class ResultStore:
@@ -211,6 +209,9 @@ class ResultStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # a killed process loses no committed unit
             found = dict(conn.execute("SELECT name, value FROM meta").fetchall()) if _has_meta(conn) else {}
+            if not str(found.get("format", 0)).isdigit():
+                conn.close()
+                raise _damaged(path, f"its store format is {found['format']!r}, not a number")
             if int(found.get("format", 0)) > STORE_FORMAT:
                 conn.close()
                 raise UserError(

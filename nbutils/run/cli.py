@@ -125,6 +125,25 @@ def _cmd_export_jsonl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from nbutils.core.integrity import repair_fix
+    from nbutils.run.repair import check_run, repair_run
+
+    found = check_run(args.run)
+    for check in found:
+        print(check.line())
+    if all(c.ok for c in found):
+        print("every stage's files are as their stage wrote them")
+        return 0
+    if not args.repair:
+        print(f"to repair: {repair_fix(args.run)}")
+        return 1
+    for line in repair_run(args.run):
+        print("repaired " + line)
+    print("now rerun the same `nbutils run` command: it recomputes only what was removed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbutils", description="Explain and score language-model neurons.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     npx.add_argument("--model-id", help="Neuronpedia model id (default: from the run's model)")
     npx.add_argument("--source-set", help="Neuronpedia source set name (default: from the unit type)")
     npx.set_defaults(func=_cmd_export_neuronpedia)
+    chk = sub.add_parser("check", help="verify a run's files against their stages' manifests and SQLite's own check; "
+                         "--repair keeps what is intact and leaves the rest to a rerun")  # fmt: skip
+    chk.add_argument("run", help="a run folder (outputs/<run_id>, or outputs/latest)")
+    chk.add_argument("--repair", action="store_true", help="rebuild damaged stores from their intact units, remove "
+                     "altered files, so the same `nbutils run` recomputes only those")  # fmt: skip
+    chk.set_defaults(func=_cmd_check)
     jl = sub.add_parser("export-jsonl", help="write a run's explanations and scores as JSON lines (one entry a line)")
     jl.add_argument("run", help="a run folder (outputs/<run_id>, or outputs/latest)")
     jl.add_argument("--out", help="folder for explanations.jsonl and scores.jsonl (default: <run>/exports)")

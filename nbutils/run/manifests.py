@@ -8,7 +8,6 @@ artifacts against it, so a truncated or altered file is named instead of silentl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nbutils.core.errors import UserError
+from nbutils.core.integrity import changed_files, repair_fix, sha256, sqlite_problem
 from nbutils.core.io import atomic_write_json, read_json
 from nbutils.core.layout import MANIFEST
 
@@ -41,26 +41,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 TRANSIENT = ("-wal", "-shm", "-journal")
 """Suffixes of SQLite's log files beside a database that is open (folded into it when closed)."""
 
 
 def artifact_list(folder: Path, run_dir: Path) -> list[dict[str, Any]]:
     """Every file under a stage folder (but the manifest, hidden files and a database's transient log files)
-    with its size and checksum."""
+    with its size, modification time and checksum. A database is first checked by SQLite itself: a checksum
+    is never written over a file that was not verified."""
     files = sorted(
         p for p in folder.rglob("*")
         if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST and not p.name.endswith(TRANSIENT)
     )  # fmt: skip
-    return [{"path": str(p.relative_to(run_dir)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+    for p in files:
+        if p.suffix == ".sqlite" and (problem := sqlite_problem(p)) is not None:
+            raise UserError(f"{p} is damaged ({problem}); the stage's manifest was not written.", repair_fix(run_dir))
+    return [
+        {"path": str(p.relative_to(run_dir)), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256(p)}
+        for p in files
+        for st in [p.stat()]
+    ]
 
 
 def stage_done(manifest: Path, summary_path: Path, params: dict[str, Any]) -> bool:
@@ -79,19 +79,10 @@ def stage_done(manifest: Path, summary_path: Path, params: dict[str, Any]) -> bo
 
 def verify_artifacts(manifest: Path, run_dir: Path) -> None:
     """Check every artifact a stage's manifest lists against its recorded size and SHA-256."""
-    for art in json.loads(manifest.read_text())["artifacts"]:
-        path = run_dir / art["path"]
-        fix = (
-            f"Restore the file, or delete {manifest.parent} and rerun the same command to recompute that stage "
-            "(and the stages after it)."
-        )
-        if not path.is_file():
-            raise UserError(f"{path} is listed in {manifest} but is missing.", fix)
-        if path.stat().st_size != art["bytes"] or _sha256(path) != art["sha256"]:
-            raise UserError(
-                f"{path} was truncated or altered after its stage wrote it (size or SHA-256 differs from {manifest}).",
-                fix,
-            )
+    changed = [why for _, why in changed_files(manifest.parent, run_dir)]
+    if changed:
+        more = f" (and {len(changed) - 1} more file{'s' if len(changed) > 2 else ''})" if len(changed) > 1 else ""
+        raise UserError(f"{changed[0]}{more}.", repair_fix(run_dir))
 
 
 def write_manifest(

@@ -202,6 +202,9 @@ def run_pipeline(
             verify_artifacts(run.manifest(stage), run.root)
             log(f"[{stage.folder}] already done in {run.root}; skipping")
             continue
+        if run.manifest(stage).is_file():  # finished before with other parameters: resumed only if intact
+            verify_artifacts(run.manifest(stage), run.root)
+            run.manifest(stage).unlink()  # until it finishes again, nothing vouches for its files
         log(f"[{stage.folder}] running {stage.notebook} -> {run.executed(stage)}")
         started = time.time()
         executor.execute(stage.folder, nb_dir / stage.notebook, run.executed(stage), stage_params, cwd)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nbutils.core.errors import UserError
+from nbutils.core.integrity import changed_files, repair_fix
 from nbutils.core.io import read_json
 from nbutils.core.layout import STAGES, ResultsLayout, RunLayout, explanations, scores
 from nbutils.core.records import RecordStore, UnitRecord
@@ -230,6 +231,14 @@ class StoredResults(Mapping[Key, Any]):
         return ((e.key, e) for e in self.values())
 
 
+def _check_unchanged(stage_dir: Path) -> None:
+    """A finished stage's results store as its stage wrote it: its size and modification time against the
+    stage's manifest (hashed only when they differ), so a 307,200-unit run still opens at once."""
+    changed = changed_files(stage_dir, stage_dir.parent, cheap=True, only="results.sqlite")
+    if changed:
+        raise UserError(changed[0][1] + ": its numbers cannot be trusted.", repair_fix(stage_dir.parent))
+
+
 @dataclass
 class RunView:
     """Everything the viewer and the report read from one run."""
@@ -250,8 +259,12 @@ class RunView:
         explanation_dir: str | Path | None = None,
         score_dir: str | Path | None = None,
     ) -> RunView:
-        """Open the stage folders; the later two may be missing or empty."""
+        """Open the stage folders; the later two may be missing or empty. A finished stage's results store that
+        changed since its stage wrote it is refused, with the run's repair path (`_check_unchanged`)."""
         view = cls(store=RecordStore(collection_dir))
+        for stage_dir in (explanation_dir, score_dir):
+            if stage_dir is not None:
+                _check_unchanged(Path(stage_dir))
         if explanation_dir is not None:
             layout = explanations(explanation_dir)
             view.explanations = StoredResults(ResultStore(layout.root), ExplanationEntry.from_dict)
