@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as e:
-        print("error: " + textwrap.fill(f"{e.problem} Fix: {e.fix}", width=100), file=sys.stderr)
+        print(
+            "error: "
+            + textwrap.fill(f"{e.problem} Fix: {e.fix}", width=100, break_on_hyphens=False, break_long_words=False),
+            file=sys.stderr,
+        )  # a path stays whole
         return 2
     except KeyboardInterrupt:  # the run id is a hash of the parameters: the same command finds the same folder
         same = " (with the same --run-id)" if getattr(args, "run_id", None) else ""
