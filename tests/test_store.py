@@ -314,3 +314,26 @@ def test_check_finds_a_damaged_store_and_repair_keeps_every_unit_that_reads_back
         assert all(store.get(k) == _entry(0, k[1], explanation="words " * 40) for k in kept)
         assert all(store.details(k) == _details(k[1], 16) for k in kept)
     assert sqlite_problem(path) is None and (stage / "summary.json").is_file()  # intact files stay
+
+
+def test_a_manifest_checksums_the_store_with_its_log_folded_in(tmp_path):
+    """A write still in SQLite's log (another connection open, as a viewer's may be when a stage ends) is
+    folded into the file before the manifest checksums it: the checksum covers every write."""
+    from nbutils.core.integrity import changed_files
+    from nbutils.run.manifests import write_manifest
+
+    run = tmp_path / "run"
+    stage = run / "03_score"
+    with ResultStore(stage) as store:
+        store.put(_entry(0, 1), _details(1))
+    reader = sqlite3.connect(stage / "results.sqlite")  # held open, so closing the writer below folds nothing
+    reader.execute("SELECT count(*) FROM entries").fetchone()
+    writer = sqlite3.connect(stage / "results.sqlite")
+    with writer:
+        writer.execute("INSERT OR REPLACE INTO meta VALUES ('late', 'write')")
+    writer.close()
+    assert (stage / "results.sqlite-wal").stat().st_size > 0  # the write is only in the log
+    write_manifest(stage / "manifest.json", "03_score", "03.ipynb", {}, time.time(), run)
+    assert (stage / "results.sqlite-wal").stat().st_size == 0 and changed_files(stage, run) == []
+    reader.close()
+    assert changed_files(stage, run) == []  # closing the last reader changes nothing the manifest vouched for

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from nbutils.core.layout import MANIFEST
@@ -65,6 +66,25 @@ def changed_files(
             why = f"{path} was truncated or altered after its stage wrote it (size or SHA-256 differs from {manifest})"
             out.append((path, why))
     return out
+
+
+def fold_log(path: Path, tries: int = 100) -> bool:
+    """Fold a database's write-ahead log into its file (SQLite's TRUNCATE checkpoint), retrying while a reader
+    is in the middle of a query; True once the log is empty. A stage does this before checksumming its store,
+    so the checksum covers every write."""
+    wal = path.with_name(path.name + "-wal")
+    if not wal.is_file() or wal.stat().st_size == 0:
+        return True
+    db = sqlite3.connect(path, timeout=5)
+    try:
+        for _ in range(tries):
+            busy, _log, _done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        db.close()
 
 
 def sqlite_problem(path: Path) -> str | None:

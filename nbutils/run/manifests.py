@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nbutils.core.errors import UserError
-from nbutils.core.integrity import changed_files, repair_fix, sha256, sqlite_problem
+from nbutils.core.integrity import changed_files, fold_log, repair_fix, sha256, sqlite_problem
 from nbutils.core.io import atomic_write_json, read_json
 from nbutils.core.layout import MANIFEST
 
@@ -54,6 +54,9 @@ def artifact_list(folder: Path, run_dir: Path) -> list[dict[str, Any]]:
         if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST and not p.name.endswith(TRANSIENT)
     )  # fmt: skip
     for p in files:
+        if p.suffix == ".sqlite" and not fold_log(p):  # a viewer mid-query: the checksum would miss writes
+            raise UserError(f"{p}'s write-ahead log could not be folded in (a reader held it for 5 s).",
+                            "Close the viewer or notebook reading this run, then rerun the same command.")  # fmt: skip
         if p.suffix == ".sqlite" and (problem := sqlite_problem(p)) is not None:
             raise UserError(f"{p} is damaged ({problem}); the stage's manifest was not written.", repair_fix(run_dir))
     return [
