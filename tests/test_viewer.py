@@ -203,13 +203,13 @@ def test_live_panels_on_the_unit_shown(run_dir):
     assert "scored now" in scored and "top+random" in scored and "token-lookup baseline" in scored
     assert "stage 03&#x27;s explanation" in scored or "stage 03's explanation" in scored  # the stored one beside
     assert "<script>" not in scored and "True versus simulated" in scored
-    assert f"Scored for L1 N0: \u201c{html.escape(SCRIPT.strip())}" in scored  # the text it scored, escaped
+    assert f"layer 1, unit 0: \u201c{html.escape(SCRIPT.strip())}" in scored  # the text it scored, escaped
     assert "detection" not in _visible_text(scored)
     p.every_scorer.value = True  # then detection and fuzzing, on request
     p.score.click()
     assert "detection" in _visible_text(p.score_out.value)
     viewer.filter.value = "no explanation says this"  # a filter that matches nothing: no unit, no stale results
-    assert "No neuron matches the filter" in viewer.html.value and "Scored for" not in p.score_out.value
+    assert "No neuron matches the filter" in viewer.html.value and "scored now" not in p.score_out.value
     p.score.click()
     assert "No unit is shown" in p.score_out.value
     viewer.filter.value = ""

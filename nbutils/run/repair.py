@@ -21,6 +21,7 @@ Later stages keep their results: a stage reruns (and skips what it finished) bec
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import struct
@@ -136,8 +137,6 @@ def _rebuild_store(folder: Path) -> tuple[int, int]:
 def _readable_rows(path: Path):  # noqa: ANN202 - yields (entry or None, details)
     """(entry, details) of every unit side listed in a possibly damaged store; (None, None) for one whose entry
     or details do not read back whole."""
-    import json
-
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         keys = db.execute("SELECT layer, neuron, side FROM entries ORDER BY layer, neuron, side").fetchall()

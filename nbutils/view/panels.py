@@ -18,7 +18,6 @@ from nbutils.core.errors import UserError
 from nbutils.core.units import Key
 from nbutils.view.interactive import Run
 from nbutils.view.render import fragment
-from nbutils.view.tables import quoted_html
 
 BUSY = "<p class='nbx-muted'>{what} (the first call loads the models; this can take a while) ...</p>"
 SCORE_HINT = (
@@ -125,15 +124,11 @@ class LivePanels:
         simulation score alone unless *every scorer* is ticked. The panel names the text it scores."""
         text = self.explanation.value
         names = None if self.every_scorer.value else self._first_scorers()
-        quoted = quoted_html(text.strip()[:200])
-        what = f"Simulating and scoring {quoted}" if text.strip() else "Scoring"
-
-        def work() -> str:
-            u = self._unit()
-            found = u.score(text, names)._repr_html_()
-            return f"<p>Scored for L{u.layer} N{u.index}: {quoted}</p>" + found
-
-        self._call(self.score_out, what, work)
+        what = (
+            f"Simulating and scoring \u201c{text.strip()[:200]}\u201d" if text.strip() else "Scoring"
+        )  # escaped there
+        # the result's heading names the unit and the text scored
+        self._call(self.score_out, what, lambda: self._unit().score(text, names)._repr_html_())
 
     def _first_scorers(self) -> list[str] | None:
         """The simulation scorer alone when the run has it and others (the fast first answer), else all."""
