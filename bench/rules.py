@@ -4,7 +4,7 @@
 
 For each sampled neuron: its 20 top and 20 random excerpts over the embedded corpus, split as stage 02 and
 stage 03 split them (train = top[0::4]; scored = top[2::4] + random[1::3]); the rule found on the train
-excerpts (`nbutils.llm.rules.find_rule`, probing the model) and the token lookup built from them, each
+excerpts (`nbutils.explain.rules.find_rule`, probing the model) and the token lookup built from them, each
 scored by its top-and-random correlation on the scored excerpts. Prints a Markdown table and writes
 bench/results/rules.json. (The planted-neuron rows: `python bench/planted.py --backend rules`.)
 """
@@ -26,7 +26,7 @@ def main() -> int:
 
     from nbutils.collect.corpus import load_texts, make_excerpts
     from nbutils.core.records import Excerpt
-    from nbutils.llm.rules import UnitProbe, find_rule
+    from nbutils.explain.rules import UnitProbe, find_rule
     from nbutils.score.baseline import token_lookup_simulate, token_table
     from nbutils.subject.loading import load_subject_model
     from nbutils.subject.sites import NeuronCapture

@@ -133,8 +133,14 @@ def test_a_scorer_defined_here_reaches_every_view(old_run, monkeypatch):
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", page)
     rows = [r for r in plots.scorer_rows(view) if r["scorer"] == "explanation_length"]
     assert {(r["of"], r["mean"]) for r in rows} == {("explanation", words), ("baseline", baseline_words)}
+    # scored without the simulation scorer, the run is sorted and summarised by its own scorer's headline
+    assert view.headline is view.scorers[0] and view.ranked() == [(words, key)]
+    assert view.neuron_ids("score: best first")[0] == key[:2]
     summary = {r["item"]: r["value"] for r in plots.run_summary(view)}
-    assert summary["mean explanation_length words, explanation"] == f"{words:.3f}"
+    assert summary["mean score, explanation, words"] == f"{words:.3f}"
+    assert not [item for item in summary if "simulation" in item or "correlation" in item]
+    assert [name for name, *_ in plots.series(view)] == ["explanation, words", "baseline, words"]
+    assert not plots.score_distributions(view).is_empty and plots.simulated_vs_true(view).is_empty
     notes = [r for r in plots.note_rows(view) if r["result"] == "explanation explanation_length"]
     assert [n["note"] for n in notes] == (["very short"] if words < 4 else [])
 

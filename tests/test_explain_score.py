@@ -169,7 +169,7 @@ def test_a_neuron_that_never_activates(collection):
 
 
 def test_the_output_aware_explainer_sees_what_the_neuron_writes(collection, embedded):
-    from nbutils.explain.explainer import outputs_shown
+    from nbutils.explain.contract import outputs_shown
     from nbutils.llm.local import LocalBackend
     from nbutils.llm.prompts import EXPLAIN_OUTPUTS_NOTE, explanation_messages, show_token
 

@@ -21,7 +21,7 @@ from nbutils.collect.corpus import ExcerptSet
 from nbutils.collect.stage import collect_activations
 from nbutils.core.errors import UserError
 from nbutils.core.failures import rare_listing
-from nbutils.explain.explainer import units_to_explain
+from nbutils.explain.selection import units_to_explain
 from nbutils.subject.latents import SAELatents, read_sae_folder
 from nbutils.subject.models import SubjectModel
 

@@ -141,7 +141,7 @@ PLANTED = [
 def test_strongest_passes_over_a_unit_active_on_every_excerpt(tmp_path):
     """ "strongest:N" ranks by max over standard deviation; a unit active on every excerpt ranks high by it, but
     detection and fuzzing cannot judge an explanation of it (no silent excerpt): the next one is picked."""
-    from nbutils.explain.explainer import units_to_explain
+    from nbutils.explain.selection import units_to_explain
     from nbutils.score.classification import has_silent_excerpts
 
     path = tmp_path / "rules.py"

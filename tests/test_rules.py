@@ -1,4 +1,4 @@
-"""The rules explainer (`nbutils.llm.rules`): its rule text, its probe of the subject model, and the rules it
+"""The rules explainer (`nbutils.explain.rules`, its language `nbutils.llm.rule_language`): its rule text, its probe of the subject model, and the rules it
 finds on planted neurons whose answer is known, through stages 01-03."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from test_latents import _collect, save_saelens
 from nbutils.core.records import Excerpt, RecordStore, split_excerpts
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore
+from nbutils.explain.rules import RulesExplainer, UnitProbe, find_rule
 from nbutils.llm.contract import BackendSpec, JudgeRequest, SimulationFailed, SimulationRequest, make_backend
 from nbutils.llm.prompts import JudgeItem
-from nbutils.llm.rules import Clause, Rule, RulesBackend, UnitProbe, find_rule, parse_rule
+from nbutils.llm.rule_language import Clause, Rule, RulesSimulator, parse_rule
 from nbutils.subject.latents import SAELatents
 from nbutils.subject.planted import planted_neurons
 from nbutils.subject.sites import NeuronCapture
@@ -103,7 +104,7 @@ def test_the_probe_runs_on_a_model_without_its_lm_head(arch):
 
 def test_the_simulator_and_judge_apply_a_rules_text_exactly():
     be = make_backend(BackendSpec("rules"))
-    assert isinstance(be, RulesBackend)
+    assert isinstance(be, RulesSimulator)
     text = Rule((Clause("token", 2.0, token=" cat"), Clause("after", 4.0, context=" of"))).describe()
     (dist,) = be.simulate(SimulationRequest(text, ((" cat", " of", " mice", "!"),)))
     np.testing.assert_allclose(dist @ np.arange(11), [5.0, 0.0, 10.0, 0.0])  # values scaled: top clause = 10
@@ -195,12 +196,12 @@ def test_rules_are_stored_with_their_cost_and_scored_as_stated(context_bench):
         raise AssertionError("a finished unit was explained again")
 
     config = RunConfig(explain_neurons="all", explainer_backend="rules", simulator_backend="oracle")
-    again = RulesBackend.find
-    RulesBackend.find = tripwire
+    again = RulesExplainer.find
+    RulesExplainer.find = tripwire
     try:
         entries = run_explain_stage(out / "01_collect", out / "02_explain", config, progress=False)
     finally:
-        RulesBackend.find = again
+        RulesExplainer.find = again
     assert [e.explanation for e in entries][:2] == [
         ExplanationEntry.from_dict(saved.get((0, i, "positive"))).explanation for i in range(2)
     ]

@@ -220,7 +220,7 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
     texts = load_texts(c.corpus, c.corpus_text_field)
     excerpts = make_excerpts(subject.tokenizer, texts, c.excerpt_len, c.n_excerpts, c.seed, corpus=c.corpus)
     print(f"{len(excerpts)} excerpts of {c.excerpt_len} tokens, from {excerpts.windows_available} available")
-    unit = unit_for(c.units, c.site)
+    unit = unit_for(c.units, c.site, c.extension_settings.get("unit_type"))
     layers = unit.own_layers(subject.model) or c.layers
     if layers != c.layers:
         print(f"units: the {unit.noun}s of {c.units} at layer(s) {layers} (the layers parameter is not used)")

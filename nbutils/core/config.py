@@ -24,7 +24,9 @@ COLLECT, EXPLAIN, SCORE, INSPECT = "01_collect", "02_explain", "03_score", "04_i
 def _param(default: Any, stages: tuple[str, ...], help: str, **extra: Any) -> Any:
     """A parameter: its default (the main job's value), the stages that take it, its help; ``how=True`` marks
     one that says how a run is carried out, shown or accounted, not what it computes (left out of the run id:
-    changing it continues the same run folder instead of collecting everything again)."""
+    changing it continues the same run folder instead of collecting everything again); ``when_set=True``
+    one added after runs existed: part of the run id, and of a stage's recorded parameters, only when it
+    differs from its default (so every earlier run keeps its id and its records)."""
     meta = {"stages": stages, "help": help, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -86,7 +88,17 @@ class RunConfig:
         None, WORK, "with executor=ray: shards per stage (None: twice the cluster's GPUs, or CPUs without GPUs)",
         example="8", how=True,
     )  # fmt: skip
+    extension_settings: dict[str, dict[str, dict[str, Any]]] = _param(
+        {}, WORK, "settings of explainers, scorers, backends and unit types that declare them, by role and name: "
+        "-p scorer.<name>.<setting>=value, or a YAML section (docs/extensions.md)",
+        example="{scorer: {keyword: {min_count: 2}}}", when_set=True,
+    )  # fmt: skip
     # stage 02: explain
+    explainer: str = _param(
+        "llm", (EXPLAIN,), '"llm" (explainer_backend writes it), "rules" (no LLM), "triage" (rules first; see '
+        "llm_when), or another registered explainer (nbutils.explain.contract)",
+        choices="explainers", when_set=True,
+    )  # fmt: skip
     explain_neurons: int | str | list[list[int]] = _param(
         2, (EXPLAIN,), 'neurons per layer (an int, seeded), "strongest:N" per layer, "all", or [[layer, neuron], ...]'
     )
@@ -209,11 +221,55 @@ class RunConfig:
         200, (INSPECT,), "unit sides the static page shows in full (the best, the worst, a sample); its table lists all"
     )
 
+    def subset(self, cls: type, prefix: str = "", **renamed: str) -> Any:
+        """A dataclass ``cls`` made from this config's values of the same names (``prefix`` + its field name,
+        or the name ``renamed`` gives a field): by name, never by position, so adding a parameter moves none."""
+        out = {}
+        for f in fields(cls):
+            name = renamed.get(f.name, prefix + f.name)
+            if f.init and name in schema():
+                out[f.name] = getattr(self, name)
+        return cls(**out)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The values of one section of parameters (`SECTIONS`), by name."""
+        return {n: getattr(self, n) for n in SECTIONS[name]}
+
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> RunConfig:
         """A config from the schema's names found in ``values`` (a notebook's ``globals()``, a dict); the
         others keep their defaults."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "collection": (
+        "model", "corpus", "corpus_text_field", "layers", "neurons", "site", "units", "n_excerpts", "excerpt_len",
+        "top_k", "n_random", "band_size", "batch_size", "seed", "min_active",
+    ),
+    "explainer": (
+        "explainer", "explain_neurons", "explainer_backend", "explainer_model", "explainer_base_url",
+        "explainer_api_key_env", "n_samples", "temperature", "explain_negative", "explain_with_outputs", "llm_when",
+        "explain_with_rules", "split",
+    ),
+    "simulator": (
+        "simulator_backend", "simulator_model", "simulator_base_url", "simulator_api_key_env", "simulation_mode",
+        "max_prompt_tokens",
+    ),
+    "scoring": (
+        "scorers", "per_band", "judge_per_class", "judge_items_per_request", "ablation", "intervention", "n_boot",
+        "keep_distributions",
+    ),
+    "execution": (
+        "executor", "ray_address", "shards", "checkpoint_every_s", "max_in_flight", "requests_per_minute",
+        "tokens_per_minute", "prices", "fail_on_errors",
+    ),
+    "views": ("layer", "neuron", "page_units"),
+    "extensions": ("extension_settings",),
+}  # fmt: skip
+"""The parameters by role: what `nbutils run --list-params` and docs/parameters.md group them by, and what
+`RunConfig.section` returns. Every parameter is in exactly one section (a test checks); the names stay flat
+(``-p top_k=10``, a notebook's parameters cell), as papermill needs literals."""
 
 
 def schema() -> dict[str, Any]:
@@ -237,8 +293,16 @@ def stage_parameters(stage: str) -> list[str]:
 
 
 def stage_values(config: RunConfig, stage: str) -> dict[str, Any]:
-    """A config's values of the parameters a stage takes (what the stage records in its ``parameters.json``)."""
-    return {name: getattr(config, name) for name in stage_parameters(stage)}
+    """A config's values of the parameters a stage takes (what the stage records in its ``parameters.json``;
+    a ``when_set`` parameter only where it differs from its default)."""
+    values = {name: getattr(config, name) for name in stage_parameters(stage)}
+    return {k: v for k, v in values.items() if not unset_new(k, v)}
+
+
+def unset_new(name: str, value: Any) -> bool:
+    """Whether ``name`` is a ``when_set`` parameter at its default (left out of run ids and records)."""
+    f = schema().get(name)
+    return f is not None and bool(f.metadata.get("when_set")) and value == defaults()[name]
 
 
 def rule_threshold(llm_when: str) -> float | None:

@@ -116,10 +116,15 @@ def check_failures(stage_dir: str | Path, fail_on_errors: bool = False) -> str:
 def triage_line(stage_dir: str | Path) -> str:
     """One line on what ``llm_when="rule_below:X"`` decided and saved (from stage 02's summary.json)."""
     summary = json.loads(summary_path(stage_dir).read_text())
-    triage, backend = summary.get("triage"), summary.get("explainer")
+    triage, name = summary.get("triage"), summary.get("explainer")
+    # summaries from before explainers had names recorded the backend under "explainer"
+    backend = summary.get("explainer_backend", None if name in ("llm", "triage") else name)
     if not triage:
-        if backend == "rules":
+        if name == "rules":
             return "the rules explainer explained every unit: no LLM was asked (llm_when applies to an LLM explainer)"
+        if "explainer_backend" in summary and name != "llm":
+            asked = f"its LLM backend {backend}" if backend else "no LLM"
+            return f"the {name} explainer explained every unit ({asked}; llm_when applies to the llm explainer)"
         return f"llm_when=always: every unit went to the {backend + ' ' if backend else ''}explainer backend"
     line = (
         f"llm_when=rule_below:{triage['threshold']}: {triage['kept_rule']} of {triage['units']} units kept their "

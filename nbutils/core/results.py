@@ -250,11 +250,16 @@ class ExplanationEntry(JsonRecord):
     retryable: bool | None = omitted_when(None)
     """Whether a rerun could fix the failure (a server's fault); absent where nothing failed that way."""
     rule: dict[str, Any] | None = omitted_when(None)
-    """The rules explainer's rule (`nbutils.llm.rules.Rule.to_dict`) and what finding it took: the explanation
+    """The rules explainer's rule (`nbutils.llm.rule_language.Rule.to_dict`) and what finding it took: the explanation
     itself (``explainer_backend="rules"``, or a unit ``llm_when`` kept on its rule) or what the LLM was shown
     (``explain_with_rules``) or chosen over."""
     triage: Triage | None = omitted_when(None)
     """With ``llm_when="rule_below:X"``: why this side's explanation is the rule's or the LLM's."""
+    explainer: str | None = omitted_when(None)
+    """The explainer that wrote it (`nbutils.explain.contract.EXPLAINERS`; absent in entries from before)."""
+    simulator: str | None = omitted_when(None)
+    """The backend that simulates this explanation exactly, whatever the run's simulator is (the rules
+    explainer's ``rules``: `nbutils.llm.rule_language.RulesSimulator.for_entry`); None: the run's simulator."""
     extra: dict[str, Any] = extra_keys()
 
     @property

@@ -24,18 +24,15 @@ from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore, StoredSequence, shard_part
-from nbutils.explain.explainer import explain_with, rule_use, units_to_explain
-from nbutils.llm.contract import BackendSpec, make_backend, merge_shard_usage, shard_usage, traffic_options
-from nbutils.llm.rules import RulesBackend
+from nbutils.explain.contract import EXPLAINERS, explain_side, explainer_name, make_explainer
+from nbutils.explain.selection import units_to_explain
+from nbutils.llm.contract import BackendSpec, backend_spec, make_backend, merge_shard_usage, shard_usage
 from nbutils.score.flags import explanation_notes
 
 
 def explainer_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
     """The explainer backend a config names."""
-    return BackendSpec(
-        config.explainer_backend, config.explainer_model, config.explainer_base_url, config.explainer_api_key_env,
-        cache_path=cache_path, **traffic_options(config),
-    )  # fmt: skip
+    return backend_spec(config, "explainer", cache_path)
 
 
 def run_explain_stage(
@@ -78,7 +75,9 @@ def run_explain_stage(
     entries = StoredSequence(out.root, saved.chosen(), ExplanationEntry.from_dict)  # read when asked for
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
     summary = write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
-    summary["explainer"] = config.explainer_backend  # what `triage_line` names
+    name = explainer_name(config)
+    summary["explainer"] = name  # what `triage_line` names
+    summary["explainer_backend"] = config.explainer_backend if EXPLAINERS.resolve(name).uses_llm else None
     if rule_threshold(config.llm_when) is not None:
         summary["triage"] = triage_savings(entries, out.usage, config.prices)
     atomic_write_json(out.summary, summary)
@@ -100,23 +99,20 @@ def explain_units(
     LLM usage goes to ``usage.json`` (or, for a shard, its own file that the stage adds up). Returns the count."""
     store, out = RecordStore(collection_dir), explanations(out_dir)
     saved = ResultStore(out.root, part=shard_part(shard))
-    llm = make_backend(explainer_spec(config, cache_path))
-    if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
-        llm.bind_collection(store.meta)
-    rules = rule_use(config, llm, store.meta)  # llm_when / explain_with_rules: the rules explainer goes first
+    explainer = make_explainer(config, lambda: make_backend(explainer_spec(config, cache_path)), store.meta)
 
     def work(key: tuple[int, int, str]) -> ExplanationEntry:
-        return explain_with(store.record(key[0], key[1]), llm, config, key[2] == "negative", rules)
+        return explain_side(store.record(key[0], key[1]), explainer, key[2] == "negative").entry
 
-    finished = as_finished(work, keys, workers or llm.parallel_units)
+    finished = as_finished(work, keys, workers or explainer.parallel_units)
     try:
         for _, entry in progress_bar(
             iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
         ):
             saved.put(entry.to_dict())
-            llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
+            explainer.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
     finally:  # also when interrupted: the requests already paid for are counted
-        llm.usage.save(shard_usage(out.usage, shard), config.prices)
+        explainer.usage.save(shard_usage(out.usage, shard), config.prices)
         saved.close()
     return len(keys)
 

@@ -221,6 +221,8 @@ class BackendSpec:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    settings: Any = None
+    """The backend's own settings (its ``settings_type``: ``-p backend.<kind>.<setting>=...``), or None."""
 
 
 class Backend(ABC):
@@ -237,6 +239,16 @@ class Backend(ABC):
     @classmethod
     @abstractmethod
     def from_spec(cls, spec: BackendSpec) -> Backend: ...
+
+    @classmethod
+    def for_entry(cls, entry: Any) -> Backend:
+        """The backend that simulates one stage-02 entry exactly, for a backend an explainer names on its
+        entries (`nbutils.core.results.ExplanationEntry.simulator`; e.g. the rules simulator of the entry's rule)."""
+        raise UserError(
+            f"The {cls.name!r} backend cannot simulate an entry on its own, yet an explainer named it as the "
+            "entry's exact simulator.",
+            "Give the backend a for_entry classmethod, or leave ExplanationEntry.simulator None in the explainer.",
+        )
 
     @abstractmethod
     def explain(self, request: ExplainRequest) -> list[str]: ...
@@ -297,8 +309,9 @@ BACKENDS = Registry(
         "local": "nbutils.llm.local:LocalBackend",
         "openai": "nbutils.llm.openai_compat:OpenAIBackend",
         "oracle": "nbutils.llm.oracle:OracleBackend",
-        "rules": "nbutils.llm.rules:RulesBackend",  # no LLM: rules found by running the subject model
+        "rules": "nbutils.llm.rule_language:RulesSimulator",  # no LLM: a rule's text, simulated exactly
     },
+    role="backend",
 )
 """Backends by name: a class, or ``"module:Class"`` imported when first asked for."""
 
@@ -315,6 +328,18 @@ def traffic_options(config: RunConfig) -> dict[str, Any]:
         "requests_per_minute": config.requests_per_minute,
         "tokens_per_minute": config.tokens_per_minute,
     }
+
+
+def backend_spec(config: RunConfig, role: str, cache_path: str | None = None) -> BackendSpec:
+    """The backend a run's parameters give the ``"explainer"`` or the ``"simulator"`` (its ``<role>_backend``,
+    ``<role>_model`` ... parameters, by name), with its own settings where its class declares them."""
+    kind = getattr(config, f"{role}_backend")
+    return BackendSpec(
+        kind=kind, model=getattr(config, f"{role}_model"), base_url=getattr(config, f"{role}_base_url"),
+        api_key_env=getattr(config, f"{role}_api_key_env"),
+        simulation_mode=config.simulation_mode if role == "simulator" else "auto", cache_path=cache_path,
+        settings=BACKENDS.settings(kind, config.extension_settings.get("backend")), **traffic_options(config),
+    )  # fmt: skip
 
 
 def make_backend(spec: BackendSpec) -> Backend:

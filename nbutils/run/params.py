@@ -8,18 +8,18 @@ they are clearly paths. `PRESETS` are named sets of values (``nbutils run --pres
 
 from __future__ import annotations
 
-import difflib
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import defaults, hints, rule_threshold, schema
+from nbutils.core.checks import conforms, describe, did_you_mean, shown
+from nbutils.core.config import RunConfig, defaults, hints, rule_threshold, schema
 from nbutils.core.errors import UserError
+from nbutils.core.registry import GROUPS, Registry
+from nbutils.explain.contract import EXPLAINERS, explainer_name
 from nbutils.llm.contract import BACKENDS
 from nbutils.score.contract import SCORERS
-from nbutils.subject.units import NEURON_UNITS
+from nbutils.subject.units import NEURON_UNITS, UNIT_TYPES, is_registered_kind
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -38,57 +38,8 @@ OWNED = ("output_dir", "run_dir", "collection_dir", "explanation_dir", "score_di
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Types
-# ----------------------------------------------------------------------------------------------------------
-
-_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null (None)"}
-_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", type(None): "nulls"}
-
-
-def describe(tp: Any, plural: bool = False) -> str:
-    """A type in words: ``list[int] | None`` -> "a list of integers or null (None)"."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a, plural) for a in args)
-    if origin is list:
-        return ("lists of " if plural else "a list of ") + describe(args[0], plural=True)
-    if origin is dict:
-        return ("mappings" if plural else "a mapping") + f" of {describe(args[0], True)} to {describe(args[1], True)}"
-    if plural:
-        return _PLURALS.get(tp, getattr(tp, "__name__", str(tp)) + "s")
-    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def conforms(value: Any, tp: Any) -> bool:
-    """Whether a parsed value has a type (bool is not an int; an int is a float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(conforms(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _shown(value: Any) -> str:
-    return f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Checking a set of values
 # ----------------------------------------------------------------------------------------------------------
-
-
-def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def check_names(params: dict[str, Any]) -> None:
@@ -108,10 +59,86 @@ def check_names(params: dict[str, Any]) -> None:
             )
 
 
+def fold_extension_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """Extension settings gathered into ``extension_settings`` (``{role: {name: {setting: value}}}``) from
+    the forms a user writes: ``-p scorer.keyword.min_count=2`` (a dotted name), a YAML section
+    ``scorer: {keyword: {min_count: 2}}`` (a role's name holding a mapping), or ``extension_settings`` itself;
+    a dotted name wins over the same setting in a section."""
+    out = {k: v for k, v in params.items() if not _settings_form(k, v)}
+    folded: dict[str, dict[str, dict[str, Any]]] = {}
+    given = params.get("extension_settings") or {}
+    if not isinstance(given, dict):  # refused with the other type errors, in their words
+        return {**out, "extension_settings": given}
+    sections = [(role, v) for role, v in params.items() if role in GROUPS and isinstance(v, dict)]
+    for role, names in [*given.items(), *sections]:
+        if not isinstance(names, dict) or not all(isinstance(v, dict) for v in names.values()):
+            raise UserError(
+                f"The settings section {role!r} must map each {role} name to its settings, got {names!r}.",
+                f"Write it as {role}: {{<name>: {{<setting>: <value>}}}}, or -p {role}.<name>.<setting>=<value>.",
+            )
+        for name, values in names.items():
+            folded.setdefault(role, {}).setdefault(name, {}).update(values)
+    for key, value in params.items():
+        if "." in key:
+            role, _, rest = key.partition(".")
+            name, _, setting = rest.partition(".")
+            if role not in GROUPS or not name or not setting or "." in setting:
+                raise UserError(
+                    f"Parameter {key!r} is not of the form <role>.<name>.<setting> with a role among {list(GROUPS)}.",
+                    "Write e.g. -p scorer.keyword.min_count=2 (the scorer keyword's setting min_count).",
+                )
+            folded.setdefault(role, {}).setdefault(name, {})[setting] = value
+    if folded or "extension_settings" in params:
+        out["extension_settings"] = folded
+    return out
+
+
+def _settings_form(key: str, value: Any) -> bool:
+    return "." in key or key == "extension_settings" or (key in GROUPS and isinstance(value, dict))
+
+
+def registries() -> dict[str, Registry]:
+    """Each role's registry (`nbutils.core.registry.GROUPS`)."""
+    return {"explainer": EXPLAINERS, "scorer": SCORERS, "backend": BACKENDS, "unit_type": UNIT_TYPES}
+
+
+def check_extension_settings(values: dict[str, Any]) -> None:
+    """Each extension's settings checked against its declared dataclass, for an extension the run uses."""
+    used = {
+        "explainer": {explainer_name(RunConfig.pick(values))},
+        "scorer": set(values["scorers"]) | {n for n in ("ablation", "intervention") if values[n]},
+        "backend": {values["explainer_backend"], values["simulator_backend"]},
+        "unit_type": {values["units"]},
+    }
+    for role, names in values["extension_settings"].items():
+        if role not in GROUPS:
+            raise UserError(
+                f"extension_settings has a section {role!r}, which is no role.{did_you_mean(role, list(GROUPS))}",
+                f"Roles: {', '.join(GROUPS)}.",
+            )
+        registry = registries()[role]
+        for name, given in names.items():
+            if name not in registry:
+                raise registry.unknown(name)
+            registry.settings(name, {name: given})  # checked: names, types, the dataclass's own checks
+            if name not in used[role]:
+                raise UserError(
+                    f"Settings were given for the {registry.what} {name!r}, which this run does not use.",
+                    f"Use it (e.g. -p {_use_hint(role, name)}), or leave out its settings.",
+                )
+
+
+def _use_hint(role: str, name: str) -> str:
+    return {"explainer": f"explainer={name}", "scorer": f"'scorers=[simulation, {name}]'",
+            "backend": f"simulator_backend={name}", "unit_type": f"units={name}"}[role]  # fmt: skip
+
+
 def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
     """Validate user values (names, types, choices, paths) and return every parameter's effective value:
     defaults filled in, integers given for numbers turned into floats, relative paths made absolute from
-    ``cwd`` (default: the current folder). Raises `UserError` naming the first problem and its fix."""
+    ``cwd`` (default: the current folder), extension settings gathered (`fold_extension_settings`) and checked.
+    Raises `UserError` naming the first problem and its fix."""
+    params = fold_extension_settings(params)
     check_names(params)
     tps = hints()
     out = {**defaults(), **params}
@@ -120,7 +147,7 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
             meta = schema()[name].metadata
             example = meta.get("example", _yaml(defaults()[name]))
             raise UserError(
-                f"Parameter {name}={value!r}: expected {describe(tps[name])}, got {_shown(value)}.",
+                f"Parameter {name}={value!r}: expected {describe(tps[name])}, got {shown(value)}.",
                 f"Give it as YAML, e.g. -p '{name}={example}' ({meta['help']}).",
             )
         if tps[name] is float and isinstance(value, int):
@@ -129,11 +156,12 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
         _check_choice(name, out[name], choices(f.metadata.get("choices")))
     _check_explain_neurons(out["explain_neurons"])
     rule_threshold(out["llm_when"])
+    check_extension_settings(out)
     _check_output_scores(out)
     base = Path(cwd or os.getcwd())
     out["model"] = resolve_model(out["model"], base, "model")
     out["corpus"] = resolve_corpus(out["corpus"], base)
-    if out["units"] != NEURON_UNITS:  # an SAE folder
+    if out["units"] != NEURON_UNITS and not is_registered_kind(out["units"]):  # an SAE folder
         out["units"] = _absolute(out["units"], base, "SAE folder (units)", True)
     for name, backend in (("explainer_model", "explainer_backend"), ("simulator_model", "simulator_backend")):
         if out[backend] == "local":
@@ -155,7 +183,7 @@ def _check_output_scores(values: dict[str, Any]) -> None:
 def choices(spec: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
     """A field's allowed values: listed in the schema, or the names in a registry ("backends", "scorers")."""
     if isinstance(spec, str):
-        return tuple({"backends": BACKENDS, "scorers": SCORERS}[spec])
+        return tuple({"backends": BACKENDS, "scorers": SCORERS, "explainers": EXPLAINERS}[spec])
     return spec
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import schema
+from nbutils.core.config import schema, unset_new
 from nbutils.core.errors import UserError
 from nbutils.core.failures import first_failures
 from nbutils.core.io import read_json
@@ -128,9 +128,14 @@ def effective_parameters(
 def default_run_id(effective: dict[str, Any]) -> str:
     """``run-<hash of every effective parameter>``: the same run lands in (and resumes) the same folder,
     whether a default is stated or not. Parameters of how the run is carried out (executor, shards, requests
-    in flight, rate limits) are left out: the same job on Ray or with another cap continues the same run."""
+    in flight, rate limits) are left out: the same job on Ray or with another cap continues the same run; so are
+    parameters added later while at their defaults (``when_set``), so an earlier run keeps its id."""
     fields = schema()
-    what = {k: v for k, v in effective.items() if not (k in fields and fields[k].metadata.get("how"))}
+    what = {
+        k: v
+        for k, v in effective.items()
+        if not (k in fields and fields[k].metadata.get("how")) and not unset_new(k, v)
+    }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"run-{digest}"
 

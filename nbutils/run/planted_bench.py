@@ -84,7 +84,7 @@ def run_planted_benchmark(
     cfg = CollectConfig(layers=None, top_k=20, n_random=20, band_size=5, quantile_warmup=256, seed=seed)
     store = collect_activations(subject, excerpts, out / "01_collect", cfg, progress=progress)
     write_truth_explanations(store.path, out / "02_truth", spec)
-    # the rules explainer's rules are simulated exactly by their own simulator (`nbutils.llm.rules`); the
+    # the rules explainer's rules are simulated exactly by their own simulator (`nbutils.llm.rule_language`); the
     # ground truths, which are no rules, then by the oracle
     simulator, sim_model = ("oracle", spec) if backend == "rules" else (backend, model)
     config = RunConfig(

@@ -32,7 +32,7 @@ from nbutils.core.config import COLLECT, EXPLAIN, SCORE
 from nbutils.core.errors import UserError
 from nbutils.llm.reach import check_llm_server
 from nbutils.subject.latents import sae_encoder_folders
-from nbutils.subject.units import NEURON_UNITS
+from nbutils.subject.units import NEURON_UNITS, is_registered_kind
 
 # the smallest value each number may take (None: any); a parameter that may be None is checked when set
 MINIMUM: dict[str, float] = {
@@ -52,7 +52,7 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
         check_neurons(values)
         check_memory(values)
         check_corpus(values["corpus"], values["corpus_text_field"])
-        if values["units"] != NEURON_UNITS:
+        if values["units"] != NEURON_UNITS and not is_registered_kind(values["units"]):
             sae_encoder_folders(values["units"])
     roles = [("explainer", EXPLAIN), ("simulator", SCORE)]
     for role, stage in roles:

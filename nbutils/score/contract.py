@@ -114,7 +114,14 @@ class Scorer(ABC):
     title: ClassVar[str]
     """A short heading for views, e.g. "correlation of simulated and true activations"."""
     columns: ClassVar[tuple[Column, ...]]
-    """What views show; the first is the headline (the static page's index, the report's summary)."""
+    """What views show."""
+    headline: ClassVar[int] = 0
+    """Which column is its headline number. A run's headline is that of its first scorer (registry order:
+    simulation where it ran): what views sort by and the report's figures and summary lead with."""
+    series: ClassVar[tuple[int, ...] | None] = None
+    """The columns the report's score figures draw for the explanation (None: the headline alone)."""
+    value_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    """Where its headline number lies (the report's histogram bins): a correlation's (-1, 1), a rate's (0, 1)."""
     detail: ClassVar[str | None] = None
     """What its saved details are, for views that draw them: "simulation", "judged items" or None."""
     needs_subject: ClassVar[bool] = False
@@ -127,6 +134,13 @@ class Scorer(ABC):
     """What `baseline` and `explanation` return: a dataclass (`nbutils.core.results` writes and reads it)."""
     details_type: ClassVar[Any] = None
     """What `explanation` saves beside its result (a dataclass, ``list[...]``), or None when it saves nothing."""
+    settings_type: ClassVar[type | None] = None
+    """Its own settings: a dataclass whose every field has a default (``-p scorer.<name>.<setting>=...``,
+    checked before any stage runs, part of the run id), or None. The instance is ``self.settings``."""
+
+    def __init__(self, settings: Any = None) -> None:
+        tp = self.settings_type
+        self.settings = settings if settings is not None or tp is None else tp()
 
     def caption(self, result: Any) -> str | None:
         """A line under its table in the viewer (e.g. how many items were judged); None for none."""
@@ -151,6 +165,7 @@ SCORERS = Registry(
         "ablation": "nbutils.score.ablation:AblationScorer",
         "intervention": "nbutils.score.intervention:InterventionScorer",
     },
+    role="scorer",
 )
 """Scorers by name, in the order they run and are shown: a class, or ``"module:Class"`` imported when needed."""
 
@@ -161,14 +176,19 @@ def register_scorer(scorer: type[Scorer]) -> type[Scorer]:
     return scorer
 
 
-def scorer(name: str) -> Scorer:
-    """A registered scorer by name."""
-    return SCORERS.resolve(name)()
+def scorer(name: str, settings: Any = None) -> Scorer:
+    """A registered scorer by name, with its settings (its ``settings_type``'s defaults when None)."""
+    return SCORERS.resolve(name)(settings)
 
 
 def registered() -> list[Scorer]:
     """Every registered scorer, in order."""
     return [scorer(name) for name in SCORERS]
+
+
+def headline_of(scorers: list[Scorer]) -> Scorer | None:
+    """The scorer whose headline is a run's headline: the first of the run's scorers (None for none)."""
+    return scorers[0] if scorers else None
 
 
 def number_name(sc: Scorer, column: Column, baseline: bool = False) -> str:

@@ -149,6 +149,8 @@ class SimulationScorer(Scorer):
     title = "correlation of simulated and true activations (95% interval)"
     detail = "simulation"
     compact = (0, 1, 3)
+    series = (0, 1, 3)  # top+random, random only, stratified
+    value_range = (-1.0, 1.0)
     result_type = SimulationResult
     details_type = Simulation
     columns = (

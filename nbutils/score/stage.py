@@ -30,17 +30,19 @@ from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore, StoredSequence, shard_part
 from nbutils.core.units import Key, key_of
 from nbutils.llm.contract import (
+    BACKENDS,
     Backend,
     BackendSpec,
     LLMFailed,
+    backend_spec,
     make_backend,
     merge_shard_usage,
     shard_usage,
-    traffic_options,
 )
-from nbutils.llm.rules import rules_simulator
+from nbutils.llm.rule_language import Rule
 from nbutils.score.baseline import token_table
 from nbutils.score.contract import (
+    SCORERS,
     ScoredSide,
     Scorer,
     ScoreSettings,
@@ -56,36 +58,25 @@ from nbutils.subject.intervene import intervention_for
 
 def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
     """The simulator backend a config names (it also judges detection and fuzzing items)."""
-    return BackendSpec(
-        config.simulator_backend, config.simulator_model, config.simulator_base_url, config.simulator_api_key_env,
-        config.simulation_mode, cache_path, **traffic_options(config),
-    )  # fmt: skip
+    return backend_spec(config, "simulator", cache_path)
 
 
 def settings(config: RunConfig) -> ScoreSettings:
-    c = config
-    if c.judge_items_per_request < 1:
+    """Stage 03's settings that every scorer reads, taken from the config by name."""
+    if config.judge_items_per_request < 1:
         raise UserError(
-            f"judge_items_per_request={c.judge_items_per_request} must be at least 1.",
+            f"judge_items_per_request={config.judge_items_per_request} must be at least 1.",
             "Give 1 (each item its own question) or e.g. 5 items per request.",
         )
-    return ScoreSettings(
-        c.n_boot,
-        c.seed,
-        c.max_prompt_tokens,
-        c.per_band,
-        c.judge_per_class,
-        c.split,
-        c.judge_items_per_request,
-        c.keep_distributions,
-    )
+    return config.subset(ScoreSettings)
 
 
 def chosen_scorers(config: RunConfig) -> list[Scorer]:
     """The scorers a config asks for: ``scorers``, and ``ablation`` / ``intervention`` when those are True."""
     names = list(config.scorers)
     names += [n for n in ("ablation", "intervention") if getattr(config, n) and n not in names]
-    return [scorer(name) for name in names]
+    given = config.extension_settings.get("scorer")
+    return [scorer(name, SCORERS.settings(name, given)) for name in names]
 
 
 def unit_context(entry: ExplanationEntry, store: RecordStore, s: ScoreSettings, subject: Any = None) -> UnitContext:
@@ -119,7 +110,7 @@ def score_entry(
         result.failure = entry.failure or "no explanation"
         return result, None
     details = UnitDetails(entry.layer, entry.neuron, entry.sign, entry.explanation)
-    llm = rules_simulator(entry.explanation) or llm  # a rule's text is simulated exactly, by its own rules
+    llm = exact_simulator(entry) or llm  # e.g. a rule: simulated exactly, by the rule the entry records
     for sc in scorers:
         try:
             result.results[sc.name], details.by_scorer[sc.name] = done = sc.explanation(ctx, llm)
@@ -128,6 +119,19 @@ def score_entry(
             result.failure, result.retryable = f"{sc.name} failed: {e}", e.retryable
             break
     return result, (details if details.by_scorer else None)
+
+
+def exact_simulator(entry: ExplanationEntry) -> Backend | None:
+    """The backend the entry names as simulating its explanation exactly (`ExplanationEntry.simulator`; made
+    by its ``for_entry``), or None: the run's simulator. Entries from before explainers named one: a rules
+    explainer's entry is the one whose explanation is its recorded rule's own description."""
+    name = entry.simulator
+    if name is None and entry.rule is not None and entry.explanation == Rule.from_dict(entry.rule).describe():
+        name = "rules"
+    if name is None:
+        return None
+    cls = BACKENDS.resolve(name)
+    return cls.for_entry(entry) if hasattr(cls, "for_entry") else cls()
 
 
 def stored_numbers(result: dict[str, Any]) -> dict[str, float | None]:

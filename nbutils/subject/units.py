@@ -18,6 +18,7 @@ Adding a unit type is one module with a `UnitType` subclass and one line in `UNI
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -35,6 +36,13 @@ class UnitType(ABC):
     kind: ClassVar[str]
     noun: ClassVar[str] = "unit"
     """What one unit is called in prompts and views."""
+    settings_type: ClassVar[type | None] = None
+    """Its own settings: a dataclass whose every field has a default (``-p unit_type.<kind>.<setting>=...``),
+    or None. The instance is ``self.settings``; ``collection.json`` records it (`as_dict`)."""
+
+    def __init__(self, settings: Any = None) -> None:
+        tp = self.settings_type
+        self.settings = settings if settings is not None or tp is None else tp()
 
     @abstractmethod
     def site(self, model: Any) -> NeuronSite: ...
@@ -50,12 +58,14 @@ class UnitType(ABC):
         return captured
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
+        settings = getattr(self, "settings", None)
+        return {"kind": self.kind, **({"settings": dataclasses.asdict(settings)} if settings is not None else {})}
 
     @classmethod
     def from_dict(cls, unit: dict[str, Any], site: dict[str, Any] | None = None) -> UnitType:
         """The unit type a collection recorded (`as_dict`, and the collection's site), made again."""
-        return cls()  # type: ignore[call-arg]
+        given = unit.get("settings")
+        return cls(cls.settings_type(**given) if cls.settings_type and given is not None else None)
 
     def edit(
         self, captured: torch.Tensor, layer: int, index: int, values: torch.Tensor | float, add: bool = False
@@ -86,6 +96,7 @@ class MLPNeurons(UnitType):
 
     def __init__(self, site: NeuronSite | dict[str, Any] | None = None) -> None:
         """``site``: the architecture's built-in site when None."""
+        self.settings = None
         self._site = NeuronSite(**site) if isinstance(site, dict) else site
 
     @classmethod
@@ -109,19 +120,32 @@ class MLPNeurons(UnitType):
         return weight.detach()[:, idx].T if isinstance(module, torch.nn.Linear) else weight.detach()[idx, :]
 
 
-UNIT_TYPES = Registry("unit type", {NEURON: MLPNeurons, "sae_latent": "nbutils.subject.latents:SAELatents"})
+UNIT_TYPES = Registry(
+    "unit type", {NEURON: MLPNeurons, "sae_latent": "nbutils.subject.latents:SAELatents"}, "unit_type", "kind"
+)
 """Unit types by kind: a class, or ``"module:Class"`` imported when first asked for."""
 
 NEURON_UNITS = "mlp_neurons"
 """The ``units`` parameter's value for MLP neurons (the default)."""
 
 
-def unit_for(units: str, site: NeuronSite | dict[str, Any] | None = None) -> UnitType:
-    """The unit type the ``units`` parameter names: "mlp_neurons" (at ``site``), or a folder holding an SAE or
+def unit_for(
+    units: str, site: NeuronSite | dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+) -> UnitType:
+    """The unit type the ``units`` parameter names: "mlp_neurons" (at ``site``), another registered unit type
+    (with its settings from ``settings``, the run's ``{kind: {setting: value}}``), or a folder holding an SAE or
     transcoder (SAELens or sparsify format, `nbutils.subject.latents`)."""
     if units == NEURON_UNITS:
         return MLPNeurons(site)
+    if is_registered_kind(units):
+        return unit_type_class(units)(UNIT_TYPES.settings(units, settings))
     return unit_type_class("sae_latent")(units)
+
+
+def is_registered_kind(units: str) -> bool:
+    """Whether the ``units`` parameter names a registered unit type made without a folder (not MLP neurons'
+    own kind, nor SAE latents, which are named by their folder)."""
+    return units not in (NEURON, "sae_latent") and "/" not in units and units in UNIT_TYPES
 
 
 def register_unit_type(kind: str, unit_type: str | type[UnitType]) -> None:

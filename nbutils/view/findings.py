@@ -13,9 +13,9 @@ import numpy as np
 
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
-from nbutils.score.contract import Scorer, UnitDetails, UnitScores
+from nbutils.score.contract import Scorer, UnitDetails, UnitScores, headline_of
 from nbutils.view.render import fragment, scores_table_html, simulation_html
-from nbutils.view.runview import finite, main_score
+from nbutils.view.runview import finite, headline_value, main_score
 from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, quoted_html, table_html, visible_token
 
 LEFT = "text-align:left"  # JupyterLab's own table style right-aligns cells
@@ -129,6 +129,12 @@ class ExplanationScore:
         return main_score(self.result)
 
     @property
+    def headline(self) -> float | None:
+        """The headline number of the scorers it was scored with (`nbutils.view.runview.headline_value`: the
+        correlation above where the simulation scorer ran)."""
+        return headline_value(self.result, self.scorers)
+
+    @property
     def interval(self) -> tuple[float, float] | None:
         """Its 95% bootstrap interval (resampling whole excerpts)."""
         sim = self.result.of("simulation")
@@ -165,11 +171,12 @@ class ExplanationScore:
     def _repr_html_(self) -> str:
         stored = ""
         if self.stored and self.stored.explanation:
-            value = main_score(self.stored)
+            value, head = headline_value(self.stored, self.scorers), headline_of(self.scorers)
             shown = "undefined" if value is None else f"{value:.3f}"
+            what = label(head, head.columns[head.headline]) if head is not None else "score"
             stored = (
                 f"<p class='nbx-muted'>stage 03's explanation, {quoted_html(self.stored.explanation)}, scored "
-                f"{shown} (top+random correlation) on the same excerpts.</p>"
+                f"{shown} ({html.escape(what)}) on the same excerpts.</p>"
             )
         cost = f"{self.requests} LLM request{'s' if self.requests != 1 else ''}"
         body = (

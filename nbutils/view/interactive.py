@@ -34,11 +34,10 @@ from nbutils.core.layout import MANIFEST
 from nbutils.core.records import UnitRecord
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
-from nbutils.explain.explainer import RuleUse, base_entry, explain_with, explainer_request, rule_use
+from nbutils.explain.contract import Explainer, base_entry, explain_side, make_explainer
 from nbutils.explain.stage import explainer_spec
 from nbutils.llm.contract import Backend, BackendSpec, make_backend
 from nbutils.llm.reach import LIVE, check_llm_server
-from nbutils.llm.rules import Rule, RulesBackend
 from nbutils.score.contract import Scorer, UnitScores
 from nbutils.score.flags import explanation_notes
 from nbutils.score.intervention import TARGET_KL
@@ -241,21 +240,17 @@ class Run(RunView):
         return make_backend(replace(_reachable("simulator", simulator_spec(self.config)), options=self._llm_options))
 
     @cached_property
-    def explainer(self) -> Backend:
-        """The run's explainer, made on first use (the simulator itself when both are the same model)."""
+    def explainer(self) -> Explainer:
+        """The run's explainer (`nbutils.explain.contract`), made on first use; its LLM backend, where it has
+        one, is the simulator itself when both are the same model."""
+        return make_explainer(self.config, self._explainer_backend, self.store.meta)
+
+    def _explainer_backend(self) -> Backend:
         spec = explainer_spec(self.config)
         same = simulator_spec(self.config)
         if (spec.kind, spec.model, spec.base_url) == (same.kind, same.model, same.base_url):
             return self.simulator
-        llm = make_backend(replace(_reachable("explainer", spec), options=self._llm_options))
-        if isinstance(llm, RulesBackend):  # it prunes on the collection's own model and unit type
-            llm.bind_collection(self.store.meta)
-        return llm
-
-    @cached_property
-    def _rule_use(self) -> RuleUse | None:
-        """The rules explainer ahead of the LLM, where the run's config asks for it (`rule_use`)."""
-        return rule_use(self.config, self.explainer, self.store.meta)
+        return make_backend(replace(_reachable("explainer", spec), options=self._llm_options))
 
     @cached_property
     def _memo(self) -> dict[tuple[Any, ...], Any]:
@@ -313,8 +308,10 @@ class Run(RunView):
         memo = ("score", u.key, explanation, tuple(sc.name for sc in scorers))
         if memo in self._memo:
             return self._memo[memo]
-        entry = replace(self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split),
-                        explanation=explanation, failure=None)  # fmt: skip
+        stored = self.explanations.get(u.key) or base_entry(u.record, u.negative, config.split)
+        # the exact simulator an explainer named simulates its own explanation, not a text typed in its place
+        exact = stored.simulator if stored.explanation == explanation else None
+        entry = replace(stored, explanation=explanation, failure=None, simulator=exact)
         subject = self.live.intervention if any(sc.needs_subject for sc in scorers) else None
         llm = self.simulator
         before = llm.usage.requests
@@ -333,20 +330,14 @@ class Run(RunView):
         memo = ("explain", u.key)
         if memo in self._memo:
             return self._memo[memo]
-        c, llm = self.config, self.explainer
-        before = llm.usage.requests
-        uses = self._rule_use
-        entry = explain_with(u.record, llm, c, u.negative, uses)
-        rule = Rule.from_dict(entry.rule) if uses and uses.hint and entry.rule else Rule()
-        hint = rule.describe() if rule.clauses else None  # what the prompt listed (as `explain_unit` does)
-        request = explainer_request(u.record, c.n_samples, c.temperature, u.negative, c.seed, c.split,
-                                    c.explain_with_outputs, rule=hint)  # fmt: skip
-        kept_rule = entry.triage is not None and not entry.triage.sent_to_llm  # no LLM request was made
-        no_chat = kept_rule or isinstance(llm, RulesBackend)  # the rules explainer searches; it sends no chat
-        messages = llm.explanation_messages(request) if request is not None and not no_chat else []
+        c, explainer = self.config, self.explainer
+        before = explainer.usage.requests
+        ctx = explain_side(u.record, explainer, u.negative)
+        entry = ctx.entry
+        messages = explainer.llm.explanation_messages(ctx.sent) if ctx.sent is not None else []
         if entry.retryable and not entry.explanation:
             raise _unreachable("explainer", entry.failure, c)
-        found = NewExplanation(u.key, messages, entry, llm.usage.requests - before)
+        found = NewExplanation(u.key, messages, entry, explainer.usage.requests - before)
         self._memo[memo] = found
         return found
 

@@ -21,13 +21,24 @@ from nbutils.score.contract import Column
 from nbutils.score.flags import copied_example
 from nbutils.view.runview import RunView
 
-SERIES = (
-    ("explanation, top+random", "explanation", 0),
-    ("explanation, random only", "explanation", 1),
-    ("explanation, stratified", "explanation", 3),
-    ("baseline, top+random", "baseline", 0),
-)
-"""The correlation series of the figures: name, whose, and the simulation scorer's column (`ScoreTable`)."""
+
+def series(view: RunView) -> list[tuple[str, str, str, int]]:
+    """The score series of the report's figures, from the run's headline scorer (`RunView.headline`): (name,
+    whose, scorer, column) for each column it declares for the explanation (`Scorer.series`: the simulation
+    scorer's top+random, random only and stratified correlations) and its headline for the token-lookup
+    baseline; none before stage 03."""
+    sc = view.headline
+    if sc is None:
+        return []
+    cols = sc.series or (sc.headline,)
+    out = [(f"explanation, {sc.columns[i].label}", "explanation", sc.name, i) for i in cols]
+    return out + [(f"baseline, {sc.columns[sc.headline].label}", "baseline", sc.name, sc.headline)]
+
+
+def headline_label(view: RunView) -> str:
+    """The headline number in words, for axes: "simulation: top+random" ..."""
+    sc = view.headline
+    return "score" if sc is None else f"{sc.label_prefix or sc.name}: {sc.columns[sc.headline].label}"
 
 
 DPI = 110
@@ -80,8 +91,8 @@ def score_values(view: RunView) -> dict[str, np.ndarray]:
     """Each series' defined scores over all scored neurons."""
     table = view.score_table
     out = {}
-    for name, who, i in SERIES:
-        v = table.column(who, "simulation", i)
+    for name, who, scorer_name, i in series(view):
+        v = table.column(who, scorer_name, i)
         out[name] = v[np.isfinite(v)]
     return out
 
@@ -93,10 +104,10 @@ def score_distributions(view: RunView):
     if not any(len(v) for v in values.values()):
         _empty(ax, "no scores yet (stage 03)")
         return fig
-    bins = np.linspace(-1, 1, 41)
+    bins = np.linspace(*view.headline.value_range, 41)
     for name, v in values.items():
         ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n={len(v)}, mean {v.mean():.3f})" if len(v) else name)
-    ax.set_xlabel("pooled correlation")
+    ax.set_xlabel(headline_label(view))
     ax.set_ylabel(f"{view.store.meta.noun}s")
     ax.set_title("Score distributions")
     ax.legend(fontsize=8)
@@ -125,8 +136,8 @@ def layer_rows(view: RunView) -> list[dict[str, Any]]:
     table = view.score_table
     layers = table.layers
     for layer in sorted(set(layers.tolist())):
-        for name, who, i in SERIES:
-            v = table.column(who, "simulation", i)[layers == layer]
+        for name, who, scorer_name, i in series(view):
+            v = table.column(who, scorer_name, i)[layers == layer]
             v = v[np.isfinite(v)]
             if len(v):  # a series with no value in this layer has no row
                 mean, low, high = mean_interval(v)
@@ -148,9 +159,10 @@ def score_by_layer(view: RunView):
         _empty(ax, "no scores yet (stage 03)")
         return fig
     single = False
-    for i, (name, _, _) in enumerate(SERIES):
+    names = [name for name, *_ in series(view)]
+    for i, name in enumerate(names):
         mine = [r for r in rows if r["series"] == name]
-        x = np.array([r["layer"] for r in mine], dtype=float) + (i - 1.5) * 0.2
+        x = np.array([r["layer"] for r in mine], dtype=float) + (i - (len(names) - 1) / 2) * 0.2
         y = np.array([r["mean"] for r in mine])
         line = ax.errorbar(x, y, yerr=_errors(mine), fmt="o-", capsize=3, label=name)
         one = np.array([r["n"] == 1 for r in mine], dtype=bool)
@@ -161,7 +173,7 @@ def score_by_layer(view: RunView):
         ax.plot([], [], "o", mfc="white", mec="0.3", label="hollow: one unit (no interval)")
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean pooled correlation")
+    ax.set_ylabel(f"mean {headline_label(view)}")
     ax.set_title(f"Score by layer (95% interval over {view.store.meta.noun}s)")
     ax.legend(fontsize=8)
     return fig
@@ -170,16 +182,17 @@ def score_by_layer(view: RunView):
 def simulated_vs_true(view: RunView, n: int = 2):
     """Scatter of simulated expected value against true activation (scored excerpts) for the ``n`` best and
     ``n`` worst neurons."""
-    order = view.ranked()
+    simulating = [sc for sc in view.scorers if sc.detail == "simulation"]  # the scorers that save simulations
+    order = view.ranked(scorer=simulating[0]) if simulating else []
     picks = order[:n] + [p for p in order[-n:] if p not in order[:n]]
     if not picks:
         fig, ax = _figure()
-        _empty(ax, "no scored simulations yet (stage 03)")
+        _empty(ax, "no scored simulations (stage 03, with the simulation scorer)")
         return fig
     fig, axes = _figure(3.2 * len(picks), 3.2, ncols=len(picks))
     for ax, (score, key) in zip(np.atleast_1d(axes), picks):
         details = view.simulation(key)
-        sim = details.of("simulation") if details is not None else None
+        sim = details.of(simulating[0].name) if details is not None else None
         valid = sim.valid() if sim is not None else []
         true = np.concatenate([x.true for x in valid]) if valid else np.zeros(0)
         pred = np.concatenate([x.expected for x in valid]) if valid else np.zeros(0)
@@ -218,15 +231,16 @@ def output_side_scores(view: RunView):
         fig, ax = _figure()
         _empty(ax, "no ablation or intervention scores (stage 03 with ablation=True or intervention=True)")
         return fig
+    head = view.headline
     fig, axes = _figure(max(5.4, 3.8 * len(present)), 3.6, ncols=len(present))
     for ax, (name, i, axis, chance) in zip(np.atleast_1d(axes), present):
         for who, colour in (("explanation", "C0"), ("baseline", "C1")):
-            xs, ys = table.column(who, "simulation", 0), table.column(who, name, i)
+            xs, ys = table.column(who, head.name, head.headline), table.column(who, name, i)
             both = np.isfinite(xs) & np.isfinite(ys)
             if both.any():
                 ax.scatter(xs[both], ys[both], s=14, color=colour, alpha=0.7, label=f"{who} ({int(both.sum())})")
         ax.axhline(chance, color="0.7", lw=0.8)
-        ax.set_xlabel("correlation score (top+random)")
+        ax.set_xlabel(headline_label(view))
         ax.set_ylabel(axis)
         ax.legend(fontsize=8)
     fig.suptitle("Does predicting when a unit fires predict what it does?", fontsize=9)
@@ -346,11 +360,12 @@ def run_summary(view: RunView) -> list[dict[str, Any]]:
         "tokens seen": f"{meta.tokens_seen:,}" if meta.tokens_seen else "-",
         f"explanations ({noun} sides)": len(view.explanations),
         "scored": len(view.scores) - failed,
-        "failed (explanation or simulation)": failed,
+        "failed (explanation or scoring)": failed,
     }
     for name, v in values.items():
         items[f"mean score, {name}"] = f"{v.mean():.3f}" if len(v) else "-"
-    headlines = {(sc.name, sc.columns[0].label) for sc in view.scorers if sc.name != "simulation"}
+    head = view.headline  # its numbers are the "mean score" rows above
+    headlines = {(sc.name, sc.columns[sc.headline].label) for sc in view.scorers if sc is not head}
     for r in scorer_rows(view):
         if (r["scorer"], r["metric"]) in headlines:
             degenerate = f" ({r['degenerate judges']} of {r['n']} degenerate judges)" if r["degenerate judges"] else ""

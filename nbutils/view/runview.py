@@ -29,13 +29,20 @@ from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore
 from nbutils.core.units import Key
 from nbutils.score import contract
-from nbutils.score.contract import Column, ScoredSide, Scorer, UnitDetails, UnitScores, finite, registered
+from nbutils.score.contract import (
+    Column,
+    ScoredSide,
+    Scorer,
+    UnitDetails,
+    UnitScores,
+    finite,
+    headline_of,
+    registered,
+)
 from nbutils.score.flags import explanation_notes
 from nbutils.view.tables import label
 
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
-MAIN_SCORE = "simulation/top_and_random/correlation"
-"""The store's name (`nbutils.score.contract.number_name`) of the number `main_score` reads."""
 
 
 def scorer_value(side: ScoredSide | None, sc: Scorer, column: int = 0) -> float | None:
@@ -70,9 +77,16 @@ def result_notes(result: UnitScores | None, scorers: list[Scorer], own: list[str
     return found
 
 
+def headline_value(side: ScoredSide | None, scorers: list[Scorer]) -> float | None:
+    """The run's headline number (`nbutils.score.contract.headline_of` its scorers) in a unit side's scores or
+    its baseline's (None when missing or undefined)."""
+    sc = headline_of(scorers)
+    return None if sc is None else scorer_value(side, sc, sc.headline)
+
+
 def main_score(side: ScoredSide | None, which: str = "top_and_random") -> float | None:
-    """The pooled correlation of the simulation scorer in a unit side's scores (None when missing or
-    undefined)."""
+    """The simulation scorer's pooled correlation in a unit side's scores (None when missing or undefined):
+    the paper's number, for code that asks for it by name; views use the run's `headline_value`."""
     sim = None if side is None else side.of("simulation")
     return None if sim is None else finite(sim.set(which).correlation.value)
 
@@ -445,13 +459,22 @@ class RunView:
         placed = set(known)
         return known + [i for i in ids if i not in placed]
 
-    def ranked(self, baseline: bool = False) -> list[tuple[float, Key]]:
-        """Scored unit sides with a defined top+random score (the baseline's with ``baseline``), best first (read
-        from the store's index where it has one)."""
+    @property
+    def headline(self) -> Scorer | None:
+        """The scorer whose headline number the run is sorted and summarised by (`headline_of` its scorers:
+        the simulation scorer's top+random correlation where it ran); None before stage 03."""
+        return headline_of(self.scorers)
+
+    def ranked(self, baseline: bool = False, scorer: Scorer | None = None) -> list[tuple[float, Key]]:
+        """Scored unit sides with a defined headline number (`headline`, or ``scorer``'s; the baseline's with
+        ``baseline``), best first (read from the store's index where it has one)."""
+        sc = scorer or self.headline
+        if sc is None:
+            return []
         stored = _store(self.scores)
         if stored is not None and stored.indexed:
-            return stored.ranked(("baseline:" if baseline else "") + MAIN_SCORE)
-        pairs = [(main_score(r.side(baseline)), k) for k, r in self.scores.items()]
+            return stored.ranked(contract.number_name(sc, sc.columns[sc.headline], baseline))
+        pairs = [(scorer_value(r.side(baseline), sc, sc.headline), k) for k, r in self.scores.items()]
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
 
 
