@@ -113,19 +113,22 @@ class Registry(MutableMapping):
         """Every name and where it came from, for messages: ``simulation (built in), keyword (package x)``."""
         return ", ".join(f"{n} ({self.origin.get(n, IN_PROCESS)})" for n in self)
 
+    def where(self) -> str:
+        """Where this role's extensions come from, for messages ("" for a registry no package extends)."""
+        if not self.group:
+            return ""
+        return (
+            f"Extensions come from built-ins, from packages declaring entry points in the group {self.group!r} "
+            "(see docs/extensions.md; install the package into this environment), or from a register call in "
+            "this process."
+        )
+
     def unknown(self, name: str) -> UserError:
         """The error for a name no entry has: the closest name, every name with its source, and where
         extensions come from."""
-        where = (
-            f" Extensions come from built-ins, from packages declaring entry points in the group {self.group!r} "
-            "(see docs/extensions.md; install the package into this environment), or from a register call in "
-            "this process."
-            if self.group
-            else ""
-        )
         return UserError(
             f"Unknown {self.what} {name!r}.{did_you_mean(name, list(self))}",
-            f"Use one of: {self.sources()}.{where}",
+            f"Use one of: {self.sources()}. {self.where()}".strip(),
         )
 
     def resolve(self, name: str) -> Any:

@@ -153,7 +153,8 @@ def check_parameters(params: dict[str, Any], cwd: str | Path | None = None) -> d
         if tps[name] is float and isinstance(value, int):
             out[name] = float(value)
     for name, f in schema().items():
-        _check_choice(name, out[name], choices(f.metadata.get("choices")))
+        spec = f.metadata.get("choices")
+        _check_choice(name, out[name], choices(spec), registries_by_choice().get(spec))
     _check_explain_neurons(out["explain_neurons"])
     rule_threshold(out["llm_when"])
     check_extension_settings(out)
@@ -180,10 +181,15 @@ def _check_output_scores(values: dict[str, Any]) -> None:
         )
 
 
+def registries_by_choice() -> dict[str, Registry]:
+    """The registries a schema field's ``choices`` may name."""
+    return {"backends": BACKENDS, "scorers": SCORERS, "explainers": EXPLAINERS}
+
+
 def choices(spec: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """A field's allowed values: listed in the schema, or the names in a registry ("backends", "scorers")."""
+    """A field's allowed values: listed in the schema, or the names in a registry ("backends", "scorers" ...)."""
     if isinstance(spec, str):
-        return tuple({"backends": BACKENDS, "scorers": SCORERS, "explainers": EXPLAINERS}[spec])
+        return tuple(registries_by_choice()[spec])
     return spec
 
 
@@ -193,14 +199,17 @@ def _yaml(value: Any) -> str:
     return "null" if value is None else json.dumps(value).replace('"', "") if not isinstance(value, str) else value
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...] | None) -> None:
+def _check_choice(name: str, value: Any, choices: tuple[str, ...] | None, registry: Registry | None = None) -> None:
     if not choices:
         return
     for v in value if isinstance(value, list) else [value]:
         if v not in choices:
+            fix = f"Use one of those, e.g. -p {name}={choices[0]}."
+            if registry is not None:  # where each name comes from, and where more could
+                fix = f"Use one of: {registry.sources()}. {registry.where()}"
             raise UserError(
                 f"Parameter {name}={v!r} is not one of {', '.join(map(repr, choices))}.{did_you_mean(v, choices)}",
-                f"Use one of those, e.g. -p {name}={choices[0]}.",
+                fix,
             )
 
 
