@@ -251,10 +251,10 @@ VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", 
 def view_child(what: str, root: Path) -> dict[str, Any]:
     """One view of the run at ``root`` (in this process, which is fresh): seconds and peak RSS."""
     from nbutils.interop.neuron_explainer import export_openai
+    from nbutils.interop.neuronpedia import export_neuronpedia
+    from nbutils.live.widget import NeuronViewer, write_page
     from nbutils.view import plots
-    from nbutils.view.neuronpedia import export_neuronpedia
     from nbutils.view.runview import SORTS, RunView
-    from nbutils.view.widget import NeuronViewer, write_page
 
     out = root / "views" / what.replace(" ", "_")
     start = time.perf_counter()  # after the imports: what is timed is the work on this run

@@ -21,7 +21,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nbutils.view.interactive import Run
+    from nbutils.live.interactive import Run
 
 __version__ = "0.1.0"
 
@@ -30,9 +30,9 @@ def open_run(run_dir: str | os.PathLike, **overrides: Any) -> Run:
     """Open a run folder (``outputs/<run_id>``, or ``outputs/latest``: the newest run): its units' records,
     explanations and scores, tables of them (``scores_frame()``, ``explanations_frame()``), and its units live
     (``unit(layer, index)`` with ``activations``, ``score``, ``compare``, ``explain``, ``steer``;
-    ``top_units(text)``, ``search(text)``; `nbutils.view.interactive`). ``overrides``: parameters to use
+    ``top_units(text)``, ``search(text)``; `nbutils.live.interactive`). ``overrides``: parameters to use
     instead of the ones the run's stages ran with, e.g. ``simulator_backend="openai", simulator_base_url=...``."""
     from nbutils.core.layout import find_run
-    from nbutils.view.interactive import Run
+    from nbutils.live.interactive import Run
 
     return Run.open(find_run(run_dir)).configure(**overrides)

@@ -238,7 +238,7 @@ def test_a_stored_run_exports_to_neuronpedia_in_its_format(old_run, tmp_path):
     fresh run through `nbutils export-neuronpedia` and a latent run, in test_pipeline and test_latent_chain)."""
     from test_latent_chain import check_neuronpedia_export
 
-    from nbutils.view.neuronpedia import export_neuronpedia
+    from nbutils.interop.neuronpedia import export_neuronpedia
 
     written = export_neuronpedia(old_run, tmp_path / "np")
     source = tmp_path / "np" / "smollm2-135m-instruct" / "29-mlp-neurons"

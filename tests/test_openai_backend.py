@@ -15,7 +15,7 @@ from servers import free_port, start_server
 from nbutils.core.errors import UserError
 from nbutils.llm.cache import RequestCache
 from nbutils.llm.contract import JudgeRequest, SimulationFailed, SimulationRequest
-from nbutils.llm.openai_compat import LOGPROBS, OpenAIBackend, label_distribution, parse_value_lines
+from nbutils.llm.openai_compat import LOGPROBS, OpenAIBackend
 from nbutils.llm.prompts import (
     LABELS,
     WORKED_EXAMPLES,
@@ -24,6 +24,7 @@ from nbutils.llm.prompts import (
     simulation_lines,
     simulation_prefix,
 )
+from nbutils.llm.replies import label_distribution, parse_value_lines
 from nbutils.subject.models import convert_gguf, embedded_gguf_path
 
 EXCERPTS = [["The", " river", " ran", " dry", "."], ["Tax", " forms", " are", " due", "."]]

@@ -154,9 +154,9 @@ def test_rerun_skips_every_stage_and_an_altered_artifact_is_named(small_run, tmp
     run, _, args = small_run
     # the viewer and the report opened again, as a researcher opens them later (their notebooks' calls): what
     # they rewrite in the run comes out byte for byte the same, so the rerun finds every stage intact
+    from nbutils.live.widget import write_page
     from nbutils.view import plots
     from nbutils.view.runview import RunView
-    from nbutils.view.widget import write_page
 
     view = RunView.open(run)
     write_page(view, run / "04_inspect")

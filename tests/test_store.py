@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nbutils.core.codec import MIN_ARRAY, pack, unpack
 from nbutils.core.errors import UserError
 from nbutils.core.integrity import sqlite_problem
-from nbutils.core.store import MIN_ARRAY, STORE_FORMAT, ResultStore, pack, unpack
+from nbutils.core.store import STORE_FORMAT, ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
 

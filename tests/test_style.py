@@ -13,7 +13,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nbutils"
-LAYERS = ("core", "subject", "collect", "llm", "score", "explain", "interop", "view", "run")
+LAYERS = ("core", "subject", "collect", "llm", "score", "explain", "view", "interop", "live", "run")
 """Subpackages from the bottom up: each may import only from itself and those before it."""
 MAX_FUNCTION_LINES = 60
 

@@ -25,12 +25,12 @@ from nbutils.collect.stage import collect_activations
 from nbutils.core.config import RunConfig
 from nbutils.core.records import Excerpt, UnitRecord
 from nbutils.explain.stage import run_explain_stage
+from nbutils.live.widget import NeuronViewer, export_html
 from nbutils.score.stage import run_score_stage
 from nbutils.view import plots
 from nbutils.view.render import explanation_html, heatmap_html, neuron_html, neuron_scale, run_html
 from nbutils.view.runview import RunView, ScoreTable
 from nbutils.view.tables import table_html
-from nbutils.view.widget import NeuronViewer, export_html
 
 SCRIPT = "<script>alert('x')</script> "
 ARTIFACTS = Path(

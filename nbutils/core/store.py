@@ -34,10 +34,10 @@ No file is rewritten whole when a stage ends: the JSON-lines files other tools r
 order views list units in. Entries stay JSON text, so SQLite's own JSON functions query them, e.g.
 ``sqlite3 03_score/results.sqlite "SELECT layer, neuron, json_extract(body, '$.failure') FROM entries"``.
 
-Scorer details keep their per-token values as arrays, not JSON text (`pack`): float32 where every value
+Scorer details keep their per-token values as arrays, not JSON text (`nbutils.core.codec.pack`): float32 where every value
 survives the round trip exactly (activations collected in float32), float64 otherwise, so what is read back
 equals what was written. Folders written before the store (``neurons/*.json``, ``simulations/*.json``) are
-read as they are and copied into the store the first time a stage writes there.
+read as they are (`nbutils.core.legacy`) and copied into the store the first time a stage writes there.
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ import hashlib
 import json
 import os
 import sqlite3
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,17 +54,16 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from nbutils.core.codec import entry_body, entry_from, pack, unpack
 from nbutils.core.errors import UserError
 from nbutils.core.integrity import repair_fix
 from nbutils.core.io import json_default, write_lines
 from nbutils.core.layout import StoreLayout
+from nbutils.core.legacy import LegacyFiles
 from nbutils.core.units import Key
 
 T = TypeVar("T")
 STORE_FORMAT = 1
-MIN_ARRAY = 8  # a list of at least this many floats is stored as an array
-_ARRAY = "\x00array"  # the placeholder key of a packed array in a details body
-_MAGIC = b"NBD1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,74 +86,6 @@ CREATE TABLE IF NOT EXISTS selection (
     position INTEGER PRIMARY KEY, layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL);
 """
 _NOTES_CURRENT = "DELETE FROM meta WHERE name='notes'"  # any write makes the run-wide notes stale
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Encoding
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pack(obj: Any) -> bytes:
-    """Scorer details as bytes: the JSON structure with every list of `MIN_ARRAY` or more floats replaced by
-    a binary array (float32 when exact, else float64), all zlib-compressed. `unpack` returns an equal object."""
-    arrays: list[np.ndarray] = []
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            if len(o) >= MIN_ARRAY and all(type(x) is float for x in o):
-                a = np.asarray(o, dtype=np.float64)
-                narrow = a.astype(np.float32)
-                exact = np.array_equal(narrow.astype(np.float64), a, equal_nan=True)
-                arrays.append(narrow if exact else a)
-                return {_ARRAY: len(arrays) - 1}
-            return [walk(x) for x in o]
-        return o
-
-    head = json.dumps(walk(obj), default=json_default).encode()
-    parts = [_MAGIC, struct.pack("<I", len(head)), head]
-    for a in arrays:
-        parts += [
-            b"f" if a.dtype == np.float32 else b"d",
-            struct.pack("<I", a.size),
-            a.astype("<" + a.dtype.str[1:]).tobytes(),
-        ]
-    return zlib.compress(b"".join(parts), 6)
-
-
-def unpack(data: bytes) -> Any:
-    """What `pack` packed."""
-    raw = zlib.decompress(data)
-    if raw[:4] != _MAGIC:
-        raise ValueError("not a packed details body")
-    (n,) = struct.unpack_from("<I", raw, 4)
-    head, at, arrays = json.loads(raw[8 : 8 + n]), 8 + n, []
-    while at < len(raw):
-        dtype = "<f4" if raw[at : at + 1] == b"f" else "<f8"
-        (size,) = struct.unpack_from("<I", raw, at + 1)
-        nbytes = size * np.dtype(dtype).itemsize
-        arrays.append(np.frombuffer(raw, dtype, size, at + 5))
-        at += 5 + nbytes
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, dict):
-            if len(o) == 1 and _ARRAY in o:
-                return [float(x) for x in arrays[o[_ARRAY]]]
-            return {k: walk(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [walk(x) for x in o]
-        return o
-
-    return walk(head)
-
-
-def _entry_body(entry: dict[str, Any]) -> str:
-    return json.dumps(entry, default=json_default)
-
-
-def _entry(body: str) -> dict[str, Any]:
-    return json.loads(body)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +297,7 @@ class ResultStore:
             return legacy.get(key)
         with self._query() as conn:
             row = conn and conn.execute(f"SELECT body FROM entries WHERE {_AT}", _row_key(key)).fetchone()
-        return _entry(row[0]) if row else None
+        return entry_from(row[0]) if row else None
 
     def details(self, key: Key) -> Any:
         """A unit side's scorer details, or None."""
@@ -402,7 +331,7 @@ class ResultStore:
                 )
             if not rows:
                 return
-            yield from (_entry(r[3]) for r in rows)
+            yield from (entry_from(r[3]) for r in rows)
             after = rows[-1][:3]
 
     def __len__(self) -> int:
@@ -665,7 +594,7 @@ def _write(
     explanation, failure = entry.get("explanation"), entry.get("failure")
     conn.execute(
         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-        (*key, explanation if isinstance(explanation, str) else None, failure, _entry_body(entry)),
+        (*key, explanation if isinstance(explanation, str) else None, failure, entry_body(entry)),
     )
     conn.execute(_NOTES_CURRENT)
     conn.execute(f"DELETE FROM details WHERE {_AT}", key)
@@ -675,29 +604,3 @@ def _write(
     if numbers:
         conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])
         conn.executemany("INSERT OR IGNORE INTO number_names VALUES (?)", [(n,) for n in numbers])
-
-
-class LegacyFiles:
-    """A stage folder written before the store: ``neurons/L{layer}_N{index}_{sign}.json`` per unit side and,
-    for stage 03, ``simulations/`` files of the same names. Read only."""
-
-    def __init__(self, layout: StoreLayout) -> None:
-        self.layout = layout
-        self._all: list[dict[str, Any]] | None = None
-
-    def exists(self) -> bool:
-        return self.layout.old_units.is_dir()
-
-    def get(self, key: Key) -> dict[str, Any] | None:
-        path = self.layout.old_unit(key)
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def details(self, key: Key) -> Any:
-        path = self.layout.old_detail(key)
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def entries(self) -> list[dict[str, Any]]:
-        if self._all is None:
-            found = [json.loads(p.read_text()) for p in self.layout.old_units.glob("L*_N*_*.json")]
-            self._all = sorted(found, key=lambda e: (e["layer"], e["neuron"], e["sign"] != "positive"))
-        return self._all

@@ -1,7 +1,7 @@
 """Whether an OpenAI-compatible server can be used before work is sent to it: something accepts connections at
 each URL and answers ``GET /models`` without refusing the key. Checked in seconds, by the command line before
 any stage runs (`nbutils.run.preflight`) and by a run's live calls before their first request
-(`nbutils.view.interactive`), so a dead server is named at once instead of after the client's retries."""
+(`nbutils.live.interactive`), so a dead server is named at once instead of after the client's retries."""
 
 from __future__ import annotations
 

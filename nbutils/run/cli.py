@@ -97,7 +97,7 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_neuronpedia(args: argparse.Namespace) -> int:
-    from nbutils.view.neuronpedia import export_neuronpedia
+    from nbutils.interop.neuronpedia import export_neuronpedia
 
     written = export_neuronpedia(args.run, args.out, model_name=args.model_id, set_name=args.source_set)
     print(f"wrote {len(written)} files under {args.out}: " + ", ".join(str(p) for p in written[:4]) + " ...")

@@ -29,10 +29,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbutils.core.codec import unpack
 from nbutils.core.errors import UserError
 from nbutils.core.integrity import changed_files, sqlite_problem
 from nbutils.core.layout import MANIFEST, STAGES, find_run
-from nbutils.core.store import ResultStore, unpack
+from nbutils.core.store import ResultStore
 
 COLLECT = STAGES[0].folder
 STORE = "results.sqlite"

@@ -3,7 +3,7 @@
 The widget only wires controls to the pure renderer in ``nbutils.view.render``: choosing a layer, typing a neuron
 index, stepping with next/previous through an order (by index or by score), or filtering by text in the
 explanation all end in one call, ``show``, which sets ``html.value`` to ``render.neuron_html(...)``. Below the
-controls, three tabs of live calls on the unit shown (`nbutils.view.panels`): try a text, test an explanation,
+controls, three tabs of live calls on the unit shown (`nbutils.live.panels`): try a text, test an explanation,
 steer.
 """
 
@@ -19,8 +19,8 @@ from nbutils.core.errors import UserError
 from nbutils.core.io import atomic_write_bytes
 from nbutils.core.layout import page_path
 from nbutils.core.units import Key
-from nbutils.view.interactive import Run
-from nbutils.view.panels import LivePanels
+from nbutils.live.interactive import Run
+from nbutils.live.panels import LivePanels
 from nbutils.view.render import PAGE_UNITS, fragment, neuron_html, page, run_html
 from nbutils.view.runview import SORTS, RunView
 

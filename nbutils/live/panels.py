@@ -3,7 +3,7 @@ you type, and the run's units that fire most on it, each a button that opens tha
 explanation* (yours scored now beside the stored explanation's and the baseline's, true against simulated),
 and *Steer* (a prompt continued with and without the unit shifted).
 
-Each panel only calls the run's live API (`nbutils.view.interactive`) and shows the result's HTML. A call
+Each panel only calls the run's live API (`nbutils.live.interactive`) and shows the result's HTML. A call
 that takes a while says so in the panel first; a problem is shown as its message and fix, never as a
 traceback in the widget.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from nbutils.core.errors import UserError
 from nbutils.core.units import Key
-from nbutils.view.interactive import Run
+from nbutils.live.interactive import Run
 from nbutils.view.render import fragment
 
 BUSY = "<p class='nbx-muted'>{what} (the first call loads the models; this can take a while) ...</p>"

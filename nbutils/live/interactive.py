@@ -10,7 +10,7 @@
 The subject model and the LLM backends load on first use, once per run, from the run's own records: the
 collection's ``collection.json`` (model, unit type, site) and the parameters stages 02 and 03 ran with (their
 ``parameters.json``), overridden by keyword arguments to `nbutils.open_run` (``simulator_backend="openai"``,
-``simulator_base_url=...``). Every result is a dataclass from `nbutils.view.findings`. Asking the same
+``simulator_base_url=...``). Every result is a dataclass from `nbutils.live.findings`. Asking the same
 question again is answered from the run's memory (HTTP backends also keep every reply in the request cache).
 """
 
@@ -36,13 +36,7 @@ from nbutils.core.results import ExplanationEntry
 from nbutils.core.units import Key
 from nbutils.explain.contract import Explainer, base_entry, explain_side, make_explainer
 from nbutils.explain.stage import explainer_spec
-from nbutils.llm.contract import Backend, BackendSpec, make_backend
-from nbutils.llm.reach import LIVE, check_llm_server
-from nbutils.score.contract import Scorer, UnitScores
-from nbutils.score.flags import explanation_notes
-from nbutils.score.intervention import TARGET_KL
-from nbutils.score.stage import chosen_scorers, score_entry, settings, simulator_spec
-from nbutils.view.findings import (
+from nbutils.live.findings import (
     Comparison,
     ExplanationScore,
     NewExplanation,
@@ -51,7 +45,13 @@ from nbutils.view.findings import (
     TopUnits,
     UnitActivations,
 )
-from nbutils.view.live import Live
+from nbutils.live.models import Live
+from nbutils.llm.contract import Backend, BackendSpec, make_backend
+from nbutils.llm.reach import LIVE, check_llm_server
+from nbutils.score.contract import Scorer, UnitScores
+from nbutils.score.flags import explanation_notes
+from nbutils.score.intervention import TARGET_KL
+from nbutils.score.stage import chosen_scorers, score_entry, settings, simulator_spec
 from nbutils.view.render import fragment, neuron_html
 from nbutils.view.runview import RunView, result_notes
 from nbutils.view.tables import neuron_scale

@@ -1,4 +1,4 @@
-"""What the live calls of a run return (`nbutils.view.interactive`): small dataclasses with plain fields for
+"""What the live calls of a run return (`nbutils.live.interactive`): small dataclasses with plain fields for
 code, ``to_frame()`` where they are a table, and a ``_repr_html_`` that Jupyter shows (every token,
 explanation and reply escaped: corpus text, typed text and LLM output are untrusted).
 """
@@ -79,7 +79,7 @@ class TopUnits:
     tokens: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
-    """The text's first positions left out of the ranking (`nbutils.view.interactive.Run.top_units`)."""
+    """The text's first positions left out of the ranking (`nbutils.live.interactive.Run.top_units`)."""
 
     def to_frame(self):
         """A pandas DataFrame with one row per unit: ``layer``, ``unit``, ``relative``, ``value``,
