@@ -93,6 +93,44 @@ def test_yaml_config_errors_are_one_paragraph(tmp_path):
     assert load_config(good) == {"neurons": None, "seed": 3}
 
 
+# Run ids that commit 86f1ec2 (before extension settings and the explainer parameter existed) gave these
+# parameter sets, as `nbutils run` prints them: the runs users already have keep their folders.
+EARLIER_RUN_IDS = [
+    ({}, None, "run-2781eac8"),  # the main job
+    ({}, "quick", "run-cd02bac3"),
+    ({"explainer_backend": "rules", "llm_when": "always"}, None, "run-adcbd594"),
+]
+
+
+@pytest.mark.parametrize("given, preset, earlier", EARLIER_RUN_IDS)
+def test_runs_made_before_new_parameters_keep_their_ids(given, preset, earlier):
+    values = effective_parameters(given, preset=preset)
+    assert default_run_id(values) == earlier
+    new = {"explainer": "llm", "extension_settings": {}}  # parameters added since, at their defaults
+    assert {k: values[k] for k in new} == new
+    assert default_run_id({k: v for k, v in values.items() if k not in new}) == earlier  # as the old code hashed
+    assert default_run_id(effective_parameters({**given, "explainer": "rules"}, preset=preset)) != earlier
+
+
+def test_every_parameter_is_in_one_section_and_settings_are_taken_by_name():
+    flat = [name for names in config.SECTIONS.values() for name in names]
+    assert sorted(flat) == sorted(config.schema()) and len(flat) == len(set(flat))
+    from nbutils.llm.contract import backend_spec
+    from nbutils.score.contract import ScoreSettings
+    from nbutils.score.stage import settings
+
+    c = RunConfig(n_boot=7, seed=3, per_band=1, judge_per_class=4, split="paper", keep_distributions=True)
+    made = settings(c)
+    assert made == ScoreSettings(**{f: getattr(c, f) for f in ScoreSettings.__dataclass_fields__})
+    assert c.section("scoring")["n_boot"] == 7 and "n_boot" not in c.section("collection")
+    spec = backend_spec(RunConfig(simulator_backend="openai", simulator_model="m", simulation_mode="echo",
+                                  simulator_base_url="http://x/v1", max_in_flight=3), "simulator")  # fmt: skip
+    assert (spec.kind, spec.model, spec.base_url, spec.simulation_mode, spec.max_in_flight) == (
+        "openai", "m", "http://x/v1", "echo", 3,
+    )  # fmt: skip
+    assert backend_spec(RunConfig(simulation_mode="echo"), "explainer").simulation_mode == "auto"
+
+
 def test_run_id_hashes_the_effective_parameters():
     same = default_run_id(effective_parameters({}))
     assert default_run_id(effective_parameters({"n_excerpts": 4000, "seed": 0})) == same  # defaults stated

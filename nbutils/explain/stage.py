@@ -14,19 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import RunConfig, rule_threshold, stage_values
-from nbutils.core.distribute import run_unit_shards
-from nbutils.core.failures import needs_work, write_summary
+from nbutils.core.config import RunConfig, rule_threshold
+from nbutils.core.failures import needs_work
 from nbutils.core.io import atomic_write_json
 from nbutils.core.layout import explanations
-from nbutils.core.parallel import as_finished
-from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore, StoredSequence, shard_part
+from nbutils.core.unit_stage import UnitStage, store_as_finished
 from nbutils.explain.contract import EXPLAINERS, explain_side, explainer_name, make_explainer
 from nbutils.explain.selection import units_to_explain
-from nbutils.llm.contract import BackendSpec, backend_spec, make_backend, merge_shard_usage, shard_usage
+from nbutils.llm.contract import BackendSpec, backend_spec, make_backend
 from nbutils.score.flags import explanation_notes
 
 
@@ -51,37 +49,26 @@ def run_explain_stage(
     ``executor="ray"`` the units are dealt into shards run as Ray tasks; with several ``explainer_base_url``
     they are dealt over the servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
-    store = RecordStore(collection_dir)
-    out = explanations(out_dir)
-    out.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out.parameters, stage_values(config, "02_explain"))
-    saved = ResultStore(out.root)
-    saved.merge_parts()  # what the shards of a killed distributed run finished
-    signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
-    counted = store.rare_units(config.min_active)
-    rare = counted or {}
-    asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
+    stage = UnitStage("02_explain", collection_dir, explanations(out_dir), config).open()
+    signs = ["positive", "negative"] if config.explain_negative and stage.store.meta.signed else ["positive"]
+    rare = stage.rare
+    asked = units_to_explain(stage.store, config.explain_neurons, config.seed, skip=set(rare))
     chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
-    saved.select(chosen)
-    todo = [key for key in chosen if needs_work(stored_entry(saved, key))]
-    if todo:
-        run_unit_shards(
-            explain_units, todo, config, "explainer_base_url", collection_dir=str(collection_dir),
-            out_dir=str(out_dir), cache_path=cache_path, workers=workers, progress=progress,
-        )  # fmt: skip
-        merge_shard_usage(out.usage, config.prices)
-        saved.merge_parts()
+    stage.run(
+        chosen, lambda key: needs_work(stored_entry(stage.saved, key)), explain_units, "explainer_base_url",
+        collection_dir=str(collection_dir), out_dir=str(out_dir), cache_path=cache_path, workers=workers,
+        progress=progress,
+    )  # fmt: skip
+    saved = stage.saved
     saved.put_notes(explanation_notes(dict(saved.explanations())))  # copied or repeated: read by every view
-    entries = StoredSequence(out.root, saved.chosen(), ExplanationEntry.from_dict)  # read when asked for
     skipped = sum(1 for nid in asked if (nid.layer, nid.index) in rare)
-    summary = write_summary(out.summary, entries, counted, config.min_active, skipped, store.meta.noun)
+    entries, summary = stage.finish(ExplanationEntry.from_dict, skipped)
     name = explainer_name(config)
     summary["explainer"] = name  # what `triage_line` names
     summary["explainer_backend"] = config.explainer_backend if EXPLAINERS.resolve(name).uses_llm else None
     if rule_threshold(config.llm_when) is not None:
-        summary["triage"] = triage_savings(entries, out.usage, config.prices)
-    atomic_write_json(out.summary, summary)
-    saved.close()
+        summary["triage"] = triage_savings(entries, stage.out.usage, config.prices)
+    atomic_write_json(stage.out.summary, summary)
     return entries
 
 
@@ -104,15 +91,12 @@ def explain_units(
     def work(key: tuple[int, int, str]) -> ExplanationEntry:
         return explain_side(store.record(key[0], key[1]), explainer, key[2] == "negative").entry
 
-    finished = as_finished(work, keys, workers or explainer.parallel_units)
     try:
-        for _, entry in progress_bar(
-            iterable=finished, total=len(keys), desc="explain", unit="neuron", disable=not progress
-        ):
-            saved.put(entry.to_dict())
-            explainer.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
-    finally:  # also when interrupted: the requests already paid for are counted
-        explainer.usage.save(shard_usage(out.usage, shard), config.prices)
+        store_as_finished(
+            work, keys, lambda entry: saved.put(entry.to_dict()), explainer.usage, out.usage, config, shard,
+            workers or explainer.parallel_units, "explain", progress,
+        )  # fmt: skip
+    finally:
         saved.close()
     return len(keys)
 

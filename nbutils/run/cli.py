@@ -23,18 +23,20 @@ def _params(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nbutils.core.config import defaults, schema
+    from nbutils.core.config import SECTIONS, defaults, schema
+    from nbutils.core.registry import GROUPS
     from nbutils.run.params import PRESETS
-    from nbutils.run.pipeline import STAGES, StageFailed, load_config, run_pipeline, where_to_look
+    from nbutils.run.pipeline import StageFailed, load_config, run_pipeline, where_to_look
 
     if args.list_params:
         main = defaults()
-        for stage in STAGES:
-            names = [n for n, f in schema().items() if stage.folder in f.metadata["stages"]]
-            if names:
-                print(f"{stage.folder} ({stage.notebook}):")
+        for section, names in SECTIONS.items():
+            print(f"{section}:")
             for name in names:
-                print(f"  {name} = {main[name]!r}   {schema()[name].metadata['help']}".rstrip())
+                stages = ", ".join(schema()[name].metadata["stages"])
+                print(f"  {name} = {main[name]!r}   [{stages}] {schema()[name].metadata['help']}".rstrip())
+        roles = ", ".join(GROUPS)
+        print(f"extension settings: -p <role>.<name>.<setting>=value, role one of {roles} (docs/extensions.md)")
         for name, values in PRESETS.items():
             print(f"--preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         return 0

@@ -17,17 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import RunConfig, stage_values
-from nbutils.core.distribute import run_unit_shards
+from nbutils.core.config import RunConfig
 from nbutils.core.errors import UserError
-from nbutils.core.failures import write_summary
-from nbutils.core.io import atomic_write_json, read_jsonl
+from nbutils.core.io import read_jsonl
 from nbutils.core.layout import explanations, scores
-from nbutils.core.parallel import as_finished
-from nbutils.core.progress import progress_bar
 from nbutils.core.records import RecordStore, split_excerpts
 from nbutils.core.results import ExplanationEntry
 from nbutils.core.store import ResultStore, StoredSequence, shard_part
+from nbutils.core.unit_stage import UnitStage, store_as_finished
 from nbutils.core.units import Key, key_of
 from nbutils.llm.contract import (
     BACKENDS,
@@ -36,8 +33,6 @@ from nbutils.llm.contract import (
     LLMFailed,
     backend_spec,
     make_backend,
-    merge_shard_usage,
-    shard_usage,
 )
 from nbutils.llm.rule_language import Rule
 from nbutils.score.baseline import token_table
@@ -180,35 +175,22 @@ def run_score_stage(
     backend asks for). With ``executor="ray"`` the units are dealt into shards run as Ray tasks; with several
     ``simulator_base_url`` they are dealt over the servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
-    store = RecordStore(collection_dir)
-    counted = store.rare_units(config.min_active)
-    rare = counted or {}
     asked = explained(explanation_dir)
-    keys = [k for k in asked if k[:2] not in rare]
+    stage = UnitStage("03_score", collection_dir, scores(out_dir), config)
+    keys = [k for k in asked if k[:2] not in stage.rare]
     if not keys:
         raise UserError(
             f"No explanations in {explanations(explanation_dir).root}.",
             "Run stage 02 first (python -m nbutils run runs every stage in order).",
         )
-    out = scores(out_dir)
-    out.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out.parameters, stage_values(config, "03_score"))
-    saved = ResultStore(out.root, numbers_of=stored_numbers)
-    saved.merge_parts()  # what the shards of a killed distributed run finished
-    saved.select(keys)
+    stage.open(numbers_of=stored_numbers)
     chosen = chosen_scorers(config)
-    todo = [k for k in keys if _needs_scoring(stored_scores(saved, k), asked[k], chosen)]
-    if todo:
-        run_unit_shards(
-            score_units, todo, config, "simulator_base_url", collection_dir=str(collection_dir),
-            explanation_dir=str(explanation_dir), out_dir=str(out_dir), cache_path=cache_path, workers=workers,
-            progress=progress,
-        )  # fmt: skip
-        merge_shard_usage(out.usage, config.prices)
-        saved.merge_parts()
-    results = StoredSequence(out.root, saved.chosen(), UnitScores.from_dict)  # read when asked for
-    write_summary(out.summary, results, counted, config.min_active, len(asked) - len(keys), store.meta.noun)
-    saved.close()
+    stage.run(
+        keys, lambda k: _needs_scoring(stored_scores(stage.saved, k), asked[k], chosen), score_units,
+        "simulator_base_url", collection_dir=str(collection_dir), explanation_dir=str(explanation_dir),
+        out_dir=str(out_dir), cache_path=cache_path, workers=workers, progress=progress,
+    )  # fmt: skip
+    results, _ = stage.finish(UnitScores.from_dict, len(asked) - len(keys))
     return results
 
 
@@ -234,14 +216,16 @@ def score_units(
         subject = intervention_for(store.meta.model, store.meta.unit, store.meta.site)
     asked.close()
     work = lambda e: score_entry(e, store, llm, chosen, s, subject)  # noqa: E731
-    finished = as_finished(work, todo, workers or llm.parallel_units)
-    bar = progress_bar(iterable=finished, total=len(todo), desc="simulate+score", unit="neuron", disable=not progress)
+
+    def put(done: tuple[UnitScores, UnitDetails | None]) -> None:  # one transaction: result, details, numbers
+        result, details = done
+        saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed))
+
     try:
-        for _, (result, details) in bar:
-            # one transaction: the result, its details, and its numbers for the index
-            saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed))
-            llm.usage.save(shard_usage(out.usage, shard), config.prices, at_most_every=1.0)
-    finally:  # also when interrupted: the requests already paid for are counted
-        llm.usage.save(shard_usage(out.usage, shard), config.prices)
+        store_as_finished(
+            work, todo, put, llm.usage, out.usage, config, shard, workers or llm.parallel_units, "simulate+score",
+            progress,
+        )  # fmt: skip
+    finally:
         saved.close()
     return len(todo)
