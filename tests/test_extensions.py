@@ -286,3 +286,15 @@ def test_the_example_package_runs_end_to_end_with_its_settings_in_every_process(
     assert live.returncode == 0, live.stderr[-3000:]
     name, fraction, headline = live.stdout.split()[-3:]
     assert (name, float(fraction)) == ("keyword", 0.6) and 0.0 <= float(headline) <= 1.0
+
+
+def test_a_built_in_declares_its_settings_the_same_way():
+    from nbutils.explain.contract import make_explainer
+    from nbutils.explain.rules import RulesSettings
+
+    given = {"explainer": {"rules": {"max_peaks": 2, "window": 8}}}
+    made = make_explainer(RunConfig(explainer="rules", extension_settings=given))
+    assert made.name == "rules" and made.settings == RulesSettings(max_peaks=2, window=8) and made.llm is None
+    assert make_explainer(RunConfig(explainer_backend="rules")).settings == RulesSettings()  # the old name
+    with pytest.raises(UserError, match=r"settings of the explainer 'rules' were refused: max_peaks, window and"):
+        check_parameters({"explainer": "rules", "explainer.rules.window": 0})

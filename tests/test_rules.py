@@ -301,3 +301,27 @@ def test_a_live_explanation_by_the_rules_explainer_shows_no_prompt(context_bench
     assert new.explanation and new.messages == [] and new.requests == 0
     shown = new._repr_html_()
     assert "No prompt: no LLM was asked" in shown and "The prompt (" not in shown
+
+
+def test_stage_03_simulates_an_entry_by_what_its_explainer_recorded_never_by_its_text():
+    from nbutils.score.stage import exact_simulator
+
+    rule = Rule((Clause("token", 2.0, token=" cat"), Clause("after", 4.0, context=" of")))
+    recorded = {**rule.to_dict(), "forward_passes": 3, "sequences": 40}
+    by_rules = ExplanationEntry(0, 1, "positive", explanation=rule.describe(), rule=recorded, simulator="rules")
+    sim = exact_simulator(by_rules)
+    assert isinstance(sim, RulesSimulator) and sim.rule == rule
+    # the recorded rule is simulated, whatever the text says (an edited text is not re-parsed into a rule)
+    edited = ExplanationEntry(
+        0, 1, "positive", explanation="cats, and words after of", rule=recorded, simulator="rules"
+    )
+    (dist,) = exact_simulator(edited).simulate(SimulationRequest(edited.explanation, ((" cat", " of", " mice"),)))
+    np.testing.assert_allclose(dist @ np.arange(11), [5.0, 0.0, 10.0])
+    # an LLM's explanation that happens to read as a rule goes to the run's simulator
+    by_llm = ExplanationEntry(0, 1, "positive", explanation=rule.describe(), explainer="llm")
+    assert parse_rule(by_llm.explanation) == rule and exact_simulator(by_llm) is None
+    # an entry from before explainers named a simulator: the rules explainer's is its rule's own description
+    legacy = ExplanationEntry.from_dict({**by_rules.to_dict(), "simulator": None})
+    assert legacy.simulator is None and exact_simulator(legacy).rule == rule
+    hinted = ExplanationEntry(0, 1, "positive", explanation="cats", rule=recorded)  # explain_with_rules: a hint
+    assert exact_simulator(hinted) is None
