@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -112,6 +113,27 @@ def test_runs_made_before_new_parameters_keep_their_ids(given, preset, earlier):
     assert default_run_id(effective_parameters({**given, "explainer": "rules"}, preset=preset)) != earlier
 
 
+def test_a_finished_stage_of_an_earlier_run_is_still_found_finished(tmp_path):
+    """A manifest written before a `when_set` parameter existed records the same parameters the chain now
+    passes while it is unset; once set, the stage runs again."""
+    from nbutils.core.layout import RunLayout
+    from nbutils.run.manifests import stage_done
+    from nbutils.run.pipeline import _stage_parameters, declared_parameters
+
+    run, stage = RunLayout(tmp_path), STAGES[1]
+    declared = declared_parameters(notebooks_dir() / stage.notebook)
+    (tmp_path / "01_collect").mkdir()
+    passed = _stage_parameters(stage, declared, effective_parameters({}), run)
+    assert "explainer" not in passed and "extension_settings" not in passed
+    earlier = {k: v for k, v in passed.items()}  # what a manifest of commit 86f1ec2 recorded
+    manifest = run.manifest(stage)
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"parameters": earlier}))
+    assert stage_done(manifest, run.summary(stage), passed)
+    changed = _stage_parameters(stage, declared, effective_parameters({"explainer": "rules"}), run)
+    assert changed["explainer"] == "rules" and not stage_done(manifest, run.summary(stage), changed)
+
+
 def test_every_parameter_is_in_one_section_and_settings_are_taken_by_name():
     flat = [name for names in config.SECTIONS.values() for name in names]
     assert sorted(flat) == sorted(config.schema()) and len(flat) == len(set(flat))
@@ -159,6 +181,8 @@ def test_notebooks_declare_exactly_the_schema_parameters_with_its_types():
         assert mine == set(config.stage_parameters(stage.folder)), stage.notebook
         for name in mine:
             assert conforms(declared[name], hints[name]), f"{stage.notebook}: {name} = {declared[name]!r}"
+            if config.schema()[name].metadata.get("when_set"):  # passed to the notebook only when set
+                assert declared[name] == config.defaults()[name], f"{stage.notebook}: {name} != the schema's default"
 
 
 def _fix_strings() -> list[tuple[str, str]]:

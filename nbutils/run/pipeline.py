@@ -143,8 +143,10 @@ def default_run_id(effective: dict[str, Any]) -> str:
 def _stage_parameters(
     stage: Stage, declared: dict[str, Any], effective: dict[str, Any], run: RunLayout
 ) -> dict[str, Any]:
-    """What a stage receives: its declared parameters' effective values and the folders the chain owns."""
-    out = {k: effective[k] for k in declared if k in effective}
+    """What a stage receives: its declared parameters' effective values and the folders the chain owns. A
+    parameter added after runs existed (``when_set``) is passed only when set: its manifest then records
+    what it recorded before, and an existing run's finished stages are still found finished."""
+    out = {k: effective[k] for k in declared if k in effective and not unset_new(k, effective[k])}
     unknown = sorted(set(declared) - set(schema()) - set(OWNED))
     if unknown:
         raise UserError(
