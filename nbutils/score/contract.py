@@ -120,6 +120,8 @@ class Scorer(ABC):
     simulation where it ran): what views sort by and the report's figures and summary lead with."""
     series: ClassVar[tuple[int, ...] | None] = None
     """The columns the report's score figures draw for the explanation (None: the headline alone)."""
+    measure: ClassVar[str | None] = None
+    """What its headline measures, in a few words for axes ("pooled correlation"); None: its name."""
     value_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     """Where its headline number lies (the report's histogram bins): a correlation's (-1, 1), a rate's (0, 1)."""
     detail: ClassVar[str | None] = None

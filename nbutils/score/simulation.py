@@ -150,6 +150,7 @@ class SimulationScorer(Scorer):
     detail = "simulation"
     compact = (0, 1, 3)
     series = (0, 1, 3)  # top+random, random only, stratified
+    measure = "pooled correlation"
     value_range = (-1.0, 1.0)
     result_type = SimulationResult
     details_type = Simulation

@@ -36,9 +36,12 @@ def series(view: RunView) -> list[tuple[str, str, str, int]]:
 
 
 def headline_label(view: RunView) -> str:
-    """The headline number in words, for axes: "simulation: top+random" ..."""
+    """The headline number in words, for axes: "pooled correlation, top+random", "keyword: recall" ..."""
     sc = view.headline
-    return "score" if sc is None else f"{sc.label_prefix or sc.name}: {sc.columns[sc.headline].label}"
+    if sc is None:
+        return "score"
+    label = sc.columns[sc.headline].label
+    return f"{sc.measure}, {label}" if sc.measure else f"{sc.label_prefix or sc.name}: {label}"
 
 
 DPI = 110
