@@ -47,11 +47,14 @@ def start_stand_in(latency: float, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 class Recorder:
-    """Catches the backend a stage makes (to read its traffic) and when each unit's work began."""
+    """Catches the backend a stage makes (to read its traffic) and when each unit's work began (the stages'
+    shared loop, `nbutils.core.unit_stage`, hands units to `as_finished`)."""
 
     def __init__(self, module: Any) -> None:
-        self.module, self.backend, self.starts = module, None, []
-        self._make, self._finished = module.make_backend, module.as_finished
+        import nbutils.core.unit_stage as unit_stage
+
+        self.module, self.loop, self.backend, self.starts = module, unit_stage, None, []
+        self._make, self._finished = module.make_backend, unit_stage.as_finished
 
     def __enter__(self) -> Recorder:
         def make(spec: Any) -> Any:
@@ -66,11 +69,11 @@ class Recorder:
 
             return self._finished(timed, items, workers)
 
-        self.module.make_backend, self.module.as_finished = make, finished
+        self.module.make_backend, self.loop.as_finished = make, finished
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.module.make_backend, self.module.as_finished = self._make, self._finished
+        self.module.make_backend, self.loop.as_finished = self._make, self._finished
 
     def in_flight(self) -> dict[str, float]:
         """Mean requests in flight from the first request until the last unit started, and the max."""
