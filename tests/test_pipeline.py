@@ -360,7 +360,8 @@ def test_a_non_editable_install_finds_its_notebooks(tmp_path):
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ""}
-    where = subprocess.run([python, "-c", "import nbutils.run.pipeline as p; print(p.__file__); print(p.notebooks_dir())"],
+    where = subprocess.run([python, "-c", "import nbutils.live.interactive, nbutils.run.pipeline as p; "
+                                          "print(p.__file__); print(p.notebooks_dir())"],
                            cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
     module, notebooks = where.stdout.split()
     assert module.startswith(site) and notebooks == str(Path(site) / "nbutils" / "notebooks"), where.stderr

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nbutils"
@@ -100,3 +101,14 @@ def test_ruff_finds_nothing_in_the_package_tests_notebooks_and_benchmarks():
     for args in (["check"], ["format", "--check"]):
         res = subprocess.run([sys.executable, "-m", "ruff", *args, "."], cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a wheel holds (`pip install .`, not editable): a subpackage missing
+    there imports in a checkout and fails in an installed copy."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set(), f"subpackages missing from pyproject.toml's packages: {sorted(found - listed)}"
+    assert {"nbutils.notebooks"} | found >= listed
+    assert set(LAYERS) == {m.split(".")[1] for m in found if m.count(".") == 1}  # and each has its layer
