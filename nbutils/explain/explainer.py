@@ -63,9 +63,13 @@ class LLMExplainer(Explainer):
     def bind(self, config: RunConfig, llm: Backend | None, meta: Any) -> None:
         super().bind(config, llm, meta)
         self.rules: RulesExplainer | None = None
-        if config.explain_with_rules or isinstance(self, TriageExplainer):
-            self.rules = RulesExplainer()
-            self.rules.bind(config, None, meta)
+        if config.explain_with_rules:  # the rule found first is listed in the prompt
+            self.rules = self._bound_rules()
+
+    def _bound_rules(self) -> RulesExplainer:
+        rules = RulesExplainer()
+        rules.bind(self.config, None, self.meta)
+        return rules
 
     def explain(self, ctx: ExplainContext) -> None:
         request = ctx.request
@@ -107,6 +111,10 @@ class TriageExplainer(LLMExplainer):
 
     name = "triage"
     title = "the rules explainer first, the LLM where the rule's calibration correlation is below a threshold"
+
+    def bind(self, config: RunConfig, llm: Backend | None, meta: Any) -> None:
+        super().bind(config, llm, meta)
+        self.rules = self.rules or self._bound_rules()  # triage always finds the rule first
 
     def explain(self, ctx: ExplainContext) -> None:
         threshold = rule_threshold(self.config.llm_when)
