@@ -125,8 +125,7 @@ def exact_simulator(entry: ExplanationEntry) -> Backend | None:
         name = "rules"
     if name is None:
         return None
-    cls = BACKENDS.resolve(name)
-    return cls.for_entry(entry) if hasattr(cls, "for_entry") else cls()
+    return BACKENDS.resolve(name).for_entry(entry)
 
 
 def stored_numbers(result: dict[str, Any]) -> dict[str, float | None]:
