@@ -158,10 +158,12 @@ def _resume(out: CollectionLayout, fingerprint: str, col: Collector) -> None:
 
 
 def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Collector, checkpoint: Path | None,
-            cfg: CollectConfig, progress: bool, stop: int | None = None) -> None:  # fmt: skip
+            cfg: CollectConfig, progress: bool, stop: int | None = None,
+            interrupted: Callable[[], bool] | None = None) -> None:  # fmt: skip
     """Feed every remaining batch's unit values (up to excerpt ``stop``) to the collector, checkpointing every
     ``checkpoint_every_s`` seconds (unless ``checkpoint`` is None) and on Ctrl-C: the interrupt is held until
-    the batch in progress is in the collector, then the checkpoint is written and KeyboardInterrupt raised."""
+    the batch in progress is in the collector, then the checkpoint is written and KeyboardInterrupt raised.
+    ``interrupted``: the caller holds the interrupt already (`_held_interrupt`) and passes its flag."""
     device = next(subject.model.parameters()).device
     n, batch = stop or len(excerpts), cfg.batch_size
     bar = progress_bar(total=n, initial=col.position, unit="excerpt", desc="collect", disable=not progress)
@@ -172,10 +174,8 @@ def _stream(subject: SubjectModel, excerpts: ExcerptSet, plan: _Plan, col: Colle
         torch.save({"fingerprint": plan.fingerprint, "state": col.state_dict()}, buf)
         atomic_write_bytes(checkpoint, buf.getvalue())
 
-    with (
-        NeuronCapture(subject.model, plan.site, plan.layers, stacked=True) as capture,
-        _held_interrupt() as interrupted,
-    ):
+    held = contextlib.nullcontext(interrupted) if interrupted is not None else _held_interrupt()
+    with NeuronCapture(subject.model, plan.site, plan.layers, stacked=True) as capture, held as interrupted:
         for start in range(col.position, n, batch):
             ids = torch.from_numpy(excerpts.tokens[start : min(start + batch, n)].astype(np.int64)).to(device)
             captured = capture.run(ids)
@@ -254,8 +254,9 @@ def collect_activations(
     col = _collector(subject, excerpts, plan, cfg)
     _resume(out, plan.fingerprint, col)
     out.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
-    _stream(subject, excerpts, plan, col, out.checkpoint, cfg, progress)
+    with _held_interrupt() as interrupted:  # from the fingerprint on: a Ctrl-C now still keeps the first batch
+        atomic_write_bytes(out.fingerprint, plan.fingerprint.encode())
+        _stream(subject, excerpts, plan, col, out.checkpoint, cfg, progress, interrupted=interrupted)
     _write_collection(out, subject, excerpts, col, plan.meta(subject, excerpts, cfg, col), plan.unit)
     out.checkpoint.unlink(missing_ok=True)
     return RecordStore(out.root)
