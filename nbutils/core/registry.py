@@ -45,6 +45,13 @@ GROUPS = {
 BUILT_IN, IN_PROCESS = "built in", "registered in this process"
 
 
+def settings_or_defaults(cls: type, settings: Any) -> Any:
+    """What an extension's constructor keeps as ``self.settings``: the settings given, else its
+    ``settings_type``'s defaults (None for an extension that declares no settings)."""
+    tp = getattr(cls, "settings_type", None)
+    return settings if settings is not None or tp is None else tp()
+
+
 class Registry(MutableMapping):
     """Names mapped to classes (or ``"module:Class"`` strings) for one role; `resolve` returns the class."""
 

@@ -31,7 +31,7 @@ import numpy as np
 from nbutils.core.config import RunConfig, rule_threshold
 from nbutils.core.errors import UserError
 from nbutils.core.records import Excerpt, UnitRecord, split_excerpts
-from nbutils.core.registry import Registry
+from nbutils.core.registry import Registry, settings_or_defaults
 from nbutils.core.results import BaselineExplanation, ExplanationEntry, OutputsShown
 from nbutils.llm.contract import Backend, ExplainRequest, Usage
 from nbutils.llm.prompts import WRITES_SHOWN, ShownExcerpt, normalise
@@ -75,8 +75,7 @@ class Explainer(ABC):
     """Whether it sends requests to the run's ``explainer_backend`` (stage 02 then makes the backend)."""
 
     def __init__(self, settings: Any = None) -> None:
-        tp = self.settings_type
-        self.settings = settings if settings is not None or tp is None else tp()
+        self.settings = settings_or_defaults(type(self), settings)
         self.config = RunConfig()
         self.llm: Backend | None = None
         self.meta: Any = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nbutils.core.records import Excerpt, UnitRecord
-from nbutils.core.registry import Registry
+from nbutils.core.registry import Registry, settings_or_defaults
 from nbutils.core.results import ExplanationEntry, JsonRecord, from_json, to_json
 from nbutils.llm.contract import Backend
 from nbutils.score.metrics import Metric
@@ -141,8 +141,7 @@ class Scorer(ABC):
     checked before any stage runs, part of the run id), or None. The instance is ``self.settings``."""
 
     def __init__(self, settings: Any = None) -> None:
-        tp = self.settings_type
-        self.settings = settings if settings is not None or tp is None else tp()
+        self.settings = settings_or_defaults(type(self), settings)
 
     def caption(self, result: Any) -> str | None:
         """A line under its table in the viewer (e.g. how many items were judged); None for none."""

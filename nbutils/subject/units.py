@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from nbutils.core.registry import Registry
+from nbutils.core.registry import Registry, settings_or_defaults
 from nbutils.core.units import NEURON
 from nbutils.subject.sites import NeuronSite, neurons_per_layer, resolve_site, site_module
 
@@ -41,8 +41,7 @@ class UnitType(ABC):
     or None. The instance is ``self.settings``; ``collection.json`` records it (`as_dict`)."""
 
     def __init__(self, settings: Any = None) -> None:
-        tp = self.settings_type
-        self.settings = settings if settings is not None or tp is None else tp()
+        self.settings = settings_or_defaults(type(self), settings)
 
     @abstractmethod
     def site(self, model: Any) -> NeuronSite: ...
