@@ -79,6 +79,7 @@ def _write_collection(
     atomic_save_npy(out.places, excerpts.places.astype(np.int64))
     atomic_save_npy(out.random_sample, col.random_index)
     vocab = set(np.unique(excerpts.tokens).tolist())
+    top: dict[int, np.ndarray] = {}
     for layer, state in col.layers.items():
         t = state.t
         atomic_save_npy(out.array(layer, "neurons"), col.neurons[layer])
@@ -95,16 +96,41 @@ def _write_collection(
         }
         if col.bottom_k:
             lists["bottom"] = sorted_lists(t["bottom_key"], t["bottom_index"], t["bottom_acts"], largest=True)
+        top[layer] = lists["top"][0].cpu().numpy()
         for name, (index, acts) in lists.items():
             atomic_save_npy(out.array(layer, f"{name}_index"), index.cpu().numpy())
             atomic_save_npy(out.array(layer, f"{name}_acts"), acts.cpu().numpy())
         atomic_save_npy(out.array(layer, "random_acts"), t["random_acts"].cpu().numpy())
         atomic_save_npy(out.array(layer, "band_edges"), t["band_edges"].cpu().numpy())
+    _write_looks(out, subject, excerpts, col, unit, top)
     atomic_write_json(out.vocab, {int(i): tok.decode([int(i)]) for i in sorted(vocab)})
     fields = asdict(meta)
     if meta.unit == {"kind": NEURON}:  # format 1 without a unit field means MLP neurons: keep it that way
         del fields["unit"]
     atomic_write_json(out.meta, fields)  # written last: marks the folder complete
+
+
+def _write_looks(
+    out: CollectionLayout, subject: SubjectModel, excerpts: ExcerptSet, col: Collector, unit: UnitType,
+    top: dict[int, np.ndarray],
+) -> None:  # fmt: skip
+    """Where each unit looks (`UnitType.looks`: attention heads) on its top excerpts and the random sample, in
+    one more pass over just those excerpts: ``top_<name>`` ``[units, k, T]`` and ``random_<name>``
+    ``[units, n_random, T]`` per layer (an empty top slot holds zeros)."""
+    wanted = np.unique(np.concatenate([col.random_index, *(t[t >= 0] for t in top.values())]))
+    details = unit.looks(subject.model, excerpts.tokens[wanted], sorted(top)) if len(wanted) else None
+    if not details:
+        return
+    row = np.full(len(excerpts), -1, dtype=np.int64)
+    row[wanted] = np.arange(len(wanted))
+    for layer, arrays in details.items():
+        units, kept = col.neurons[layer], top[layer]
+        for name, values in arrays.items():  # [wanted, width, T]
+            at_top = values[row[np.maximum(kept, 0)], units[:, None]]  # [units, k, T]
+            at_top[kept < 0] = 0
+            atomic_save_npy(out.array(layer, f"top_{name}"), np.ascontiguousarray(at_top))
+            at_random = values[row[col.random_index]][:, units].transpose(1, 0, 2)
+            atomic_save_npy(out.array(layer, f"random_{name}"), np.ascontiguousarray(at_random))
 
 
 class _Plan:

@@ -61,9 +61,10 @@ class RunConfig:
         example='{module: "model.layers.{layer}.mlp.down_proj", side: input, signed: true}',
     )  # fmt: skip
     units: str = _param(
-        "mlp_neurons", (COLLECT,), '"mlp_neurons", a folder holding an SAE or transcoder (SAELens or sparsify '
-        "format): its latents are the units, at the layers of its hook points (layers is then not used), or the "
-        "kind of another registered unit type",
+        "mlp_neurons", (COLLECT,), '"mlp_neurons", "attention_heads" (each head of the chosen layers; its value '
+        "is the norm of what it writes), a folder holding an SAE or transcoder (SAELens or sparsify format): its "
+        "latents are the units, at the layers of its hook points (layers is then not used), or the kind of another "
+        "registered unit type",
         example="outputs/sae-l15",
     )  # fmt: skip
     n_excerpts: int | None = _param(4000, (COLLECT,), "how many excerpts to read (None for all)")

@@ -20,6 +20,9 @@ top/bottom excerpts kept):
     layer_LLL/band_index.npy        int64  [n, bands, m]    uniform samples of excerpts whose max lies in each band
     layer_LLL/band_acts.npy         float32 [n, bands, m, T]
     layer_LLL/band_edges.npy        float32 [n, bands + 1]  activation values at the band quantiles
+    layer_LLL/{top,random}_source.npy        int32 [n, k, T]  attention heads only: the position each token
+    layer_LLL/{top,random}_source_weight.npy float32            attends to most, its weight, and the norm of
+    layer_LLL/{top,random}_source_write.npy  float32            what the head writes from there (`Looks`)
 
 An excerpt index of -1 marks an empty slot (fewer excerpts qualified than were asked for). Every array is
 a plain ``.npy`` file opened memory-mapped, so loading one unit reads only that unit's rows. Token ids
@@ -69,9 +72,32 @@ class Excerpt:
     offset: int = -1
     """Token offset of the excerpt's first token within that document."""
 
+    looks: Looks | None = None
+    """Where an attention head looks from each token (`Looks`); None for other units and unkept excerpts."""
+
     @property
     def max(self) -> float:
         return float(np.max(self.activations)) if len(self.activations) else math.nan
+
+
+@dataclass
+class Looks:
+    """Where an attention head looks from each token of an excerpt (`nbutils.subject.heads.head_looks`)."""
+
+    source: np.ndarray
+    """Per token, the position it attends to most: itself or an earlier token (ties: the earliest)."""
+    weight: np.ndarray
+    """That attention weight (0..1)."""
+    write: np.ndarray
+    """The norm of what the head writes from that position to this token (weight x its value's write norm)."""
+
+    LOOKS_FILES = ("source", "source_weight", "source_write")
+    """The collection files' names after ``top_`` / ``random_``, in the order of the fields."""
+
+    def pairs(self, tokens: list[str], n: int = 3) -> list[tuple[int, int, float]]:
+        """The ``n`` (token, source, weight) pairs with the largest writes, largest first."""
+        order = np.argsort(-np.asarray(self.write), kind="stable")[:n]
+        return [(int(i), int(self.source[i]), float(self.weight[i])) for i in order if self.write[i] > 0]
 
 
 @dataclass
@@ -274,7 +300,7 @@ class RecordStore:
     def excerpt_tokens(self, index: int) -> list[str]:
         return [self.vocab[int(t)] for t in self.tokens[index]]
 
-    def _excerpt(self, index: int, acts: np.ndarray) -> Excerpt:
+    def _excerpt(self, index: int, acts: np.ndarray, looks: Looks | None = None) -> Excerpt:
         ids = np.asarray(self.tokens[index]).tolist()  # one read of the row, not one per token
         doc, offset = np.asarray(self.places[index]).tolist()
         vocab = self.vocab
@@ -285,11 +311,21 @@ class RecordStore:
             index=int(index),
             doc=doc,
             offset=offset,
+            looks=looks,
         )
 
-    def _excerpts(self, index: np.ndarray, acts: np.ndarray) -> list[Excerpt]:
+    def _excerpts(self, index: np.ndarray, acts: np.ndarray, looks: list[np.ndarray] | None = None) -> list[Excerpt]:
+        """Excerpts of a list's rows; ``looks``: its `Looks` arrays (``[k, T]`` each), where kept."""
         acts = np.asarray(acts)
-        return [self._excerpt(i, acts[j]) for j, i in enumerate(np.asarray(index).tolist()) if i >= 0]
+        return [
+            self._excerpt(i, acts[j], Looks(*(np.asarray(a[j]) for a in looks)) if looks else None)
+            for j, i in enumerate(np.asarray(index).tolist())
+            if i >= 0
+        ]
+
+    def _looks(self, arrays: dict[str, np.ndarray], which: str, row: int) -> list[np.ndarray] | None:
+        names = [f"{which}_{name}" for name in Looks.LOOKS_FILES]
+        return [arrays[n][row] for n in names] if all(n in arrays for n in names) else None
 
     def record(self, layer: int, neuron: int) -> UnitRecord:
         """Load one unit's record, reading only its rows from disk."""
@@ -311,9 +347,9 @@ class RecordStore:
             }
         return UnitRecord(
             id=self.unit(layer, neuron),
-            top=self._excerpts(arrays["top_index"][row], arrays["top_acts"][row]),
+            top=self._excerpts(arrays["top_index"][row], arrays["top_acts"][row], self._looks(arrays, "top", row)),
             bottom=bottom,
-            random=self._excerpts(self.random_index, arrays["random_acts"][row]),
+            random=self._excerpts(self.random_index, arrays["random_acts"][row], self._looks(arrays, "random", row)),
             bands=bands,
             band_quantiles=[tuple(b) for b in self.meta.bands],
             band_edges=[float(x) for x in arrays["band_edges"][row]],
@@ -330,7 +366,9 @@ class RecordStore:
 
 
 def _negated(excerpts: list[Excerpt]) -> list[Excerpt]:
-    return [Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset) for e in excerpts]
+    return [
+        Excerpt(e.tokens, -np.asarray(e.activations), e.token_ids, e.index, e.doc, e.offset, e.looks) for e in excerpts
+    ]
 
 
 SPLITS = ("nbutils", "paper")

@@ -19,7 +19,7 @@ from nbutils.core.registry import GROUPS, Registry
 from nbutils.explain.contract import EXPLAINERS, explainer_name
 from nbutils.llm.contract import BACKENDS
 from nbutils.score.contract import SCORERS
-from nbutils.subject.units import NEURON_UNITS, UNIT_TYPES, is_registered_kind
+from nbutils.subject.units import NEURON_UNITS, UNIT_TYPES, is_registered_kind, kind_named
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -108,7 +108,7 @@ def check_extension_settings(values: dict[str, Any]) -> None:
         "explainer": {explainer_name(RunConfig.pick(values))},
         "scorer": set(values["scorers"]) | {n for n in ("ablation", "intervention") if values[n]},
         "backend": {values["explainer_backend"], values["simulator_backend"]},
-        "unit_type": {values["units"]},
+        "unit_type": {kind_named(values["units"])},
     }
     for role, names in values["extension_settings"].items():
         if role not in GROUPS:

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from nbutils.core.registry import Registry, settings_or_defaults
@@ -58,7 +59,12 @@ class UnitType(ABC):
 
     def as_dict(self) -> dict[str, Any]:
         settings = getattr(self, "settings", None)
-        return {"kind": self.kind, **({"settings": dataclasses.asdict(settings)} if settings is not None else {})}
+        noun = {"noun": self.noun} if self.noun != "neuron" else {}  # what views call a unit (default "neuron")
+        return {
+            "kind": self.kind,
+            **noun,
+            **({"settings": dataclasses.asdict(settings)} if settings is not None else {}),
+        }
 
     @classmethod
     def from_dict(cls, unit: dict[str, Any], site: dict[str, Any] | None = None) -> UnitType:
@@ -84,6 +90,12 @@ class UnitType(ABC):
     def output_directions(self, model: Any, layer: int, indices: Sequence[int]) -> torch.Tensor | None:
         """What one unit of each unit's value adds to the residual stream, ``[units, d_model]``, read by
         `nbutils.subject.outputs`; None where the unit type has no single such direction."""
+        return None
+
+    def looks(self, model: Any, tokens: np.ndarray, layers: Sequence[int]) -> dict[int, dict[str, np.ndarray]] | None:
+        """Where each unit looks on some excerpts (``tokens [n, T]``), computed after the bulk pass for the
+        kept ones: ``{layer: {name: [n, units, T]}}`` with the names of `nbutils.core.records.Looks`; None for
+        unit types that look nowhere (all but attention heads)."""
         return None
 
 
@@ -120,31 +132,49 @@ class MLPNeurons(UnitType):
 
 
 UNIT_TYPES = Registry(
-    "unit type", {NEURON: MLPNeurons, "sae_latent": "nbutils.subject.latents:SAELatents"}, "unit_type", "kind"
+    "unit type",
+    {
+        NEURON: MLPNeurons,
+        "sae_latent": "nbutils.subject.latents:SAELatents",
+        "attention_head": "nbutils.subject.heads:AttentionHeads",
+    },
+    "unit_type",
+    "kind",
 )
 """Unit types by kind: a class, or ``"module:Class"`` imported when first asked for."""
 
 NEURON_UNITS = "mlp_neurons"
 """The ``units`` parameter's value for MLP neurons (the default)."""
 
+PLURALS = {"attention_heads": "attention_head"}
+"""``units`` values that name a built-in kind in the plural (``-p units=attention_heads``)."""
+
+
+def kind_named(units: str) -> str:
+    """The unit-type kind a ``units`` value names (itself, unless it is one of `PLURALS`)."""
+    return PLURALS.get(units, units)
+
 
 def unit_for(
     units: str, site: NeuronSite | dict[str, Any] | None = None, settings: dict[str, Any] | None = None
 ) -> UnitType:
-    """The unit type the ``units`` parameter names: "mlp_neurons" (at ``site``), another registered unit type
+    """The unit type the ``units`` parameter names: "mlp_neurons" (at ``site``), "attention_heads", another
+    registered unit type
     (with its settings from ``settings``, the run's ``{kind: {setting: value}}``), or a folder holding an SAE or
     transcoder (SAELens or sparsify format, `nbutils.subject.latents`)."""
     if units == NEURON_UNITS:
         return MLPNeurons(site)
     if is_registered_kind(units):
-        return unit_type_class(units)(UNIT_TYPES.settings(units, settings))
+        kind = kind_named(units)
+        return unit_type_class(kind)(UNIT_TYPES.settings(kind, settings))
     return unit_type_class("sae_latent")(units)
 
 
 def is_registered_kind(units: str) -> bool:
     """Whether the ``units`` parameter names a registered unit type made without a folder (not MLP neurons'
     own kind, nor SAE latents, which are named by their folder)."""
-    return units not in (NEURON, "sae_latent") and "/" not in units and units in UNIT_TYPES
+    kind = kind_named(units)
+    return kind not in (NEURON, "sae_latent") and "/" not in kind and kind in UNIT_TYPES
 
 
 def register_unit_type(kind: str, unit_type: str | type[UnitType]) -> None:

@@ -1,0 +1,205 @@
+"""Attention heads as units: each head's value equals its write norm computed by hand in float64 from the layer's
+weights (eager attention recomputed here, grouped-query attention included), where each head looks equals the
+model's own attention weights, the collection keeps both, and a head can be set (ablated, scaled)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+from nbutils.collect.collector import CollectConfig
+from nbutils.collect.corpus import ExcerptSet
+from nbutils.collect.stage import collect_activations
+from nbutils.core.errors import UserError
+from nbutils.subject.heads import AttentionHeads, head_looks
+from nbutils.subject.intervene import UnitIntervention
+from nbutils.subject.models import SubjectModel
+from nbutils.subject.sites import capture_neurons
+from nbutils.subject.units import unit_for
+
+
+def attention_module(model, arch: str, layer: int):
+    if arch == "gpt2":
+        return model.transformer.h[layer].attn
+    if arch == "gpt_neox":
+        return model.gpt_neox.layers[layer].attention
+    return model.model.layers[layer].self_attn
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """Eager attention takes its softmax in float32 (most architectures): in float64 here."""
+    softmax = torch.nn.functional.softmax
+
+    def softmax64(x, dim=None, dtype=None, **kwargs):
+        return softmax(x, dim=dim, **kwargs) if x.dtype == torch.float64 else softmax(x, dim, dtype=dtype, **kwargs)
+
+    torch.nn.functional.softmax = softmax64
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = softmax
+
+
+@torch.no_grad()
+def by_hand(model, arch: str, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """In float64, from the weights: the attention module's input (hooked), the value vectors of every head
+    (GQA: each key-value head serves its group of query heads), the attention weights (the model's eager ones),
+    each head's write ``z_h W_O[h]`` and its norm. Also returns the module's own output, which the writes and
+    the projection's bias must add up to."""
+    model = model.double()
+    model.set_attn_implementation("eager")
+    attn = attention_module(model, arch, layer)
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def keep_output(module, args, output):
+        seen["out"] = output[0].detach()
+
+    hooks = [attn.register_forward_pre_hook(keep_input, with_kwargs=True), attn.register_forward_hook(keep_output)]
+    try:
+        with float64_softmax():
+            weights = model(input_ids=ids, output_attentions=True).attentions[layer]  # [b, H, T, T]
+    finally:
+        for h in hooks:
+            h.remove()
+    x = seen["x"]
+    b, T, d = x.shape
+    H = weights.shape[1]
+    if arch == "gpt2":
+        v = (x @ attn.c_attn.weight + attn.c_attn.bias)[..., 2 * d :].view(b, T, H, -1)
+        w_o, bias = attn.c_proj.weight, attn.c_proj.bias  # Conv1D: [in, out]
+    elif arch == "gpt_neox":
+        qkv = (x @ attn.query_key_value.weight.T + attn.query_key_value.bias).view(b, T, H, -1)
+        v = qkv[..., 2 * qkv.shape[-1] // 3 :]
+        w_o, bias = attn.dense.weight.T, attn.dense.bias
+    else:
+        lin = attn.v_proj
+        v = x @ lin.weight.T + (lin.bias if lin.bias is not None else 0)
+        kv = model.config.num_key_value_heads
+        v = v.view(b, T, kv, -1).repeat_interleave(H // kv, dim=2)  # query head h reads key-value head h // group
+        w_o, bias = attn.o_proj.weight.T, attn.o_proj.bias
+    dh = v.shape[-1]
+    z = torch.einsum("bhqk,bkhd->bqhd", weights, v)  # [b, T, H, dh]
+    w_o = w_o.reshape(H, dh, -1)
+    writes = torch.einsum("bqhd,hde->bqhe", z, w_o)
+    value_writes = torch.einsum("bkhd,hde->bhke", v, w_o).norm(dim=-1)  # [b, H, T]
+    return {"weights": weights, "writes": writes, "norms": writes.norm(dim=-1), "value_writes": value_writes,
+            "out": seen["out"], "bias": bias if bias is not None else torch.zeros(())}  # fmt: skip
+
+
+class Tok:
+    def decode(self, ids):
+        return f"t{ids[0]}"
+
+
+def collect_heads(model, tmp, n: int = 16, length: int = 12, layers=(1,), **settings):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (n, length), generator=g).numpy().astype(np.int32)
+    excerpts = ExcerptSet(tokens, np.zeros((n, 2), dtype=np.int64), "random", 0, n)
+    unit = unit_for("attention_heads", settings={"attention_head": settings} if settings else None)
+    config = CollectConfig(layers=list(layers), top_k=4, n_random=n, band_size=2, batch_size=8)
+    return collect_activations(SubjectModel(model, Tok(), "tiny"), excerpts, tmp, config, False, unit=unit), tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_values_equal_the_write_norm_by_hand_in_float64(arch, tmp_path):
+    """The collector's values (float32 model, its default attention) equal the float64 hand computation on every
+    architecture; the hand computation is checked first against the module's own output (the writes of all
+    heads plus the projection's bias are the attention output), so a head-order mistake cannot pass."""
+    model = tiny_model(arch)
+    store, tokens = collect_heads(model, tmp_path / "col")
+    assert store.meta.kind == "attention_head" and store.meta.noun == "attention head"
+    heads = model.config.num_attention_heads
+    assert list(store.neurons(1)) == list(range(heads))
+    want = by_hand(tiny_model(arch), arch, 1, torch.from_numpy(tokens.astype(np.int64)))
+    torch.testing.assert_close(want["writes"].sum(2) + want["bias"], want["out"], rtol=1e-10, atol=1e-10)
+    got = np.stack([np.stack([e.activations for e in store.record(1, h).random]) for h in range(heads)], -1)
+    np.testing.assert_allclose(got, want["norms"].numpy(), rtol=1e-4, atol=1e-5, err_msg=arch)
+    # in float64 end to end (and the same attention: Gemma 2's default one leaves out its soft-capping), the
+    # unit type's own arithmetic agrees to rounding
+    model64 = tiny_model(arch).double()
+    model64.set_attn_implementation("eager")
+    unit = AttentionHeads()
+    with float64_softmax():
+        captured = capture_neurons(model64, torch.from_numpy(tokens.astype(np.int64)), [1], unit.site(model64))[1]
+    exact = unit.transform(captured, 1)
+    assert exact.dtype == torch.float64
+    torch.testing.assert_close(exact, want["norms"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_where_each_head_looks_is_the_models_own_attention(arch):
+    """Source, weight and pair write of every token equal the argmax of the model's eager attention weights and
+    the write norm of the source's value times its weight (the hand computation above), and the model's
+    attention implementation is restored afterwards."""
+    model = tiny_model(arch)
+    before = model.config._attn_implementation
+    ids = torch.randint(0, 500, (3, 10), generator=torch.Generator().manual_seed(2))
+    looks = head_looks(model, ids.numpy(), [0, 2])
+    assert model.config._attn_implementation == before
+    for layer in (0, 2):
+        want = by_hand(tiny_model(arch), arch, layer, ids)
+        weight, where = want["weights"].max(-1)
+        got = looks[layer]
+        assert (got["source"] <= np.arange(10)).all()  # itself or an earlier token
+        np.testing.assert_array_equal(got["source"], where.numpy())
+        np.testing.assert_allclose(got["source_weight"], weight.numpy(), rtol=1e-5, atol=1e-6)
+        pair = weight * want["value_writes"].gather(-1, where)
+        np.testing.assert_allclose(got["source_write"], pair.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_collection_keeps_where_each_head_looks_on_its_kept_excerpts(tmp_path):
+    """Top and random excerpts carry `Looks` equal to `head_looks` on those excerpts; the setting turns it off."""
+    model = tiny_model("llama")
+    store, tokens = collect_heads(model, tmp_path / "col", layers=(0, 2))
+    for layer in (0, 2):
+        direct = head_looks(model, tokens, [layer])[layer]
+        for h in store.neurons(layer):
+            record = store.record(layer, int(h))
+            for e in record.top + record.random:
+                assert e.looks is not None
+                np.testing.assert_array_equal(e.looks.source, direct["source"][e.index, h])
+                np.testing.assert_allclose(e.looks.write, direct["source_write"][e.index, h], rtol=1e-6)
+            i, src, w = record.top[0].looks.pairs(record.top[0].tokens, 1)[0]
+            assert src <= i and 0 < w <= 1
+    off, _ = collect_heads(model, tmp_path / "off", looks=False)
+    assert off.record(1, 0).top[0].looks is None and off.meta.unit["settings"] == {"looks": False}
+
+
+def test_setting_a_head_scales_its_write(tmp_path):
+    """Setting a head to 0 removes its write from the attention output (the output changes by exactly that
+    head's write); setting it to twice its value adds its write once more; other heads are untouched."""
+    arch, layer, head = "llama", 1, 2
+    model = tiny_model(arch).double()
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(3))
+    want = by_hand(tiny_model(arch), arch, layer, ids)
+    unit = AttentionHeads()
+    seen = {}
+    attn = attention_module(model, arch, layer)
+    h = attn.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out[0].detach()))
+    try:
+        iv = UnitIntervention(model, unit)
+        with iv._set(layer, head, 0.0), torch.no_grad():
+            model(input_ids=ids)
+        ablated = seen["out"]
+        with iv._set(layer, head, want["norms"][..., head] * 2), torch.no_grad():
+            model(input_ids=ids)
+        doubled = seen["out"]
+    finally:
+        h.remove()
+    torch.testing.assert_close(ablated, want["out"] - want["writes"][:, :, head], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(doubled, want["out"] + want["writes"][:, :, head], rtol=1e-9, atol=1e-9)
+
+
+def test_a_model_without_known_heads_is_refused_with_the_fix():
+    model = tiny_model("gpt2")
+    model.config.model_type = "mystery"
+    with pytest.raises(UserError, match="attention heads of architecture 'mystery'.*register a unit type"):
+        AttentionHeads().site(model)
