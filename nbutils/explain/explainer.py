@@ -21,6 +21,7 @@ from nbutils.core.results import Candidate, ExplanationEntry, Triage
 from nbutils.explain.contract import ExplainContext, Explainer, explain_side
 from nbutils.explain.rules import RulesExplainer, rule_record, rules_entry
 from nbutils.llm.contract import Backend, LLMFailed
+from nbutils.llm.look_rules import best_look
 from nbutils.llm.prompts import parse_explanation
 from nbutils.llm.rule_language import RulesSimulator
 from nbutils.score.metrics import Metric, correlation
@@ -126,7 +127,7 @@ class TriageExplainer(LLMExplainer):
         keep = r is not None and threshold is not None and r >= threshold
         ctx.entry.triage = Triage(threshold, r, sent_to_llm=not keep)
         if keep:
-            rules_entry(ctx.entry, found, r)
+            rules_entry(ctx.entry, found, r, look=best_look(ctx.train + ctx.calibration))
             return
         ctx.entry.rule = rule_record(found)
         hint = self.config.explain_with_rules and found.rule.clauses

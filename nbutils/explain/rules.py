@@ -28,6 +28,7 @@ import numpy as np
 from nbutils.core.records import Excerpt
 from nbutils.core.results import Candidate, ExplanationEntry
 from nbutils.explain.contract import ExplainContext, Explainer
+from nbutils.llm.look_rules import LookRule, best_look
 from nbutils.llm.rule_language import PAIRS, TOKEN_CLASSES, Clause, Rule, in_class, previous_token, rounded, word_of
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ class RulesExplainer(Explainer):
         return self.find(ctx.train, ctx.record.id.layer, ctx.record.id.index, ctx.negative)
 
     def explain(self, ctx: ExplainContext) -> None:
-        rules_entry(ctx.entry, self.find_for(ctx))
+        rules_entry(ctx.entry, self.find_for(ctx), look=best_look(ctx.train + ctx.calibration))
 
 
 def rule_record(found: RuleSearch) -> dict[str, Any]:
@@ -326,14 +327,21 @@ def rule_record(found: RuleSearch) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def rules_entry(entry: ExplanationEntry, found: RuleSearch, calibration: float | None = None) -> ExplanationEntry:
+def rules_entry(
+    entry: ExplanationEntry, found: RuleSearch, calibration: float | None = None,
+    look: tuple[LookRule, float] | None = None,
+) -> ExplanationEntry:  # fmt: skip
     """A unit side's entry from the rules explainer: the rule's text as its explanation, the rule and its cost
     stored with it, and the rules simulator named as the one that simulates it exactly. ``calibration``: the
     rule's correlation on the calibration excerpts, where triage measured it (the rule's fit on its own train
-    excerpts, in-sample, is kept in entry.rule, not shown as one)."""
-    text = found.rule.describe()
+    excerpts, in-sample, is kept in entry.rule, not shown as one). ``look``: for an attention head, where it
+    looks (`nbutils.llm.look_rules.best_look`), written as the rule's last clause and kept with its agreement
+    on the excerpts it was chosen on."""
+    text = found.rule.describe() + (f"; {look[0].describe()}" if look else "")
     entry.explanation = text
     entry.candidates.append(Candidate(text, text, calibration, found.note))
     entry.rule = rule_record(found)
+    if look:
+        entry.rule["looks"] = {**look[0].to_dict(), "agreement": look[1]}
     entry.simulator = "rules"
     return entry

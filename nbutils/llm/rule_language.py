@@ -11,6 +11,9 @@ A rule is a list of clauses, each a condition on a token and the value it predic
 - ``inside "(" ... ")"``: after an opener that is not yet closed, optionally more the deeper the nesting;
 - ``on a token repeated from earlier in the text``: a non-blank token that occurred before in the excerpt.
 
+An attention head's rule may end with where the head looks (``attends to the previous token``,
+`nbutils.llm.look_rules`); that clause predicts no value and is read by the ``looks`` scorer.
+
 A token's prediction is the largest value among the clauses that match it. `Rule.describe` writes a rule in
 plain words and `parse_rule` reads those words back into the same rule. `RulesSimulator` simulates and judges
 a rule exactly: stage 03 uses it for every explanation a rules explainer wrote (the entry records its rule
@@ -231,6 +234,8 @@ def parse_rule(text: str) -> Rule | None:
         return None
     clauses = []
     for part in _split(text[len("fires ") :]):
+        if part.startswith("attends to "):  # where a head looks (nbutils.llm.look_rules): not an activation
+            continue
         clause = _parse_clause(part)
         if clause is None:
             return None

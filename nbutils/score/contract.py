@@ -165,6 +165,7 @@ SCORERS = Registry(
         "fuzzing": "nbutils.score.classification:FuzzingScorer",
         "ablation": "nbutils.score.ablation:AblationScorer",
         "intervention": "nbutils.score.intervention:InterventionScorer",
+        "looks": "nbutils.score.looks:LooksScorer",
     },
     role="scorer",
 )

@@ -48,7 +48,9 @@ from nbutils.score.contract import (
     result_numbers,
     scorer,
 )
+from nbutils.subject.heads import HEAD
 from nbutils.subject.intervene import intervention_for
+from nbutils.subject.units import kind_named
 
 
 def simulator_spec(config: RunConfig, cache_path: str | None = None) -> BackendSpec:
@@ -67,9 +69,11 @@ def settings(config: RunConfig) -> ScoreSettings:
 
 
 def chosen_scorers(config: RunConfig) -> list[Scorer]:
-    """The scorers a config asks for: ``scorers``, and ``ablation`` / ``intervention`` when those are True."""
+    """The scorers a config asks for: ``scorers``, ``ablation`` / ``intervention`` when those are True, and
+    ``looks`` for attention heads (where each head looks is what their explanations are also about)."""
     names = list(config.scorers)
     names += [n for n in ("ablation", "intervention") if getattr(config, n) and n not in names]
+    names += ["looks"] if kind_named(config.units) == HEAD and "looks" not in names else []
     given = config.extension_settings.get("scorer")
     return [scorer(name, SCORERS.settings(name, given)) for name in names]
 
