@@ -300,3 +300,47 @@ def test_a_planted_previous_token_head_is_found_and_scores_its_true_explanation(
     )
     other = split_excerpts(store.record(1, 3))
     assert best_look(other["train"] + other["calibration_top"])[0] != LookRule("previous")
+
+
+def test_on_the_embedded_model_the_rules_find_previous_token_and_induction_heads(embedded, tmp_path):
+    """Ground truth found independently: on repeated random token sequences (``r r``), the model's own eager
+    attention weights (transformers' ``output_attentions``) mark previous-token heads (mean weight on the
+    previous position > 0.6) and induction heads (weight on the token after the earlier copy > 0.6, second
+    half). Collected over the embedded corpus, the rules explainer's look search names the previous token for
+    every previous-token head and the induction target for most induction heads."""
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.core.config import RunConfig
+    from nbutils.core.records import split_excerpts
+    from nbutils.llm.look_rules import best_look
+
+    model = embedded.model
+    n = 20
+    r = torch.randint(1000, 20000, (8, n), generator=torch.Generator().manual_seed(0))
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(input_ids=torch.cat([r, r], 1), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(before)
+    kinds: dict[str, list[tuple[int, int]]] = {"previous": [], "induction": []}
+    for layer, a in enumerate(attentions):
+        i, j = torch.arange(1, 2 * n), torch.arange(n, 2 * n)
+        previous, induction = a[:, :, i, i - 1].mean((0, 2)), a[:, :, j, j - n + 1].mean((0, 2))
+        kinds["previous"] += [(layer, h) for h in range(a.shape[1]) if previous[h] > 0.6]
+        kinds["induction"] += [(layer, h) for h in range(a.shape[1]) if induction[h] > 0.6]
+    assert kinds["previous"] and kinds["induction"], kinds
+    c = RunConfig()
+    excerpts = make_excerpts(embedded.tokenizer, load_texts(c.corpus, c.corpus_text_field), 64, 200, 0, corpus=c.corpus)
+    layers = sorted({layer for heads in kinds.values() for layer, _ in heads})
+    config = CollectConfig(layers=layers, top_k=12, n_random=12, band_size=2, quantile_warmup=64)
+    store = collect_activations(embedded, excerpts, tmp_path / "col", config, False, unit=unit_for("attention_heads"))
+    found = {}
+    for kind, heads in kinds.items():
+        for layer, h in heads:
+            s = split_excerpts(store.record(layer, h))
+            found[(layer, h)] = best_look(s["train"] + s["calibration_top"] + s["calibration_random"])[0].target
+    print({kind: [(head, found[head]) for head in heads] for kind, heads in kinds.items()})
+    assert all(found[head] == "previous" for head in kinds["previous"])
+    named = [found[head] == "induction" for head in kinds["induction"]]
+    assert sum(named) > len(named) / 2
