@@ -336,7 +336,7 @@ def test_on_the_embedded_model_the_rules_find_previous_token_and_induction_heads
     config = CollectConfig(layers=layers, top_k=12, n_random=12, band_size=2, quantile_warmup=64)
     store = collect_activations(embedded, excerpts, tmp_path / "col", config, False, unit=unit_for("attention_heads"))
     found = {}
-    for kind, heads in kinds.items():
+    for heads in kinds.values():
         for layer, h in heads:
             s = split_excerpts(store.record(layer, h))
             found[(layer, h)] = best_look(s["train"] + s["calibration_top"] + s["calibration_random"])[0].target

@@ -259,7 +259,7 @@ class Run(RunView):
     @property
     def scorers_live(self) -> list[Scorer]:
         """The scorers live scores run: those of the run's stage 03 (``scorers``, ablation, intervention)."""
-        return chosen_scorers(self.config)
+        return chosen_scorers(self.config, self.store.meta.kind)
 
     def best_unit(self) -> Unit:
         """The unit side with the best top-and-random score; else the first explained one; else the first

@@ -68,12 +68,13 @@ def settings(config: RunConfig) -> ScoreSettings:
     return config.subset(ScoreSettings)
 
 
-def chosen_scorers(config: RunConfig) -> list[Scorer]:
+def chosen_scorers(config: RunConfig, kind: str | None = None) -> list[Scorer]:
     """The scorers a config asks for: ``scorers``, ``ablation`` / ``intervention`` when those are True, and
-    ``looks`` for attention heads (where each head looks is what their explanations are also about)."""
+    ``looks`` for attention heads (where each head looks is what their explanations are also about). ``kind``:
+    the collection's unit kind (default: the one ``config.units`` names)."""
     names = list(config.scorers)
     names += [n for n in ("ablation", "intervention") if getattr(config, n) and n not in names]
-    names += ["looks"] if kind_named(config.units) == HEAD and "looks" not in names else []
+    names += ["looks"] if (kind or kind_named(config.units)) == HEAD and "looks" not in names else []
     given = config.extension_settings.get("scorer")
     return [scorer(name, SCORERS.settings(name, given)) for name in names]
 
@@ -187,7 +188,7 @@ def run_score_stage(
             "Run stage 02 first (python -m nbutils run runs every stage in order).",
         )
     stage.open(numbers_of=stored_numbers)
-    chosen = chosen_scorers(config)
+    chosen = chosen_scorers(config, stage.store.meta.kind)
     stage.run(
         keys, lambda k: _needs_scoring(stored_scores(stage.saved, k), asked[k], chosen), score_units,
         "simulator_base_url", collection_dir=str(collection_dir), explanation_dir=str(explanation_dir),
@@ -211,7 +212,7 @@ def score_units(
         found = [e if e is not None else listed.get(k) for k, e in zip(keys, found)]
     todo = [ExplanationEntry.from_dict(e) for e in found if e is not None]
     saved = ResultStore(out.root, part=shard_part(shard), numbers_of=stored_numbers)
-    chosen, s = chosen_scorers(config), settings(config)
+    chosen, s = chosen_scorers(config, store.meta.kind), settings(config)
     indexed = registered()  # every registered scorer's numbers are indexed
     llm = make_backend(simulator_spec(config, cache_path))
     subject = None
