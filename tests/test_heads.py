@@ -100,12 +100,12 @@ class Tok:
 
 
 def collect_heads(model, tmp, n: int = 16, length: int = 12, layers=(1,), **settings):
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, model.config.vocab_size, (n, length), generator=g).numpy().astype(np.int32)
-    excerpts = ExcerptSet(tokens, np.zeros((n, 2), dtype=np.int64), "random", 0, n)
+    excerpts = _excerpts(model, n, length)
+    tokens = excerpts.tokens
     unit = unit_for("attention_heads", settings={"attention_head": settings} if settings else None)
     config = CollectConfig(layers=list(layers), top_k=4, n_random=n, band_size=2, batch_size=8)
-    return collect_activations(SubjectModel(model, Tok(), "tiny"), excerpts, tmp, config, False, unit=unit), tokens
+    subject = SubjectModel(model, Tok(), "tiny")
+    return collect_activations(subject, excerpts, tmp, config, progress=False, unit=unit), tokens
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -334,7 +334,9 @@ def test_on_the_embedded_model_the_rules_find_previous_token_and_induction_heads
     excerpts = make_excerpts(embedded.tokenizer, load_texts(c.corpus, c.corpus_text_field), 64, 200, 0, corpus=c.corpus)
     layers = sorted({layer for heads in kinds.values() for layer, _ in heads})
     config = CollectConfig(layers=layers, top_k=12, n_random=12, band_size=2, quantile_warmup=64)
-    store = collect_activations(embedded, excerpts, tmp_path / "col", config, False, unit=unit_for("attention_heads"))
+    store = collect_activations(
+        embedded, excerpts, tmp_path / "col", config, progress=False, unit=unit_for("attention_heads")
+    )
     found = {}
     for heads in kinds.values():
         for layer, h in heads:
@@ -344,3 +346,37 @@ def test_on_the_embedded_model_the_rules_find_previous_token_and_induction_heads
     assert all(found[head] == "previous" for head in kinds["previous"])
     named = [found[head] == "induction" for head in kinds["induction"]]
     assert sum(named) > len(named) / 2
+
+
+def test_a_heads_prompt_lists_where_it_looks_from_its_strongest_tokens(tmp_path):
+    """The explainer's request for a head carries (token <- source, value) pairs read off the train excerpts'
+    looks, strongest first, and the prompt lists them under its note; a neuron's request has none."""
+    from nbutils.explain.contract import explainer_request
+    from nbutils.llm.prompts import explanation_messages
+
+    model = tiny_model("llama")
+    store, _ = collect_heads(model, tmp_path / "col", layers=(1,))
+    record = store.record(1, 0)
+    request = explainer_request(record)
+    assert request.pairs and [v for *_, v in request.pairs] == sorted((v for *_, v in request.pairs), reverse=True)
+    train = record.top[0::4]
+    expected = set()
+    for e in train:
+        for i in np.argsort(-e.activations, kind="stable")[:3]:
+            expected.add((e.tokens[i], e.tokens[e.looks.source[i]]))
+    assert {(t, s) for t, s, _ in request.pairs} <= expected
+    messages = explanation_messages(request.excerpts, (), noun=request.noun, pairs=request.pairs)
+    token, source, value = request.pairs[0]
+    assert f'"{token}" <- "{source}" ({value})' in messages[-1]["content"]
+    assert "attends to most" in messages[0]["content"] and "attention head" in messages[0]["content"]
+    neurons = collect_activations(
+        SubjectModel(model, Tok(), "tiny"), _excerpts(model),
+        tmp_path / "neurons", CollectConfig(layers=[1], top_k=4, n_random=8, band_size=2, batch_size=8), progress=False,
+    )  # fmt: skip
+    assert explainer_request(neurons.record(1, 0)).pairs is None
+
+
+def _excerpts(model, n: int = 16, length: int = 12) -> ExcerptSet:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (n, length), generator=g).numpy().astype(np.int32)
+    return ExcerptSet(tokens, np.zeros((n, 2), dtype=np.int64), "random", 0, n)

@@ -194,7 +194,24 @@ def explainer_request(
         return None
     writes = outputs_shown(record, negative) if with_outputs else None
     shown = tuple(shown_excerpts(train, max_act))
-    return ExplainRequest(shown, n_samples, temperature, seed, writes=writes, noun=record.noun, rule=rule)
+    pairs = looks_shown(train, max_act)
+    return ExplainRequest(
+        shown, n_samples, temperature, seed, writes=writes, noun=record.noun, rule=rule, pairs=pairs or None
+    )
+
+
+def looks_shown(train: list[Excerpt], max_activation: float, per_excerpt: int = 3) -> tuple[tuple[str, str, int], ...]:
+    """For an attention head (excerpts with `Looks`): (token, the token it attends to most, its 0..10 value) at
+    each excerpt's ``per_excerpt`` strongest tokens, strongest first; empty for other units."""
+    pairs = []
+    for e in train:
+        if e.looks is None:
+            continue
+        values = normalise(e.activations, max_activation)
+        for i in np.argsort(-np.asarray(e.activations), kind="stable")[:per_excerpt]:
+            if values[i] > 0:
+                pairs.append((e.tokens[i], e.tokens[int(e.looks.source[i])], int(values[i])))
+    return tuple(sorted(pairs, key=lambda p: -p[2]))
 
 
 def explain_side(record: UnitRecord, explainer: Explainer, negative: bool = False) -> ExplainContext:

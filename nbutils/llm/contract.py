@@ -81,6 +81,9 @@ class ExplainRequest:
     """What the prompt calls the unit ("feature" for SAE latents; `nbutils.llm.prompts.speak_of`)."""
     rule: str | None = None
     """With ``explain_with_rules``: the rule the rules explainer found, listed after the activations."""
+    pairs: tuple[tuple[str, str, int], ...] | None = None
+    """For attention heads: (token, the token it attends to most, the head's 0..10 value there), strongest
+    first (`nbutils.llm.prompts.pairs_text`)."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,9 @@ class Backend(ABC):
         made: dict[tuple[WorkedExample, ...], list[dict[str, str]]] = {}  # each candidate rendered once
 
         def render(ex: Sequence[WorkedExample]) -> str:
-            made[tuple(ex)] = explanation_messages(request.excerpts, ex, request.writes, request.noun, request.rule)
+            made[tuple(ex)] = explanation_messages(
+                request.excerpts, ex, request.writes, request.noun, request.rule, request.pairs
+            )
             return "".join(m["content"] for m in made[tuple(ex)])
 
         return made[self.fit(render, 120, request.examples)]

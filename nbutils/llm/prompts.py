@@ -171,6 +171,25 @@ EXPLAIN_RULE_NOTE = (
 )
 
 
+EXPLAIN_PAIRS_NOTE = (
+    " The real neuron also lists, for its strongest tokens, the earlier token it attends to most "
+    "(token <- source). Say where it looks (for example the previous token, the first token, an "
+    "earlier copy of the current token or the token after one) as well as what it responds to."
+)
+
+PAIRS_SHOWN = 12
+"""(token <- source) pairs listed for an attention head."""
+
+
+def pairs_text(pairs: Sequence[tuple[str, str, int]]) -> str:
+    """The lines of a head's prompt that list where it looks: ``"token" <- "source" (value)``, strongest first."""
+    shown = [
+        f"{json.dumps(show_token(t), ensure_ascii=False)} <- {json.dumps(show_token(s), ensure_ascii=False)} ({v})"
+        for t, s, v in pairs[:PAIRS_SHOWN]
+    ]
+    return "Where it looks (token <- the token it attends to most):\n" + "\n".join(shown) + "\n"
+
+
 def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
     """The lines of an output-aware prompt that list what a neuron writes: (raised tokens, lowered tokens)."""
     raised, lowered = (
@@ -181,7 +200,7 @@ def writes_text(writes: tuple[Sequence[str], Sequence[str]]) -> str:
 
 def _neuron_text(
     name: str, excerpts: Sequence[ShownExcerpt], writes: tuple[Sequence[str], Sequence[str]] | None = None,
-    noun: str = "neuron", rule: str | None = None,
+    noun: str = "neuron", rule: str | None = None, pairs: Sequence[tuple[str, str, int]] | None = None,
 ) -> str:  # fmt: skip
     text = f"{noun.capitalize()} {name}\nActivations:\n" + "".join(excerpt_block(e.tokens, e.values) for e in excerpts)
     repeat = zero_filtered_block(excerpts)
@@ -189,12 +208,14 @@ def _neuron_text(
     listed = f"Strongest tokens: {strongest}\n" if strongest else ""
     outputs = writes_text(writes) if writes else ""
     found = f"Rule found by the search: {rule}\n" if rule else ""
-    return text + (repeat or "") + listed + outputs + found + f'\nComplete: "{explanation_prefix(noun)} ..."'
+    looks = pairs_text(pairs) if pairs else ""
+    return text + (repeat or "") + listed + looks + outputs + found + f'\nComplete: "{explanation_prefix(noun)} ..."'
 
 
 def explanation_messages(
     excerpts: Sequence[ShownExcerpt], examples: Sequence[WorkedExample] = WORKED_EXAMPLES,
     writes: tuple[Sequence[str], Sequence[str]] | None = None, noun: str = "neuron", rule: str | None = None,
+    pairs: Sequence[tuple[str, str, int]] | None = None,
 ) -> list[dict[str, str]]:  # fmt: skip
     """Chat messages asking for an explanation; the reply should continue `explanation_prefix` (``noun``
     names the unit throughout: "feature" for SAE latents, see `speak_of`).
@@ -205,15 +226,17 @@ def explanation_messages(
     worked example's "names of months"; with it, none (README, "Explanations that copy the prompt").
     ``writes`` (the output-aware explainer): the tokens the neuron raises and lowers as the next token, listed
     after its activations (`writes_text`). ``rule`` (``explain_with_rules``): the rule the rules explainer
-    found, listed last (`EXPLAIN_RULE_NOTE`)."""
+    found, listed last (`EXPLAIN_RULE_NOTE`). ``pairs`` (attention heads): where the head looks from its
+    strongest tokens (`pairs_text`, `EXPLAIN_PAIRS_NOTE`)."""
     notes = (EXPLAIN_OUTPUTS_NOTE if writes else "") + (EXPLAIN_RULE_NOTE if rule else "")
+    notes += EXPLAIN_PAIRS_NOTE if pairs else ""
     system = speak_of(EXPLAIN_SYSTEM + notes, noun)
     messages = [{"role": "system", "content": system}]
     for i, ex in enumerate(examples):
         messages.append({"role": "user", "content": _neuron_text(chr(ord("A") + i), ex.excerpts, noun=noun)})
         answer = f"{explanation_prefix(noun)} {strongest_tokens(ex.excerpts)}: {ex.explanation}."
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes, noun, rule)})
+    messages.append({"role": "user", "content": _neuron_text("X", excerpts, writes, noun, rule, pairs)})
     return messages
 
 
