@@ -99,11 +99,11 @@ class Tok:
         return f"t{ids[0]}"
 
 
-def collect_heads(model, tmp, n: int = 16, length: int = 12, layers=(1,), **settings):
+def collect_heads(model, tmp, n: int = 16, length: int = 12, layers=(1,), top_k: int = 4, **settings):
     excerpts = _excerpts(model, n, length)
     tokens = excerpts.tokens
     unit = unit_for("attention_heads", settings={"attention_head": settings} if settings else None)
-    config = CollectConfig(layers=list(layers), top_k=4, n_random=n, band_size=2, batch_size=8)
+    config = CollectConfig(layers=list(layers), top_k=top_k, n_random=n, band_size=2, batch_size=8)
     subject = SubjectModel(model, Tok(), "tiny")
     return collect_activations(subject, excerpts, tmp, config, progress=False, unit=unit), tokens
 
@@ -380,3 +380,60 @@ def _excerpts(model, n: int = 16, length: int = 12) -> ExcerptSet:
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.config.vocab_size, (n, length), generator=g).numpy().astype(np.int32)
     return ExcerptSet(tokens, np.zeros((n, 2), dtype=np.int64), "random", 0, n)
+
+
+def test_pair_items_are_the_top_and_low_pairs_and_the_rules_judge_checks_the_source(tmp_path):
+    """The pair scorer's items: a top pair per held-out top excerpt (the token with the largest pair write,
+    marked with its source) and a low pair per held-out random excerpt (the smallest, from the second token);
+    the rules judge says yes to a pair only where the explanation's look clause names its source."""
+    from nbutils.llm.contract import JudgeRequest
+    from nbutils.llm.prompts import JudgeItem
+    from nbutils.llm.rule_language import RulesSimulator
+    from nbutils.score.classification import pair_items
+
+    model = planted_previous_token_head()
+    store, _ = collect_heads(model, tmp_path / "col", n=48, length=16, layers=(1,), top_k=20)
+    items = pair_items(store.record(1, 1), per_class=5)
+    assert [j.label for j in items] == [True] * 5 + [False] * 5
+    by_index = {e.index: e for e in store.record(1, 1).top + store.record(1, 1).random}
+    for j in items:
+        e = by_index[j.index]
+        writes = np.asarray(e.looks.write)
+        i = 1 + int(np.argmax(writes[1:]) if j.label else np.argmin(writes[1:]))
+        assert [k for k, m in enumerate(j.item.marked) if m] == sorted({i, int(e.looks.source[i])})
+        assert e.looks.source[i] == i - 1  # the planted head looks at the previous token
+    assert pair_items(collect_plain_neurons(tmp_path).record(1, 0)) == []
+    tokens = ("a", "b", "c", "d")
+    pair = JudgeItem(tokens, (False, True, True, False))  # "c" <- "b"
+    first = JudgeItem(tokens, (True, False, True, False))  # "c" <- "a"
+    rules = RulesSimulator()
+    yes = rules.judge(JudgeRequest("pairs", 'fires on "c" (1.0); attends to the previous token', (pair, first)))
+    assert yes.p_yes.tolist() == [1.0, 0.0]
+    no = rules.judge(JudgeRequest("pairs", 'fires on "c" (1.0); attends to the first token', (pair, first)))
+    assert no.p_yes.tolist() == [0.0, 1.0]
+
+
+def collect_plain_neurons(tmp_path):
+    model = tiny_model("llama")
+    config = CollectConfig(layers=[1], top_k=4, n_random=8, band_size=2, batch_size=8)
+    return collect_activations(
+        SubjectModel(model, Tok(), "tiny"), _excerpts(model), tmp_path / "n", config, progress=False
+    )
+
+
+def test_the_pair_auroc_interval_covers_the_true_area_about_95_percent_of_the_time():
+    """Hanley and McNeil's interval, checked by simulation: scores of positives and negatives drawn from two
+    normal distributions whose true AUROC is known in closed form (Phi(d / sqrt 2)); 2,000 draws of 20 + 20."""
+    from math import erf, sqrt
+
+    from nbutils.score.metrics import auroc, auroc_interval
+
+    rng = np.random.default_rng(0)
+    d = 1.0
+    true = 0.5 * (1 + erf(d / sqrt(2) / sqrt(2)))
+    covered = 0
+    for _ in range(2000):
+        pos, neg = rng.normal(d, 1, 20), rng.normal(0, 1, 20)
+        m = auroc_interval(auroc(np.r_[np.ones(20, bool), np.zeros(20, bool)], np.r_[pos, neg]), 20, 20)
+        covered += m.low <= true <= m.high
+    assert 0.92 <= covered / 2000 <= 0.98

@@ -380,7 +380,7 @@ def fit_examples(
 # Detection and fuzzing prompts: a yes/no judgement per excerpt, read as P("1") against P("0")
 # ----------------------------------------------------------------------------------------------------------
 
-TASKS = ("detection", "fuzzing", "intervention")
+TASKS = ("detection", "fuzzing", "intervention", "pairs")
 ANSWER = "Match:\t"
 """The text just before the answer slot; the judge's next token is "1" (yes) or "0" (no)."""
 
@@ -401,7 +401,16 @@ JUDGE_HEADERS = {
         "them the neuron was turned up. For each piece, answer 1 if the neuron was turned up in [A], or 0 if "
         "in [B], going by the explanation.\n\n"
     ),
+    "pairs": (
+        "Each neuron below responds to some tokens in text; its explanation says which, and for an attention head "
+        "also which earlier token it looks at from there. After the explanation come pieces of text in which a "
+        "token and the earlier token it attends to most are marked <<like this>> (one mark where it attends to "
+        "itself). For each piece, answer 1 if the marked pair is what the explanation describes, or 0 if it is "
+        "not.\n\n"
+    ),
 }
+"""The judge's instructions per task. ``pairs`` is the Transformer Debugger's attention-head scoring (a judge
+asked whether each top and low (token, attended token) pair fits the explanation), in this judge's format."""
 
 
 @dataclass(frozen=True)
@@ -449,7 +458,7 @@ def _example_items(task: str, ex: WorkedExample) -> list[tuple[JudgeItem, int]]:
     for i, e in enumerate(ex.excerpts):
         strong = tuple(v >= 5 for v in e.values)
         if task == "detection":
-            items.append((JudgeItem(e.tokens), int(any(strong))))
+            items.append((JudgeItem(e.tokens), int(any(strong))))  # pairs: worked items as fuzzing's (marks)
         elif any(strong) and i % 2 == 1:  # a wrong marking of a strong excerpt
             shifted = tuple(strong[j + 1] and not strong[j] for j in range(len(strong) - 1)) + (False,)
             items.append((JudgeItem(e.tokens, shifted), 0))

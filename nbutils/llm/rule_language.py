@@ -338,13 +338,23 @@ class RulesSimulator(Backend):
 
     def judge(self, request: JudgeRequest) -> Judgements:
         """P(yes): the largest predicted value of an item's tokens (detection) or the smallest of its marked
-        ones (fuzzing), over the rule's largest clause value (a graded clause's first level already says yes)."""
+        ones (fuzzing), over the rule's largest clause value (a graded clause's first level already says yes);
+        for a head's pair (its source and token marked), the token's predicted value where the rule's look
+        clause names that source, else 0."""
+        from nbutils.llm.look_rules import parse_look  # it builds on this module's token classes
+
         rule = self._rule(request.explanation)
         top = max((c.value for c in rule.clauses), default=0.0)
+        look = parse_look(request.explanation) if request.task == "pairs" else None
         out = []
         for item in request.items:
             pred = rule.apply(item.tokens) / top if top > 0 else np.zeros(len(item.tokens))
-            if item.marked is not None:
+            if request.task == "pairs" and item.marked is not None:  # (source, token): the token's value, where
+                marks = [i for i, m in enumerate(item.marked) if m]  # the look rule names that source
+                src, token = marks[0], marks[-1]
+                fits = look is None or int(look.sources(item.tokens)[token]) == src
+                out.append(float(pred[token]) if fits else 0.0)
+            elif item.marked is not None:
                 marked = [p for p, m in zip(pred, item.marked) if m]
                 out.append(min(marked) if marked else 0.0)
             else:

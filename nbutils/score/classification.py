@@ -7,6 +7,9 @@ models") judges explanations by classification, which any chat model can do:
 - **Detection**: the judge sees an excerpt without marks and says whether the neuron, going by the
   explanation, responds somewhere in it. Positives are activating excerpts (held-out top excerpts and the
   quantile-band samples), negatives are excerpts where it stays silent.
+- **Pairs** (attention heads): the judge sees an excerpt with a token and the earlier token the head attends
+  to most marked, and says whether that pair is what the explanation describes (the Transformer Debugger's
+  attention-head scoring): top pairs against low ones, scored by AUROC with its interval.
 - **Fuzzing**: the judge sees an excerpt with some tokens marked ``<<like this>>`` and says whether the marks
   sit on what the explanation describes. Positives are activating excerpts with their activating tokens
   marked; negatives are silent excerpts with as many tokens marked at random, and activating excerpts with
@@ -38,7 +41,7 @@ from nbutils.llm.prompts import MAX_LABEL, TASKS, JudgeItem
 from nbutils.score.baseline import token_lookup_judge
 from nbutils.score.contract import Column, Scorer, UnitContext
 from nbutils.score.flags import f1_text, judge_notes, with_notes
-from nbutils.score.metrics import ClassificationScores, classification_scores
+from nbutils.score.metrics import ClassificationScores, Metric, auroc_interval, classification_scores
 
 ACTIVE_FRACTION = 1 / MAX_LABEL
 """An excerpt or token is active at or above this fraction of the explainer's largest shown activation."""
@@ -225,3 +228,74 @@ class FuzzingScorer(_JudgeScorer):
     name = "fuzzing"
     title = "fuzzing: are the marked tokens the ones the explanation describes?"
     label_prefix = "fuzzing"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention heads: (token <- attended token) pairs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pair_items(record: UnitRecord, per_class: int = 5, split: str = "nbutils") -> list[Judged]:
+    """The pair task's items for an attention head (none for other units): the Transformer Debugger's top pairs
+    (the largest pair write, `nbutils.core.records.Looks.write`, of each held-out top excerpt) and low pairs
+    (the smallest of a held-out random excerpt), ``per_class`` of each, from each excerpt's second token (the
+    first can only attend to itself); each item marks the token and the earlier token it attends to most."""
+    sp = split_excerpts(record, split=split)
+    top = [e for e in sp["calibration_top"] + sp["valid_top"] if e.looks is not None and len(e.tokens) > 1]
+    low = [e for e in sp["calibration_random"] + sp["valid_random"] if e.looks is not None and len(e.tokens) > 1]
+
+    def marked(e: Excerpt, i: int) -> JudgeItem:
+        src = int(e.looks.source[i])
+        return JudgeItem(tuple(e.tokens), tuple(j in (i, src) for j in range(len(e.tokens))))
+
+    items = []
+    for e in top[:per_class]:
+        i = 1 + int(np.argmax(np.asarray(e.looks.write)[1:]))
+        items.append(Judged(marked(e, i), True, "top", e.index, "top pair"))
+    for e in low[:per_class]:
+        i = 1 + int(np.argmin(np.asarray(e.looks.write)[1:]))
+        items.append(Judged(marked(e, i), False, "random", e.index, "low pair"))
+    return items
+
+
+def _no_pairs() -> ClassificationScores:
+    out = task_result([], np.zeros(0), True)
+    for name in ("balanced_accuracy", "f1", "auroc", "accuracy", "precision", "recall"):
+        setattr(out, name, Metric(None, "no (token <- attended token) pairs: not an attention head"))
+    return out
+
+
+class PairScorer(_JudgeScorer):
+    """Is this (token <- attended token) pair what the explanation describes? For attention heads: ROC AUC over
+    top and low pairs judged one at a time (the Transformer Debugger's scoring), with its 95% interval."""
+
+    name = "pairs"
+    task = "pairs"
+    title = "pairs: is the marked (token <- attended token) pair what the explanation describes? (heads)"
+    label_prefix = "pairs"
+    measure = "pair AUROC"
+    headline = 2
+
+    def items(self, ctx: UnitContext) -> tuple[list[Judged], float]:
+        return pair_items(ctx.record, ctx.settings.judge_per_class, ctx.settings.split), 0.5
+
+    def _result(self, items: list[Judged], answers: np.ndarray, probabilities: bool) -> ClassificationScores:
+        result = task_result(items, answers, probabilities)
+        result.auroc = auroc_interval(result.auroc, result.n_positive, result.n_negative)
+        return result
+
+    def baseline(self, ctx: UnitContext) -> ClassificationScores | None:
+        items, _ = self.items(ctx)
+        if not items:
+            return _no_pairs()
+        return self._result(items, token_lookup_judge(ctx.table, [j.item for j in items]), True)
+
+    def explanation(self, ctx: UnitContext, llm: Backend) -> tuple[ClassificationScores, list[JudgedItem]]:
+        items, _ = self.items(ctx)
+        if not items:
+            return _no_pairs(), []
+        s = ctx.settings
+        request = JudgeRequest(self.task, ctx.entry.explanation, tuple(j.item for j in items), s.max_prompt_tokens,
+                               per_request=s.judge_items_per_request, noun=ctx.record.noun)  # fmt: skip
+        answers = llm.judge(request)
+        return self._result(items, answers.p_yes, answers.probabilities), item_records(items, answers.p_yes)

@@ -166,6 +166,7 @@ SCORERS = Registry(
         "ablation": "nbutils.score.ablation:AblationScorer",
         "intervention": "nbutils.score.intervention:InterventionScorer",
         "looks": "nbutils.score.looks:LooksScorer",
+        "pairs": "nbutils.score.classification:PairScorer",
     },
     role="scorer",
 )

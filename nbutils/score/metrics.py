@@ -231,6 +231,17 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> Metric:
     return Metric(float((greater + 0.5 * ties) / (len(pos) * len(neg))))
 
 
+def auroc_interval(area: Metric, n_positive: int, n_negative: int) -> Metric:
+    """An AUROC with its 95% interval from Hanley and McNeil's (1982) standard error, clipped to [0, 1]."""
+    a = area.value
+    if a is None or n_positive < 1 or n_negative < 1:
+        return area
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a)) / (n_positive * n_negative)
+    half = 1.96 * float(np.sqrt(max(var, 0.0)))
+    return Metric(a, area.reason, max(0.0, a - half), min(1.0, a + half))
+
+
 def classification_scores(
     labels: np.ndarray, probabilities: np.ndarray, has_probabilities: bool = True, threshold: float = 0.5
 ) -> ClassificationScores:

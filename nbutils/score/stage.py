@@ -70,11 +70,12 @@ def settings(config: RunConfig) -> ScoreSettings:
 
 def chosen_scorers(config: RunConfig, kind: str | None = None) -> list[Scorer]:
     """The scorers a config asks for: ``scorers``, ``ablation`` / ``intervention`` when those are True, and
-    ``looks`` for attention heads (where each head looks is what their explanations are also about). ``kind``:
-    the collection's unit kind (default: the one ``config.units`` names)."""
+    for attention heads ``looks`` and ``pairs`` (where each head looks is what their explanations are also
+    about). ``kind``: the collection's unit kind (default: the one ``config.units`` names)."""
     names = list(config.scorers)
     names += [n for n in ("ablation", "intervention") if getattr(config, n) and n not in names]
-    names += ["looks"] if (kind or kind_named(config.units)) == HEAD and "looks" not in names else []
+    heads = (kind or kind_named(config.units)) == HEAD
+    names += [n for n in ("looks", "pairs") if heads and n not in names]
     given = config.extension_settings.get("scorer")
     return [scorer(name, SCORERS.settings(name, given)) for name in names]
 

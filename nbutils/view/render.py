@@ -52,7 +52,7 @@ def _token_text(token: str) -> str:
 def _excerpts_html(title: str, excerpts: Sequence[Excerpt], scale: float, kind: str) -> str:
     if not excerpts:
         return ""
-    rows = "".join(heatmap_html(e.tokens, e.activations, scale, kind) for e in excerpts)
+    rows = "".join(heatmap_html(e.tokens, e.activations, scale, kind, looks=e.looks) for e in excerpts)
     return f"<h4>{_esc(title)} <span class='nbx-muted'>({len(excerpts)})</span></h4>{rows}"
 
 

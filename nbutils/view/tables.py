@@ -162,22 +162,40 @@ def neuron_scale(record: UnitRecord) -> float:
     return max(values, default=0.0)
 
 
-def heatmap_html(tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "") -> str:
+def heatmap_html(
+    tokens: Sequence[str], values: Sequence[float], scale: float, kind: str = "", hue: str = "", looks: Any = None
+) -> str:
     """One excerpt as tokens shaded by value on a fixed ``scale``, with each value in the token's tooltip.
 
-    ``hue="green"`` shades simulated values instead of the orange/blue activation colours. Lay it out inside
-    ``EXCERPTS_STYLE`` (monospace, wrapping) or a stylesheet rule for ``.nbx-excerpt``.
+    ``hue="green"`` shades simulated values instead of the orange/blue activation colours. ``looks``: an
+    attention head's `nbutils.core.records.Looks` for the excerpt: each tooltip also names the token the head
+    attends to most from there, and the strongest (token <- source) pairs are listed under it. Lay it out
+    inside ``EXCERPTS_STYLE`` (monospace, wrapping) or a stylesheet rule for ``.nbx-excerpt``.
     """
     spans = []
-    for tok, value in zip(tokens, values):
+    for i, (tok, value) in enumerate(zip(tokens, values)):
         v = float(value)
+        tip = f"{v:.4g}"
+        if looks is not None:
+            src = int(looks.source[i])
+            tip += f" \u2190 {tokens[src]!r} (position {src}, weight {float(looks.weight[i]):.2f})"
         bg = colour(v, scale)
         if hue == "green" and bg != "transparent":
             bg = f"rgba(40,170,80,{min(abs(v) / scale, 1.0):.2f})"
         style = "" if bg == "transparent" else f' style="background:{bg}"'
         text = html.escape(tok).replace("\n", "\u21b5").replace("\t", "\u21e5")
-        spans.append(f'<span title="{v:.4g}"{style}>{text}</span>')
-    return f'<div class="nbx-excerpt" data-kind="{html.escape(kind)}">{"".join(spans)}</div>'
+        spans.append(f'<span title="{html.escape(tip, quote=True)}"{style}>{text}</span>')
+    pairs = ""
+    if looks is not None:
+        shown = ", ".join(
+            f"{_shown(tokens[i])} \u2190 {_shown(tokens[src])} ({w:.2f})" for i, src, w in looks.pairs(list(tokens), 3)
+        )
+        pairs = f'<div class="nbx-looks" style="color:#777;font-size:90%">looks: {shown}</div>' if shown else ""
+    return f'<div class="nbx-excerpt" data-kind="{html.escape(kind)}">{"".join(spans)}</div>{pairs}'
+
+
+def _shown(token: str) -> str:
+    return html.escape(repr(token)).replace("\\n", "\u21b5")
 
 
 def neuron_excerpts_html(store: RecordStore, layer: int, neuron: int, n: int = 3) -> str:
