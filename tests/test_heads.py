@@ -437,3 +437,75 @@ def test_the_pair_auroc_interval_covers_the_true_area_about_95_percent_of_the_ti
         m = auroc_interval(auroc(np.r_[np.ones(20, bool), np.zeros(20, bool)], np.r_[pos, neg]), 20, 20)
         covered += m.low <= true <= m.high
     assert 0.92 <= covered / 2000 <= 0.98
+
+
+def test_the_preflight_refuses_heads_of_a_model_it_cannot_read_before_any_work(tmp_path):
+    from nbutils.run.preflight import check_heads, model_architecture
+
+    assert model_architecture("embedded") == "llama"
+    with pytest.raises(UserError, match="planted neurons have no attention.*units=mlp_neurons"):
+        check_heads("planted:rules.py")
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "config.json").write_text('{"model_type": "opt"}')
+    with pytest.raises(UserError, match="architecture 'opt'"):
+        check_heads(str(tmp_path / "opt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole chain, on the embedded model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_heads_go_through_the_chain_on_ray_and_every_view(tmp_path):
+    """``nbutils run -p units=attention_heads`` with the rules explainer and Ray shards: collection (with where
+    each head looks), explanations with look clauses, the looks and pair scorers beside simulation, the static
+    page and report, the Neuronpedia export as attention heads, and the run opened live: a head's values and
+    sources on a kept excerpt's tokens equal the collected ones, and steering shifts its write."""
+    import gzip
+    import json
+    import subprocess
+    import sys
+
+    import nbutils
+    from nbutils.core.records import RecordStore
+
+    args = ["--preset", "quick", "-p", "units=attention_heads", "-p", "layers=[1, 17]", "-p", "explainer=rules",
+            "-p", "explain_neurons=strongest:2", "-p", "n_excerpts=256", "-p", "executor=ray", "-p", "shards=2",
+            "--run-id", "heads", "--output-root", str(tmp_path)]  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "nbutils", "run", *args], capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "heads"
+    store = RecordStore(run_dir / "01_collect")
+    assert store.meta.kind == "attention_head" and store.meta.neurons_per_layer == 9 and store.layers == [1, 17]
+    run = nbutils.open_run(run_dir)
+    assert {"simulation", "looks", "pairs"} <= {sc.name for sc in run.scorers}
+    explained = list(run.explanations)
+    assert len(explained) == 4 and all("attends to " in run.explanations[k].explanation for k in explained)
+    frame = run.scores_frame()
+    assert frame["looks agreement"].notna().all() and frame["pairs AUROC"].notna().all()
+    page = (run_dir / "04_inspect" / "run.html").read_text()
+    assert "attention head" in page and "looks:" in page and "\u2190" in page
+    assert (run_dir / "05_report" / "figures" / "score_by_layer.png").is_file()
+    # Neuronpedia: heads as their own source set, each activation with the pair write from its source
+    out = tmp_path / "np"
+    res = subprocess.run([sys.executable, "-m", "nbutils", "export-neuronpedia", str(run_dir), str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    layer, head = explained[0][:2]
+    source = out / "smollm2-135m-instruct" / f"{layer}-attn-heads"
+    rows = [
+        json.loads(x) for x in gzip.decompress((source / "activations" / "batch-0.jsonl.gz").read_bytes()).splitlines()
+    ]
+    rec = store.record(layer, head)
+    first = next(r for r in rows if r["index"] == str(head) and r["tokens"] == rec.top[0].tokens)
+    top = first["dfaTargetIndex"]
+    assert first["dfaValues"][int(rec.top[0].looks.source[top])] == pytest.approx(float(rec.top[0].looks.write[top]))
+    # live: the same values and sources on a kept excerpt's own tokens; steering moves the continuation
+    unit = run.unit(layer, head)
+    live = unit.activations(rec.top[0].token_ids)
+    np.testing.assert_allclose(live.values, rec.top[0].activations, rtol=1e-3, atol=1e-3)
+    assert (live.looks.source == rec.top[0].looks.source).mean() > 0.95
+    assert "<svg" in live._repr_html_() and "source_token" in live.to_frame()
+    steered = unit.steer("The cat sat on the", strength=3.0, tokens=6)
+    assert steered.original and steered.steered

@@ -16,7 +16,9 @@ export-data.py`` (github.com/hijohnnylin/neuronpedia), and the field types its d
 
 Batches hold 1,024 units' rows, as Neuronpedia's export writes them. A *source* is one layer of one kind of
 unit: its id is ``<layer>-<source set>``, as on Neuronpedia (``6-res-jb``). The source set is
-``mlp-neurons`` for MLP neurons and ``<space>-nbutils-<width>`` for SAE latents (``res``, ``mlp``, ``att``, or
+``mlp-neurons`` for MLP neurons, ``attn-heads`` for attention heads (each activation row's ``dfaValues``
+holds, at the strongest token, the pair write from the source it attends to most: only that source, not
+every one) and ``<space>-nbutils-<width>`` for SAE latents (``res``, ``mlp``, ``att``, or
 ``tc`` for a transcoder); a unit's ``index`` is its index in the layer (a latent's index in its SAE). Scores
 are one ``ExplanationScore`` row per scorer number (type ``nbutils-<scorer>-<column>``), with the 95% interval
 and the baseline's number in ``jsonDetails``. Ids are derived from the run (a rerun writes the same ids).
@@ -64,6 +66,8 @@ def source_set(unit: dict[str, Any], width: int) -> str:
     """The source set name of a run's units (module docstring)."""
     if unit.get("kind", "mlp_neuron") == "mlp_neuron":
         return "mlp-neurons"
+    if unit.get("kind") == "attention_head":
+        return "attn-heads"
     if unit.get("transcoder"):
         return f"tc-nbutils-{width}"
     hook = (unit.get("hooks") or [""])[0]
@@ -104,11 +108,15 @@ def _activation_row(
 ) -> dict[str, Any]:  # fmt: skip
     values = [float(v) for v in np.asarray(e.activations, dtype=np.float64)]
     top = int(np.argmax(values))
+    dfa: list[float] = []
+    if e.looks is not None:  # a head: what it writes into the strongest token from the source it attends to most
+        dfa = [0.0] * len(values)
+        dfa[int(e.looks.source[top])] = float(e.looks.write[top])
     return {
         "id": _id(mid, source, rec.id.index, e.index, band), "modelId": mid, "layer": source,
         "index": str(rec.id.index), "creatorId": CREATOR, "dataSource": corpus, "tokens": list(e.tokens),
         "maxValue": values[top], "minValue": float(min(values)), "values": values, "maxValueTokenIndex": top,
-        "dfaValues": [], "dfaMaxValue": None, "dfaTargetIndex": None,
+        "dfaValues": dfa, "dfaMaxValue": max(dfa) if dfa else None, "dfaTargetIndex": top if dfa else None,
         "binContains": None if band is None else float(band[1] - band[0]),
         "binMin": None if band is None else float(band[0]), "binMax": None if band is None else float(band[1]),
     }  # fmt: skip
@@ -255,7 +263,15 @@ def _write_source(
 ) -> list[Path]:  # fmt: skip
     meta = view.store.meta
     unit = meta.unit
-    latents = unit.get("kind", "mlp_neuron") != "mlp_neuron"
+    heads = unit.get("kind") == "attention_head"
+    latents = unit.get("kind", "mlp_neuron") not in ("mlp_neuron", "attention_head")
+    what = (
+        "SAE latents"
+        if latents
+        else "attention heads (value: the norm of each head's write)"
+        if heads
+        else "MLP neurons"
+    )
     saelens = None
     if latents and unit.get("format") == "saelens" and Path(unit["path"], "cfg.json").is_file():
         saelens = json.loads(Path(unit["path"], "cfg.json").read_text())
@@ -276,10 +292,10 @@ def _write_source(
     }  # fmt: skip
     sourceset = {
         "modelId": mid, "name": sset, "hasDashboards": True, "allowInferenceSearch": False, "visibility": "PRIVATE",
-        "description": "SAE latents" if latents else "MLP neurons", "type": "sae" if latents else "neurons",
+        "description": what, "type": "sae" if latents else "neurons",
         "creatorName": "nbutils", "urls": [], "creatorEmail": None, "creatorId": CREATOR, "releaseName": release,
         "hasGraphs": False, "graphEnabled": False, "similarityMatrixEnabled": False, "defaultOfModelId": None,
-        "defaultGraphModelId": None, "defaultRange": 1, "defaultShowBreaks": True, "showDfa": False,
+        "defaultGraphModelId": None, "defaultRange": 1, "defaultShowBreaks": True, "showDfa": heads,
         "showCorrelated": False, "showHeadAttribution": False, "showUmap": False, "createdAt": now,
     }  # fmt: skip
     src = {

@@ -16,7 +16,7 @@ from nbutils.core.units import Key
 from nbutils.score.contract import Scorer, UnitDetails, UnitScores, headline_of
 from nbutils.view.render import fragment, scores_table_html, simulation_html
 from nbutils.view.runview import finite, headline_value, main_score
-from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, quoted_html, table_html, visible_token
+from nbutils.view.tables import EXCERPTS_STYLE, heatmap_html, label, looks_svg, quoted_html, table_html, visible_token
 
 LEFT = "text-align:left"  # JupyterLab's own table style right-aligns cells
 
@@ -46,6 +46,8 @@ class UnitActivations:
     values: np.ndarray
     scale: float
     """The unit's largest absolute collected value: the heatmap's colour scale, shared with its excerpts."""
+    looks: Any = None
+    """For an attention head: where it looks from each token (`nbutils.core.records.Looks`); else None."""
 
     @property
     def max(self) -> float:
@@ -55,19 +57,21 @@ class UnitActivations:
         """A pandas DataFrame: ``position``, ``token``, ``token_id``, ``value``."""
         import pandas as pd
 
-        return pd.DataFrame(
-            {"position": range(len(self.tokens)), "token": self.tokens, "token_id": self.token_ids,
-             "value": self.values}
-        )  # fmt: skip
+        columns = {"position": range(len(self.tokens)), "token": self.tokens, "token_id": self.token_ids,
+                   "value": self.values}  # fmt: skip
+        if self.looks is not None:  # a head: the source of each token, its weight and the pair's write
+            columns |= {"source": self.looks.source, "source_token": [self.tokens[int(i)] for i in self.looks.source],
+                        "source_weight": self.looks.weight, "source_write": self.looks.write}  # fmt: skip
+        return pd.DataFrame(columns)
 
     def _repr_html_(self) -> str:
         head = (
             f"<p>{_unit_name(self.key)}: max {self.max:.4g} on this text; colours on the unit's collected scale "
             f"({self.scale:.4g}); hover a token for its value</p>"
         )
-        return (
-            head + f'<div style="{EXCERPTS_STYLE}">{heatmap_html(self.tokens, self.values, self.scale, "live")}</div>'
-        )
+        arcs = looks_svg(self.tokens, self.looks, self.values) if self.looks is not None else ""
+        heat = heatmap_html(self.tokens, self.values, self.scale, "live", looks=self.looks)
+        return head + arcs + f'<div style="{EXCERPTS_STYLE}">{heat}</div>'
 
 
 @dataclass

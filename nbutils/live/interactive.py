@@ -99,13 +99,15 @@ class Unit:
         return self.run.scores.get(self.key)
 
     def activations(self, text: str | Sequence[int]) -> UnitActivations:
-        """This unit's value on each token of ``text`` (a string, tokenized as the corpus was, or token ids)."""
+        """This unit's value on each token of ``text`` (a string, tokenized as the corpus was, or token ids);
+        for an attention head also where it looks from each token (drawn as arcs)."""
         live = self.run.live
         ids = live.token_ids(text)
         values = live.values(ids, [self.layer])[self.layer][:, self.index].astype(np.float64)
         if self.negative:
             values = -values
-        return UnitActivations(self.key, live.tokens(ids), ids, values, neuron_scale(self.record))
+        looks = live.looks(ids, self.layer, self.index)
+        return UnitActivations(self.key, live.tokens(ids), ids, values, neuron_scale(self.record), looks)
 
     def score(self, explanation: str, scorers: Sequence[str] | None = None) -> ExplanationScore:
         """``explanation`` simulated and scored now, on the same held-out excerpts with the same seed as stage

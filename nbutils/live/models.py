@@ -65,6 +65,16 @@ class Live:
             captured = capture.run(batch)
         return {layer: self.units.transform(v, layer)[0].float().cpu().numpy() for layer, v in captured.items()}
 
+    def looks(self, ids: list[int], layer: int, index: int) -> Any:
+        """Where unit ``index`` of ``layer`` looks from each token (`nbutils.core.records.Looks`): attention
+        heads only (None for other units, or a collection made with looks turned off)."""
+        from nbutils.core.records import Looks
+
+        found = self.units.looks(self.subject.model, np.asarray([ids], dtype=np.int64), [layer])
+        if not found:
+            return None
+        return Looks(*(found[layer][name][0, index] for name in Looks.LOOKS_FILES))
+
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 

@@ -31,8 +31,9 @@ from typing import Any
 from nbutils.core.config import COLLECT, EXPLAIN, SCORE
 from nbutils.core.errors import UserError
 from nbutils.llm.reach import check_llm_server
+from nbutils.subject.heads import HEAD, OUTPUT_PROJECTIONS
 from nbutils.subject.latents import sae_encoder_folders
-from nbutils.subject.units import NEURON_UNITS, is_registered_kind
+from nbutils.subject.units import NEURON_UNITS, is_registered_kind, kind_named
 
 # the smallest value each number may take (None: any); a parameter that may be None is checked when set
 MINIMUM: dict[str, float] = {
@@ -54,6 +55,8 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
         check_corpus(values["corpus"], values["corpus_text_field"])
         if values["units"] != NEURON_UNITS and not is_registered_kind(values["units"]):
             sae_encoder_folders(values["units"])
+        if kind_named(values["units"]) == HEAD:
+            check_heads(str(values["model"]))
     roles = [("explainer", EXPLAIN), ("simulator", SCORE)]
     for role, stage in roles:
         if stage in stages and values[f"{role}_backend"] == "openai":
@@ -134,6 +137,39 @@ def check_numbers(values: dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=16)
+def check_heads(model: str) -> None:
+    """Attention heads are read where each built-in architecture's attention output projection is: refuse a
+    model whose architecture (from its config alone) has none nbutils knows, or planted neurons (no attention)."""
+    arch = model_architecture(model)
+    if model.startswith("planted") or (arch is not None and arch not in OUTPUT_PROJECTIONS):
+        raise UserError(
+            f"units=attention_heads: nbutils does not know where the attention heads of {model!r} "
+            f"({'planted neurons have no attention' if arch is None else f'architecture {arch!r}'}) write; it "
+            f"knows {', '.join(sorted(OUTPUT_PROJECTIONS))}.",
+            "Collect MLP neurons (-p units=mlp_neurons) or SAE latents on this model, or register a unit type "
+            "for its heads (docs/extensions.md).",
+        )
+
+
+def model_architecture(model: str) -> str | None:
+    """The subject model's ``model_type`` from its config alone (None where it cannot be known so)."""
+    from nbutils.subject.models import embedded_gguf_path
+
+    if model.startswith("planted"):
+        return None
+    path = embedded_gguf_path() if model == "embedded" else Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    config = path / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text())
+        return (cfg.get("text_config") or cfg).get("model_type")
+    return None
+
+
 def model_shape(model: str) -> tuple[int | None, int | None]:
     """(layers, MLP neurons per layer) of the subject model from its config alone (no weights); None where
     it cannot be known without loading (a Hugging Face id not in the local cache, planted neurons)."""

@@ -194,6 +194,46 @@ def heatmap_html(
     return f'<div class="nbx-excerpt" data-kind="{html.escape(kind)}">{"".join(spans)}</div>{pairs}'
 
 
+def looks_svg(tokens: Sequence[str], looks: Any, values: Sequence[float], min_fraction: float = 0.2) -> str:
+    """An attention head's (token <- source) pairs drawn as arcs over a text: one arc from the source to each
+    token where the head's value is at least ``min_fraction`` of its largest on the text (and the source is
+    another token), thicker and darker the larger the value. Token texts are escaped; each arc's tooltip
+    gives the pair, its attention weight and the value."""
+    char, height = 7.4, 22
+    starts, x = [], 4.0
+    for t in tokens:
+        starts.append(x)
+        x += max(len(visible_token(t)), 1) * char + 4
+    centre = [sx + (max(len(visible_token(t)), 1) * char) / 2 for sx, t in zip(starts, tokens)]
+    v = np.asarray(values, dtype=np.float64)
+    top = float(v.max()) if len(v) and v.max() > 0 else 0.0
+    drawn = []
+    for i, src in enumerate(int(s) for s in looks.source):
+        if top > 0 and src != i and v[i] >= min_fraction * top:
+            drawn.append((i, src, min(12 + 6 * (i - src), 90), v[i] / top))
+    base = max((rise for *_, rise, _ in drawn), default=0) * 0.75 + 6
+    arcs = []
+    for i, src, rise, strength in drawn:
+        tip = html.escape(f"{tokens[i]!r} <- {tokens[src]!r}: weight {float(looks.weight[i]):.2f}, value {v[i]:.4g}")
+        a, b, up = centre[src], centre[i], base - rise
+        arcs.append(
+            f'<path d="M{a:.1f},{base:.1f} C{a:.1f},{up:.1f} {b:.1f},{up:.1f} {b:.1f},{base:.1f}" fill="none" '
+            f'stroke="rgba(200,90,0,{0.25 + 0.75 * strength:.2f})" stroke-width="{1 + 2.5 * strength:.1f}">'
+            f"<title>{tip}</title></path>"
+        )
+    words = "".join(
+        f'<text x="{sx:.1f}" y="{base + 16:.1f}">{html.escape(visible_token(t))}</text>'
+        for sx, t in zip(starts, tokens)
+    )
+    none = f"(no token reaches {min_fraction:.0%} of the largest value with another source)"
+    note = "" if arcs else f'<text x="4" y="{base:.1f}" fill="#777">{none}</text>'
+    return (
+        f'<div style="overflow-x:auto"><svg xmlns="http://www.w3.org/2000/svg" width="{x + 4:.0f}" '
+        f'height="{base + height:.0f}" style="font-family:monospace;font-size:12px">'
+        f"{''.join(arcs)}{note}{words}</svg></div>"
+    )
+
+
 def _shown(token: str) -> str:
     return html.escape(repr(token)).replace("\\n", "\u21b5")
 
