@@ -214,7 +214,7 @@ def test_every_look_rule_reads_back_and_simulates_like_a_brute_force_search():
     """`parse_look(describe())` is the rule itself (also inside a rule's clauses); `sources` equals a search
     written here from the definitions, on token sequences with repeats and classes."""
     from nbutils.llm.look_rules import candidates, parse_look
-    from nbutils.llm.rule_language import TOKEN_CLASSES
+    from nbutils.llm.token_classes import TOKEN_CLASSES
 
     rng = np.random.default_rng(0)
     words = [" the", " Cat", ",", " 42", " sat", ".", " the", " Dog"]

@@ -29,7 +29,8 @@ from nbutils.core.records import Excerpt
 from nbutils.core.results import Candidate, ExplanationEntry
 from nbutils.explain.contract import ExplainContext, Explainer
 from nbutils.llm.look_rules import LookRule, best_look
-from nbutils.llm.rule_language import PAIRS, TOKEN_CLASSES, Clause, Rule, in_class, previous_token, rounded, word_of
+from nbutils.llm.rule_language import PAIRS, Clause, Rule, previous_token, rounded
+from nbutils.llm.token_classes import TOKEN_CLASSES, in_class, word_of
 
 # ----------------------------------------------------------------------------------------------------------
 # Finding a rule

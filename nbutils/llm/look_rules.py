@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nbutils.llm.rule_language import TOKEN_CLASSES, is_blank
+from nbutils.llm.token_classes import TOKEN_CLASSES, is_blank
 
 TARGETS = {
     "previous": "the previous token",

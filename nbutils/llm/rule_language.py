@@ -41,31 +41,12 @@ from nbutils.llm.contract import (
     SimulationRequest,
     Usage,
 )
+from nbutils.llm.look_rules import parse_look
 from nbutils.llm.oracle import two_point_distribution
+from nbutils.llm.token_classes import TOKEN_CLASSES, in_class, is_blank, word_of
 
 PAIRS = {"(": ")", "[": "]", "{": "}", '"': '"', "\u201c": "\u201d", "<": ">"}
 """Openers and their closers for ``inside`` clauses (a quote closes itself)."""
-
-
-def is_blank(token: str) -> bool:
-    return not token.strip()
-
-
-TOKEN_CLASSES = {
-    "a word": lambda t: t.strip()[:1].isalpha(),
-    "a capitalised word": lambda t: t.strip()[:1].isupper(),
-    "a number": lambda t: any(c.isdigit() for c in t),
-    "punctuation": lambda t: bool(t.strip()) and not any(c.isalnum() for c in t),
-}
-"""Classes of tokens a clause may name instead of one token (tested on the token's text)."""
-
-
-def word_of(token: str) -> str:
-    return token.strip().lower()
-
-
-def in_class(token: str, cls: str | None) -> bool:
-    return cls is None or TOKEN_CLASSES[cls](token)
 
 
 def previous_token(tokens: Sequence[str], i: int) -> str | None:
@@ -341,8 +322,6 @@ class RulesSimulator(Backend):
         ones (fuzzing), over the rule's largest clause value (a graded clause's first level already says yes);
         for a head's pair (its source and token marked), the token's predicted value where the rule's look
         clause names that source, else 0."""
-        from nbutils.llm.look_rules import parse_look  # it builds on this module's token classes
-
         rule = self._rule(request.explanation)
         top = max((c.value for c in rule.clauses), default=0.0)
         look = parse_look(request.explanation) if request.task == "pairs" else None
