@@ -4,8 +4,9 @@
 
 For each sampled neuron: its 20 top and 20 random excerpts over the embedded corpus, split as stage 02 and
 stage 03 split them (train = top[0::4]; scored = top[2::4] + random[1::3]); the rule found on the train
-excerpts (`nbutils.explain.rules.find_rule`, probing the model) and the token lookup built from them, each
-scored by its top-and-random correlation on the scored excerpts. Prints a Markdown table and writes
+excerpts (`nbutils.explain.rules.find_rule`, probing the model, generalised on the calibration excerpts
+top[1::4] + random[0::3]) and the token lookup built from them, each scored by its top-and-random
+correlation on the scored excerpts; forward passes and seconds per unit (its cost). Prints a Markdown table and writes
 bench/results/rules.json. (The planted-neuron rows: `python bench/planted.py --backend rules`.)
 """
 
@@ -65,9 +66,10 @@ def main() -> int:
 
             top, rand = [excerpt(k) for k in top_rows], [excerpt(k) for k in random_rows]
             train, scored = top[0::4], top[2::4] + rand[1::3]
+            held_out = top[1::4] + rand[0::3]  # stage 02's calibration excerpts: what the rule is generalised on
             probe = UnitProbe(model, site, units, layer, unit, neutral_id=tok.eos_token_id)
             t0 = time.perf_counter()
-            found = find_rule(train, probe)
+            found = find_rule(train, probe, held_out=held_out)
             seconds = time.perf_counter() - t0
             actual = np.concatenate([e.activations for e in scored])
             rule = np.concatenate([found.rule.apply(e.tokens) for e in scored])
@@ -85,10 +87,13 @@ def main() -> int:
         rule = json.dumps(row["rule"][:90])[1:-1].replace("|", "\\|")
         print(f"| {row['unit']} | {row['rules r']:.3f} | {row['token lookup r']:.3f} | {row['forward passes']} | "
               f"{row['sequences']} | {row['seconds']:.1f} | {rule} |")  # fmt: skip
-    mean = {k: float(np.mean([row[k] for row in rows])) for k in ("rules r", "token lookup r")}
+    mean = {
+        k: float(np.mean([row[k] for row in rows])) for k in ("rules r", "token lookup r", "forward passes", "seconds")
+    }
     wins = sum(row["rules r"] > row["token lookup r"] for row in rows)
     print(
-        f"\nmean: rules {mean['rules r']:.3f}, token lookup {mean['token lookup r']:.3f}; rules ahead on {wins} of {len(rows)}"
+        f"\nmean: rules {mean['rules r']:.3f}, token lookup {mean['token lookup r']:.3f}; rules ahead on {wins} of "
+        f"{len(rows)}; per unit {mean['forward passes']:.1f} forward passes, {mean['seconds']:.2f} s"
     )
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "rules.json").write_text(json.dumps({"rows": rows, "mean": mean, "wins": wins}, indent=1))

@@ -325,3 +325,70 @@ def test_stage_03_simulates_an_entry_by_what_its_explainer_recorded_never_by_its
     assert legacy.simulator is None and exact_simulator(legacy).rule == rule
     hinted = ExplanationEntry(0, 1, "positive", explanation="cats", rule=recorded)  # explain_with_rules: a hint
     assert exact_simulator(hinted) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classes of tokens, and rules that name them
+# ----------------------------------------------------------------------------------------------------------
+
+CLASS_TOKENS = ["Hello", " WORLD", " 42", ",", " (", "x", ")", ".", "\n", "  ", "next", " 'q'", " the", " WORLD"]
+"""Tokens whose classes are written out by hand below (positions, not the definitions' code)."""
+HAND = {
+    "a word": [0, 1, 5, 10, 12, 13], "a capitalised word": [0, 1, 13], "a number": [2],
+    "punctuation": [3, 4, 6, 7], "a word in all capitals": [1, 13], "a lower-case word": [5, 10, 12],
+    "an opening bracket": [4], "a closing bracket": [6], "a quote mark": [11], "a comma": [3],
+    "sentence-ending punctuation": [7], "a line break": [8], "white space": [8, 9],
+    "a token at the start of a line": [10], "the first token": [0], "one of the first 3 tokens": [0, 1, 2],
+}  # fmt: skip
+
+
+def test_every_class_reads_back_and_matches_the_tokens_a_reader_would_name():
+    """Each class clause, and each class as the context of an "after" clause, is written in words that parse
+    back to the same clause; the classes match the tokens listed by hand; every class the rule language knows
+    is in the list or is a "first N tokens" class (checked on its own)."""
+    from nbutils.llm.token_classes import CLASSES, REPEATED
+
+    for cls in CLASSES:
+        clause = Clause("repeat", 1.0) if cls == REPEATED else Clause("class", 1.0, token=cls)
+        assert parse_rule(Rule((clause,)).describe()) == Rule((clause,)), cls
+        after = Rule((Clause("after", 0.5, context_class=cls), Clause("after", 2.0, token_class=cls, context=".")))
+        assert parse_rule(after.describe()) == after, cls
+        if cls in HAND:
+            got = np.flatnonzero(Rule((Clause("class", 1.0, token=cls),)).apply(CLASS_TOKENS)).tolist()
+            assert got == HAND[cls], cls
+        elif cls.startswith("one of the first "):
+            n = int(cls.split()[4])
+            assert np.flatnonzero(Rule((Clause("class", 1.0, token=cls),)).apply(CLASS_TOKENS)).tolist() == list(
+                range(min(n, 14))
+            )
+        else:
+            assert cls == REPEATED
+    assert np.flatnonzero(Rule((Clause("repeat", 1.0),)).apply(CLASS_TOKENS)).tolist() == [13]
+    # the nearest earlier non-blank token decides the context: " WORLD" (13) follows "the", "next" (10) follows "."
+    after_caps = Rule((Clause("after", 1.0, context_class="a word in all capitals"),)).apply(CLASS_TOKENS)
+    assert np.flatnonzero(after_caps).tolist() == [2]
+
+
+@pytest.fixture(scope="module")
+def class_bench(tmp_path_factory):
+    """The planted benchmark with the rules explainer on planted class units (bench/planted_classes.py)."""
+    from nbutils.run.planted_bench import run_planted_benchmark
+
+    spec = f"planted:{CONTEXT_SET.parent / 'planted_classes.py'}"
+    out = tmp_path_factory.mktemp("classes")
+    return run_planted_benchmark(out, spec, n_excerpts=600, backend="rules", oracle=False, n_boot=20, progress=False)
+
+
+def test_the_rules_name_the_class_where_they_listed_its_members(class_bench):
+    """On ten planted class units the rules reach a mean top-and-random correlation >= 0.9 with none below 0.8
+    (the rules before classes and held-out generalisation: 0.60, lists of members), and where a class clause
+    states the truth the rule is that one clause, with no token listed."""
+    rows = {r["neuron"]: r for r in class_bench["rows"]}
+    values = [r["generated r"] for r in rows.values()]
+    assert np.mean(values) >= 0.9 and min(values) >= 0.8, {n: r["generated r"] for n, r in rows.items()}
+    one_clause = {"all capitals": "a word in all capitals", "closing brackets": "a closing bracket",
+                  "line starts": "a token at the start of a line", "early tokens": "one of the first 4 tokens",
+                  "after capitals": "right after a word in all capitals"}  # fmt: skip
+    for name, words in one_clause.items():
+        text = rows[name]["generated"]
+        assert words in text and text.count("(") == 1 and 'on "' not in text, (name, text)

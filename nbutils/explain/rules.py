@@ -30,7 +30,7 @@ from nbutils.core.results import Candidate, ExplanationEntry
 from nbutils.explain.contract import ExplainContext, Explainer
 from nbutils.llm.look_rules import LookRule, best_look
 from nbutils.llm.rule_language import PAIRS, Clause, Rule, previous_token, rounded
-from nbutils.llm.token_classes import TOKEN_CLASSES, in_class, word_of
+from nbutils.llm.token_classes import CLASSES, REPEATED, TOKEN_CLASSES, in_class, word_of
 
 # ----------------------------------------------------------------------------------------------------------
 # Finding a rule
@@ -102,16 +102,20 @@ class RuleSearch:
     sequences: int = 0
     train_correlation: float | None = None
     note: str | None = None
+    held_out_correlation: float | None = None
+    """The rule's correlation on the held-out excerpts it was generalised on (None without them)."""
 
 
 def find_rule(
     train: Sequence[Excerpt], probe: UnitProbe | None, max_peaks: int = 12, window: int = 24, keep: float = 0.5,
-    max_clauses: int = 12, min_gain: float = 0.005,
+    max_clauses: int = 12, min_gain: float = 0.005, held_out: Sequence[Excerpt] = (),
 ) -> RuleSearch:  # fmt: skip
     """A rule for one unit side from its train excerpts (activations as collected, the side's sign applied).
 
     ``probe`` runs the subject model for pruning; without one (or without token ids) only token clauses are
-    considered. ``keep``: the fraction of a peak's activation a pruned context must keep."""
+    considered. ``keep``: the fraction of a peak's activation a pruned context must keep. ``held_out``:
+    excerpts the rule is generalised on (`_generalise`; stage 02 passes the calibration excerpts), never the
+    ones stage 03 scores on."""
     train = [e for e in train if len(e.tokens)]
     top = max((float(np.max(e.activations)) for e in train), default=0.0)
     if not train or top <= 0:
@@ -125,8 +129,12 @@ def find_rule(
         findings = _probe_peaks(train, probe, top, max_peaks, window, keep)
     candidates = _candidates(train, findings, top)
     rule, r = _select(train, candidates, max_clauses, min_gain)
+    rule, held = _generalise(rule, train, held_out, candidates, max_clauses)
     work = (probe.forward_passes - before[0], probe.sequences - before[1]) if probe is not None else (0, 0)
-    return RuleSearch(rule, findings, work[0], work[1], r, note)
+    if held is not None:
+        r = _pearson(np.concatenate([np.asarray(e.activations, dtype=float) for e in train]),
+                     np.concatenate([rule.apply(e.tokens) for e in train])) if rule.clauses else None  # fmt: skip
+    return RuleSearch(rule, findings, work[0], work[1], r, note, held)
 
 
 def _peaks(train: Sequence[Excerpt], top: float, max_peaks: int) -> list[tuple[int, int, float]]:
@@ -194,7 +202,8 @@ def _candidates(train: Sequence[Excerpt], findings: list[Finding], top: float) -
             sums.setdefault(t, []).append(float(a))
     out: list[Clause] = [Clause("token", 0.0, token=t) for t, a in sums.items() if np.mean(a) >= 0.1 * top]
     out += [Clause("word", 0.0, token=word_of(c.token)) for c in out if word_of(c.token or "")]
-    out += [Clause("class", 0.0, token=c) for c in TOKEN_CLASSES]
+    out += [Clause("class", 0.0, token=c) for c in CLASSES if c != REPEATED] + [Clause("repeat", 0.0)]
+    out += [Clause("after", 0.0, context_class=c) for c in CLASSES]  # any token right after one of a class
     for f in findings:
         if f.key_token is None or f.importance < 0.3:
             continue
@@ -257,6 +266,66 @@ def _select(
     return Rule(tuple(order)), (best if chosen else None)
 
 
+DESCRIPTION_COST = 0.005
+"""What one more clause must be worth in held-out correlation (`_generalise`'s description-length term)."""
+
+
+def _general(clause: Clause) -> bool:
+    """A clause that names a class of tokens or contexts rather than given tokens."""
+    return clause.kind in ("class", "repeat") or (
+        clause.kind == "after" and clause.token is None and clause.context is None and clause.context_class is not None
+    )
+
+
+def _generalise(
+    rule: Rule, train: Sequence[Excerpt], held_out: Sequence[Excerpt], candidates: list[Clause], max_clauses: int
+) -> tuple[Rule, float | None]:
+    """The rule that explains the held-out excerpts best for its length: local search from the greedy rule
+    over removing a clause, swapping one for a class clause, replacing every clause a class covers (on the
+    train and held-out tokens) by that class, and adding a class clause, each move kept while it raises the
+    held-out correlation minus `DESCRIPTION_COST` per clause (a description-length criterion). So one class
+    clause replaces a list of its members when it predicts the held-out activations as well, and a list stays
+    where no class does. Class clauses take the values fitted on the train excerpts. Returns the rule and its
+    held-out correlation (None without held-out excerpts)."""
+    held_out = [e for e in held_out if len(e.tokens)]
+    if not held_out or not rule.clauses:
+        return rule, None
+    acts = np.concatenate([np.asarray(e.activations, dtype=float) for e in held_out])
+    both = [*train, *held_out]
+    general = [c for c in (_fitted(c, train) for c in candidates if _general(c)) if c is not None]
+    pool = list(dict.fromkeys([*rule.clauses, *(c for c, _ in general)]))
+    pred = {c: np.concatenate([c.matches(e.tokens) for e in held_out]) for c in pool}
+    mask = {c: np.concatenate([replace(c, value=1.0).matches(e.tokens) for e in both]) > 0 for c in pool}
+
+    def objective(clauses: tuple[Clause, ...]) -> float:
+        p = np.max([pred[c] for c in clauses], axis=0) if clauses else np.zeros_like(acts)
+        return _pearson(acts, p) - DESCRIPTION_COST * len(clauses)
+
+    current = tuple(rule.clauses)
+    best = objective(current)
+    while True:
+        moves: list[tuple[Clause, ...]] = [tuple(x for x in current if x is not c) for c in current]
+        for g, _ in general:
+            if g in current:
+                continue
+            covered = [c for c in current if not (mask[c] & ~mask[g]).any()]
+            if covered:
+                moves.append(tuple(x for x in current if x not in covered) + (g,))
+            moves += [tuple(x for x in current if x is not c) + (g,) for c in current]
+            if len(current) < max_clauses:
+                moves.append(current + (g,))
+        scored = [(objective(m), -len(m), k) for k, m in enumerate(moves) if m]
+        if not scored:
+            break
+        value, _, k = max(scored)
+        if value <= best + 1e-9:
+            break
+        current, best = moves[k], value
+    order = sorted(current, key=lambda c: (c.kind != "token", -c.value))
+    chosen = Rule(tuple(order))
+    return chosen, objective(current) + DESCRIPTION_COST * len(current)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The explainer
 # ----------------------------------------------------------------------------------------------------------
@@ -307,14 +376,17 @@ class RulesExplainer(Explainer):
         neutral = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
         return UnitProbe(subject.model, site, units, layer, index, negative, self.settings.batch_size, neutral)
 
-    def find(self, train: Sequence[Excerpt], layer: int, index: int, negative: bool = False) -> RuleSearch:
-        """`find_rule` for one unit side of the bound collection."""
+    def find(
+        self, train: Sequence[Excerpt], layer: int, index: int, negative: bool = False,
+        held_out: Sequence[Excerpt] = (),
+    ) -> RuleSearch:  # fmt: skip
+        """`find_rule` for one unit side of the bound collection (generalised on ``held_out``)."""
         s = self.settings
-        return find_rule(train, self.probe(layer, index, negative), s.max_peaks, s.window)
+        return find_rule(train, self.probe(layer, index, negative), s.max_peaks, s.window, held_out=held_out)
 
     def find_for(self, ctx: ExplainContext) -> RuleSearch:
-        """`find` for the unit side of an explainer's context."""
-        return self.find(ctx.train, ctx.record.id.layer, ctx.record.id.index, ctx.negative)
+        """`find` for the unit side of an explainer's context, generalised on its calibration excerpts."""
+        return self.find(ctx.train, ctx.record.id.layer, ctx.record.id.index, ctx.negative, ctx.calibration)
 
     def explain(self, ctx: ExplainContext) -> None:
         rules_entry(ctx.entry, self.find_for(ctx), look=best_look(ctx.train + ctx.calibration))
@@ -325,6 +397,7 @@ def rule_record(found: RuleSearch) -> dict[str, Any]:
     return {
         **found.rule.to_dict(), "forward_passes": found.forward_passes, "sequences": found.sequences,
         "train_correlation": found.train_correlation, "note": found.note,
+        "held_out_correlation": found.held_out_correlation,
     }  # fmt: skip
 
 

@@ -5,9 +5,12 @@ A rule is a list of clauses, each a condition on a token and the value it predic
 
 - ``on "tok"``: the token itself fires (the token-lookup baseline's kind of clause);
 - ``on the word "w"``: any token that reads w without its spaces and case (" In", "in", "IN");
-- ``on a capitalised word`` (and ``a number``, ``punctuation``, ``a word``): a class of tokens;
+- ``on a capitalised word`` (``a word in all capitals``, ``a lower-case word``, ``a number``, ``a closing
+  bracket``, ``sentence-ending punctuation``, ``a line break``, ...; ``a token at the start of a line``, ``one
+  of the first 4 tokens``): a class of tokens, by its text or its place (`nbutils.llm.token_classes`);
 - ``on any token right after "c"`` / ``on "tok" right after "c"`` / ``on a word right after a token ending
-  in "c"``: the nearest earlier non-blank token is c (or ends with it);
+  in "c"`` / ``on any token right after a word in all capitals``: the nearest earlier non-blank token is c
+  (or ends with it, or is of that class);
 - ``inside "(" ... ")"``: after an opener that is not yet closed, optionally more the deeper the nesting;
 - ``on a token repeated from earlier in the text``: a non-blank token that occurred before in the excerpt.
 
@@ -43,18 +46,24 @@ from nbutils.llm.contract import (
 )
 from nbutils.llm.look_rules import parse_look
 from nbutils.llm.oracle import two_point_distribution
-from nbutils.llm.token_classes import TOKEN_CLASSES, in_class, is_blank, word_of
+from nbutils.llm.token_classes import CLASSES, is_blank, member, word_of
 
 PAIRS = {"(": ")", "[": "]", "{": "}", '"': '"', "\u201c": "\u201d", "<": ">"}
 """Openers and their closers for ``inside`` clauses (a quote closes itself)."""
 
 
-def previous_token(tokens: Sequence[str], i: int) -> str | None:
-    """The nearest non-blank token before position i (None at the start)."""
+def previous_index(tokens: Sequence[str], i: int) -> int | None:
+    """The position of the nearest non-blank token before position i (None at the start)."""
     j = i - 1
     while j >= 0 and is_blank(tokens[j]):
         j -= 1
-    return tokens[j] if j >= 0 else None
+    return j if j >= 0 else None
+
+
+def previous_token(tokens: Sequence[str], i: int) -> str | None:
+    """The nearest non-blank token before position i (None at the start)."""
+    j = previous_index(tokens, i)
+    return tokens[j] if j is not None else None
 
 
 def nesting(tokens: Sequence[str], opener: str, closer: str) -> np.ndarray:
@@ -77,12 +86,12 @@ def nesting(tokens: Sequence[str], opener: str, closer: str) -> np.ndarray:
 class Clause:
     """One condition on a token and the value it predicts there.
 
-    ``kind``: "token" (``token`` fires), "word" (a token that reads ``token`` stripped and lower-cased), "class" (a token of class ``token``, a key of `TOKEN_CLASSES`),
-    "after" (``token``, or a token of class ``token_class`` or any token when both are None, right after
-    ``context``, or after a token ending in it with ``ending``, or after any token of class
-    ``context_class``), "inside" (after an unclosed ``context``
-    opener, closed by ``closer``; ``graded``: value per level of nesting) or "repeat" (a non-blank token seen
-    earlier in the excerpt)."""
+    ``kind``: "token" (``token`` fires), "word" (a token that reads ``token`` stripped and lower-cased),
+    "class" (a token of class ``token``, one of `nbutils.llm.token_classes.CLASSES`: its text's class or its
+    place in the excerpt), "after" (``token``, or a token of class ``token_class`` or any token when both are
+    None, right after ``context``, or after a token ending in it with ``ending``, or after any token of class
+    ``context_class``), "inside" (after an unclosed ``context`` opener, closed by ``closer``; ``graded``: value
+    per level of nesting) or "repeat" (a non-blank token seen earlier in the excerpt)."""
 
     kind: str
     value: float
@@ -95,13 +104,14 @@ class Clause:
     context_class: str | None = None
 
     def _after(self, tokens: Sequence[str], i: int) -> bool:
-        if not (tokens[i] == self.token if self.token is not None else in_class(tokens[i], self.token_class)):
+        if not (tokens[i] == self.token if self.token is not None else member(tokens, i, self.token_class)):
             return False
-        before = previous_token(tokens, i)
-        if before is None:
+        j = previous_index(tokens, i)
+        if j is None:
             return False
         if self.context_class is not None:
-            return in_class(before, self.context_class)
+            return member(tokens, j, self.context_class)
+        before = tokens[j]
         return before.strip().endswith(self.context.strip()) if self.ending else before == self.context
 
     def matches(self, tokens: Sequence[str]) -> np.ndarray:
@@ -112,7 +122,7 @@ class Clause:
         elif self.kind == "word":
             hit = np.array([word_of(t) == self.token for t in tokens], dtype=float)
         elif self.kind == "class":
-            hit = np.array([in_class(t, self.token) for t in tokens], dtype=float)
+            hit = np.array([member(tokens, i, self.token) for i in range(n)], dtype=float)
         elif self.kind == "after":
             hit = np.array([self._after(tokens, i) for i in range(n)], dtype=float)
         elif self.kind == "inside":
@@ -190,10 +200,11 @@ class Rule:
 
 _JSON = r'"(?:[^"\\]|\\.)*"'
 _NUM = r"([-+0-9.e]+)"
-_CLASSES = "|".join(TOKEN_CLASSES)
+_CLASSES = "|".join(re.escape(c) for c in sorted(CLASSES, key=len, reverse=True))
 _PATTERNS = [
     ("token", re.compile(rf"on ({_JSON}) \({_NUM}\)$")),
     ("word", re.compile(rf"on the word ({_JSON}) \({_NUM}\)$")),
+    ("repeat", re.compile(rf"on a token repeated from earlier in the text \({_NUM}\)$")),
     ("class", re.compile(rf"on ({_CLASSES}) \({_NUM}\)$")),
     (
         "after",
@@ -202,7 +213,6 @@ _PATTERNS = [
         ),
     ),
     ("inside", re.compile(rf"inside ({_JSON}) \.\.\. ({_JSON})(, more the deeper)? \({_NUM}( per level)?\)$")),
-    ("repeat", re.compile(rf"on a token repeated from earlier in the text \({_NUM}\)$")),
 ]
 
 
@@ -257,7 +267,7 @@ def _parse_clause(part: str) -> Clause | None:
                 return Clause("class", float(g[1]), token=g[0])
             if kind == "after":
                 token = json.loads(g[0]) if g[0].startswith('"') else None
-                token_class = g[0] if g[0] in TOKEN_CLASSES else None
+                token_class = g[0] if g[0] in CLASSES else None
                 context = json.loads(g[2]) if g[2] is not None else None
                 return Clause("after", float(g[4]), token=token, context=context, token_class=token_class,
                               ending=g[1] is not None, context_class=g[3])  # fmt: skip
