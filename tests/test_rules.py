@@ -392,3 +392,39 @@ def test_the_rules_name_the_class_where_they_listed_its_members(class_bench):
     for name, words in one_clause.items():
         text = rows[name]["generated"]
         assert words in text and text.count("(") == 1 and 'on "' not in text, (name, text)
+
+
+def test_a_group_the_model_embeds_alike_replaces_the_months_it_was_shown(embedded):
+    """A unit that fires on month names, shown five months: the embedded model's input embeddings group the
+    months (nearest neighbours of a month seen at a peak), and the held-out search prefers that one group clause
+    to the five tokens, because it also names the months the train excerpts never showed; it reads back from its
+    words and simulates without the model."""
+    from nbutils.core.records import Excerpt
+    from nbutils.explain.rules import Finding, UnitProbe, _candidates, _generalise, _groups, _select
+
+    tok = embedded.tokenizer
+    months = [" January", " February", " March", " April", " May", " June", " July", " August", " September",
+              " October", " November", " December"]  # fmt: skip
+
+    def excerpt(text: str) -> Excerpt:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        tokens = [tok.decode([i]) for i in ids]
+        return Excerpt(tokens, np.array([float(t in months) for t in tokens]), ids)
+
+    shown = [" January", " March", " June", " August", " October"]
+    train = [excerpt(f"The report was filed in{m} after the review.") for m in shown]
+    held_out = [excerpt(f"We met in{m} and again later.") for m in months if m not in shown]
+    held_out += [excerpt("The code runs fast and the tests pass today."), excerpt("A list of values follows.")]
+    probe = UnitProbe(embedded.model, None, None, 0, 0, tokenizer=tok)
+    findings = [Finding(k, e.tokens.index(m), 1.0, 1) for k, (e, m) in enumerate(zip(train, shown))]
+    groups = _groups(train, findings, probe)
+    assert groups and all(g.kind == "group" for g in groups)
+    assert sum(m in groups[0].members for m in months) >= 8  # the model groups the months
+    candidates = _candidates(train, [], 1.0) + groups
+    greedy, _ = _select(train, candidates, 12, 0.005)
+    assert [c.kind for c in greedy.clauses] == ["group"]  # on its train excerpts one clause already does
+    listed = Rule(tuple(Clause("token", 1.0, token=m) for m in shown))  # what the rules wrote before groups
+    rule, held = _generalise(listed, train, held_out, candidates, 12)
+    assert [c.kind for c in rule.clauses] == ["group"], rule.describe()
+    assert parse_rule(rule.describe()) == rule and Rule.from_dict(rule.to_dict()) == rule
+    assert held > 0.9

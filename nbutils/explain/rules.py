@@ -37,15 +37,24 @@ from nbutils.llm.token_classes import CLASSES, REPEATED, TOKEN_CLASSES, in_class
 # ----------------------------------------------------------------------------------------------------------
 
 
+GROUP_SIZE = 16
+"""Tokens at most in a group of tokens the model embeds alike (`UnitProbe.neighbours`)."""
+GROUP_COSINE = 0.6
+"""How alike: the cosine of the input embeddings with the token the group is named by."""
+
+
 class UnitProbe:
     """One unit's value at the last token of token-id sequences, from the subject model (batched, right
     padded: a causal model's earlier positions never see the padding). Counts what it runs."""
 
     def __init__(
         self, model: Any, site: Any, units: Any, layer: int, index: int, negative: bool = False,
-        batch_size: int = 64, neutral_id: int | None = None,
+        batch_size: int = 64, neutral_id: int | None = None, tokenizer: Any = None,
     ) -> None:  # fmt: skip
-        self.model, self.site, self.units = model, site, units
+        """``tokenizer``: decodes the token ids of groups of tokens the model embeds alike (`neighbours`);
+        without one no group clause is proposed."""
+        self.model, self.site, self.units, self.tokenizer = model, site, units, tokenizer
+        self._unit_embeddings: Any = None
         self.layer, self.index, self.sign = layer, index, -1.0 if negative else 1.0
         self.batch_size = batch_size
         tok = getattr(model, "tokenizer", None)
@@ -76,6 +85,25 @@ class UnitProbe:
                 self.forward_passes += 1
                 self.sequences += len(chunk)
         return out * self.sign
+
+    def neighbours(self, token_id: int, k: int = GROUP_SIZE, min_cosine: float = GROUP_COSINE) -> list[str]:
+        """The token itself and up to ``k - 1`` tokens whose input embeddings are nearest to it (cosine at least
+        ``min_cosine``), decoded, nearest first; [] without a tokenizer or input embeddings."""
+        get = getattr(self.model, "get_input_embeddings", None)
+        if self.tokenizer is None or get is None or get() is None:
+            return []
+        import torch
+
+        if self._unit_embeddings is None:
+            e = get().weight.detach().float()
+            self._unit_embeddings = e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        e = self._unit_embeddings
+        if not 0 <= token_id < len(e):
+            return []
+        sims = e @ e[token_id]
+        values, ids = torch.topk(sims, min(k, len(e)))
+        near = [int(i) for v, i in zip(values.tolist(), ids.tolist()) if v >= min_cosine or int(i) == token_id]
+        return list(dict.fromkeys(self.tokenizer.decode([i]) for i in [token_id, *near]))
 
 
 @dataclass
@@ -127,7 +155,7 @@ def find_rule(
         note = "no subject model or token ids: token clauses only (no pruning)"
     else:
         findings = _probe_peaks(train, probe, top, max_peaks, window, keep)
-    candidates = _candidates(train, findings, top)
+    candidates = _candidates(train, findings, top) + _groups(train, findings, probe)
     rule, r = _select(train, candidates, max_clauses, min_gain)
     rule, held = _generalise(rule, train, held_out, candidates, max_clauses)
     work = (probe.forward_passes - before[0], probe.sequences - before[1]) if probe is not None else (0, 0)
@@ -224,6 +252,24 @@ def _candidates(train: Sequence[Excerpt], findings: list[Finding], top: float) -
     return list(dict.fromkeys(out))
 
 
+def _groups(train: Sequence[Excerpt], findings: list[Finding], probe: UnitProbe | None, seeds: int = 8) -> list[Clause]:
+    """Group clauses: for the tokens at the strongest peaks (up to ``seeds`` distinct ones), the tokens the
+    subject model embeds alike (`UnitProbe.neighbours`), as one clause named by the peak's token."""
+    if probe is None:
+        return []
+    ids: dict[int, str] = {}
+    for f in findings:
+        e = train[f.excerpt]
+        if e.token_ids and len(ids) < seeds:
+            ids.setdefault(int(e.token_ids[f.position]), e.tokens[f.position])
+    out = []
+    for token_id, token in ids.items():
+        members = probe.neighbours(token_id)
+        if len(members) > 1:
+            out.append(Clause("group", 0.0, token=token, members=tuple(members)))
+    return out
+
+
 def _fitted(clause: Clause, train: Sequence[Excerpt]) -> tuple[Clause, np.ndarray] | None:
     """The clause with its value (mean activation where it matches; per level for a graded one) and its
     match pattern over the concatenated train tokens; None if it matches nothing."""
@@ -272,7 +318,7 @@ DESCRIPTION_COST = 0.005
 
 def _general(clause: Clause) -> bool:
     """A clause that names a class of tokens or contexts rather than given tokens."""
-    return clause.kind in ("class", "repeat") or (
+    return clause.kind in ("class", "repeat", "group") or (
         clause.kind == "after" and clause.token is None and clause.context is None and clause.context_class is not None
     )
 
@@ -374,7 +420,7 @@ class RulesExplainer(Explainer):
         subject, units, site = self._loaded
         tok = subject.tokenizer
         neutral = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
-        return UnitProbe(subject.model, site, units, layer, index, negative, self.settings.batch_size, neutral)
+        return UnitProbe(subject.model, site, units, layer, index, negative, self.settings.batch_size, neutral, tok)
 
     def find(
         self, train: Sequence[Excerpt], layer: int, index: int, negative: bool = False,

@@ -11,6 +11,9 @@ A rule is a list of clauses, each a condition on a token and the value it predic
 - ``on any token right after "c"`` / ``on "tok" right after "c"`` / ``on a word right after a token ending
   in "c"`` / ``on any token right after a word in all capitals``: the nearest earlier non-blank token is c
   (or ends with it, or is of that class);
+- ``on a token the model embeds like " Monday": one of [" Monday", " Tuesday", ...]``: a set of tokens the
+  subject model treats alike (its input embeddings' nearest neighbours of a token the unit fires on), named by
+  that token, its members listed so that the clause simulates without the model;
 - ``inside "(" ... ")"``: after an opener that is not yet closed, optionally more the deeper the nesting;
 - ``on a token repeated from earlier in the text``: a non-blank token that occurred before in the excerpt.
 
@@ -91,7 +94,8 @@ class Clause:
     place in the excerpt), "after" (``token``, or a token of class ``token_class`` or any token when both are
     None, right after ``context``, or after a token ending in it with ``ending``, or after any token of class
     ``context_class``), "inside" (after an unclosed ``context`` opener, closed by ``closer``; ``graded``: value
-    per level of nesting) or "repeat" (a non-blank token seen earlier in the excerpt)."""
+    per level of nesting), "repeat" (a non-blank token seen earlier in the excerpt) or "group" (one of
+    ``members``, tokens the subject model embeds like ``token``)."""
 
     kind: str
     value: float
@@ -102,6 +106,8 @@ class Clause:
     token_class: str | None = None
     ending: bool = False
     context_class: str | None = None
+    members: tuple[str, ...] | None = None
+    """For "group": the tokens of the group (exact simulation needs no model)."""
 
     def _after(self, tokens: Sequence[str], i: int) -> bool:
         if not (tokens[i] == self.token if self.token is not None else member(tokens, i, self.token_class)):
@@ -128,6 +134,9 @@ class Clause:
         elif self.kind == "inside":
             depth = nesting(tokens, self.context or "", self.closer or "")
             hit = depth if self.graded else (depth > 0).astype(float)
+        elif self.kind == "group":
+            members = set(self.members or ())
+            hit = np.array([t in members for t in tokens], dtype=float)
         elif self.kind == "repeat":
             seen: set[str] = set()
             hit = np.zeros(n)
@@ -152,6 +161,9 @@ class Clause:
             where = f"a token ending in {json.dumps(self.context)}" if self.ending else json.dumps(self.context)
             where = self.context_class or where
             return f"on {what} right after {where} ({v})"
+        if self.kind == "group":
+            listed = json.dumps(list(self.members or ()), ensure_ascii=False)
+            return f"on a token the model embeds like {json.dumps(self.token)}: one of {listed} ({v})"
         if self.kind == "inside":
             span = f"inside {json.dumps(self.context)} ... {json.dumps(self.closer)}"
             return f"{span}, more the deeper ({v} per level)" if self.graded else f"{span} ({v})"
@@ -195,7 +207,8 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rule:
-        return cls(tuple(Clause(**c) for c in data.get("clauses", ())))
+        made = [{**c, **({"members": tuple(c["members"])} if "members" in c else {})} for c in data.get("clauses", ())]
+        return cls(tuple(Clause(**c) for c in made))
 
 
 _JSON = r'"(?:[^"\\]|\\.)*"'
@@ -205,6 +218,7 @@ _PATTERNS = [
     ("token", re.compile(rf"on ({_JSON}) \({_NUM}\)$")),
     ("word", re.compile(rf"on the word ({_JSON}) \({_NUM}\)$")),
     ("repeat", re.compile(rf"on a token repeated from earlier in the text \({_NUM}\)$")),
+    ("group", re.compile(rf"on a token the model embeds like ({_JSON}): one of (\[.*\]) \({_NUM}\)$")),
     ("class", re.compile(rf"on ({_CLASSES}) \({_NUM}\)$")),
     (
         "after",
@@ -265,6 +279,11 @@ def _parse_clause(part: str) -> Clause | None:
                 return Clause("word", float(g[1]), token=json.loads(g[0]))
             if kind == "class":
                 return Clause("class", float(g[1]), token=g[0])
+            if kind == "group":
+                members = json.loads(g[1])
+                if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                    return None
+                return Clause("group", float(g[2]), token=json.loads(g[0]), members=tuple(members))
             if kind == "after":
                 token = json.loads(g[0]) if g[0].startswith('"') else None
                 token_class = g[0] if g[0] in CLASSES else None
