@@ -261,9 +261,10 @@ def test_search_finds_explanations_and_tokens(scored):
     key, entry = sorted(scored.explanations.items())[0]
     word = max(entry.explanation.split(), key=len)
     hits = scored.search(word.upper())
-    assert any((r["layer"], r["neuron"], r["sign"]) == key and r["where"] == "explanation" for r in hits.rows)
-    assert list(hits.to_frame().columns) == ["layer", "neuron", "sign", "where", "explanation", "score"]
-    assert scored.search("zzqxv no such words").rows == []
+    assert any((r["layer"], r["neuron"], r["sign"]) == key and r["matched"] for r in hits.rows)
+    assert [r["relevance"] for r in hits.rows] == sorted((r["relevance"] for r in hits.rows), reverse=True)
+    assert list(hits.to_frame().columns) == ["layer", "neuron", "sign", "matched", "relevance", "explanation", "score"]
+    assert scored.search("zzqxv qqwxz").rows == []  # any word may match: none of these does
     assert "No explanation matches" in scored.search("<b>zzqxv</b>")._repr_html_()
 
 

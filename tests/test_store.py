@@ -338,3 +338,74 @@ def test_a_manifest_checksums_the_store_with_its_log_folded_in(tmp_path):
     assert (stage / "results.sqlite-wal").stat().st_size == 0 and changed_files(stage, run) == []
     reader.close()
     assert changed_files(stage, run) == []  # closing the last reader changes nothing the manifest vouched for
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranked full-text search
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _texts() -> list[dict]:
+    return [
+        _entry(0, 0, explanation="names of months and days of the week"),
+        _entry(0, 1, explanation="the month name after a date", candidates=[{"explanation": "calendar dates", "reply": "r"}]),
+        _entry(1, 2, explanation="closing brackets", baseline={"explanation": "the tokens \")\", \"]\""}),
+        _entry(1, 3, explanation="commas", rule={"clauses": [{"kind": "class", "value": 1.0, "token": "a comma"}]}),
+        _entry(2, 0, explanation=None, failure="no reply", baseline={"explanation": "the tokens \" month\", \" day\""}),
+    ]  # fmt: skip
+
+
+def test_text_search_ranks_by_words_matched_stems_and_where_they_matched(tmp_path):
+    """BM25 over the explanation, candidates, rule and baseline tokens: an explanation with both query words
+    ranks above one with one; stems match ("months" finds "month"); a candidate, a rule's words and the
+    baseline's tokens are found too, below explanation matches; the matched words come back."""
+    store = ResultStore(tmp_path)
+    store.put_many(iter((e, None, None) for e in _texts()))
+    found = store.text_search("months days")
+    keys = [k for k, _, _ in found]
+    assert keys[0] == (0, 0, "positive") and set(keys) == {(0, 0, "positive"), (0, 1, "positive"), (2, 0, "positive")}
+    assert found[0][2] == ["months", "days"] and [r for _, r, _ in found] == sorted(
+        (r for _, r, _ in found), reverse=True
+    )
+    one = [k for k, _, _ in store.text_search("month")]
+    assert one.index((0, 1, "positive")) < one.index((2, 0, "positive"))  # in the explanation before the tokens
+    assert [k for k, _, _ in store.text_search("calendar")] == [(0, 1, "positive")]  # a candidate
+    assert [k for k, _, _ in store.text_search("comma")] == [(1, 3, "positive")]  # explanation "commas", stemmed
+    assert store.text_search("zzqxv") == [] and len(store.text_search("month", limit=1)) == 1
+    with pytest.raises(UserError, match="has no words"):
+        store.text_search(" !? ")
+
+
+def test_the_index_follows_rewrites_and_merged_parts(tmp_path):
+    """Rewriting an entry replaces its words in the index; entries merged from shard parts are indexed."""
+    store = ResultStore(tmp_path)
+    store.put_many(iter((e, None, None) for e in _texts()))
+    store.put(_entry(0, 0, explanation="colours"))
+    assert (0, 0, "positive") not in [k for k, _, _ in store.text_search("months")]
+    assert [k for k, _, _ in store.text_search("colours")] == [(0, 0, "positive")]
+    part = ResultStore(tmp_path, part="1")
+    part.put(_entry(5, 5, explanation="rainbow colours"))
+    part.close()
+    store.close()
+    ResultStore(tmp_path).merge_parts()
+    assert [k for k, _, _ in ResultStore(tmp_path).text_search("rainbow")] == [(5, 5, "positive")]
+
+
+def test_a_store_without_the_index_is_searched_in_memory_and_indexed_by_the_next_writer(tmp_path, capsys):
+    """A store written before the index (its table dropped here) answers the same search from an index built
+    in memory, saying so once; the next stage that opens it to write fills the index in the store."""
+    store = ResultStore(tmp_path)
+    store.put_many(iter((e, None, None) for e in _texts()))
+    want = store.text_search("month brackets")
+    store.close()
+    with sqlite3.connect(tmp_path / "results.sqlite") as conn:
+        conn.execute("DROP TABLE search")
+    old = ResultStore(tmp_path)
+    assert old.text_search("month brackets") == want and old.text_search("month brackets") == want
+    assert capsys.readouterr().err.count("building a text index") == 1
+    old.close()
+    ResultStore(tmp_path).merge_parts()  # what a stage does first when it opens its store to write
+    with sqlite3.connect(tmp_path / "results.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM search").fetchone()[0] == len(_texts())
+    assert ResultStore(tmp_path).text_search("month brackets") == want
+    assert "building" not in capsys.readouterr().err

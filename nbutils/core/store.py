@@ -45,7 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -84,7 +86,24 @@ CREATE TABLE IF NOT EXISTS notes (
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS selection (
     position INTEGER PRIMARY KEY, layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(explanation, candidates, rule, tokens, tokenize='porter unicode61');
 """
+_MEMORY_SEARCH = _SCHEMA.splitlines()[-1].replace("IF NOT EXISTS search", "mem.search")
+_SEARCH_ROWS = """
+SELECT (layer << 33) | (neuron << 1) | side, coalesce(explanation, ''),
+    coalesce((SELECT group_concat(json_extract(c.value, '$.explanation'), ' ')
+              FROM json_each(body, '$.candidates') AS c), ''),
+    coalesce((SELECT group_concat(coalesce(json_extract(r.value, '$.token'), '') || ' '
+                                  || coalesce(json_extract(r.value, '$.context'), '') || ' '
+                                  || coalesce(json_extract(r.value, '$.token_class'), '') || ' '
+                                  || coalesce(json_extract(r.value, '$.context_class'), ''), ' ')
+              FROM json_each(body, '$.rule.clauses') AS r), ''),
+    coalesce(json_extract(body, '$.baseline.explanation'), '')
+FROM entries"""
+"""Each entry's text for the full-text index ``search``: its explanation, its candidates, the words of its rule
+(tokens, contexts, classes) and its token-lookup baseline (the tokens it fires on most); the rowid codes the key."""
+SEARCH_WEIGHTS = (10.0, 3.0, 3.0, 1.0)
+"""BM25 weights of the index's columns: a match in the explanation counts most."""
 _NOTES_CURRENT = "DELETE FROM meta WHERE name='notes'"  # any write makes the run-wide notes stale
 
 
@@ -164,6 +183,7 @@ class ResultStore:
             self._conn = self._open(target, create)
             if create and self.part is None:
                 self._import_files()
+                self._index_text()
         return self._conn
 
     @contextmanager
@@ -271,6 +291,11 @@ class ResultStore:
                     )
                     conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
                     conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
+                    merged = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
+                    conn.execute("DELETE FROM search WHERE rowid IN "
+                                 "(SELECT (layer << 33) | (neuron << 1) | side FROM part.entries)")  # fmt: skip
+                    conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} "
+                                 f"WHERE {merged}")  # fmt: skip
                     moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
                     conn.execute(_NOTES_CURRENT)
                     conn.execute("COMMIT")
@@ -428,6 +453,65 @@ class ResultStore:
         needle = text.lower()
         return [k for k, t in self.explanations() if isinstance(t, str) and needle in t.lower()]
 
+    def _index_text(self) -> None:
+        """Fill the full-text index where it lags the entries (a store written before the index, or by an older
+        nbutils): one transaction, when a stage opens the store to write."""
+        conn = self._conn
+        if _indexed_count(conn, "search") == conn.execute("SELECT count(*) FROM entries").fetchone()[0]:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM search")
+            conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS}")
+            conn.execute("COMMIT")
+            self._wrote = True
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def text_search(self, text: str, limit: int | None = 50) -> list[tuple[Key, float, list[str]]]:
+        """Ranked full-text search (SQLite FTS5, BM25, Porter-stemmed words) of each entry's explanation,
+        candidates, rule and token-lookup baseline: ``(key, relevance, matched words)`` best first, where
+        relevance is BM25's (higher is better; `SEARCH_WEIGHTS` favour the explanation) and the matched words
+        are those of the entry's text that matched. Any word of ``text`` may match (more matched words rank
+        higher). A store whose index lags its entries (written before the index) is indexed in memory for this
+        process, with a message; a stage that writes to the store keeps an index in it."""
+        words = re.findall(r"\w+", text)
+        if not words:
+            raise UserError(f"The search text {text!r} has no words.", "Give a word or two, e.g. 'month'.")
+        query = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        with self._query() as conn:
+            if conn is None:
+                return []
+            table = self._search_table(conn)
+            rows = conn.execute(
+                f"SELECT rowid, bm25(search, {', '.join(map(str, SEARCH_WEIGHTS))}), "
+                + ", ".join(f"highlight(search, {i}, char(1), char(2))" for i in range(4))
+                + f" FROM {table} WHERE search MATCH ? ORDER BY 2, rowid"
+                + (" LIMIT ?" if limit is not None else ""),
+                (query, limit) if limit is not None else (query,),
+            ).fetchall()
+        out = []
+        for code, rank, *marked in rows:
+            found = dict.fromkeys(m.lower() for text in marked for m in re.findall("\x01(.*?)\x02", text))
+            out.append(((code >> 33, (code >> 1) & 0xFFFFFFFF, SIDES[code & 1]), -float(rank), list(found)))
+        return out
+
+    def _search_table(self, conn: sqlite3.Connection) -> str:
+        """``search`` where it is current; else an index built in memory for this connection (said once)."""
+        entries = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        if _indexed_count(conn, "search") == entries:
+            return "search"
+        if _indexed_count(conn, "mem.search") != entries:
+            print(f"building a text index of {self.path} in memory ({entries} entries; the store holds none or an "
+                  "older one; the next stage that writes to it keeps one there)", file=sys.stderr)  # fmt: skip
+            if not any(r[1] == "mem" for r in conn.execute("PRAGMA database_list")):
+                conn.execute("ATTACH DATABASE ':memory:' AS mem")
+            conn.execute("DROP TABLE IF EXISTS mem.search")
+            conn.execute(_MEMORY_SEARCH)
+            conn.execute(f"INSERT INTO mem.search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS}")
+        return "mem.search"
+
     def ranked(self, name: str) -> list[tuple[float, Key]]:
         """(value, key) of every unit side whose number ``name`` is defined, highest first (then key order);
         read from the index on ``numbers``."""
@@ -562,6 +646,14 @@ def _digest(keys: list[Key]) -> str:
     return f"{len(keys)}:{h.hexdigest()}"
 
 
+def _indexed_count(conn: sqlite3.Connection, table: str) -> int | None:
+    """Rows in a full-text index table (None where it does not exist)."""
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return None
+
+
 def _row_key(key: Key) -> tuple[int, int, int]:
     """(layer, neuron, side) of a (layer, neuron, sign) key."""
     if key[2] not in SIDES:
@@ -597,6 +689,8 @@ def _write(
         (*key, explanation if isinstance(explanation, str) else None, failure, entry_body(entry)),
     )
     conn.execute(_NOTES_CURRENT)
+    conn.execute("DELETE FROM search WHERE rowid=?", ((key[0] << 33) | (key[1] << 1) | key[2],))
+    conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} WHERE {_AT}", key)
     conn.execute(f"DELETE FROM details WHERE {_AT}", key)
     if details is not None:
         conn.execute("INSERT INTO details VALUES (?, ?, ?, ?)", (*key, pack(details)))

@@ -314,17 +314,20 @@ class Steering:
 
 @dataclass
 class SearchResults:
-    """Unit sides whose explanation contains every word of a query (case-insensitive), best score first, then
-    those whose token-lookup baseline names a token that contains it (``where`` says which matched)."""
+    """Unit sides whose explanation, candidates, rule or strongest tokens match a query, best match first:
+    ``matched`` lists the words that matched, ``relevance`` is BM25's (higher is better), ``score`` the unit's
+    headline score."""
 
     query: str
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def to_frame(self):
-        """A pandas DataFrame: ``layer``, ``neuron``, ``sign``, ``where``, ``explanation``, ``score``."""
+        """A pandas DataFrame: ``layer``, ``neuron``, ``sign``, ``matched``, ``relevance``, ``explanation``,
+        ``score``."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=["layer", "neuron", "sign", "where", "explanation", "score"])
+        names = ["layer", "neuron", "sign", "matched", "relevance", "explanation", "score"]
+        return pd.DataFrame(self.rows, columns=names)
 
     def _repr_html_(self) -> str:
         if not self.rows:

@@ -5,7 +5,7 @@
 - ``u.score(explanation)`` / ``u.compare([...])``: your explanation simulated and scored now, as stage 03
   scores (same excerpts, seed and scorers); ``u.explain()``: a new explanation, with the exact prompt and reply;
 - ``u.steer(prompt, strength)``: continuations with and without the unit shifted (the intervention score's
-  code); ``run.search(text)``: explanations that match a text.
+  code); ``run.search(text)``: units whose explanations match a text, best first.
 
 The subject model and the LLM backends load on first use, once per run, from the run's own records: the
 collection's ``collection.json`` (model, unit type, site) and the parameters stages 02 and 03 ran with (their
@@ -391,28 +391,18 @@ class Run(RunView):
         return TopUnits(tokens, rows, skipped=start)
 
     def search(self, text: str, k: int = 50) -> SearchResults:
-        """Up to ``k`` unit sides whose explanation contains every word of ``text`` (case-insensitive), best
-        top-and-random score first; then those whose token-lookup baseline (the tokens they fire on most)
-        contains ``text``."""
-        words = text.lower().split() if isinstance(text, str) else []
-        if not words:
+        """Up to ``k`` unit sides whose explanation, candidates, rule or strongest tokens match words of
+        ``text``, best first (BM25 over a full-text index in the results store, words stemmed: "months" finds
+        "month"; `nbutils.core.store.ResultStore.text_search`), each with the words that matched and its score."""
+        if not isinstance(text, str) or not text.split():
             raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
-        needle = text.strip().lower()
-
-        said: list[Key] = []
-        tokens: list[Key] = []
-        for key, e in self.explanations.items():  # streamed: one pass, nothing kept but the keys found
-            if all(w in (e.explanation or "").lower() for w in words):
-                said.append(key)
-            elif needle in (e.baseline.explanation if e.baseline else "").lower():
-                tokens.append(key)
+        found = self.matching(text, k)
         score = {key: value for value, key in self.ranked()}  # the store's index, not every result
-        said.sort(key=lambda key: (-score.get(key, -np.inf), key))
-        chosen = [(key, "explanation") for key in said] + [(key, "baseline tokens") for key in sorted(tokens)]
         rows = [
-            {"layer": key[0], "neuron": key[1], "sign": key[2], "where": where,
-             "explanation": _text(self.explanations.get(key)), "score": score.get(key)}
-            for key, where in chosen[:k]
+            {"layer": key[0], "neuron": key[1], "sign": key[2], "matched": ", ".join(words),
+             "relevance": round(relevance, 4), "explanation": _text(self.explanations.get(key)),
+             "score": score.get(key)}
+            for key, relevance, words in found[:k]
         ]  # fmt: skip
         return SearchResults(text, rows)
 
