@@ -247,7 +247,8 @@ def check_memory(values: dict[str, Any], available: int | None = None) -> None:
     if available is None or units * per_unit <= available / 2:
         return
     other = per_unit - 2 * values["top_k"] * (12 + 4 * values["excerpt_len"])
-    top_k = int((available / 2 / units - other) // (2 * (12 + 4 * values["excerpt_len"])))
+    # the fix leaves 2% of the limit spare, so memory that others take meanwhile does not refuse it again
+    top_k = int((0.98 * available / 2 / units - other) // (2 * (12 + 4 * values["excerpt_len"])))
     fix = (f"Keep fewer excerpts per unit: -p top_k={top_k}" if top_k >= 1 else
            f"Collect a sample of the units: -p neurons={max(1, int(available / 2 / n_layers / per_unit))}")  # fmt: skip
     raise UserError(
