@@ -244,8 +244,9 @@ def _copies(template: list[tuple[dict, Any, Any]], targets: list[tuple[int, int]
         yield {**e, **where}, None if d is None else {**d, **where}, numbers
 
 
-VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", "report", "page",
-         "export-neuronpedia", "export-openai (one layer)", "export-jsonl")  # fmt: skip
+VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", "search text", "scores frame",
+         "explanations frame", "report", "page", "export-neuronpedia", "export-openai (one layer)",
+         "export-jsonl")  # fmt: skip
 
 
 def view_child(what: str, root: Path) -> dict[str, Any]:
@@ -272,6 +273,12 @@ def view_child(what: str, root: Path) -> dict[str, Any]:
             viewer.step(1)
         elif what == "filter by text":
             detail["units"] = len(view.neuron_ids(SORTS[1], "the token"))
+        elif what == "search text":  # ranked full-text search, the best 50 (what run.search shows)
+            detail["found"] = len(view.matching("tokens quoted", 50))
+        elif what == "scores frame":
+            detail["rows"] = len(view.scores_frame())
+        elif what == "explanations frame":
+            detail["rows"] = len(view.explanations_frame())
         elif what == "report":
             plots.write_report(view, out)
             detail["tables"] = sum(len(f(view)) for f in (plots.run_summary, plots.layer_rows, plots.scorer_rows))
