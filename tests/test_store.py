@@ -409,3 +409,29 @@ def test_a_store_without_the_index_is_searched_in_memory_and_indexed_by_the_next
         assert conn.execute("SELECT count(*) FROM search").fetchone()[0] == len(_texts())
     assert ResultStore(tmp_path).text_search("month brackets") == want
     assert "building" not in capsys.readouterr().err
+
+
+def test_explanation_columns_equal_what_the_decoded_entries_say(tmp_path):
+    """What `RunView.explanations_frame` reads with SQLite's JSON functions equals the same fields taken from
+    each decoded `ExplanationEntry`: baseline, candidate count, the kept candidate's calibration score (not
+    another candidate's), failure and retryable, on both sides, with and without each field."""
+    from nbutils.core.results import ExplanationEntry
+
+    cand = [{"explanation": "dates", "reply": "r1", "calibration_score": 0.25},
+            {"explanation": "months", "reply": "r2", "calibration_score": 0.75}]  # fmt: skip
+    entries = [
+        _entry(0, 0, explanation="months", candidates=cand, baseline={"explanation": 'the tokens " May"'}),
+        _entry(0, 0, "negative", explanation="dates", candidates=cand),
+        _entry(0, 1, explanation=None, failure="no reply", retryable=True, candidates=[]),
+        _entry(1, 0, explanation="not among the candidates", candidates=cand[:1]),
+        _entry(1, 1, explanation="no candidates at all"),
+    ]
+    store = ResultStore(tmp_path)
+    store.put_many(iter((e, None, None) for e in entries))
+    for key, text, base, n, calibration, failure, retry in store.explanation_columns():
+        e = ExplanationEntry.from_dict(store.get(key))
+        kept = e.kept
+        want = (e.explanation, e.baseline.explanation if e.baseline else None, len(e.candidates),
+                kept.calibration_score if kept else None, e.failure, bool(e.retryable))  # fmt: skip
+        assert (text, base, n, calibration, failure, bool(retry)) == want, key
+    assert [k for k, *_ in store.explanation_columns()] == store.keys()

@@ -387,6 +387,20 @@ class ResultStore:
             rows = conn.execute(_KEYED.format(name)).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
 
+    def explanation_columns(self) -> list[tuple[Any, ...]]:
+        """Per entry in key order, read with SQLite's JSON functions (no entry decoded in Python): ``(key,
+        explanation, baseline explanation, candidates written, the kept candidate's calibration score, failure,
+        retryable)``, the kept candidate being the one whose explanation is the entry's (stage 02's stores)."""
+        with self._query() as conn:
+            rows = conn.execute(
+                "SELECT layer, neuron, side, explanation, json_extract(body, '$.baseline.explanation'), "
+                "coalesce(json_array_length(body, '$.candidates'), 0), "
+                "(SELECT json_extract(c.value, '$.calibration_score') FROM json_each(body, '$.candidates') AS c "
+                " WHERE json_extract(c.value, '$.explanation') = entries.explanation LIMIT 1), "
+                "failure, json_extract(body, '$.retryable') FROM entries ORDER BY layer, neuron, side"
+            ).fetchall() if conn else []  # fmt: skip
+        return [((r[0], r[1], SIDES[r[2]]), *r[3:]) for r in rows]
+
     def number_table(self, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
         """Every entry's key in key order, and each named number's values aligned to them (NaN where the
         number is missing or undefined): one indexed read per name, no entry parsed (what the report

@@ -403,23 +403,22 @@ class RunView:
     def explanations_frame(self):
         """A pandas DataFrame, one row per explained unit side: ``layer``, ``neuron``, ``sign``,
         ``explanation``, the token-lookup ``baseline`` explanation, ``candidates`` (how many were written),
-        the kept one's ``calibration_score`` (best-of-n runs), ``failure``, ``retryable`` and ``notes``."""
+        the kept one's ``calibration_score`` (best-of-n runs), ``failure``, ``retryable`` and ``notes``. Read
+        from the store's columns where there is a store (no entry decoded), else from the entries."""
         import pandas as pd
 
-        rows = []
-        for key in sorted(self.explanations):
-            e = self.explanations[key]
-            kept = e.kept
-            rows.append({
-                "layer": key[0], "neuron": key[1], "sign": key[2], "explanation": e.explanation,
-                "baseline": e.baseline.explanation if e.baseline else None,
-                "candidates": len(e.candidates),
-                "calibration_score": finite(kept.calibration_score) if kept else None,
-                "failure": e.failure, "retryable": bool(e.retryable),
-                "notes": "; ".join(self.explanation_notes.get(key, [])),
-            })  # fmt: skip
         names = ["layer", "neuron", "sign", "explanation", "baseline", "candidates", "calibration_score", "failure",
                  "retryable", "notes"]  # fmt: skip
+        notes = self.explanation_notes
+        stored = _store(self.explanations)
+        if stored is not None and stored.indexed:
+            rows = [
+                (key[0], key[1], key[2], text, base, n, finite(calibration), failure, bool(retry),
+                 "; ".join(notes.get(key, [])))
+                for key, text, base, n, calibration, failure, retry in stored.explanation_columns()
+            ]  # fmt: skip
+        else:
+            rows = [_explanation_row(key, self.explanations[key], notes) for key in sorted(self.explanations)]
         return pd.DataFrame(rows, columns=names).astype({"calibration_score": "float64"})
 
     def record(self, layer: int, neuron: int) -> UnitRecord:
@@ -496,6 +495,14 @@ def _column(results: Mapping[Key, Any], name: str) -> dict[Key, Any]:
     if stored is not None and stored.indexed:
         return dict(stored.explanations() if name == "explanation" else stored.failures())
     return {k: getattr(r, name) for k, r in results.items()}
+
+
+def _explanation_row(key: Key, e: Any, notes: Mapping[Key, list[str]]) -> tuple[Any, ...]:
+    """One row of `RunView.explanations_frame` from a decoded stage-02 entry."""
+    kept = e.kept
+    return (key[0], key[1], key[2], e.explanation, e.baseline.explanation if e.baseline else None, len(e.candidates),
+            finite(kept.calibration_score) if kept else None, e.failure, bool(e.retryable),
+            "; ".join(notes.get(key, [])))  # fmt: skip
 
 
 def _store(results: Mapping[Key, Any]) -> ResultStore | None:
