@@ -222,6 +222,19 @@ class RunConfig:
     page_units: int = _param(
         200, (INSPECT,), "unit sides the static page shows in full (the best, the worst, a sample); its table lists all"
     )
+    embedding_base_url: str | None = _param(
+        None, (INSPECT,), "search by meaning (run.search(text, by='meaning')): an OpenAI-compatible server's URL "
+        "that serves /embeddings (OpenAI, vLLM, llama.cpp's server with embeddings on); None: no meaning search",
+        example="http://127.0.0.1:8080/v1", when_set=True,
+    )  # fmt: skip
+    embedding_model: str | None = _param(
+        None, (INSPECT,), "the embedding model's name on that server (None: the server's only model)",
+        example="text-embedding-3-small", when_set=True,
+    )  # fmt: skip
+    embedding_api_key_env: str = _param(
+        "OPENAI_API_KEY", (INSPECT,), "name of the environment variable holding the embeddings server's key",
+        when_set=True,
+    )  # fmt: skip
 
     def subset(self, cls: type, prefix: str = "", **renamed: str) -> Any:
         """A dataclass ``cls`` made from this config's values of the same names (``prefix`` + its field name,
@@ -266,7 +279,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "executor", "ray_address", "shards", "checkpoint_every_s", "max_in_flight", "requests_per_minute",
         "tokens_per_minute", "prices", "fail_on_errors",
     ),
-    "views": ("layer", "neuron", "page_units"),
+    "views": ("layer", "neuron", "page_units", "embedding_base_url", "embedding_model", "embedding_api_key_env"),
     "extensions": ("extension_settings",),
 }  # fmt: skip
 """The parameters by role: what `nbutils run --list-params` and docs/parameters.md group them by, and what

@@ -390,21 +390,57 @@ class Run(RunView):
         ]  # fmt: skip
         return TopUnits(tokens, rows, skipped=start)
 
-    def search(self, text: str, k: int = 50) -> SearchResults:
-        """Up to ``k`` unit sides whose explanation, candidates, rule or strongest tokens match words of
-        ``text``, best first (BM25 over a full-text index in the results store, words stemmed: "months" finds
-        "month"; `nbutils.core.store.ResultStore.text_search`), each with the words that matched and its score."""
+    def search(self, text: str, k: int = 50, by: str = "words") -> SearchResults:
+        """Up to ``k`` unit sides that match ``text``, best first, each with its score. ``by="words"``: their
+        explanation, candidates, rule or strongest tokens hold words of ``text`` (BM25 over the results store's
+        full-text index, words stemmed: "months" finds "month"; ``matched`` lists them, ``relevance`` is
+        BM25's). ``by="meaning"``: their explanations are nearest in meaning (the cosine of embeddings from
+        ``embedding_base_url``, `nbutils.live.meaning`; ``relevance`` is the cosine), for words the
+        explanation did not use. ``by="both"``: the two rankings fused (reciprocal rank, k=60)."""
         if not isinstance(text, str) or not text.split():
             raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
-        found = self.matching(text, k)
+        if by not in ("words", "meaning", "both"):
+            raise UserError(f"by={by!r} is not a way to search.", 'Use by="words", by="meaning" or by="both".')
+        words = self.matching(text, None if by == "both" else k) if by != "meaning" else []
+        near = (
+            self._meaning().nearest(text, self.explanation_texts(), None if by == "both" else k)
+            if by != "words"
+            else []
+        )
+        if by == "both":
+            fused: dict[Key, float] = {}
+            for ranking in ([key for key, _, _ in words], [key for key, _ in near]):
+                for rank, key in enumerate(ranking):
+                    fused[key] = fused.get(key, 0.0) + 1.0 / (60 + rank + 1)
+            matched = {key: w for key, _, w in words}
+            found = [(key, value, matched.get(key, [])) for key, value in sorted(fused.items(), key=lambda kv: -kv[1])]
+        else:
+            found = words if by == "words" else [(key, value, []) for key, value in near]
         score = {key: value for value, key in self.ranked()}  # the store's index, not every result
         rows = [
-            {"layer": key[0], "neuron": key[1], "sign": key[2], "matched": ", ".join(words),
+            {"layer": key[0], "neuron": key[1], "sign": key[2], "matched": ", ".join(matched),
              "relevance": round(relevance, 4), "explanation": _text(self.explanations.get(key)),
              "score": score.get(key)}
-            for key, relevance, words in found[:k]
+            for key, relevance, matched in found[:k]
         ]  # fmt: skip
         return SearchResults(text, rows)
+
+    def _meaning(self) -> Any:
+        """The run's explanations by meaning (`nbutils.live.meaning.MeaningIndex`), on ``embedding_base_url``."""
+        from nbutils.live.meaning import MeaningIndex
+
+        c = self.config
+        if not c.embedding_base_url:
+            raise UserError(
+                "Search by meaning needs an embeddings server, and embedding_base_url is not set.",
+                "Open the run with one: nbutils.open_run(run, embedding_base_url='http://host:port/v1', "
+                "embedding_model=...) (OpenAI, vLLM, or llama.cpp's server with embeddings on); or search by words.",
+            )
+        check_llm_server("embeddings", c.embedding_base_url, c.embedding_api_key_env, when=LIVE)
+        folder = self.explanation_summary.parent if self.explanation_summary else None
+        if folder is None:
+            raise UserError("This run has no explanations (stage 02) to search.", "Run stage 02 first.")
+        return MeaningIndex(folder, c.embedding_base_url, c.embedding_model, c.embedding_api_key_env)
 
     def _repr_html_(self) -> str:
         meta = self.store.meta

@@ -22,6 +22,8 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from nbutils.core.errors import UserError
 from nbutils.llm.cache import RequestCache
 from nbutils.llm.contract import LLMFailed, SimulationFailed, Usage
@@ -135,7 +137,7 @@ class HTTPTransport:
         """Send one request within the traffic's cap and limits, retrying server faults."""
         import httpx
 
-        path = "/chat/completions" if endpoint == "chat" else "/completions"
+        path = {"chat": "/chat/completions", "embeddings": "/embeddings"}.get(endpoint, "/completions")
         body = {"model": self.model_name, **request}
         delay = self.backoff
         estimate = _prompt_chars(request) // 3 + request.get("max_tokens", 0)
@@ -149,8 +151,9 @@ class HTTPTransport:
                     raw = await client.post(path, cast_to=httpx.Response, body=body)
                     response = _reply_json(raw)
                     used(_total_tokens(response))
-                if not isinstance(response.get("choices"), list) or not response["choices"]:
-                    raise SimulationFailed("the reply has no choices")
+                wanted = "data" if endpoint == "embeddings" else "choices"
+                if not isinstance(response.get(wanted), list) or not response[wanted]:
+                    raise SimulationFailed(f"the reply has no {wanted}")
                 if check is not None:
                     check(response)
                 return response
@@ -186,6 +189,51 @@ class HTTPTransport:
             await asyncio.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def embed(transport: HTTPTransport, texts: Sequence[str], batch: int = 32) -> np.ndarray:
+    """Each text's embedding from the server's ``/embeddings`` endpoint (OpenAI's format), ``[texts, dim]``
+    float32, through the transport's cache, cap and retries (`embeddings_of` reads each reply). A server that
+    answers with one vector per token (llama-cpp-python without pooling) gets one text per request: for a
+    batch of several it returned wrong vectors after the first (0.3.x: cosine near 0 with the same text sent
+    alone)."""
+
+    async def one(client: Any, chunk: list[str]) -> list[np.ndarray]:
+        reply = await transport._request(client, "embeddings", {"input": chunk}, lambda r: embeddings_of(r, len(chunk)))
+        if len(chunk) > 1 and per_token(reply):
+            return [v for text in chunk for v in await one(client, [text])]
+        return embeddings_of(reply, len(chunk))
+
+    chunks = [list(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+    vectors = [v for part in transport._gather(one, chunks) for v in part]
+    dims = {len(v) for v in vectors}
+    if len(dims) > 1:
+        raise LLMFailed(f"the embeddings server at {transport.base_url} returned vectors of sizes {sorted(dims)}")
+    return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
+
+
+def per_token(reply: dict[str, Any]) -> bool:
+    """Whether an ``/embeddings`` reply holds one vector per token instead of one per text."""
+    first = (reply.get("data") or [{}])[0].get("embedding")
+    return isinstance(first, list) and bool(first) and isinstance(first[0], list)
+
+
+def embeddings_of(reply: dict[str, Any], n: int) -> list[np.ndarray]:
+    """The vectors of an ``/embeddings`` reply, in input order (its ``index``). One vector per token (a server
+    without pooling) is mean-pooled here; a reply with a vector missing or empty raises `SimulationFailed`
+    (the server's fault: retried, never cached)."""
+    data = sorted(reply.get("data") or [], key=lambda d: d.get("index", 0))
+    if len(data) != n:
+        raise SimulationFailed(f"the reply has {len(data)} embeddings for {n} texts")
+    out = []
+    for d in data:
+        v = np.asarray(d.get("embedding"), dtype=np.float64)
+        if v.ndim == 2 and len(v):
+            v = v.mean(axis=0)
+        if v.ndim != 1 or not len(v) or not np.isfinite(v).all():
+            raise SimulationFailed("an embedding in the reply is empty or not a vector of numbers")
+        out.append(v)
+    return out
 
 
 def _total_tokens(response: dict[str, Any]) -> int:
