@@ -245,7 +245,7 @@ def _copies(template: list[tuple[dict, Any, Any]], targets: list[tuple[int, int]
 
 
 VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", "search text", "scores frame",
-         "explanations frame", "report", "page", "export-neuronpedia", "export-openai (one layer)",
+         "explanations frame", "top units (every layer)", "report", "page", "export-neuronpedia", "export-openai (one layer)",
          "export-jsonl")  # fmt: skip
 
 
@@ -279,6 +279,12 @@ def view_child(what: str, root: Path) -> dict[str, Any]:
             detail["rows"] = len(view.scores_frame())
         elif what == "explanations frame":
             detail["rows"] = len(view.explanations_frame())
+        elif what == "top units (every layer)":  # live: the run's model on a text, every collected layer ranked
+            import nbutils
+
+            run = nbutils.open_run(root)
+            start = time.perf_counter()
+            detail["rows"] = len(run.top_units("The meeting moved to March, after the review.", k=20).rows)
         elif what == "report":
             plots.write_report(view, out)
             detail["tables"] = sum(len(f(view)) for f in (plots.run_summary, plots.layer_rows, plots.scorer_rows))
