@@ -56,7 +56,8 @@ def test_meaning_search_ranks_by_the_servers_own_vectors_and_embeds_each_text_on
     q = plain_embedding(embeddings_url, query)
     want = []
     for key, text in TEXTS:
-        v = plain_embedding(embeddings_url, text).astype(np.float16).astype(np.float64)  # stored as float16
+        v = plain_embedding(embeddings_url, text)
+        v = (v / np.linalg.norm(v)).astype(np.float16).astype(np.float64)  # stored unit-length, as float16
         want.append((key, float(v @ q / np.linalg.norm(v) / np.linalg.norm(q))))
     want.sort(key=lambda kv: -kv[1])
     assert [k for k, _ in found] == [k for k, _ in want]
