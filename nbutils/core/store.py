@@ -88,7 +88,11 @@ CREATE TABLE IF NOT EXISTS selection (
     position INTEGER PRIMARY KEY, layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(explanation, candidates, rule, tokens, tokenize='porter unicode61');
 """
-_MEMORY_SEARCH = _SCHEMA.splitlines()[-1].replace("IF NOT EXISTS search", "mem.search")
+SEARCH_WEIGHTS = (10.0, 3.0, 3.0, 1.0)
+"""BM25 weights of the full-text index's columns (its ``rank``): a match in the explanation counts most."""
+_SCHEMA += f"INSERT INTO search (search, rank) VALUES ('rank', 'bm25({', '.join(map(str, SEARCH_WEIGHTS))})');\n"
+_MEMORY_SEARCH = _SCHEMA.splitlines()[-2].replace("IF NOT EXISTS search", "mem.search")
+_MEMORY_RANK = _SCHEMA.splitlines()[-1].replace("search", "mem.search", 1)
 _SEARCH_ROWS = """
 SELECT (layer << 33) | (neuron << 1) | side, coalesce(explanation, ''),
     coalesce((SELECT group_concat(json_extract(c.value, '$.explanation'), ' ')
@@ -102,8 +106,7 @@ SELECT (layer << 33) | (neuron << 1) | side, coalesce(explanation, ''),
 FROM entries"""
 """Each entry's text for the full-text index ``search``: its explanation, its candidates, the words of its rule
 (tokens, contexts, classes) and its token-lookup baseline (the tokens it fires on most); the rowid codes the key."""
-SEARCH_WEIGHTS = (10.0, 3.0, 3.0, 1.0)
-"""BM25 weights of the index's columns: a match in the explanation counts most."""
+
 _NOTES_CURRENT = "DELETE FROM meta WHERE name='notes'"  # any write makes the run-wide notes stale
 
 
@@ -502,10 +505,10 @@ class ResultStore:
             if conn is None:
                 return []
             table = self._search_table(conn)
-            rows = conn.execute(
-                f"SELECT rowid, bm25(search, {', '.join(map(str, SEARCH_WEIGHTS))}), "
+            rows = conn.execute(  # ORDER BY rank: FTS5 keeps only the best ``limit`` as it goes
+                "SELECT rowid, rank, "
                 + ", ".join(f"highlight(search, {i}, char(1), char(2))" for i in range(4))
-                + f" FROM {table} WHERE search MATCH ? ORDER BY 2, rowid"
+                + f" FROM {table} WHERE search MATCH ? ORDER BY rank"
                 + (" LIMIT ?" if limit is not None else ""),
                 (query, limit) if limit is not None else (query,),
             ).fetchall()
@@ -527,6 +530,7 @@ class ResultStore:
                 conn.execute("ATTACH DATABASE ':memory:' AS mem")
             conn.execute("DROP TABLE IF EXISTS mem.search")
             conn.execute(_MEMORY_SEARCH)
+            conn.execute(_MEMORY_RANK)
             conn.execute(f"INSERT INTO mem.search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS}")
         return "mem.search"
 
