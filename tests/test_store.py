@@ -372,9 +372,9 @@ def test_text_search_ranks_by_words_matched_stems_and_where_they_matched(tmp_pat
     assert [k for k, _, _ in store.text_search("calendar")] == [(0, 1, "positive")]  # a candidate
     assert [k for k, _, _ in store.text_search("comma")] == [(1, 3, "positive")]  # explanation "commas", stemmed
     assert store.text_search("zzqxv") == [] and len(store.text_search("month", limit=1)) == 1
-    # a filter box: every word, the last typed in part
-    assert [k for k, _, _ in store.text_search("month aft", every_word=True)] == [(0, 1, "positive")]
-    assert store.text_search("months zzqxv", every_word=True) == []
+    # a filter box: the words in order, the last typed in part
+    assert [k for k, _, _ in store.text_search("month name aft", phrase=True)] == [(0, 1, "positive")]
+    assert store.text_search("month after", phrase=True) == []
     with pytest.raises(UserError, match="has no words"):
         store.text_search(" !? ")
 

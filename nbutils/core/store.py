@@ -487,20 +487,20 @@ class ResultStore:
             raise
 
     def text_search(
-        self, text: str, limit: int | None = 50, every_word: bool = False
+        self, text: str, limit: int | None = 50, phrase: bool = False
     ) -> list[tuple[Key, float, list[str]]]:
         """Ranked full-text search (SQLite FTS5, BM25, Porter-stemmed words) of each entry's explanation,
         candidates, rule and token-lookup baseline: ``(key, relevance, matched words)`` best first, where
         relevance is BM25's (higher is better; `SEARCH_WEIGHTS` favour the explanation) and the matched words
         are those of the entry's text that matched. Any word of ``text`` may match (more matched words rank
-        higher); ``every_word``: an entry must hold every word, the last one as a prefix (a filter box's
-        text as it is typed). A store whose index lags its entries (written before the index) is indexed in memory for this
+        higher); ``phrase``: an entry must hold the words in that order, next to each other, the last one as a
+        prefix (a filter box's text as it is typed: "unit 4/" finds "unit 4/2", not "unit 1/4"). A store whose index lags its entries (written before the index) is indexed in memory for this
         process, with a message; a stage that writes to the store keeps an index in it."""
         words = re.findall(r"\w+", text)
         if not words:
             raise UserError(f"The search text {text!r} has no words.", "Give a word or two, e.g. 'month'.")
         quoted = ['"' + w.replace('"', '""') + '"' for w in words]
-        query = " AND ".join([*quoted[:-1], quoted[-1] + "*"]) if every_word else " OR ".join(quoted)
+        query = '"' + " ".join(words).replace('"', '""') + '"*' if phrase else " OR ".join(quoted)
         with self._query() as conn:
             if conn is None:
                 return []

@@ -438,14 +438,14 @@ class RunView:
         """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
         return {stage: read_json(path) for stage, path in self.usage_files.items() if path.is_file()}
 
-    def matching(self, text: str, k: int | None = None, every_word: bool = False) -> list[tuple[Key, float, list[str]]]:
+    def matching(self, text: str, k: int | None = None, phrase: bool = False) -> list[tuple[Key, float, list[str]]]:
         """Unit sides whose explanation, candidates, rule or strongest tokens match words of ``text`` (with
-        ``every_word``, all of them), best first: ``(key, relevance, matched words)`` from the stage-02 store's
-        full-text index (`ResultStore.text_search`); for results without a store, the explanations holding
-        every word (case-insensitive), in key order."""
+        ``phrase``, all of them in order, the last as a prefix), best first: ``(key, relevance, matched
+        words)`` from the stage-02 store's full-text index (`ResultStore.text_search`); for results without
+        a store, the explanations holding every word (case-insensitive), in key order."""
         store = _store(self.explanations)
         if store is not None and store.indexed:
-            return store.text_search(text, k, every_word)
+            return store.text_search(text, k, phrase)
         words = text.lower().split()
         found = [(key, float(len(words)), words) for key, t in self.explanation_texts()
                  if t and all(w in t.lower() for w in words)]  # fmt: skip
@@ -453,12 +453,12 @@ class RunView:
 
     def neuron_ids(self, sort: str = SORTS[0], text: str = "") -> list[tuple[int, int]]:
         """Units to step through: all collected ones, or only those whose explanation (candidates, rule,
-        strongest tokens) holds every word of ``text``, the last as a prefix (`matching`: the full-text index,
-        words stemmed); sorted by index or by score (scored units first, then the rest by index)."""
+        strongest tokens) holds the words of ``text`` in order, the last as a prefix (`matching`: the full-text
+        index, words stemmed); sorted by index or by score (scored units first, then the rest by index)."""
         if sort not in SORTS:
             raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
         if text:
-            ids = sorted({(k[0], k[1]) for k, _, _ in self.matching(text, every_word=True)})
+            ids = sorted({(k[0], k[1]) for k, _, _ in self.matching(text, phrase=True)})
         else:
             ids = [(layer, n) for layer in self.store.layers for n in self.store.neurons(layer).tolist()]
         if sort == SORTS[0]:
