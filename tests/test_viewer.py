@@ -627,3 +627,35 @@ def test_a_stage_notebooks_table_shows_its_first_rows_and_says_how_many_were_lef
     big = head_table_html(rows_of, list(range(1234)), limit=5)
     assert big.count("<tr>") == 6 and "The first 5 of 1,234 unit sides" in big and "&lt;b&gt;4&lt;/b&gt;" in big
     assert "<b>5</b>" not in big and "&lt;b&gt;5&lt;/b&gt;" not in big
+
+
+def test_the_scores_frame_reads_the_notes_stage_03_stored_and_equals_the_decoded_results(
+    run_dir, tmp_path, monkeypatch
+):
+    """Stage 03 stores the notes on each side's numbers beside them: the frame then decodes no result, and it
+    equals the frame of the same store without them (every noted result decoded, as before)."""
+    import sqlite3
+
+    import pandas as pd
+
+    from nbutils.core.store import ResultStore
+    from nbutils.score.contract import UnitScores, number_notes, registered
+    from nbutils.score.stage import stored_numbers
+
+    run, _ = _widened(run_dir, tmp_path)  # its (1, 1) judge said yes to every item: notes on its numbers
+    store = ResultStore(run / "03_score")
+    scorers = registered()
+    items = [(e, store.details((e["layer"], e["neuron"], e["sign"])), stored_numbers(e),
+              number_notes(UnitScores.from_dict(e), scorers)) for e in store.entries()]  # fmt: skip
+    store.put_many(items)
+    store.close()
+    decoded = []
+    original = UnitScores.from_dict
+    monkeypatch.setattr(UnitScores, "from_dict", classmethod(lambda cls, d: decoded.append(1) or original(d)))
+    frame = RunView.open(run).scores_frame()
+    assert decoded == [] and frame["notes"].str.contains("degenerate").any()
+    with sqlite3.connect(run / "03_score" / "results.sqlite") as conn:
+        conn.execute("DROP TABLE number_notes")  # as a store written before stage 03 stored them
+    before = RunView.open(run).scores_frame()
+    assert decoded  # this one read the noted results
+    pd.testing.assert_frame_equal(frame, before)

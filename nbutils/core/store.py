@@ -16,6 +16,7 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
     number_names(name)                                         every name in ``numbers``
     notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
+    number_notes(layer, neuron, side, body)                    stage 03: the notes on each side's numbers (JSON)
     selection(position, layer, neuron, side)                   the unit sides the stage last chose, in order
 
 ``numbers`` also holds the flags the report counts beside each number (``<name>#noted``, ``#degenerate``,
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS numbers (
 CREATE INDEX IF NOT EXISTS numbers_by_value ON numbers (name, value);
 CREATE TABLE IF NOT EXISTS number_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notes (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS number_notes (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS selection (
@@ -218,10 +222,13 @@ class ResultStore:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    def put(self, entry: dict[str, Any], details: Any = None, numbers: dict[str, float | None] | None = None) -> None:
-        """Write one unit side's entry (and its scorer details and numbers) in one transaction, replacing what
-        was there for that key."""
-        self._write_batch([(entry, details, numbers)])
+    def put(
+        self, entry: dict[str, Any], details: Any = None, numbers: dict[str, float | None] | None = None,
+        notes: list[tuple[str, str]] | None = None,
+    ) -> None:  # fmt: skip
+        """Write one unit side's entry (and its scorer details, numbers and the notes on its numbers) in one
+        transaction, replacing what was there for that key."""
+        self._write_batch([(entry, details, numbers, notes)])
 
     def put_many(
         self, items: Iterable[tuple[dict[str, Any], Any, dict[str, float | None] | None]], batch: int = 1000
@@ -241,9 +248,9 @@ class ResultStore:
             conn.execute("BEGIN IMMEDIATE")
             self._wrote = True
             try:
-                for entry, details, numbers in items:
+                for entry, details, numbers, *notes in items:
                     key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
-                    _write(conn, key, entry, details, self._numbers(entry, numbers))
+                    _write(conn, key, entry, details, self._numbers(entry, numbers), notes[0] if notes else None)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -289,6 +296,10 @@ class ResultStore:
                     conn.execute("BEGIN IMMEDIATE")
                     for table in ("entries", "details"):
                         conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM part.{table}")
+                    conn.execute("DELETE FROM number_notes WHERE (layer, neuron, side) IN "
+                                 "(SELECT layer, neuron, side FROM part.entries)")  # fmt: skip
+                    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_notes'").fetchone():
+                        conn.execute("INSERT OR REPLACE INTO number_notes SELECT * FROM part.number_notes")
                     conn.execute(
                         "DELETE FROM numbers WHERE (layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
                     )
@@ -458,6 +469,17 @@ class ResultStore:
         with self._query() as conn:
             rows = conn.execute(_KEYED.replace("entries", "notes").format("body")).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), json.loads(r[3])) for r in rows]
+
+    def stored_number_notes(self, keys: Sequence[Key]) -> dict[Key, list[tuple[str, str]]]:
+        """The notes stage 03 stored on the numbers of each of ``keys`` (sides it wrote before it stored them,
+        or a store without the table, are left out: their results must be read)."""
+        wanted = {_row_key(k): k for k in keys}
+        with self._query() as conn:
+            try:
+                rows = conn.execute("SELECT layer, neuron, side, body FROM number_notes").fetchall() if conn else []
+            except sqlite3.OperationalError:  # a store written before the table
+                return {}
+        return {wanted[r[:3]]: [tuple(n) for n in json.loads(r[3])] for r in rows if r[:3] in wanted}
 
     def notes_of(self, key: Key) -> list[str]:
         """A key's run-wide notes (see `note_keys` for whether they are current)."""
@@ -703,8 +725,9 @@ def _has_meta(conn: sqlite3.Connection) -> bool:
 
 
 def _write(
-    conn: sqlite3.Connection, key: tuple[int, int, int], entry: dict[str, Any], details: Any, numbers: dict | None
-) -> None:
+    conn: sqlite3.Connection, key: tuple[int, int, int], entry: dict[str, Any], details: Any, numbers: dict | None,
+    notes: list[tuple[str, str]] | None = None,
+) -> None:  # fmt: skip
     explanation, failure = entry.get("explanation"), entry.get("failure")
     conn.execute(
         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
@@ -716,6 +739,9 @@ def _write(
     conn.execute(f"DELETE FROM details WHERE {_AT}", key)
     if details is not None:
         conn.execute("INSERT INTO details VALUES (?, ?, ?, ?)", (*key, pack(details)))
+    conn.execute(f"DELETE FROM number_notes WHERE {_AT}", key)
+    if notes is not None:
+        conn.execute("INSERT INTO number_notes VALUES (?, ?, ?, ?)", (*key, json.dumps([list(n) for n in notes])))
     conn.execute(f"DELETE FROM numbers WHERE {_AT}", key)
     if numbers:
         conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])

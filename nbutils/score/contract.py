@@ -194,6 +194,38 @@ def headline_of(scorers: list[Scorer]) -> Scorer | None:
     return scorers[0] if scorers else None
 
 
+def label(sc: Scorer, column: Column) -> str:
+    """A column's label in tables that show several scorers: "top+random", "detection balanced accuracy"."""
+    return f"{sc.label_prefix} {column.label}".strip()
+
+
+def column_notes(sc: Scorer, column: Column, side: ScoredSide | None) -> list[str]:
+    """The notes on one scorer number of a unit side's scores (or its baseline's): `Column.notes`, if any."""
+    return [] if side is None else column.notes_of(side.of(sc.name))
+
+
+def scorer_notes(sc: Scorer, part: ScoredSide) -> list[tuple[str, str]]:
+    """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
+    per_column = [(column, column_notes(sc, column, part)) for column in sc.columns]
+    out: dict[tuple[str, str], None] = {}
+    for column, notes in per_column:
+        for n in notes:
+            shared = all(n in other for _, other in per_column)
+            out[(sc.name if shared else label(sc, column), n)] = None
+    return list(out)
+
+
+def number_notes(result: UnitScores, scorers: list[Scorer]) -> list[tuple[str, str]]:
+    """(which result, note) on a stage-03 result's numbers: each scorer's, the explanation's then the
+    baseline's (what stage 03 stores beside the numbers, so tables read them without decoding results)."""
+    return [
+        (f"{who} {what}", n)
+        for who, part in (("explanation", result), ("baseline", result.baseline))
+        for sc in scorers
+        for what, n in scorer_notes(sc, part)
+    ]
+
+
 def number_name(sc: Scorer, column: Column, baseline: bool = False) -> str:
     """The name a scorer number is stored under in the results store's ``numbers`` table:
     ``<scorer>/<path>``, e.g. ``simulation/top_and_random/correlation`` (``baseline:`` before it for the

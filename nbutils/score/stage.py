@@ -44,6 +44,7 @@ from nbutils.score.contract import (
     UnitContext,
     UnitDetails,
     UnitScores,
+    number_notes,
     registered,
     result_numbers,
     scorer,
@@ -224,7 +225,8 @@ def score_units(
 
     def put(done: tuple[UnitScores, UnitDetails | None]) -> None:  # one transaction: result, details, numbers
         result, details = done
-        saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed))
+        saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed),
+                  number_notes(result, indexed))  # fmt: skip
 
     try:
         store_as_finished(

@@ -30,17 +30,17 @@ from nbutils.core.store import ResultStore
 from nbutils.core.units import Key
 from nbutils.score import contract
 from nbutils.score.contract import (
-    Column,
     ScoredSide,
     Scorer,
     UnitDetails,
     UnitScores,
     finite,
     headline_of,
+    label,
+    number_notes,
     registered,
 )
 from nbutils.score.flags import explanation_notes
-from nbutils.view.tables import label
 
 SORTS = ("layer, neuron", "score: best first", "score: worst first", "baseline: best first")
 
@@ -50,31 +50,10 @@ def scorer_value(side: ScoredSide | None, sc: Scorer, column: int = 0) -> float 
     return None if side is None else finite(sc.columns[column].value(side.of(sc.name)))
 
 
-def column_notes(sc: Scorer, column: Column, side: ScoredSide | None) -> list[str]:
-    """The notes on one scorer number of a unit side's scores (or its baseline's): `Column.notes`, if any."""
-    return [] if side is None else column.notes_of(side.of(sc.name))
-
-
-def scorer_notes(sc: Scorer, part: ScoredSide) -> list[tuple[str, str]]:
-    """(which number, note) for one scorer's result: a note every column shares is named by the scorer."""
-    per_column = [(column, column_notes(sc, column, part)) for column in sc.columns]
-    out: dict[tuple[str, str], None] = {}
-    for column, notes in per_column:
-        for n in notes:
-            shared = all(n in other for _, other in per_column)
-            out[(sc.name if shared else label(sc, column), n)] = None
-    return list(out)
-
-
 def result_notes(result: UnitScores | None, scorers: list[Scorer], own: list[str]) -> list[tuple[str, str]]:
     """(which result, note) for a stage-03 result: ``own`` (its explanation's notes), then each scorer number's,
-    the explanation's and the baseline's."""
-    found = [("explanation", n) for n in own]
-    if result is None:
-        return found
-    for who, part in (("explanation", result), ("baseline", result.baseline)):
-        found += [(f"{who} {what}", n) for sc in scorers for what, n in scorer_notes(sc, part)]
-    return found
+    the explanation's and the baseline's (`number_notes`)."""
+    return [("explanation", n) for n in own] + ([] if result is None else number_notes(result, scorers))
 
 
 def headline_value(side: ScoredSide | None, scorers: list[Scorer]) -> float | None:
@@ -379,7 +358,8 @@ class RunView:
         ``explanation``, then every number of every scorer with results (NaN where undefined), each followed
         by the token-lookup baseline's (``baseline <number>``), then ``failure`` and ``notes`` (every note on
         the side's numbers, joined: a number's weakness travels with the row). Built from `score_table` and
-        the stores' columns: only the results that carry a note are read."""
+        the stores' columns, and the notes stage 03 stored beside the numbers (a store written before them: the
+        results that carry a note are read)."""
         import pandas as pd
 
         table, keys = self.score_table, self.keys()
@@ -396,8 +376,15 @@ class RunView:
                     column = np.append(table.column(who, sc.name, i), np.nan)  # row -1: a side not scored
                     frame[name] = column[rows]
         noted = self.noted_keys()
+        stored = _store(self.scores)
+        kept = stored.stored_number_notes(sorted(noted)) if stored is not None and stored.indexed else {}
+
+        def notes(k: Key) -> list[tuple[str, str]]:  # what stage 03 stored, else read from the result
+            own = self.explanation_notes.get(k, [])
+            return [("explanation", n) for n in own] + kept[k] if k in kept else self.notes(k)
+
         frame["failure"] = [failures.get(k) or failed.get(k) for k in keys]
-        frame["notes"] = ["; ".join(f"{w}: {n}" for w, n in self.notes(k)) if k in noted else "" for k in keys]
+        frame["notes"] = ["; ".join(f"{w}: {n}" for w, n in notes(k)) if k in noted else "" for k in keys]
         return pd.DataFrame(frame)
 
     def explanations_frame(self):

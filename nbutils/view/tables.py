@@ -20,7 +20,7 @@ from nbutils.core.io import read_json
 from nbutils.core.layout import usage_path
 from nbutils.core.records import RecordStore, UnitRecord
 from nbutils.core.results import ExplanationEntry
-from nbutils.score.contract import Column, ScoredSide, Scorer, UnitScores, registered
+from nbutils.score.contract import Column, ScoredSide, Scorer, UnitScores, label, registered
 from nbutils.score.flags import WARN, explanation_notes, with_notes
 from nbutils.score.metrics import Metric
 
@@ -260,11 +260,6 @@ def fmt_metric(m: Metric | None, notes: Sequence[str] = ()) -> str:
     if m.low is not None and m.high is not None:
         return with_notes(f"{m.value:.3f} [{m.low:.2f}, {m.high:.2f}]", notes)
     return with_notes(f"{m.value:.3f}", notes)
-
-
-def label(sc: Scorer, column: Column) -> str:
-    """A column's label in tables that show several scorers: "top+random", "detection balanced accuracy"."""
-    return f"{sc.label_prefix} {column.label}".strip()
 
 
 def column_text(part: ScoredSide | None, sc: Scorer, column: Column) -> str:
