@@ -375,6 +375,8 @@ def test_text_search_ranks_by_words_matched_stems_and_where_they_matched(tmp_pat
     # a filter box: the words in order, the last typed in part
     assert [k for k, _, _ in store.text_search("month name aft", phrase=True)] == [(0, 1, "positive")]
     assert store.text_search("month after", phrase=True) == []
+    unranked = store.text_search("months days", limit=None, ranked=False)  # a filter: every match, key order
+    assert [k for k, _, _ in unranked] == sorted(keys) and all(r == 0.0 and w == [] for _, r, w in unranked)
     with pytest.raises(UserError, match="has no words"):
         store.text_search(" !? ")
 

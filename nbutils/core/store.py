@@ -509,7 +509,7 @@ class ResultStore:
             raise
 
     def text_search(
-        self, text: str, limit: int | None = 50, phrase: bool = False
+        self, text: str, limit: int | None = 50, phrase: bool = False, ranked: bool = True
     ) -> list[tuple[Key, float, list[str]]]:
         """Ranked full-text search (SQLite FTS5, BM25, Porter-stemmed words) of each entry's explanation,
         candidates, rule and token-lookup baseline: ``(key, relevance, matched words)`` best first, where
@@ -527,6 +527,9 @@ class ResultStore:
             if conn is None:
                 return []
             table = self._search_table(conn)
+            if not ranked:
+                codes = conn.execute(f"SELECT rowid FROM {table} WHERE search MATCH ? ORDER BY rowid", (query,))
+                return [((c >> 33, (c >> 1) & 0xFFFFFFFF, SIDES[c & 1]), 0.0, []) for (c,) in codes][:limit]
             rows = conn.execute(  # ORDER BY rank: FTS5 keeps only the best ``limit`` as it goes
                 "SELECT rowid, rank, "
                 + ", ".join(f"highlight(search, {i}, char(1), char(2))" for i in range(4))

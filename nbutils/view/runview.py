@@ -425,14 +425,16 @@ class RunView:
         """Each LLM stage's usage.json (tokens, requests, cache hits, estimated cost), where present."""
         return {stage: read_json(path) for stage, path in self.usage_files.items() if path.is_file()}
 
-    def matching(self, text: str, k: int | None = None, phrase: bool = False) -> list[tuple[Key, float, list[str]]]:
+    def matching(
+        self, text: str, k: int | None = None, phrase: bool = False, ranked: bool = True
+    ) -> list[tuple[Key, float, list[str]]]:
         """Unit sides whose explanation, candidates, rule or strongest tokens match words of ``text`` (with
         ``phrase``, all of them in order, the last as a prefix), best first: ``(key, relevance, matched
         words)`` from the stage-02 store's full-text index (`ResultStore.text_search`); for results without
         a store, the explanations holding every word (case-insensitive), in key order."""
         store = _store(self.explanations)
         if store is not None and store.indexed:
-            return store.text_search(text, k, phrase)
+            return store.text_search(text, k, phrase, ranked)
         words = text.lower().split()
         found = [(key, float(len(words)), words) for key, t in self.explanation_texts()
                  if t and all(w in t.lower() for w in words)]  # fmt: skip
@@ -445,7 +447,7 @@ class RunView:
         if sort not in SORTS:
             raise UserError(f"Unknown sort {sort!r}.", f"Use one of: {', '.join(SORTS)}.")
         if text:
-            ids = sorted({(k[0], k[1]) for k, _, _ in self.matching(text, phrase=True)})
+            ids = sorted({(k[0], k[1]) for k, _, _ in self.matching(text, phrase=True, ranked=False)})
         else:
             ids = [(layer, n) for layer in self.store.layers for n in self.store.neurons(layer).tolist()]
         if sort == SORTS[0]:
