@@ -16,7 +16,7 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     numbers(layer, neuron, side, name, value)                  one row per scorer number, indexed by value
     number_names(name)                                         every name in ``numbers``
     notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
-    number_notes(layer, neuron, side, body)                    stage 03: the notes on each side's numbers (JSON)
+    number_notes(layer, neuron, side, body)                    stage 03: the notes on each side's numbers, as text
     selection(position, layer, neuron, side)                   the unit sides the stage last chose, in order
 
 ``numbers`` also holds the flags the report counts beside each number (``<name>#noted``, ``#degenerate``,
@@ -470,16 +470,17 @@ class ResultStore:
             rows = conn.execute(_KEYED.replace("entries", "notes").format("body")).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), json.loads(r[3])) for r in rows]
 
-    def stored_number_notes(self, keys: Sequence[Key]) -> dict[Key, list[tuple[str, str]]]:
-        """The notes stage 03 stored on the numbers of each of ``keys`` (sides it wrote before it stored them,
-        or a store without the table, are left out: their results must be read)."""
+    def stored_number_notes(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """The notes stage 03 stored on the numbers of each of ``keys``, as the tables show them (``which: note``
+        joined by "; "); sides it wrote before it stored them, or a store without the table, are left out
+        (their results must be read)."""
         wanted = {_row_key(k): k for k in keys}
         with self._query() as conn:
             try:
                 rows = conn.execute("SELECT layer, neuron, side, body FROM number_notes").fetchall() if conn else []
             except sqlite3.OperationalError:  # a store written before the table
                 return {}
-        return {wanted[r[:3]]: [tuple(n) for n in json.loads(r[3])] for r in rows if r[:3] in wanted}
+        return {wanted[r[:3]]: r[3] for r in rows if r[:3] in wanted}
 
     def notes_of(self, key: Key) -> list[str]:
         """A key's run-wide notes (see `note_keys` for whether they are current)."""
@@ -744,7 +745,7 @@ def _write(
         conn.execute("INSERT INTO details VALUES (?, ?, ?, ?)", (*key, pack(details)))
     conn.execute(f"DELETE FROM number_notes WHERE {_AT}", key)
     if notes is not None:
-        conn.execute("INSERT INTO number_notes VALUES (?, ?, ?, ?)", (*key, json.dumps([list(n) for n in notes])))
+        conn.execute("INSERT INTO number_notes VALUES (?, ?, ?, ?)", (*key, "; ".join(f"{w}: {n}" for w, n in notes)))
     conn.execute(f"DELETE FROM numbers WHERE {_AT}", key)
     if numbers:
         conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])

@@ -378,13 +378,15 @@ class RunView:
         noted = self.noted_keys()
         stored = _store(self.scores)
         kept = stored.stored_number_notes(sorted(noted)) if stored is not None and stored.indexed else {}
+        own = dict(self.explanation_notes.items())  # one read of the stored notes, not a query per side
 
-        def notes(k: Key) -> list[tuple[str, str]]:  # what stage 03 stored, else read from the result
-            own = self.explanation_notes.get(k, [])
-            return [("explanation", n) for n in own] + kept[k] if k in kept else self.notes(k)
+        def notes(k: Key) -> str:  # what stage 03 stored, else read from the result
+            if k not in kept:
+                return "; ".join(f"{w}: {n}" for w, n in self.notes(k))
+            return "; ".join([*(f"explanation: {n}" for n in own.get(k, [])), *([kept[k]] if kept[k] else [])])
 
         frame["failure"] = [failures.get(k) or failed.get(k) for k in keys]
-        frame["notes"] = ["; ".join(f"{w}: {n}" for w, n in notes(k)) if k in noted else "" for k in keys]
+        frame["notes"] = [notes(k) if k in noted else "" for k in keys]
         return pd.DataFrame(frame)
 
     def explanations_frame(self):
