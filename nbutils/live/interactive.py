@@ -400,7 +400,10 @@ class Run(RunView):
         if not isinstance(text, str) or not text.split():
             raise UserError("The search text is empty.", "Give a word or two, e.g. run.search('month').")
         if by not in ("words", "meaning", "both"):
-            raise UserError(f"by={by!r} is not a way to search.", 'Use by="words", by="meaning" or by="both".')
+            raise UserError(
+                f"by={by!r} is not a way to search.",
+                'Search with one of: "words", "meaning", "both" (the by argument).',
+            )
         words = self.matching(text, None if by == "both" else k) if by != "meaning" else []
         near = (
             self._meaning().nearest(text, self.explanation_texts(), None if by == "both" else k)
