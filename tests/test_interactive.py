@@ -275,6 +275,8 @@ def test_bad_live_input_is_named_with_the_fix(scored, root):
         (lambda: u.compare("one explanation"), "compare takes a list"),
         (lambda: u.steer("", strength=1.0), "The text is empty"),
         (lambda: scored.search(" "), "The search text is empty"),
+        (lambda: scored.search("month", by="sound"), "is not a way to search"),
+        (lambda: scored.search("month", by="meaning"), "embedding_base_url is not set"),
         (lambda: nbutils.open_run(root, simulator_bakend="openai"), "did you mean simulator_backend"),
         (lambda: nbutils.open_run(root / "02_explain"), "No finished activation collection"),  # no 01_collect
         (lambda: scored.unit(LAYERS[0], 5), "was not collected"),
