@@ -17,6 +17,7 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     number_names(name)                                         every name in ``numbers``
     notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
     number_notes(layer, neuron, side, body)                    stage 03: the notes on each side's numbers, as text
+    search(explanation, candidates, rule, tokens)              FTS5 full-text index (`ResultStore.text_search`)
     selection(position, layer, neuron, side)                   the unit sides the stage last chose, in order
 
 ``numbers`` also holds the flags the report counts beside each number (``<name>#noted``, ``#degenerate``,
