@@ -108,6 +108,24 @@ def llama_server(tmp_path_factory):
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """`bench/stand_in_api.py` in its own process: an OpenAI-compatible server that answers after 0.25 s with
+    replies made from the request (the same reply for the same request); ``/stats`` and ``/reset`` count what
+    it served. bench/throughput.py is loaded by its path: bench/ on sys.path would let a bench script shadow an
+    installed package (bench/llama_cpp.py once hid llama_cpp from every test collected after it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_throughput", Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+    )
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    proc, url = throughput.start_stand_in(0.25, tmp_path_factory.mktemp("stand_in") / "log.txt")
+    yield url
+    proc.kill()
+
+
 # The two tiers (docs/testing.md). A test is in the slow tier when it loads the embedded model, starts a server,
 # Ray, JupyterLab or a browser, runs a notebook or a whole `nbutils run`: either it reaches one of these fixtures
 # (directly or through another fixture, which `item.fixturenames` includes), or it is a notebook cell, or it

@@ -8,7 +8,6 @@ through the fault-injecting proxy of `tests/servers.py` in front of it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import urllib.request
@@ -26,24 +25,8 @@ from nbutils.llm.openai_compat import OpenAIBackend
 from nbutils.llm.traffic import Traffic, TrafficStats
 from nbutils.score.stage import run_score_stage
 
-# bench/throughput.py loaded by its path: bench/ on sys.path would let a bench script shadow an installed
-# package (bench/llama_cpp.py once hid llama_cpp from every test collected after this file)
-_spec = importlib.util.spec_from_file_location(
-    "bench_throughput", Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
-)
-_throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_throughput)
-start_stand_in = _throughput.start_stand_in
-
-LATENCY = 0.25
+LATENCY = 0.25  # the stand-in's seconds per request (conftest.py's `stand_in`)
 MESSAGES = [{"role": "user", "content": "Name the token. " + "word " * 100}]
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    proc, url = start_stand_in(LATENCY, tmp_path_factory.mktemp("stand_in") / "log.txt")
-    yield url
-    proc.kill()
 
 
 def _server(url: str, what: str) -> dict:

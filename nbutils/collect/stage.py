@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,12 +242,8 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
     """Stage 01 as the chain runs it: load the subject model and the corpus that ``config`` names, cut the
     excerpts, and collect (resuming an interrupted collection)."""
     c = config or RunConfig()
-    subject = load_subject_model(c.model)
-    texts = load_texts(c.corpus, c.corpus_text_field)
-    excerpts = make_excerpts(subject.tokenizer, texts, c.excerpt_len, c.n_excerpts, c.seed, corpus=c.corpus)
+    subject, excerpts, unit, layers = _inputs(c)
     print(f"{len(excerpts)} excerpts of {c.excerpt_len} tokens, from {excerpts.windows_available} available")
-    unit = unit_for(c.units, c.site, c.extension_settings.get("unit_type"))
-    layers = unit.own_layers(subject.model) or c.layers
     if layers != c.layers:
         print(f"units: the {unit.noun}s of {c.units} at layer(s) {layers} (the layers parameter is not used)")
     cfg = CollectConfig(
@@ -258,6 +254,15 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
     if shards > 1 or c.executor != "local":
         return collect_sharded(subject, excerpts, out_dir, cfg, unit, shards, c.executor, c.ray_address)
     return collect_activations(subject, excerpts, out_dir, cfg, progress=progress, unit=unit)
+
+
+def _inputs(c: RunConfig) -> tuple[SubjectModel, ExcerptSet, UnitType, list[int] | None]:
+    """The subject model, the excerpts, the unit type and the layers a config names."""
+    subject = load_subject_model(c.model)
+    texts = load_texts(c.corpus, c.corpus_text_field)
+    excerpts = make_excerpts(subject.tokenizer, texts, c.excerpt_len, c.n_excerpts, c.seed, corpus=c.corpus)
+    unit = unit_for(c.units, c.site, c.extension_settings.get("unit_type"))
+    return subject, excerpts, unit, unit.own_layers(subject.model) or c.layers
 
 
 def collect_activations(
@@ -384,3 +389,37 @@ def _shard_done(path: Path, fingerprint: str, excerpt_range: tuple[int, int]) ->
         return False
     saved = torch.load(path, weights_only=False, mmap=True)  # reads the header fields, not the large arrays
     return saved.get("fingerprint") == fingerprint and tuple(saved.get("range", ())) == tuple(excerpt_range)
+
+
+def sample_collection(c: RunConfig, out_dir: str | Path, batches: int = 4) -> dict[str, Any]:
+    """Stage 01 as the run would do it, on a prefix of its excerpts, into ``out_dir`` (`nbutils.run.plan`):
+    a small collection of every unit the run collects (enough excerpts that each unit's top, random and band
+    samples fill up), and what it measured: seconds to load the model and corpus, seconds per batch once warm
+    (the first batch, where kernels are compiled, is left out), seconds to write, and the run's excerpts and
+    batches. One process, the run's device; shards are not counted."""
+    started = time.perf_counter()
+    subject, excerpts, unit, layers = _inputs(c)
+    batch = c.batch_size
+    n = min(len(excerpts), batch * max(batches + 1, -(-4 * (c.top_k + c.n_random) // batch)))
+    cfg = CollectConfig(
+        layers=layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
+        batch_size=batch, seed=c.seed, quantile_warmup=max(1, n // 2),
+    )  # fmt: skip
+    prefix = replace(excerpts, tokens=excerpts.tokens[:n], places=excerpts.places[:n])
+    loaded = time.perf_counter()
+    plan = _Plan(subject, prefix, cfg, unit)
+    col = _collector(subject, prefix, plan, cfg)
+    _stream(subject, prefix, plan, col, None, cfg, False, stop=min(n, batch), interrupted=lambda: False)
+    warm = time.perf_counter()
+    _stream(subject, prefix, plan, col, None, cfg, False, stop=n, interrupted=lambda: False)
+    streamed = time.perf_counter()
+    out = CollectionLayout(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    _write_collection(out, subject, prefix, col, plan.meta(subject, prefix, cfg, col), plan.unit)
+    timed = max(1, -(-(n - batch) // batch))
+    return {
+        "load_seconds": loaded - started, "seconds_per_batch": (streamed - warm) / timed if n > batch else warm - loaded,
+        "write_seconds": time.perf_counter() - streamed, "sample_excerpts": n, "timed_batches": timed,
+        "excerpts": len(excerpts), "batches": -(-len(excerpts) // batch),
+        "units": sum(len(v) for v in plan.neurons.values()),
+    }  # fmt: skip

@@ -151,6 +151,15 @@ class RunConfig:
         None, BOTH, 'e.g. {"prompt": 0.15, "completion": 0.6} per million tokens, for a cost estimate',
         example="{prompt: 0.15, completion: 0.6}", how=True,
     )  # fmt: skip
+    max_cost: float | None = _param(
+        None, BOTH, "stop starting units once stages 02-03 would spend more than this, in the currency of prices "
+        "(needs prices and the run's plan: nbutils plan); rerun with more to continue", example="5.0", how=True,
+        when_set=True,
+    )  # fmt: skip
+    max_requests: int | None = _param(
+        None, BOTH, "stop starting units once stages 02-03 would send more LLM requests than this, failed "
+        "attempts included (needs the run's plan)", example="100000", how=True, when_set=True,
+    )  # fmt: skip
     max_in_flight: int = _param(
         64, BOTH, "HTTP backends: LLM requests in flight at once, across all neurons in progress", how=True
     )
@@ -277,7 +286,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "execution": (
         "executor", "ray_address", "shards", "checkpoint_every_s", "max_in_flight", "requests_per_minute",
-        "tokens_per_minute", "prices", "fail_on_errors",
+        "tokens_per_minute", "prices", "max_cost", "max_requests", "fail_on_errors",
     ),
     "views": ("layer", "neuron", "page_units", "embedding_base_url", "embedding_model", "embedding_api_key_env"),
     "extensions": ("extension_settings",),

@@ -15,14 +15,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def as_finished(work: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[tuple[T, R]]:
+def as_finished(
+    work: Callable[[T], R], items: Sequence[T], workers: int, may_start: Callable[[int], bool] | None = None
+) -> Iterator[tuple[T, R]]:
     """``(item, work(item))`` for every item, in the order they finish, with up to ``workers`` in progress.
+
+    ``may_start(in_flight)``: asked before each item starts (a budget, `nbutils.core.budget`); once it says no,
+    no more start, those in progress finish and are returned, and the iteration ends with items left.
 
     With ``workers <= 1`` the items run in order on this thread. An exception from ``work`` stops the rest
     (units not started are dropped, those in progress finish but are not returned) and is raised here; so
     is an interrupt (Ctrl-C), without waiting for the units in progress."""
+    allowed = may_start or (lambda in_flight: True)
     if workers <= 1 or len(items) <= 1:
         for item in items:
+            if not allowed(0):
+                return
             yield item, work(item)
         return
     pool = ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="nbutils-unit")
@@ -30,6 +38,8 @@ def as_finished(work: Callable[[T], R], items: Sequence[T], workers: int) -> Ite
     pending: dict[Future[R], T] = {}
 
     def submit_next() -> None:
+        if not allowed(len(pending)):
+            return
         for item in queue:
             pending[pool.submit(work, item)] = item
             return

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from nbutils.core.budget import Budget, Limits
 from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
 from nbutils.core.failures import write_summary
@@ -62,9 +63,11 @@ class UnitStage:
         self.saved.select(chosen)
         todo = [k for k in chosen if still_to_do(k)]
         if todo:
-            run_unit_shards(shard, todo, self.config, url_parameter, **shard_args)
-            merge_shard_usage(self.out.usage, self.config.prices)
-            self.saved.merge_parts()
+            try:
+                run_unit_shards(shard, todo, self.config, url_parameter, **shard_args)
+            finally:  # also at a budget or a failure: what the shards finished is in the stage's accounts
+                merge_shard_usage(self.out.usage, self.config.prices)
+                self.saved.merge_parts()
 
     def finish(self, decode: Callable[[dict[str, Any]], Any], skipped: int) -> tuple[StoredSequence, dict[str, Any]]:
         """Every chosen unit side's result (read from the store as it is used) and the stage's summary (written;
@@ -83,13 +86,23 @@ def store_as_finished(
 ) -> None:  # fmt: skip
     """A shard's loop: ``work`` on ``workers`` items at once, each result ``put`` as it finishes; the usage
     saved at most once a second as results come in and once more at the end, also when interrupted (the
-    requests already paid for are counted)."""
+    requests already paid for are counted). With ``max_cost`` / ``max_requests`` a unit starts only within the
+    run's budget (`nbutils.core.budget`); at the budget, the units in progress finish and are stored, and
+    `BudgetReached` is raised."""
     path = shard_usage(usage_path, shard)
-    finished: Iterable[Any] = as_finished(work, items, workers)
+    limits = Limits.of(config)
+    budget = Budget(limits, usage_path.parent.parent, usage_path.parent.name, usage) if limits.any else None
+    finished: Iterable[Any] = as_finished(work, items, workers, budget.may_start if budget else None)
     bar = progress_bar(iterable=finished, total=len(items), desc=desc, unit="neuron", disable=not progress)
+    done = 0
     try:
         for _, result in bar:
             put(result)
+            done += 1
+            if budget:
+                budget.unit_finished()
             usage.save(path, config.prices, at_most_every=1.0)
     finally:
         usage.save(path, config.prices)
+    if budget and done < len(items):
+        raise budget.reached(len(items) - done)

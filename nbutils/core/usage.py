@@ -23,6 +23,11 @@ class Usage:
     completion_tokens: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    failed_attempts: int = 0
+    """Requests sent that failed (a server fault, a timeout, a 429), whether sent again or given up: a budget
+    counts them."""
+    request_seconds: float = 0.0
+    """Seconds answered requests were in flight, summed (a plan's latency per request)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Requests are counted on the HTTP loop's thread while a stage saves the counts from its own."""
     _saved_at: float = field(default=-math.inf, repr=False, compare=False)
@@ -31,6 +36,18 @@ class Usage:
         with self._lock:
             for name in USAGE_FIELDS:
                 setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def sent(self) -> int:
+        """Requests sent to a server, every failed attempt included (what ``max_requests`` counts)."""
+        return self.requests + self.failed_attempts
+
+    def minus(self, earlier: Usage) -> Usage:
+        """What was counted since ``earlier`` (a `copy` of these counts)."""
+        return Usage(**{k: getattr(self, k) - getattr(earlier, k) for k in USAGE_FIELDS})
+
+    def copy(self) -> Usage:
+        with self._lock:
+            return Usage(**{k: getattr(self, k) for k in USAGE_FIELDS})
 
     def cost(self, prices: dict[str, float]) -> float:
         """Estimated cost from a price table in currency units per million tokens: {"prompt": .., "completion": ..}."""
@@ -73,7 +90,10 @@ class Usage:
         return out
 
 
-USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses")
+USAGE_FIELDS = (
+    "requests", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses", "failed_attempts",
+    "request_seconds",
+)  # fmt: skip
 
 
 def shard_usage(path: Path, shard: int | None) -> Path:

@@ -50,10 +50,8 @@ def run_explain_stage(
     they are dealt over the servers (`nbutils.core.distribute`)."""
     config = config or RunConfig()
     stage = UnitStage("02_explain", collection_dir, explanations(out_dir), config).open()
-    signs = ["positive", "negative"] if config.explain_negative and stage.store.meta.signed else ["positive"]
     rare = stage.rare
-    asked = units_to_explain(stage.store, config.explain_neurons, config.seed, skip=set(rare))
-    chosen = [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
+    asked, chosen = chosen_sides(stage.store, config, rare)
     stage.run(
         chosen, lambda key: needs_work(stored_entry(stage.saved, key)), explain_units, "explainer_base_url",
         collection_dir=str(collection_dir), out_dir=str(out_dir), cache_path=cache_path, workers=workers,
@@ -70,6 +68,16 @@ def run_explain_stage(
         summary["triage"] = triage_savings(entries, stage.out.usage, config.prices)
     atomic_write_json(stage.out.summary, summary)
     return entries
+
+
+def chosen_sides(
+    store: RecordStore, config: RunConfig, rare: dict[tuple[int, int], int]
+) -> tuple[list[Any], list[tuple[int, int, str]]]:
+    """The units ``config.explain_neurons`` names (dead and ``rare`` ones included, to be listed as skipped)
+    and the unit sides stage 02 explains: both signs of signed units with ``explain_negative``."""
+    signs = ["positive", "negative"] if config.explain_negative and store.meta.signed else ["positive"]
+    asked = units_to_explain(store, config.explain_neurons, config.seed, skip=set(rare))
+    return asked, [nid.key(sign) for nid in asked if (nid.layer, nid.index) not in rare for sign in signs]
 
 
 def stored_entry(saved: ResultStore, key: tuple[int, int, str]) -> ExplanationEntry | None:

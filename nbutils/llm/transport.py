@@ -19,6 +19,7 @@ import json
 import os
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -124,9 +125,17 @@ class HTTPTransport:
                 self.usage.add(Usage(cache_hits=1))
                 return hit
             self.usage.add(Usage(cache_misses=1))
-        response = await self._send(client, endpoint, request, check)
+        started = time.perf_counter()
+        try:
+            response = await self._send(client, endpoint, request, check)
+        except LLMFailed:  # the last attempt, given up: sent too
+            self.usage.add(Usage(failed_attempts=1))
+            raise
         usage = response.get("usage") or {}
-        self.usage.add(Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
+        self.usage.add(
+            Usage(1, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+                  request_seconds=time.perf_counter() - started)
+        )  # fmt: skip
         if self.cache is not None:
             self.cache.put(key, response)
         return response
@@ -186,6 +195,7 @@ class HTTPTransport:
                 if attempt == self.max_retries:
                     raise LLMFailed(_describe(e, endpoint, attempt, self.base_url)) from None
                 wait = delay
+            self.usage.add(Usage(failed_attempts=1))  # sent and failed, sent again: a budget counts it
             await asyncio.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable: the last attempt returns or raises")

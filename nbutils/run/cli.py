@@ -23,10 +23,11 @@ def _params(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from nbutils.core.budget import BUDGET_EXIT, BudgetReached
     from nbutils.core.config import SECTIONS, defaults, schema
     from nbutils.core.registry import GROUPS
     from nbutils.run.params import PRESETS
-    from nbutils.run.pipeline import StageFailed, load_config, run_pipeline, where_to_look
+    from nbutils.run.pipeline import StageFailed, run_pipeline, where_to_look
 
     if args.list_params:
         main = defaults()
@@ -40,12 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for name, values in PRESETS.items():
             print(f"--preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         return 0
-    params = load_config(args.config) if args.config else {}
-    params.update(_params(args.param))
-    if args.executor:
-        params["executor"] = args.executor
-    if args.ray_address:
-        params["ray_address"] = args.ray_address
+    params = _run_params(args)
     stages = args.stages.split(",") if args.stages else None
     nb_dir = Path(args.notebooks) if args.notebooks else None
     try:
@@ -53,10 +49,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
             params, run_id=args.run_id, output_root=args.output_root, stages=stages, nb_dir=nb_dir, preset=args.preset
         )
     except StageFailed as e:
+        if e.error == BudgetReached.__name__:  # not a failure: the run stopped where it was told to
+            print(f"stopped at the budget: {e.reason.removeprefix(e.error + ': ')}", file=sys.stderr)
+            print(f"executed notebook: {e.notebook}", file=sys.stderr)
+            return BUDGET_EXIT
         print(f"error: stage {e.stage} failed: {e.reason}", file=sys.stderr)
         print(f"executed notebook with the error: {e.notebook}", file=sys.stderr)
         return 1
     print("\n".join(where_to_look(run_dir)))
+    return 0
+
+
+def _run_params(args: argparse.Namespace) -> dict[str, object]:
+    """A run's parameters from ``--config``, ``-p`` and the executor options (``run`` and ``plan``)."""
+    from nbutils.run.pipeline import load_config
+
+    params = load_config(args.config) if args.config else {}
+    params.update(_params(args.param))
+    if args.executor:
+        params["executor"] = args.executor
+    if args.ray_address:
+        params["ray_address"] = args.ray_address
+    return params
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from nbutils.core.budget import PLAN_FILE
+    from nbutils.run.plan import plan_run, plan_table
+
+    plan = plan_run(_run_params(args), args.run_id, args.output_root, args.preset, sample=args.sample)
+    print(plan_table(plan))
+    print(f"wrote {Path(plan['run']) / PLAN_FILE}")
+    error = plan.get("error")
+    if error is not None:
+        print(f"error: {error.problem} Fix: {error.fix}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -148,23 +175,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments ``run`` and ``plan`` share: a run's parameters and where it goes."""
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="a stage parameter")
+    parser.add_argument("--config", help="YAML file of parameters (command-line -p values win)")
+    parser.add_argument("--preset", help="a named set of parameters, e.g. quick (a first look in a few minutes)")
+    parser.add_argument(
+        "--run-id",
+        help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)",
+    )
+    parser.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
+    parser.add_argument("--executor", choices=("local", "ray"), help="where stages 01-03 run (same as -p executor=...)")
+    parser.add_argument(
+        "--ray-address", help="with --executor ray: the Ray cluster's address (default: start one here)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbutils", description="Explain and score language-model neurons.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the stage notebooks in order into outputs/<run_id>/")
-    run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="a stage parameter")
-    run.add_argument("--config", help="YAML file of parameters (command-line -p values win)")
-    run.add_argument("--preset", help="a named set of parameters, e.g. quick (a first look in a few minutes)")
-    run.add_argument(
-        "--run-id", help="run folder name (default: run-<hash of the parameters>, so rerunning a command resumes it)"
-    )
-    run.add_argument("--output-root", default="outputs", help="where run folders go (default: outputs)")
+    plan = sub.add_parser("plan", help="measure a sample of a run's units and forecast its requests, tokens, cost, "
+                          "wall time and disk (writes plan.json in the run folder; same parameters as run)")  # fmt: skip
+    for parser in (run, plan):
+        _run_arguments(parser)
     run.add_argument("--stages", help="comma-separated stage numbers or names, e.g. 01")
     run.add_argument("--notebooks", help="notebooks folder (default: the stage notebooks installed with nbutils)")
-    run.add_argument("--executor", choices=("local", "ray"), help="where stages 01-03 run (same as -p executor=...)")
-    run.add_argument("--ray-address", help="with --executor ray: the Ray cluster's address (default: start one here)")
     run.add_argument("--list-params", action="store_true", help="print every stage's parameters and exit")
     run.set_defaults(func=_cmd_run)
+    plan.add_argument("--sample", type=int, default=8, help="unit sides to measure (default 8; kept for the run "
+                      "where its stage 01 has finished)")  # fmt: skip
+    plan.set_defaults(func=_cmd_plan)
     exp = sub.add_parser("export-openai", help="write OpenAI neuron-explainer NeuronRecord JSON files")
     exp.add_argument("collection", help="a stage-01 output folder")
     exp.add_argument("out", help="folder for <layer>/<neuron>.json files")

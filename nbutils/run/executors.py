@@ -26,8 +26,9 @@ _KERNELS: list[Any] = []
 class StageFailed(Exception):
     """A stage notebook raised; the executed notebook (with the error in it) is at ``notebook``."""
 
-    def __init__(self, stage: str, notebook: Path, reason: str) -> None:
-        self.stage, self.notebook, self.reason = stage, notebook, reason
+    def __init__(self, stage: str, notebook: Path, reason: str, error: str = "") -> None:
+        """``error``: the name of the exception the notebook raised (e.g. ``BudgetReached``)."""
+        self.stage, self.notebook, self.reason, self.error = stage, notebook, reason, error
         super().__init__(f"stage {stage} failed: {reason}\nexecuted notebook: {notebook}")
 
 
@@ -104,7 +105,7 @@ class PapermillExecutor:
             except papermill.PapermillExecutionError as e:
                 if interrupted or e.ename == "KeyboardInterrupt":
                     raise KeyboardInterrupt from None
-                raise StageFailed(stage, executed, f"{e.ename}: {e.evalue}") from None
+                raise StageFailed(stage, executed, f"{e.ename}: {e.evalue}", e.ename) from None
         if interrupted:  # the kernel finished its cell before the interrupt reached it
             raise KeyboardInterrupt
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.config import schema, unset_new
+from nbutils.core.budget import Limits, check_limits
+from nbutils.core.config import RunConfig, schema, unset_new
 from nbutils.core.errors import UserError
 from nbutils.core.failures import first_failures
 from nbutils.core.io import read_json
@@ -201,6 +202,7 @@ def run_pipeline(
     _stage_parameters(chosen[0], declared[chosen[0].notebook], effective, run)  # earlier stages' output?
     to_run = _stages_to_run(chosen, declared, effective, run)
     preflight(effective, [s.folder for s in to_run])  # before anything loads or runs: seconds, no weights
+    check_limits(Limits.of(RunConfig.pick(effective)), run.root, [s.folder for s in to_run])  # a budget, if any
     run.root.mkdir(parents=True, exist_ok=True)
     executor = PapermillExecutor()
     for stage in chosen:
@@ -232,6 +234,12 @@ def _stages_to_run(
         if not stage_done(run.manifest(stage), run.summary(stage), params):
             return chosen[i:]
     return []
+
+
+def stage_finished(stage: Stage, effective: dict[str, Any], run: RunLayout, nb_dir: Path | None = None) -> bool:
+    """Whether ``stage`` finished in ``run`` with these effective parameters (`nbutils run` would skip it)."""
+    declared = declared_parameters((nb_dir or notebooks_dir()) / stage.notebook)
+    return stage_done(run.manifest(stage), run.summary(stage), _stage_parameters(stage, declared, effective, run))
 
 
 def where_to_look(run_dir: Path) -> list[str]:

@@ -14,6 +14,8 @@ is an export on request (``nbutils export-jsonl``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +98,11 @@ def unit_context(entry: ExplanationEntry, store: RecordStore, s: ScoreSettings, 
 
 def score_entry(
     entry: ExplanationEntry, store: RecordStore, llm: Backend | None, scorers: list[Scorer], s: ScoreSettings,
-    subject: Any = None,
+    subject: Any = None, meter: Callable[[str, Backend], AbstractContextManager[Any]] | None = None,
 ) -> tuple[UnitScores, UnitDetails | None]:  # fmt: skip
     """Scores of one stage-02 entry, and the details to save (None when no scorer of the explanation ran).
-    ``subject``: the subject model for scorers that run it (`nbutils.subject.intervene.UnitIntervention`)."""
+    ``subject``: the subject model for scorers that run it (`nbutils.subject.intervene.UnitIntervention`);
+    ``meter(scorer name, backend)``: a context around each scorer of the explanation (a plan's measurement)."""
     ctx = unit_context(entry, store, s, subject)
     baseline = ScoredSide(entry.baseline.explanation if entry.baseline else None)
     result = UnitScores(layer=entry.layer, neuron=entry.neuron, sign=entry.sign, explanation=entry.explanation,
@@ -115,7 +118,8 @@ def score_entry(
     llm = exact_simulator(entry) or llm  # e.g. a rule: simulated exactly, by the rule the entry records
     for sc in scorers:
         try:
-            result.results[sc.name], details.by_scorer[sc.name] = done = sc.explanation(ctx, llm)
+            with meter(sc.name, llm) if meter else nullcontext():
+                result.results[sc.name], details.by_scorer[sc.name] = done = sc.explanation(ctx, llm)
             ctx.done[sc.name] = done
         except LLMFailed as e:  # the scores so far stay; a rerun retries the unit if the fault was the server's
             result.failure, result.retryable = f"{sc.name} failed: {e}", e.retryable
@@ -200,6 +204,17 @@ def run_score_stage(
     return results
 
 
+def store_scores(
+    saved: ResultStore, done: tuple[UnitScores, UnitDetails | None], indexed: list[Scorer] | None = None
+) -> None:
+    """One unit side's scores into the stage's store, in one transaction: its result, details, the numbers of
+    every registered scorer (``indexed``) and their notes."""
+    result, details = done
+    indexed = registered() if indexed is None else indexed
+    saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed),
+              number_notes(result, indexed))  # fmt: skip
+
+
 def score_units(
     collection_dir: str, explanation_dir: str, out_dir: str, config: RunConfig, keys: list[Key],
     cache_path: str | None, workers: int | None, progress: bool, shard: int | None,
@@ -215,22 +230,17 @@ def score_units(
     todo = [ExplanationEntry.from_dict(e) for e in found if e is not None]
     saved = ResultStore(out.root, part=shard_part(shard), numbers_of=stored_numbers)
     chosen, s = chosen_scorers(config, store.meta.kind), settings(config)
-    indexed = registered()  # every registered scorer's numbers are indexed
     llm = make_backend(simulator_spec(config, cache_path))
     subject = None
     if any(sc.needs_subject for sc in chosen):  # loaded once, shared by the units in progress
         subject = intervention_for(store.meta.model, store.meta.unit, store.meta.site)
     asked.close()
+    indexed = registered()  # every registered scorer's numbers are indexed
     work = lambda e: score_entry(e, store, llm, chosen, s, subject)  # noqa: E731
-
-    def put(done: tuple[UnitScores, UnitDetails | None]) -> None:  # one transaction: result, details, numbers
-        result, details = done
-        saved.put(result.to_dict(), None if details is None else details.to_dict(), result_numbers(result, indexed),
-                  number_notes(result, indexed))  # fmt: skip
 
     try:
         store_as_finished(
-            work, todo, put, llm.usage, out.usage, config, shard, workers or llm.parallel_units, "simulate+score",
+            work, todo, lambda done: store_scores(saved, done, indexed), llm.usage, out.usage, config, shard, workers or llm.parallel_units, "simulate+score",
             progress,
         )  # fmt: skip
     finally:
