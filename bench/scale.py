@@ -211,6 +211,7 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
     """Copy the stages' results onto the other collected units' keys, in order, until each store holds
     ``units`` unit sides (through `ResultStore.put_many`); a row per store."""
     from nbutils.core.records import RecordStore
+    from nbutils.score.contract import UnitScores, number_notes, registered
     from nbutils.score.flags import explanation_notes
     from nbutils.score.stage import stored_numbers
 
@@ -218,9 +219,13 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
     for stage in ("02_explain", "03_score"):
         store = ResultStore(root / stage)
         numbers = stored_numbers if stage == "03_score" else lambda e: None
-        template = [(e, store.details((e["layer"], e["neuron"], e["sign"])), numbers(e)) for e in store.entries()]
+        # stage 03 stores the notes on each side's numbers beside them (what the tables show)
+        notes = (lambda e: number_notes(UnitScores.from_dict(e), registered())) if stage == "03_score" else (
+            lambda e: None)  # fmt: skip
+        template = [(e, store.details((e["layer"], e["neuron"], e["sign"])), numbers(e), notes(e))
+                    for e in store.entries()]  # fmt: skip
         start = time.perf_counter()
-        have = {(e["layer"], e["neuron"]) for e, _, _ in template}
+        have = {(e["layer"], e["neuron"]) for e, *_ in template}
         free = [
             (n.layer, n.index) for n in RecordStore(root / "01_collect").all_ids() if (n.layer, n.index) not in have
         ]
@@ -236,12 +241,13 @@ def fill(root: Path, units: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _copies(template: list[tuple[dict, Any, Any]], targets: list[tuple[int, int]]):
-    """The template's (entry, details, numbers) in turn, under each of the ``targets`` (layer, unit)."""
+def _copies(template: list[tuple[dict, Any, Any, Any]], targets: list[tuple[int, int]]):
+    """The template's (entry, details, numbers, number notes) in turn, under each of the ``targets`` (layer,
+    unit)."""
     for i, (layer, unit) in enumerate(targets):
-        e, d, numbers = template[i % len(template)]
+        e, d, numbers, notes = template[i % len(template)]
         where = {"layer": layer, "neuron": unit}
-        yield {**e, **where}, None if d is None else {**d, **where}, numbers
+        yield {**e, **where}, None if d is None else {**d, **where}, numbers, notes
 
 
 VIEWS = ("open + first unit", "sort by a score", "next unit", "filter by text", "search text", "scores frame",

@@ -440,3 +440,51 @@ def test_explanation_columns_equal_what_the_decoded_entries_say(tmp_path):
                 kept.calibration_score if kept else None, e.failure, bool(e.retryable))  # fmt: skip
         assert (text, base, n, calibration, failure, bool(retry)) == want, key
     assert [k for k, *_ in store.explanation_columns()] == store.keys()
+
+
+def test_number_rows_give_the_numbers_table_through_rewrites_parts_and_a_backfill(tmp_path):
+    """Every side's numbers are also kept as one row (float64 in the order of a stored set of names), which
+    `number_table` reads in bulk: it equals the table read name by name from the numbers table, with sides
+    whose sets of names differ, None values, a rewritten side, a merged part whose set ids are its own, and a
+    store written before the rows (their table dropped here), which readers read name by name and the next
+    writer fills."""
+    names = ["simulation:all", "detection:auroc", "baseline simulation:all", "absent"]
+    rng = np.random.default_rng(0)
+
+    def numbers(i: int) -> dict:
+        out = {"simulation:all": float(rng.normal()), "detection:auroc": None if i % 3 == 0 else float(rng.random())}
+        if i % 4 == 0:  # another set of names
+            out["baseline simulation:all"] = float(rng.normal())
+        return out
+
+    store = ResultStore(tmp_path)
+    store.put_many(iter((_entry(0, i), None, numbers(i)) for i in range(12)))
+    store.put(_entry(0, 5), None, {"simulation:all": 0.5})  # rewritten with a set of its own
+    part = ResultStore(tmp_path, part="shard-000")
+    part.put_many(iter((_entry(1, i), None, numbers(100 + i)) for i in range(6)))  # its first set: another id
+    part.put(_entry(0, 2), None, {"detection:auroc": 0.25})  # a side the main store has: replaced
+    part.close()
+    store.merge_parts()
+    keys, fast = store.number_table(names)
+    store.close()
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM number_rows").fetchone()[0] == 18
+        by_name = {n: dict(((r[0], r[1]), r[2]) for r in db.execute(
+            "SELECT layer, neuron, value FROM numbers WHERE name=?", (n,))) for n in names}  # fmt: skip
+        db.execute("DROP TABLE number_rows")
+    for i, key in enumerate(keys):  # against the numbers table itself
+        for n in names:
+            want = by_name[n].get(key[:2])
+            assert (math.isnan(fast[n][i]) and want is None) or fast[n][i] == want, (key, n)
+    assert fast["simulation:all"][keys.index((0, 5, "positive"))] == 0.5
+    assert math.isnan(fast["detection:auroc"][keys.index((0, 5, "positive"))])
+    assert fast["detection:auroc"][keys.index((0, 2, "positive"))] == 0.25
+    old = ResultStore(tmp_path)  # written before the rows: read name by name, the same
+    assert old.number_table(names)[0] == keys
+    assert all(np.array_equal(old.number_table(names)[1][n], fast[n], equal_nan=True) for n in names)
+    old.close()
+    ResultStore(tmp_path).merge_parts()  # a writer opens it: the rows are filled
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM number_rows").fetchone()[0] == 18
+    again = ResultStore(tmp_path).number_table(names)
+    assert again[0] == keys and all(np.array_equal(again[1][n], fast[n], equal_nan=True) for n in names)

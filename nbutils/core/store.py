@@ -45,6 +45,7 @@ read as they are (`nbutils.core.legacy`) and copied into the store the first tim
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -83,6 +84,13 @@ CREATE TABLE IF NOT EXISTS numbers (
     PRIMARY KEY (layer, neuron, side, name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS numbers_by_value ON numbers (name, value);
 CREATE TABLE IF NOT EXISTS number_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entry_columns (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, baseline TEXT, candidates INTEGER,
+    calibration REAL, retryable, PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS number_sets (id INTEGER PRIMARY KEY, names TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS number_rows (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, names INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notes (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
@@ -192,6 +200,8 @@ class ResultStore:
             if create and self.part is None:
                 self._import_files()
                 self._index_text()
+                self._fill_entry_columns()
+                self._fill_number_rows()
         return self._conn
 
     @contextmanager
@@ -291,6 +301,7 @@ class ResultStore:
             except UserError as e:
                 bad.append(e)
                 continue
+            merged_keys = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
             with self._query(create=True) as conn:
                 conn.execute("ATTACH DATABASE ? AS part", (str(part),))
                 try:
@@ -306,11 +317,20 @@ class ResultStore:
                     )
                     conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
                     conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
+                    conn.execute(f"DELETE FROM number_rows WHERE {merged_keys}")
+                    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_rows'").fetchone():
+                        conn.execute("INSERT OR IGNORE INTO number_sets (names) SELECT names FROM part.number_sets")
+                        conn.execute(  # the part's set ids are its own: matched by the names they stand for
+                            "INSERT INTO number_rows SELECT r.layer, r.neuron, r.side, m.id, r.body FROM "
+                            "part.number_rows r JOIN part.number_sets p ON p.id = r.names JOIN number_sets m "
+                            "ON m.names = p.names"
+                        )
                     merged = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
                     conn.execute("DELETE FROM search WHERE rowid IN "
                                  "(SELECT (layer << 33) | (neuron << 1) | side FROM part.entries)")  # fmt: skip
                     conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} "
                                  f"WHERE {merged}")  # fmt: skip
+                    conn.execute(f"INSERT OR REPLACE INTO entry_columns {_ENTRY_COLUMNS} WHERE {merged}")
                     moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
                     conn.execute(_NOTES_CURRENT)
                     conn.execute("COMMIT")
@@ -402,18 +422,44 @@ class ResultStore:
             rows = conn.execute(_KEYED.format(name)).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
 
+    def frame_columns(self) -> dict[Key, tuple[str | None, str | None, str | None, str | None]]:
+        """Per entry, in one read (what `RunView.scores_frame` needs of a store): its explanation, its failure,
+        the notes stage 03 stored on its numbers as tables show them (None where none were stored: a side
+        written before they were), and its run-wide notes as tables show them (``explanation: <note>`` joined
+        by "; "; None where it has none, or where they are not current: `note_keys`)."""
+        with self._query() as conn:
+            if conn is None:
+                return {}
+            current = conn.execute("SELECT 1 FROM meta WHERE name='notes'").fetchone() is not None
+            noted = (
+                "(SELECT layer, neuron, side, group_concat('explanation: ' || j.value, '; ') AS text FROM notes, "
+                "json_each(notes.body) AS j GROUP BY layer, neuron, side)"
+                if current else "(SELECT layer, neuron, side, NULL AS text FROM notes WHERE 0)"
+            )  # fmt: skip
+            kept = "number_notes" if _has_table(conn, "number_notes") else "(SELECT *, NULL AS body FROM notes WHERE 0)"
+            rows = conn.execute(
+                "SELECT e.layer, e.neuron, e.side, e.explanation, e.failure, n.body, o.text FROM entries e "
+                f"LEFT JOIN {kept} n ON {_SAME.format('n')} LEFT JOIN {noted} o ON {_SAME.format('o')}"
+            ).fetchall()  # fmt: skip
+        return {(r[0], r[1], SIDES[r[2]]): r[3:] for r in rows}
+
     def explanation_columns(self) -> list[tuple[Any, ...]]:
         """Per entry in key order, read with SQLite's JSON functions (no entry decoded in Python): ``(key,
         explanation, baseline explanation, candidates written, the kept candidate's calibration score, failure,
         retryable)``, the kept candidate being the one whose explanation is the entry's (stage 02's stores)."""
         with self._query() as conn:
-            rows = conn.execute(
-                "SELECT layer, neuron, side, explanation, json_extract(body, '$.baseline.explanation'), "
-                "coalesce(json_array_length(body, '$.candidates'), 0), "
-                "(SELECT json_extract(c.value, '$.calibration_score') FROM json_each(body, '$.candidates') AS c "
-                " WHERE json_extract(c.value, '$.explanation') = entries.explanation LIMIT 1), "
-                "failure, json_extract(body, '$.retryable') FROM entries ORDER BY layer, neuron, side"
-            ).fetchall() if conn else []  # fmt: skip
+            if conn is None:
+                return []
+            if _complete(conn, "entry_columns"):  # what each write stored beside its entry
+                rows = conn.execute(
+                    "SELECT e.layer, e.neuron, e.side, e.explanation, c.baseline, c.candidates, c.calibration, "
+                    "e.failure, c.retryable FROM entries e JOIN entry_columns c ON " + _SAME.format("c")
+                ).fetchall()
+            else:  # a store written before them: the same read from each entry's JSON
+                rows = conn.execute(
+                    f"SELECT e.layer, e.neuron, e.side, e.explanation, {_ENTRY_FACTS}, e.failure, retryable FROM "
+                    f"entries e JOIN ({_ENTRY_COLUMNS}) c ON " + _SAME.format("c")
+                ).fetchall()
         return [((r[0], r[1], SIDES[r[2]]), *r[3:]) for r in rows]
 
     def number_table(self, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
@@ -423,6 +469,8 @@ class ResultStore:
         if not self.indexed:
             raise ValueError("number_table needs a store (this folder holds files from before the store)")
         with self._query() as conn:
+            if conn and _complete(conn, "number_rows"):
+                return _number_rows(conn, names)
             rows = conn.execute("SELECT layer, neuron, side FROM entries ORDER BY layer, neuron, side").fetchall() \
                 if conn else []  # fmt: skip
             keys = [(r[0], r[1], SIDES[r[2]]) for r in rows]
@@ -504,6 +552,39 @@ class ResultStore:
         try:
             conn.execute("DELETE FROM search")
             conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS}")
+            conn.execute("COMMIT")
+            self._wrote = True
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _fill_entry_columns(self) -> None:
+        """Write the entry columns a store written before them lacks (one transaction, when a stage opens it
+        to write; readers of such a store read the same from each entry's JSON)."""
+        conn = self._conn
+        if _complete(conn, "entry_columns") or not conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM entry_columns")
+            conn.execute(f"INSERT INTO entry_columns {_ENTRY_COLUMNS}")
+            conn.execute("COMMIT")
+            self._wrote = True
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _fill_number_rows(self) -> None:
+        """Write the number rows a store written before them lacks (from its numbers): one transaction, when a
+        stage opens the store to write (readers of such a store read the numbers table itself)."""
+        conn = self._conn
+        if _complete(conn, "number_rows") or not conn.execute("SELECT 1 FROM numbers LIMIT 1").fetchone():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute("SELECT layer, neuron, side, name, value FROM numbers ORDER BY layer, neuron, side")
+            for key, group in itertools.groupby(rows, key=lambda r: r[:3]):
+                _write_number_row(conn, key, {r[3]: r[4] for r in group})
             conn.execute("COMMIT")
             self._wrote = True
         except BaseException:
@@ -686,6 +767,18 @@ def shard_part(shard: int | None) -> str | None:
 SIDES = ("positive", "negative")
 _KEYED = "SELECT layer, neuron, side, {} FROM entries ORDER BY layer, neuron, side"
 _AT = "layer=? AND neuron=? AND side=?"
+_SAME = "{0}.layer = e.layer AND {0}.neuron = e.neuron AND {0}.side = e.side"
+_ENTRY_COLUMNS = (
+    "SELECT layer, neuron, side, json_extract(body, '$.baseline.explanation') AS baseline, "
+    "coalesce(json_array_length(body, '$.candidates'), 0) AS candidates, "
+    "(SELECT json_extract(c.value, '$.calibration_score') FROM json_each(body, '$.candidates') AS c "
+    " WHERE json_extract(c.value, '$.explanation') = entries.explanation LIMIT 1) AS calibration, "
+    "json_extract(body, '$.retryable') AS retryable FROM entries"
+)
+"""What `ResultStore.explanation_columns` reads of each entry's JSON: its baseline's explanation, how many
+candidates it has, the kept candidate's calibration score and whether it is retryable; kept beside the entry
+(``entry_columns``) by each write, so a table of them reads no JSON."""
+_ENTRY_FACTS = "c.baseline, c.candidates, c.calibration"
 
 
 def _digest(keys: list[Key]) -> str:
@@ -701,6 +794,37 @@ def _indexed_count(conn: sqlite3.Connection, table: str) -> int | None:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:
         return None
+
+
+def _complete(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether ``table`` (one row per entry) has a row for every entry: the number rows of a store written
+    before them do not (until a stage writes to it again)."""
+    try:
+        have = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:  # a store read as it was written, before the table existed
+        return False
+    return have > 0 and have == conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+
+def _number_rows(conn: sqlite3.Connection, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
+    """`ResultStore.number_table` from the number rows: one row per side, its values decoded in bulk."""
+    sets = {i: json.loads(n) for i, n in conn.execute("SELECT id, names FROM number_sets")}
+    rows = conn.execute(
+        "SELECT layer, neuron, side, names, body FROM number_rows ORDER BY layer, neuron, side"
+    ).fetchall()
+    keys = [(r[0], r[1], SIDES[r[2]]) for r in rows]
+    which = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
+    out = {name: np.full(len(rows), np.nan) for name in names}
+    for set_id, listed in sets.items():
+        at = np.flatnonzero(which == set_id)
+        if not len(at):
+            continue
+        values = np.frombuffer(b"".join(rows[i][4] for i in at), dtype=np.float64).reshape(len(at), len(listed))
+        column = {n: j for j, n in enumerate(listed)}
+        for name in names:
+            if name in column:
+                out[name][at] = values[:, column[name]]
+    return keys, out
 
 
 def _row_key(key: Key) -> tuple[int, int, int]:
@@ -725,6 +849,10 @@ def _version() -> str:
         return "unknown"
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name=?", (name,)).fetchone() is not None
+
+
 def _has_meta(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
 
@@ -739,6 +867,7 @@ def _write(
         (*key, explanation if isinstance(explanation, str) else None, failure, entry_body(entry)),
     )
     conn.execute(_NOTES_CURRENT)
+    conn.execute(f"INSERT OR REPLACE INTO entry_columns {_ENTRY_COLUMNS} WHERE {_AT}", key)
     conn.execute("DELETE FROM search WHERE rowid=?", ((key[0] << 33) | (key[1] << 1) | key[2],))
     conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} WHERE {_AT}", key)
     conn.execute(f"DELETE FROM details WHERE {_AT}", key)
@@ -751,3 +880,18 @@ def _write(
     if numbers:
         conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?)", [(*key, n, v) for n, v in numbers.items()])
         conn.executemany("INSERT OR IGNORE INTO number_names VALUES (?)", [(n,) for n in numbers])
+    _write_number_row(conn, key, numbers)
+
+
+def _write_number_row(conn: sqlite3.Connection, key: tuple[int, int, int], numbers: dict | None) -> None:
+    """A side's numbers again as one row: float64 values (NaN for None) in the order of a stored set of names,
+    so a table of every side's numbers is one read of one row per side (`ResultStore.number_table`)."""
+    conn.execute(f"DELETE FROM number_rows WHERE {_AT}", key)
+    if not numbers:
+        return
+    names = sorted(numbers)
+    listed = json.dumps(names)
+    conn.execute("INSERT OR IGNORE INTO number_sets (names) VALUES (?)", (listed,))
+    found = conn.execute("SELECT id FROM number_sets WHERE names=?", (listed,)).fetchone()[0]
+    values = np.array([np.nan if numbers[n] is None else numbers[n] for n in names], dtype=np.float64)
+    conn.execute("INSERT INTO number_rows VALUES (?, ?, ?, ?, ?)", (*key, found, values.tobytes()))

@@ -137,18 +137,24 @@ def _rebuild_store(folder: Path) -> tuple[int, int]:
 
 def _readable_rows(path: Path):  # noqa: ANN202 - yields (entry or None, details)
     """(entry, details) of every unit side listed in a possibly damaged store; (None, None) for one whose entry
-    or details do not read back whole."""
+    or details do not read back whole (or, in a store whose stage wrote details, are missing)."""
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         keys = db.execute("SELECT layer, neuron, side FROM entries ORDER BY layer, neuron, side").fetchall()
     except sqlite3.DatabaseError:
         return  # not even the list of units reads: nothing is kept, the rerun computes every unit again
+    try:  # where the stage wrote details, a side without them may have lost them to the damage: not kept
+        with_details = db.execute("SELECT 1 FROM details LIMIT 1").fetchone() is not None
+    except sqlite3.DatabaseError:
+        with_details = True
     try:
         for key in keys:
             try:
                 (body,) = db.execute("SELECT body FROM entries WHERE layer=? AND neuron=? AND side=?", key).fetchone()
                 row = db.execute("SELECT body FROM details WHERE layer=? AND neuron=? AND side=?", key).fetchone()
                 entry = json.loads(body)
+                if row is None and with_details:
+                    raise ValueError("its details did not read back")
                 details = unpack(row[0]) if row else None
                 if (entry.get("layer"), entry.get("neuron")) != key[:2]:
                     raise ValueError("an entry filed under another unit")

@@ -365,28 +365,35 @@ class RunView:
         table, keys = self.score_table, self.keys()
         row_of = {k: i for i, k in enumerate(table.keys)}
         rows = np.array([row_of.get(k, -1) for k in keys], dtype=np.int64)
-        texts, failures = _column(self.scores, "explanation"), _column(self.scores, "failure")
-        given, failed = _column(self.explanations, "explanation"), _column(self.explanations, "failure")
+        scored, given = _frame_columns(self.scores), _frame_columns(self.explanations)
+        nothing = (None, None, None, None)
         frame: dict[str, Any] = {"layer": [k[0] for k in keys], "neuron": [k[1] for k in keys],
                                  "sign": [k[2] for k in keys],
-                                 "explanation": [texts[k] if k in texts else given.get(k) for k in keys]}  # fmt: skip
+                                 "explanation": [scored[k][0] if k in scored else given.get(k, nothing)[0]
+                                                 for k in keys]}  # fmt: skip
         for sc in self.scorers:
             for i, c in enumerate(sc.columns):
                 for who, name in (("explanation", label(sc, c)), ("baseline", f"baseline {label(sc, c)}")):
                     column = np.append(table.column(who, sc.name, i), np.nan)  # row -1: a side not scored
                     frame[name] = column[rows]
-        noted = self.noted_keys()
-        stored = _store(self.scores)
-        kept = stored.stored_number_notes(sorted(noted)) if stored is not None and stored.indexed else {}
-        own = dict(self.explanation_notes.items())  # one read of the stored notes, not a query per side
+        flagged = np.logical_or.reduce([*table.noted.values(), np.zeros(len(table.keys), bool)])
+        noted = {table.keys[i] for i in np.flatnonzero(flagged)}
+        current = _store(self.explanations) is not None and _store(self.explanations).note_keys() is not None
+        own = (
+            {} if current else {k: "; ".join(f"explanation: {n}" for n in v) for k, v in self.explanation_notes.items()}
+        )
 
         def notes(k: Key) -> str:  # what stage 03 stored, else read from the result
-            if k not in kept:
+            mine = given.get(k, nothing)[3] if current else own.get(k)
+            if k not in noted and not mine:
+                return ""
+            kept = scored.get(k, nothing)[2]
+            if kept is None:
                 return "; ".join(f"{w}: {n}" for w, n in self.notes(k))
-            return "; ".join([*(f"explanation: {n}" for n in own.get(k, [])), *([kept[k]] if kept[k] else [])])
+            return "; ".join(x for x in (mine, kept) if x)
 
-        frame["failure"] = [failures.get(k) or failed.get(k) for k in keys]
-        frame["notes"] = [notes(k) if k in noted else "" for k in keys]
+        frame["failure"] = [scored.get(k, nothing)[1] or given.get(k, nothing)[1] for k in keys]
+        frame["notes"] = [notes(k) for k in keys]
         return pd.DataFrame(frame)
 
     def explanations_frame(self):
@@ -398,7 +405,7 @@ class RunView:
 
         names = ["layer", "neuron", "sign", "explanation", "baseline", "candidates", "calibration_score", "failure",
                  "retryable", "notes"]  # fmt: skip
-        notes = self.explanation_notes
+        notes = dict(self.explanation_notes.items())  # one read of the stored notes, not a query per side
         stored = _store(self.explanations)
         if stored is not None and stored.indexed:
             rows = [
@@ -481,12 +488,13 @@ class RunView:
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
 
 
-def _column(results: Mapping[Key, Any], name: str) -> dict[Key, Any]:
-    """Every entry's ``explanation`` or ``failure``: the store's column where there is one, else the entries'."""
+def _frame_columns(results: Mapping[Key, Any]) -> dict[Key, tuple[Any, ...]]:
+    """Per side: explanation, failure, stored number notes and stored run-wide notes (`ResultStore.frame_columns`),
+    or from the entries where there is no store (no notes stored: None)."""
     stored = _store(results)
     if stored is not None and stored.indexed:
-        return dict(stored.explanations() if name == "explanation" else stored.failures())
-    return {k: getattr(r, name) for k, r in results.items()}
+        return stored.frame_columns()
+    return {k: (r.explanation, r.failure, None, None) for k, r in results.items()}
 
 
 def _explanation_row(key: Key, e: Any, notes: Mapping[Key, list[str]]) -> tuple[Any, ...]:
