@@ -301,36 +301,11 @@ class ResultStore:
             except UserError as e:
                 bad.append(e)
                 continue
-            merged_keys = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
             with self._query(create=True) as conn:
                 conn.execute("ATTACH DATABASE ? AS part", (str(part),))
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    for table in ("entries", "details"):
-                        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM part.{table}")
-                    conn.execute("DELETE FROM number_notes WHERE (layer, neuron, side) IN "
-                                 "(SELECT layer, neuron, side FROM part.entries)")  # fmt: skip
-                    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_notes'").fetchone():
-                        conn.execute("INSERT OR REPLACE INTO number_notes SELECT * FROM part.number_notes")
-                    conn.execute(
-                        "DELETE FROM numbers WHERE (layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
-                    )
-                    conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
-                    conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
-                    conn.execute(f"DELETE FROM number_rows WHERE {merged_keys}")
-                    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_rows'").fetchone():
-                        conn.execute("INSERT OR IGNORE INTO number_sets (names) SELECT names FROM part.number_sets")
-                        conn.execute(  # the part's set ids are its own: matched by the names they stand for
-                            "INSERT INTO number_rows SELECT r.layer, r.neuron, r.side, m.id, r.body FROM "
-                            "part.number_rows r JOIN part.number_sets p ON p.id = r.names JOIN number_sets m "
-                            "ON m.names = p.names"
-                        )
-                    merged = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
-                    conn.execute("DELETE FROM search WHERE rowid IN "
-                                 "(SELECT (layer << 33) | (neuron << 1) | side FROM part.entries)")  # fmt: skip
-                    conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} "
-                                 f"WHERE {merged}")  # fmt: skip
-                    conn.execute(f"INSERT OR REPLACE INTO entry_columns {_ENTRY_COLUMNS} WHERE {merged}")
+                    _merge_part(conn)
                     moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
                     conn.execute(_NOTES_CURRENT)
                     conn.execute("COMMIT")
@@ -794,6 +769,31 @@ def _indexed_count(conn: sqlite3.Connection, table: str) -> int | None:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:
         return None
+
+
+def _merge_part(conn: sqlite3.Connection) -> None:
+    """Every table's rows of the part attached as ``part`` into the main store (in the caller's transaction):
+    its sides replace the store's."""
+    merged = "(layer, neuron, side) IN (SELECT layer, neuron, side FROM part.entries)"
+    for table in ("entries", "details"):
+        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM part.{table}")
+    conn.execute(f"DELETE FROM number_notes WHERE {merged}")
+    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_notes'").fetchone():
+        conn.execute("INSERT OR REPLACE INTO number_notes SELECT * FROM part.number_notes")
+    conn.execute(f"DELETE FROM numbers WHERE {merged}")
+    conn.execute("INSERT OR REPLACE INTO numbers SELECT * FROM part.numbers")
+    conn.execute("INSERT OR IGNORE INTO number_names SELECT * FROM part.number_names")
+    conn.execute(f"DELETE FROM number_rows WHERE {merged}")
+    if conn.execute("SELECT 1 FROM part.sqlite_master WHERE name='number_rows'").fetchone():
+        conn.execute("INSERT OR IGNORE INTO number_sets (names) SELECT names FROM part.number_sets")
+        conn.execute(  # the part's set ids are its own: matched by the names they stand for
+            "INSERT INTO number_rows SELECT r.layer, r.neuron, r.side, m.id, r.body FROM "
+            "part.number_rows r JOIN part.number_sets p ON p.id = r.names JOIN number_sets m "
+            "ON m.names = p.names"
+        )
+    conn.execute("DELETE FROM search WHERE rowid IN (SELECT (layer << 33) | (neuron << 1) | side FROM part.entries)")
+    conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS} WHERE {merged}")
+    conn.execute(f"INSERT OR REPLACE INTO entry_columns {_ENTRY_COLUMNS} WHERE {merged}")
 
 
 def _complete(conn: sqlite3.Connection, table: str) -> bool:
