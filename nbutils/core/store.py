@@ -397,14 +397,15 @@ class ResultStore:
             rows = conn.execute(_KEYED.format(name)).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), r[3]) for r in rows]
 
-    def frame_columns(self) -> dict[Key, tuple[str | None, str | None, str | None, str | None]]:
+    def frame_columns(self) -> tuple[dict[Key, tuple[str | None, str | None, str | None, str | None]], bool]:
         """Per entry, in one read (what `RunView.scores_frame` needs of a store): its explanation, its failure,
         the notes stage 03 stored on its numbers as tables show them (None where none were stored: a side
         written before they were), and its run-wide notes as tables show them (``explanation: <note>`` joined
-        by "; "; None where it has none, or where they are not current: `note_keys`)."""
+        by "; "; None where it has none, or where they are not current: `note_keys`); and whether they are
+        current."""
         with self._query() as conn:
             if conn is None:
-                return {}
+                return {}, False
             current = conn.execute("SELECT 1 FROM meta WHERE name='notes'").fetchone() is not None
             noted = (
                 "(SELECT layer, neuron, side, group_concat('explanation: ' || j.value, '; ') AS text FROM notes, "
@@ -416,7 +417,7 @@ class ResultStore:
                 "SELECT e.layer, e.neuron, e.side, e.explanation, e.failure, n.body, o.text FROM entries e "
                 f"LEFT JOIN {kept} n ON {_SAME.format('n')} LEFT JOIN {noted} o ON {_SAME.format('o')}"
             ).fetchall()  # fmt: skip
-        return {(r[0], r[1], SIDES[r[2]]): r[3:] for r in rows}
+        return {(r[0], r[1], SIDES[r[2]]): r[3:] for r in rows}, current
 
     def explanation_columns(self) -> list[tuple[Any, ...]]:
         """Per entry in key order, read with SQLite's JSON functions (no entry decoded in Python): ``(key,
@@ -806,25 +807,31 @@ def _complete(conn: sqlite3.Connection, table: str) -> bool:
     return have > 0 and have == conn.execute("SELECT count(*) FROM entries").fetchone()[0]
 
 
-def _number_rows(conn: sqlite3.Connection, names: list[str]) -> tuple[list[Key], dict[str, np.ndarray]]:
-    """`ResultStore.number_table` from the number rows: one row per side, its values decoded in bulk."""
+def _number_rows(
+    conn: sqlite3.Connection, names: list[str], chunk: int = 16384
+) -> tuple[list[Key], dict[str, np.ndarray]]:
+    """`ResultStore.number_table` from the number rows: one row per side, read ``chunk`` rows at a time, each set
+    of names' rows decoded in bulk and scattered into one matrix of the names asked for."""
     sets = {i: json.loads(n) for i, n in conn.execute("SELECT id, names FROM number_sets")}
-    rows = conn.execute(
-        "SELECT layer, neuron, side, names, body FROM number_rows ORDER BY layer, neuron, side"
-    ).fetchall()
-    keys = [(r[0], r[1], SIDES[r[2]]) for r in rows]
-    which = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
-    out = {name: np.full(len(rows), np.nan) for name in names}
+    wanted = {n: j for j, n in enumerate(names)}
+    moves = {}  # per set: its columns that were asked for, and where they go
     for set_id, listed in sets.items():
-        at = np.flatnonzero(which == set_id)
-        if not len(at):
-            continue
-        values = np.frombuffer(b"".join(rows[i][4] for i in at), dtype=np.float64).reshape(len(at), len(listed))
-        column = {n: j for j, n in enumerate(listed)}
-        for name in names:
-            if name in column:
-                out[name][at] = values[:, column[name]]
-    return keys, out
+        pairs = [(j, wanted[n]) for j, n in enumerate(listed) if n in wanted]
+        moves[set_id] = (len(listed), [p[0] for p in pairs], [p[1] for p in pairs])
+    count = conn.execute("SELECT count(*) FROM number_rows").fetchone()[0]
+    table, keys = np.full((count, len(names)), np.nan), []
+    cursor = conn.execute("SELECT layer, neuron, side, names, body FROM number_rows ORDER BY layer, neuron, side")
+    while rows := cursor.fetchmany(chunk):
+        start = len(keys)
+        keys += [(r[0], r[1], SIDES[r[2]]) for r in rows]
+        which = np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows))
+        for set_id in np.unique(which).tolist():
+            width, src, dst = moves[set_id]
+            at = np.flatnonzero(which == set_id)
+            values = np.frombuffer(b"".join([rows[i][4] for i in at]), dtype=np.float64).reshape(len(at), width)
+            if src:
+                table[np.ix_(start + at, dst)] = values[:, src]
+    return keys, {n: table[:, j] for n, j in wanted.items()}
 
 
 def _row_key(key: Key) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ simulated for the explanation and for the baseline, mean-ablated once). MLP neur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +33,9 @@ from nbutils.score.baseline import token_lookup_simulate
 from nbutils.score.contract import Column, Scorer, UnitContext
 from nbutils.score.metrics import Calibration, Metric, calibrate
 from nbutils.score.simulation import SimulationScorer, true_activations
-from nbutils.subject.intervene import UnitIntervention
+
+if TYPE_CHECKING:  # only named in annotations: the scorer's module loads without torch
+    from nbutils.subject.intervene import UnitIntervention
 
 SETS = ("valid_top", "valid_random")
 CALIBRATION_SETS = ("calibration_top", "calibration_random")

@@ -23,7 +23,7 @@ Prompts where steering left the greedy continuation unchanged cannot be told apa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +34,9 @@ from nbutils.score.classification import JudgedItem
 from nbutils.score.contract import Column, Scorer, UnitContext
 from nbutils.score.flags import judge_notes
 from nbutils.score.metrics import Metric, auroc
-from nbutils.subject.intervene import UnitIntervention
+
+if TYPE_CHECKING:  # only named in annotations: the scorer's module loads without torch
+    from nbutils.subject.intervene import UnitIntervention
 
 N_PROMPTS = 8
 PROMPT_TOKENS = 16

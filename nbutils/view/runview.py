@@ -362,38 +362,38 @@ class RunView:
         results that carry a note are read)."""
         import pandas as pd
 
-        table, keys = self.score_table, self.keys()
-        row_of = {k: i for i, k in enumerate(table.keys)}
-        rows = np.array([row_of.get(k, -1) for k in keys], dtype=np.int64)
-        scored, given = _frame_columns(self.scores), _frame_columns(self.explanations)
-        nothing = (None, None, None, None)
+        table, (scored, _), (given, current) = self.score_table, _frame_columns(self.scores), _frame_columns(
+            self.explanations)  # fmt: skip
+        keys = sorted(scored) if given.keys() <= scored.keys() else sorted(scored.keys() | given.keys())
+        rows = None if keys == table.keys else _rows_of(table.keys, keys)
         frame: dict[str, Any] = {"layer": [k[0] for k in keys], "neuron": [k[1] for k in keys],
-                                 "sign": [k[2] for k in keys],
-                                 "explanation": [scored[k][0] if k in scored else given.get(k, nothing)[0]
-                                                 for k in keys]}  # fmt: skip
+                                 "sign": [k[2] for k in keys]}  # fmt: skip
         for sc in self.scorers:
             for i, c in enumerate(sc.columns):
                 for who, name in (("explanation", label(sc, c)), ("baseline", f"baseline {label(sc, c)}")):
-                    column = np.append(table.column(who, sc.name, i), np.nan)  # row -1: a side not scored
-                    frame[name] = column[rows]
+                    column = table.column(who, sc.name, i)
+                    frame[name] = column if rows is None else np.append(column, np.nan)[rows]  # -1: not scored
         flagged = np.logical_or.reduce([*table.noted.values(), np.zeros(len(table.keys), bool)])
         noted = {table.keys[i] for i in np.flatnonzero(flagged)}
-        current = _store(self.explanations) is not None and _store(self.explanations).note_keys() is not None
         own = (
             {} if current else {k: "; ".join(f"explanation: {n}" for n in v) for k, v in self.explanation_notes.items()}
         )
 
-        def notes(k: Key) -> str:  # what stage 03 stored, else read from the result
-            mine = given.get(k, nothing)[3] if current else own.get(k)
+        def notes(k: Key, kept: str | None, mine: str | None) -> str:  # what stage 03 stored, else the result's
             if k not in noted and not mine:
                 return ""
-            kept = scored.get(k, nothing)[2]
             if kept is None:
                 return "; ".join(f"{w}: {n}" for w, n in self.notes(k))
-            return "; ".join(x for x in (mine, kept) if x)
+            return f"{mine}; {kept}" if mine and kept else mine or kept
 
-        frame["failure"] = [scored.get(k, nothing)[1] or given.get(k, nothing)[1] for k in keys]
-        frame["notes"] = [notes(k) for k in keys]
+        texts, failures, noted_texts, nothing = [], [], [], (None, None, None, None)
+        for k in keys:  # each side's read columns let go as its row is made (its notes are held once)
+            a, b = scored.pop(k, nothing), given.pop(k, nothing)
+            texts.append(a[0] if a is not nothing else b[0])
+            failures.append(a[1] or b[1])
+            noted_texts.append(notes(k, a[2], b[3] if current else own.get(k)))
+        frame["failure"], frame["notes"] = failures, noted_texts
+        frame = {**{n: frame[n] for n in ("layer", "neuron", "sign")}, "explanation": texts, **frame}
         return pd.DataFrame(frame)
 
     def explanations_frame(self):
@@ -488,13 +488,20 @@ class RunView:
         return sorted(((v, k) for v, k in pairs if v is not None), key=lambda p: -p[0])
 
 
-def _frame_columns(results: Mapping[Key, Any]) -> dict[Key, tuple[Any, ...]]:
+def _frame_columns(results: Mapping[Key, Any]) -> tuple[dict[Key, tuple[Any, ...]], bool]:
     """Per side: explanation, failure, stored number notes and stored run-wide notes (`ResultStore.frame_columns`),
-    or from the entries where there is no store (no notes stored: None)."""
+    or from the entries where there is no store (no notes stored: None); and whether its run-wide notes are
+    current (`ResultStore.note_keys`)."""
     stored = _store(results)
     if stored is not None and stored.indexed:
         return stored.frame_columns()
-    return {k: (r.explanation, r.failure, None, None) for k, r in results.items()}
+    return {k: (r.explanation, r.failure, None, None) for k, r in results.items()}, False
+
+
+def _rows_of(have: list[Key], keys: list[Key]) -> np.ndarray:
+    """Where each of ``keys`` is in ``have`` (-1: not there)."""
+    row_of = {k: i for i, k in enumerate(have)}
+    return np.array([row_of.get(k, -1) for k in keys], dtype=np.int64)
 
 
 def _explanation_row(key: Key, e: Any, notes: Mapping[Key, list[str]]) -> tuple[Any, ...]:
