@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS entries (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL,
     explanation TEXT, failure TEXT, body TEXT NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_failed ON entries (failure IS NOT NULL);
 CREATE TABLE IF NOT EXISTS details (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body BLOB NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
@@ -91,6 +92,7 @@ CREATE TABLE IF NOT EXISTS number_sets (id INTEGER PRIMARY KEY, names TEXT NOT N
 CREATE TABLE IF NOT EXISTS number_rows (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, names INTEGER NOT NULL,
     body BLOB NOT NULL, PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS number_rows_by_set ON number_rows (names);
 CREATE TABLE IF NOT EXISTS notes (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, side INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (layer, neuron, side)) WITHOUT ROWID;
@@ -390,6 +392,14 @@ class ResultStore:
         """(key, failure) of every entry in key order, read from its column."""
         return self._text_column("failure")
 
+    def failed_keys(self) -> set[Key]:
+        """The keys of entries that record a failure (read from the index of which do: no entry read)."""
+        with self._query() as conn:
+            rows = conn.execute(
+                "SELECT layer, neuron, side FROM entries WHERE failure IS NOT NULL AND failure != ''"
+            ).fetchall() if conn else []  # fmt: skip
+        return {(r[0], r[1], SIDES[r[2]]) for r in rows}
+
     def _text_column(self, name: str) -> list[tuple[Key, str | None]]:
         if (legacy := self._legacy()) is not None:
             return [((e["layer"], e["neuron"], e["sign"]), e.get(name)) for e in legacy.entries()]
@@ -415,7 +425,7 @@ class ResultStore:
             kept = "number_notes" if _has_table(conn, "number_notes") else "(SELECT *, NULL AS body FROM notes WHERE 0)"
             rows = conn.execute(
                 "SELECT e.layer, e.neuron, e.side, e.explanation, e.failure, n.body, o.text FROM entries e "
-                f"LEFT JOIN {kept} n ON {_SAME.format('n')} LEFT JOIN {noted} o ON {_SAME.format('o')}"
+                f"LEFT JOIN {kept} n ON {_SAME.format('n')} LEFT JOIN {noted} o ON {_SAME.format('o')}{_IN_ORDER}"
             ).fetchall()  # fmt: skip
         return {(r[0], r[1], SIDES[r[2]]): r[3:] for r in rows}, current
 
@@ -429,12 +439,12 @@ class ResultStore:
             if _complete(conn, "entry_columns"):  # what each write stored beside its entry
                 rows = conn.execute(
                     "SELECT e.layer, e.neuron, e.side, e.explanation, c.baseline, c.candidates, c.calibration, "
-                    "e.failure, c.retryable FROM entries e JOIN entry_columns c ON " + _SAME.format("c")
+                    "e.failure, c.retryable FROM entries e JOIN entry_columns c ON " + _SAME.format("c") + _IN_ORDER
                 ).fetchall()
             else:  # a store written before them: the same read from each entry's JSON
                 rows = conn.execute(
                     f"SELECT e.layer, e.neuron, e.side, e.explanation, {_ENTRY_FACTS}, e.failure, retryable FROM "
-                    f"entries e JOIN ({_ENTRY_COLUMNS}) c ON " + _SAME.format("c")
+                    f"entries e JOIN ({_ENTRY_COLUMNS}) c ON " + _SAME.format("c") + _IN_ORDER
                 ).fetchall()
         return [((r[0], r[1], SIDES[r[2]]), *r[3:]) for r in rows]
 
@@ -744,6 +754,7 @@ SIDES = ("positive", "negative")
 _KEYED = "SELECT layer, neuron, side, {} FROM entries ORDER BY layer, neuron, side"
 _AT = "layer=? AND neuron=? AND side=?"
 _SAME = "{0}.layer = e.layer AND {0}.neuron = e.neuron AND {0}.side = e.side"
+_IN_ORDER = " ORDER BY e.layer, e.neuron, e.side"
 _ENTRY_COLUMNS = (
     "SELECT layer, neuron, side, json_extract(body, '$.baseline.explanation') AS baseline, "
     "coalesce(json_array_length(body, '$.candidates'), 0) AS candidates, "

@@ -132,7 +132,8 @@ class ScoreTable:
             chance.values()
         )
         keys, table = store.number_table(wanted)
-        failed = np.array([bool(f) for _, f in store.failures()], dtype=bool)
+        failing = store.failed_keys()
+        failed = np.array([k in failing for k in keys], dtype=bool) if failing else np.zeros(len(keys), bool)
         return cls(
             keys, failed.reshape(len(keys)),
             {k: table[n] for k, n in names.items()},
