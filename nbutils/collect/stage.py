@@ -400,7 +400,7 @@ def sample_collection(c: RunConfig, out_dir: str | Path, batches: int = 4) -> di
     started = time.perf_counter()
     subject, excerpts, unit, layers = _inputs(c)
     batch = c.batch_size
-    n = min(len(excerpts), batch * max(batches + 1, -(-4 * (c.top_k + c.n_random) // batch)))
+    n = min(len(excerpts), batch * max(batches + 1, -(-8 * (c.top_k + c.n_random) // batch)))
     cfg = CollectConfig(
         layers=layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
         batch_size=batch, seed=c.seed, quantile_warmup=max(1, n // 2),

@@ -17,6 +17,11 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
     number_names(name)                                         every name in ``numbers``
     notes(layer, neuron, side, body)                           run-wide notes (JSON list), see below
     number_notes(layer, neuron, side, body)                    stage 03: the notes on each side's numbers, as text
+    number_rows(layer, neuron, side, names, body)              each side's numbers again, as float64 in the order
+                                                               of number_sets(id, names): a table of every side's
+                                                               numbers is one read of one row per side
+    entry_columns(layer, neuron, side, baseline, candidates,   stage 02: what a table shows of each entry, read
+                  calibration, retryable)                      once from its JSON when it is written
     search(explanation, candidates, rule, tokens)              FTS5 full-text index (`ResultStore.text_search`)
     selection(position, layer, neuron, side)                   the unit sides the stage last chose, in order
 
@@ -25,7 +30,8 @@ Tables (store format `STORE_FORMAT`, in ``meta``):
 index without parsing a result. ``notes`` holds what depends on every entry at once (an explanation the same
 as other units' or copying the prompt's worked example), written by stage 02 when it finishes
 (`ResultStore.put_notes`) and current until the next write (meta ``notes``); views compute them otherwise.
-``selection`` is what the stage was last asked to do (`ResultStore.select`, written when it changes): stage 03
+``number_rows`` and ``entry_columns`` are written with each entry; a store written before them gets them from
+its next writer, and is read from ``numbers`` and the entries' JSON until then. ``selection`` is what the stage was last asked to do (`ResultStore.select`, written when it changes): stage 03
 scores stage 02's selection, and `ResultStore.export_jsonl` and `StoredSequence` list it in that order. The
 store may hold more (units of an earlier, wider run); nothing is deleted.
 
