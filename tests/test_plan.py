@@ -255,3 +255,27 @@ def test_from_the_command_line_the_plan_is_kept_and_a_budget_exits_with_its_code
         StoredSequence.of(tmp_path / "r" / "03_score", dict).keys
         and not StoredSequence.of(tmp_path / "r" / "03_score", dict).failed()
     )
+
+
+def test_the_cost_gate_counts_the_run_the_shard_and_the_units_in_flight(tmp_path):
+    """`Budget.may_start` in currency: what the run's accounts hold (shards' files too) plus this shard's unsaved
+    counts plus the plan's cost per unit for each unit in flight and the next; then the shard's own mean."""
+    from nbutils.core.budget import Budget
+    from nbutils.core.usage import Usage
+
+    prices = {"prompt": 1.0, "completion": 0.0}  # a million prompt tokens cost 1
+    _plan_file(tmp_path, per_unit_cost=0.01, per_unit_requests=1.0)
+    (tmp_path / "03_score").mkdir()
+    (tmp_path / "03_score" / "usage.json").write_text(json.dumps({"requests": 5, "prompt_tokens": 30_000}))
+    (tmp_path / "03_score" / "usage.shard-001.json").write_text(json.dumps({"prompt_tokens": 20_000}))
+    unsaved = Usage(prompt_tokens=10_000)
+    gate = Budget(Limits(0.1, None, prices), tmp_path, "03_score", unsaved)
+    assert gate.total().cost(prices) == pytest.approx(0.06)
+    assert gate.may_start(3)  # 0.06 + 4 x 0.01 = 0.10: fits exactly
+    assert not gate.may_start(4) and not gate.may_start(0)  # refused once, refused after
+    own = Budget(Limits(1.0, None, prices), tmp_path, "03_score", unsaved)
+    for _ in range(9):  # more units than the plan measured (8): the shard's own mean from now on
+        own.unit_finished()
+    unsaved.add(Usage(prompt_tokens=900_000))  # 0.1 per unit finished here
+    assert own.per_unit()[0] == pytest.approx(0.1)
+    assert own.may_start(0) is False  # 0.96 + 0.1 > 1.0
