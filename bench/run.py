@@ -2,6 +2,7 @@
 
     python bench/run.py                       # every benchmark at the default size
     python bench/run.py --only collect --excerpts 256 --repeats 5
+    python bench/run.py --only heads --excerpts 192 --repeats 3  # every attention head added to every neuron
     python bench/run.py --only memory --excerpts 128   # peak memory over N and 4N excerpts
     python bench/run.py --only e2e --neurons 6         # neurons per hour through explain + simulate + score
     python bench/run.py --only throughput --latency 1  # LLM stages against an API taking 1 s per request
@@ -174,6 +175,61 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
     ops = count_collector_ops(subject.model, batches[:4])
     return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": f"{rows} x 64",
             "rows": found, "profiler": ops}  # fmt: skip
+
+
+def bench_heads(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:
+    """What every attention head of every layer adds to collecting every MLP neuron when both are collected in
+    the same forward pass (issue 47's cost target: at most 10% more), as a ratio in one process on the same
+    batches: the neuron capture and collector stage 01 uses, plus a capture of each layer's attention output
+    projection input (`nbutils.subject.heads.AttentionHeads`: the per-head write norms) and a second collector.
+    Stage 01 itself collects one unit type per run; this times the mechanism a combined collection would use."""
+    from nbutils.collect.corpus import load_texts, make_excerpts
+    from nbutils.subject.heads import AttentionHeads
+    from nbutils.subject.loading import load_subject_model
+    from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
+
+    subject = load_subject_model(model)
+    m = subject.model
+    ex = make_excerpts(subject.tokenizer, load_texts("embedded"), 64, excerpts, seed=0)
+    rows = min(32, excerpts)
+    batches = [torch.from_numpy(ex.tokens[s : s + rows].astype(np.int64)) for s in range(0, len(ex), rows)]
+    site, heads = resolve_site(m), AttentionHeads()
+    width, head_site, n_heads, layers = (
+        neurons_per_layer(m, site),
+        heads.site(m),
+        heads.width(m),
+        list(range(num_layers(m))),
+    )
+    n = sum(len(b) for b in batches)
+
+    def both() -> None:
+        neuron_col = _collector(layers, width, n, site.signed, batches[0].device)
+        head_col = _collector(layers, n_heads, n, False, batches[0].device)
+        with (
+            NeuronCapture(m, site, layers, stacked=True) as cap,
+            NeuronCapture(m, head_site, layers, stop_early=False) as hcap,
+        ):
+            for i, ids in enumerate(batches):
+                cap.run(ids)  # one forward: both captures' hooks fire
+                written = torch.stack([heads.transform(hcap.values[layer], layer) for layer in layers])
+                hcap.values = {}
+                neuron_col.update(i * rows, cap.buffer)
+                head_col.update(i * rows, written)  # every layer's heads as one tensor, as the neurons
+
+    variants = {"every MLP neuron, every layer": lambda: _collect(m, site, width, layers, batches),
+                "every MLP neuron and every attention head, one pass": both}  # fmt: skip
+    for fn in variants.values():  # warm-up: compiled statistics compile here
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_time(fn))
+    base = statistics.median(times["every MLP neuron, every layer"])
+    out = [{"variant": name, "tokens_per_s": n * 64 / statistics.median(ts),
+            "cost_vs_neurons": statistics.median(ts) / base - 1, "seconds": _median_spread(ts)}
+           for name, ts in times.items()]  # fmt: skip
+    return {"benchmark": "heads", "model": model, "tokens": n * 64, "units": {"neurons": width * len(layers),
+            "heads": n_heads * len(layers)}, "rows": out, "target": "heads add at most 10%"}  # fmt: skip
 
 
 def early_exit_ideal(model: torch.nn.Module, layers_run: int) -> float:
@@ -422,6 +478,7 @@ def bench_scale(
 
 BENCHMARKS = {
     "collect": bench_collect,
+    "heads": bench_heads,
     "simulate": bench_simulate,
     "memory": bench_memory,
     "e2e": bench_e2e,

@@ -22,8 +22,12 @@ def _run(*args: str, cwd: Path) -> str:
 
 # every CPU benchmark but `ray`: its Ray start-up and per-task model loads take ~5 min on 2 cores, and the sharded
 # Ray collection it times is checked equal to the single process by tests/test_ray.py
-SMOKED = ["collect", "e2e", "interactive", "memory", "scale", "simulate", "throughput"]
-ROWS = ["collect", "memory"]  # the collector's benchmarks: 8 excerpts (one batch of 8 x 64) exercise every path
+SMOKED = ["collect", "e2e", "heads", "interactive", "memory", "scale", "simulate", "throughput"]
+ROWS = [
+    "collect",
+    "heads",
+    "memory",
+]  # the collector's benchmarks: 8 excerpts (one batch of 8 x 64) exercise every path
 
 
 def test_every_cpu_benchmark_starts(tmp_path):
