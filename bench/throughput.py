@@ -62,12 +62,12 @@ class Recorder:
             self.backend.traffic.stats.record = True
             return self.backend
 
-        def finished(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Any:
+        def finished(work: Callable[[Any], Any], items: Sequence[Any], workers: int, may_start: Any = None) -> Any:
             def timed(item: Any) -> Any:
                 self.starts.append(time.monotonic())
                 return work(item)
 
-            return self._finished(timed, items, workers)
+            return self._finished(timed, items, workers, may_start)
 
         self.module.make_backend, self.loop.as_finished = make, finished
         return self
