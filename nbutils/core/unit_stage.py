@@ -12,13 +12,15 @@ on one unit) stays in each stage's module.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from nbutils.core.budget import Budget, Limits
+from nbutils.core.budget import Budget, BudgetReached, Limits
 from nbutils.core.config import RunConfig, stage_values
 from nbutils.core.distribute import run_unit_shards
+from nbutils.core.errors import UserError
 from nbutils.core.failures import write_summary
 from nbutils.core.io import atomic_write_json
 from nbutils.core.layout import ResultsLayout
@@ -65,9 +67,17 @@ class UnitStage:
         if todo:
             try:
                 run_unit_shards(shard, todo, self.config, url_parameter, **shard_args)
-            finally:  # also at a budget or a failure: what the shards finished is in the stage's accounts
-                merge_shard_usage(self.out.usage, self.config.prices)
-                self.saved.merge_parts()
+            except BudgetReached:  # what the shards finished goes into the accounts now, where it can
+                with contextlib.suppress(UserError):  # a shard elsewhere still writing its part: the next start
+                    self._merge_shards()
+                raise
+            self._merge_shards()
+
+    def _merge_shards(self) -> None:
+        """The shards' usage and results into the stage's (after they all finished: a failed stage leaves
+        them to its next start, as a shard still running elsewhere may be writing its part)."""
+        merge_shard_usage(self.out.usage, self.config.prices)
+        self.saved.merge_parts()
 
     def finish(self, decode: Callable[[dict[str, Any]], Any], skipped: int) -> tuple[StoredSequence, dict[str, Any]]:
         """Every chosen unit side's result (read from the store as it is used) and the stage's summary (written;
