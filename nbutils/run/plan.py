@@ -164,7 +164,7 @@ def measure_score(
 
 
 def _rate(per_unit: dict[str, dict[str, float]], config: RunConfig, workers: int, shards: int) -> dict[str, Any]:
-    """Unit sides per second a stage reaches, and what bounds it (`forecast`'s wall-time model): units in
+    """Unit sides per second a stage reaches, and what bounds it (`forecast_stage`'s wall-time model): units in
     progress over a unit's latency, the requests in flight over a unit's requests times a request's latency,
     the client's CPU, and the rate limits; times the shards (each with its own backend and cap)."""
     latency, sent = per_unit["seconds"]["mean"], per_unit["sent"]["mean"]
