@@ -1,5 +1,5 @@
 """A run's spending cap: ``max_cost`` (in the currency of ``prices``) and ``max_requests``, over stages 02 and
-03 together, retries included.
+03 together, failed attempts included.
 
 What is spent is read from the run's own accounts: every ``usage*.json`` of its stage-02 and stage-03 folders
 (shards write their own, saved at least once a second, so shards on threads, servers or Ray workers see each
@@ -16,7 +16,6 @@ repeated requests are served by the request cache).
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,16 +105,17 @@ def check_limits(limits: Limits, run_root: Path, stages: list[str]) -> None:
     left_cost = None if limits.cost is None else limits.cost - used.cost(limits.prices)
     left_requests = None if limits.requests is None else limits.requests - used.sent()
     if left_cost is not None and left_cost < first["cost"]:
+        left = f"leaves {left_cost:.4g}" if left_cost > 0 else "is spent"
         raise UserError(
-            f"max_cost={limits.cost} leaves {left_cost:.4g} after the {used.cost(limits.prices):.4g} this run spent "
-            f"already, less than one unit of {todo[0]} costs ({first['cost']:.4g} by the plan).",
+            f"max_cost={limits.cost} {left} after the {used.cost(limits.prices):.4g} this run spent already: "
+            f"less than one unit of {todo[0]} costs ({first['cost']:.4g} by the plan).",
             f"Raise max_cost to at least {used.cost(limits.prices) + first['cost']:.4g} (the plan's forecast "
             "for the whole run is in plan.json).",
         )
     if left_requests is not None and left_requests < first["requests"]:
         raise UserError(
-            f"max_requests={limits.requests} leaves {left_requests} after the {used.sent()} requests this run "
-            f"sent already, fewer than one unit of {todo[0]} sends ({first['requests']:.1f} by the plan).",
+            f"max_requests={limits.requests} leaves {max(left_requests, 0)} after the {used.sent()} requests this "
+            f"run sent already: fewer than one unit of {todo[0]} sends ({first['requests']:.1f} by the plan).",
             f"Raise max_requests to at least {used.sent() + int(first['requests']) + 1}.",
         )
 
@@ -132,7 +132,6 @@ class Budget:
         self.planned = planned
         self.stopped = False
         self.finished = 0
-        self._lock = threading.Lock()
         self._at_start = self.total()
 
     def total(self) -> Usage:
@@ -151,8 +150,8 @@ class Budget:
         return self.planned["cost"], self.planned["requests"]
 
     def unit_finished(self) -> None:
-        with self._lock:
-            self.finished += 1
+        """One more unit finished here (the shard's loop calls this and `may_start` on its own thread)."""
+        self.finished += 1
 
     def may_start(self, in_flight: int) -> bool:
         """Whether one more unit fits beside the ``in_flight`` ones; once refused, no more start."""
@@ -171,7 +170,7 @@ class Budget:
         used = spent(self.run_root)
         parts = []
         if self.limits.cost is not None:
-            parts.append(f"cost {used.cost(self.limits.prices):.4g} of max_cost {self.limits.cost:g}")
+            parts.append(f"{used.cost(self.limits.prices):.4g} of max_cost {self.limits.cost:g}")
         if self.limits.requests is not None:
             parts.append(f"{used.sent()} requests of max_requests {self.limits.requests}")
         cost, requests = self.per_unit()
@@ -181,8 +180,8 @@ class Budget:
         if self.limits.requests is not None:
             need.append(f"-p max_requests={used.sent() + int(left_units * requests) + 1}")
         return BudgetReached(
-            f"Stage {self.stage} stopped at the budget: spent {', '.join(parts)} (stages 02-03, retries "
-            f"included); {left_units} unit sides were not started, everything finished is stored.",
+            f"Stage {self.stage} stopped at the budget: spent {', '.join(parts)} (stages 02-03, failed "
+            f"attempts included); {left_units} unit sides were not started, everything finished is stored.",
             f"Rerun the same command with a higher budget, e.g. {' '.join(need)} (what the rest should take at "
             "the mean so far); units already answered are kept and nothing is sent again.",
         )

@@ -220,6 +220,19 @@ class ResultStore:
             except sqlite3.DatabaseError as e:
                 raise _damaged(self.writes_to if create else self.path, e) from None
 
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """One write transaction on ``conn``: committed when the block ends, rolled back if it raises (an
+        interrupt too); the store is then marked written (its log is folded in when it closes)."""
+        conn.execute("BEGIN IMMEDIATE")
+        self._wrote = True
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         """Close the connection. After writing, the write-ahead log is first folded into the database file
         (also while a viewer holds the store open), so the stage's manifest checksums the file as it stays."""
@@ -263,17 +276,10 @@ class ResultStore:
         return count + (self._write_batch(pending) if pending else 0)
 
     def _write_batch(self, items: list[tuple[dict[str, Any], Any, Any]]) -> int:
-        with self._query(create=True) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            self._wrote = True
-            try:
-                for entry, details, numbers, *notes in items:
-                    key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
-                    _write(conn, key, entry, details, self._numbers(entry, numbers), notes[0] if notes else None)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._query(create=True) as conn, self._transaction(conn):
+            for entry, details, numbers, *notes in items:
+                key = _row_key((int(entry["layer"]), int(entry["neuron"]), str(entry["sign"])))
+                _write(conn, key, entry, details, self._numbers(entry, numbers), notes[0] if notes else None)
         return len(items)
 
     def _numbers(self, entry: dict[str, Any], given: dict[str, float | None] | None) -> dict | None:
@@ -285,12 +291,11 @@ class ResultStore:
         legacy = self._old
         if not legacy.exists() or conn.execute("SELECT 1 FROM meta WHERE name='imported'").fetchone():
             return
-        conn.execute("BEGIN IMMEDIATE")
-        for entry in legacy.entries():
-            key = (entry["layer"], entry["neuron"], entry["sign"])
-            _write(conn, _row_key(key), entry, legacy.details(key), self._numbers(entry, None))
-        conn.execute("INSERT INTO meta VALUES ('imported', 'neurons/ and simulations/ files')")
-        conn.execute("COMMIT")
+        with self._transaction(conn):
+            for entry in legacy.entries():
+                key = (entry["layer"], entry["neuron"], entry["sign"])
+                _write(conn, _row_key(key), entry, legacy.details(key), self._numbers(entry, None))
+            conn.execute("INSERT INTO meta VALUES ('imported', 'neurons/ and simulations/ files')")
 
     def merge_parts(self) -> int:
         """Move every part (``parts/*.sqlite``) into the main store, one transaction per part, deleting each
@@ -312,15 +317,10 @@ class ResultStore:
             with self._query(create=True) as conn:
                 conn.execute("ATTACH DATABASE ? AS part", (str(part),))
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    _merge_part(conn)
-                    moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
-                    conn.execute(_NOTES_CURRENT)
-                    conn.execute("COMMIT")
-                    self._wrote = True
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                    with self._transaction(conn):
+                        _merge_part(conn)
+                        moved += conn.execute("SELECT count(*) FROM part.entries").fetchone()[0]
+                        conn.execute(_NOTES_CURRENT)
                 finally:
                     conn.execute("DETACH DATABASE part")
             for p in (part, part.with_name(part.name + "-wal"), part.with_name(part.name + "-journal")):
@@ -481,18 +481,11 @@ class ResultStore:
     def put_notes(self, notes: Mapping[Key, list[str]]) -> None:
         """Replace the run-wide notes (notes that depend on every entry, such as an explanation the same as
         others'), in one transaction; they stay current until the next write (`note_keys`)."""
-        with self._query(create=True) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            self._wrote = True
-            try:
-                conn.execute("DELETE FROM notes")
-                conn.executemany("INSERT INTO notes VALUES (?, ?, ?, ?)",
-                                 [(*_row_key(k), json.dumps(v)) for k, v in notes.items() if v])  # fmt: skip
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('notes', 'current')")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._query(create=True) as conn, self._transaction(conn):
+            conn.execute("DELETE FROM notes")
+            conn.executemany("INSERT INTO notes VALUES (?, ?, ?, ?)",
+                             [(*_row_key(k), json.dumps(v)) for k, v in notes.items() if v])  # fmt: skip
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('notes', 'current')")
 
     def note_keys(self) -> list[Key] | None:
         """The keys with run-wide notes, in key order; None when there are none current (never written, or an
@@ -511,18 +504,6 @@ class ResultStore:
             rows = conn.execute(_KEYED.replace("entries", "notes").format("body")).fetchall() if conn else []
         return [((r[0], r[1], SIDES[r[2]]), json.loads(r[3])) for r in rows]
 
-    def stored_number_notes(self, keys: Sequence[Key]) -> dict[Key, str]:
-        """The notes stage 03 stored on the numbers of each of ``keys``, as the tables show them (``which: note``
-        joined by "; "); sides it wrote before it stored them, or a store without the table, are left out
-        (their results must be read)."""
-        wanted = {_row_key(k): k for k in keys}
-        with self._query() as conn:
-            try:
-                rows = conn.execute("SELECT layer, neuron, side, body FROM number_notes").fetchall() if conn else []
-            except sqlite3.OperationalError:  # a store written before the table
-                return {}
-        return {wanted[r[:3]]: r[3] for r in rows if r[:3] in wanted}
-
     def notes_of(self, key: Key) -> list[str]:
         """A key's run-wide notes (see `note_keys` for whether they are current)."""
         with self._query() as conn:
@@ -540,15 +521,9 @@ class ResultStore:
         conn = self._conn
         if _indexed_count(conn, "search") == conn.execute("SELECT count(*) FROM entries").fetchone()[0]:
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(conn):
             conn.execute("DELETE FROM search")
             conn.execute(f"INSERT INTO search (rowid, explanation, candidates, rule, tokens) {_SEARCH_ROWS}")
-            conn.execute("COMMIT")
-            self._wrote = True
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _fill_entry_columns(self) -> None:
         """Write the entry columns a store written before them lacks (one transaction, when a stage opens it
@@ -556,15 +531,9 @@ class ResultStore:
         conn = self._conn
         if _complete(conn, "entry_columns") or not conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone():
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(conn):
             conn.execute("DELETE FROM entry_columns")
             conn.execute(f"INSERT INTO entry_columns {_ENTRY_COLUMNS}")
-            conn.execute("COMMIT")
-            self._wrote = True
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _fill_number_rows(self) -> None:
         """Write the number rows a store written before them lacks (from its numbers): one transaction, when a
@@ -572,16 +541,10 @@ class ResultStore:
         conn = self._conn
         if _complete(conn, "number_rows") or not conn.execute("SELECT 1 FROM numbers LIMIT 1").fetchone():
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(conn):
             rows = conn.execute("SELECT layer, neuron, side, name, value FROM numbers ORDER BY layer, neuron, side")
             for key, group in itertools.groupby(rows, key=lambda r: r[:3]):
                 _write_number_row(conn, key, {r[3]: r[4] for r in group})
-            conn.execute("COMMIT")
-            self._wrote = True
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def text_search(
         self, text: str, limit: int | None = 50, phrase: bool = False, ranked: bool = True
@@ -651,17 +614,11 @@ class ResultStore:
         with self._query(create=True) as conn:
             if conn.execute("SELECT 1 FROM meta WHERE name='selection' AND value=?", (digest,)).fetchone():
                 return
-            conn.execute("BEGIN IMMEDIATE")
-            self._wrote = True
-            try:
+            with self._transaction(conn):
                 conn.execute("DELETE FROM selection")
                 conn.executemany("INSERT INTO selection VALUES (?, ?, ?, ?)",
                                  [(i, *_row_key(k)) for i, k in enumerate(keys)])  # fmt: skip
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('selection', ?)", (digest,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     def selection(self) -> list[Key] | None:
         """The unit sides the stage last recorded with `select`, in its order; None where it recorded none (a

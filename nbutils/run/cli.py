@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     except StageFailed as e:
         if e.error == BudgetReached.__name__:  # not a failure: the run stopped where it was told to
-            print(f"stopped at the budget: {e.reason.removeprefix(e.error + ': ')}", file=sys.stderr)
+            print(e.reason.removeprefix(e.error + ": "), file=sys.stderr)  # it says where it stopped and why
             print(f"executed notebook: {e.notebook}", file=sys.stderr)
             return BUDGET_EXIT
         print(f"error: stage {e.stage} failed: {e.reason}", file=sys.stderr)

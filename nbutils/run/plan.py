@@ -211,12 +211,12 @@ def _shards(config: RunConfig, url_field: str) -> int:
 
 def measure_sample(
     collection: Path, work: Path, config: RunConfig, sample: int = SAMPLE, llm: bool = True,
-    cache_path: str | None = None, measured: list[dict[str, Any]] | None = None,
+    cache_path: str | None = None, earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Draw ``sample`` of the unit sides stage 02 would explain from ``collection`` and, with ``llm``, run
     stages 02 and 03 on them one at a time into ``work``'s stage folders (a run folder: kept for the run),
     metered, through the request cache at ``cache_path`` (the stages' default: the run's cache); returns the plan's ``units``, ``keys``, ``rows`` (one per unit side and part), ``stages`` (each
-    stage's forecast for all its unit sides) and ``scorers`` (each scorer's cost per unit). ``measured``: rows
+    stage's forecast for all its unit sides) and ``scorers`` (each scorer's cost per unit). ``earlier``: the plan.json of an earlier plan of the same run, whose rows
     of an earlier plan of the same run; where they cover the sample, nothing is sent again (the sample's results
     are already stored, and measuring them again through the request cache would count them as free)."""
     from nbutils.explain.stage import chosen_sides
@@ -229,16 +229,17 @@ def measure_sample(
     if not llm or not picked:
         return out
     meter = Meter()
-    covered = {(tuple(r["key"]), r["part"]) for r in measured or []}
+    measured = (earlier or {}).get("rows") or []
+    covered = {(tuple(r["key"]), r["part"]) for r in measured}
     if measured and all((tuple(k), "explain") in covered for k in out["keys"]):
         meter.rows = [r for r in measured if r["key"] in out["keys"]]
-        workers = {EXPLAIN: measured_workers(config, "explainer"), SCORE: measured_workers(config, "simulator")}
+        workers = earlier["workers"]
     else:
         entries, explaining = measure_explain(collection, work / STAGES[1].folder, config, picked, meter, cache_path)
         explained = [e for e in entries if e.explanation]
         scoring = measure_score(collection, work / STAGES[2].folder, config, explained, meter, cache_path)
         workers = {EXPLAIN: explaining, SCORE: scoring}
-    out["rows"] = meter.rows
+    out["rows"], out["workers"] = meter.rows, workers
     for stage, part, url in ((EXPLAIN, "explain", "explainer_base_url"), (SCORE, "score", "simulator_base_url")):
         rows = [r for r in meter.rows if r["part"] == part]
         if rows:
@@ -251,14 +252,6 @@ def measure_sample(
         for p in by_scorer
     }
     return out
-
-
-def measured_workers(config: RunConfig, role: str) -> int:
-    """Units a stage keeps in progress with the role's backend, without making it (`Backend.parallel_units`:
-    an HTTP backend's ``max_in_flight``, 1 for a backend in this process)."""
-    from nbutils.llm.contract import BACKENDS
-
-    return config.max_in_flight if BACKENDS.resolve(getattr(config, f"{role}_backend")).name == "openai" else 1
 
 
 def _collection(run: RunLayout, config: RunConfig, done: bool, batches: int) -> tuple[Path, Path, bool, dict[str, Any]]:
@@ -317,8 +310,10 @@ def plan_run(
                        f"a collection of the first {plan['collection'].get('sample_excerpts')} excerpts (plan/): "
                        "its excerpts are not the run's, so its results are not reused"}  # fmt: skip
     earlier = read_json(run.root / PLAN_FILE) or {}
-    reuse = earlier.get("rows") if kept and (earlier.get("sampled") or {}).get("kept_for_the_run") else None
-    measured = measure_sample(collection, work, config, sample, llm=server_error is None, measured=reuse)
+    reusable = kept and (earlier.get("sampled") or {}).get("kept_for_the_run") and "workers" in earlier
+    measured = measure_sample(collection, work, config, sample, llm=server_error is None,
+                              earlier=earlier if reusable else None)  # fmt: skip
+    reuse = earlier.get("rows") if reusable else None
     plan["spent_by_plan"] = {m: sum(r[m] for r in measured.get("rows", []) if r["part"] in ("explain", "score"))
                              for m in ("sent", "prompt_tokens", "completion_tokens")}  # fmt: skip
     if reuse is not None and measured.get("rows") and all(r in reuse for r in measured["rows"]):

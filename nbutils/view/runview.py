@@ -142,6 +142,11 @@ class ScoreTable:
             {k: table[n] for k, n in chance.items()},
         )  # fmt: skip
 
+    def flagged_keys(self) -> set[Key]:
+        """The unit sides with a note on any of their numbers."""
+        flagged = np.logical_or.reduce([*self.noted.values(), np.zeros(len(self.keys), bool)])
+        return {self.keys[i] for i in np.flatnonzero(flagged)}
+
     def column(self, who: str, scorer_name: str, index: int = 0) -> np.ndarray:
         """One number of every scored unit side (NaN where undefined; all NaN for a scorer not in the run)."""
         return self.values.get((who, scorer_name, index), np.full(len(self.keys), np.nan))
@@ -349,10 +354,7 @@ class RunView:
 
     def noted_keys(self) -> set[Key]:
         """The unit sides with any note: on their explanation, or on a number (the store's flags)."""
-        table = self.score_table
-        return set(self.explanation_notes).union(
-            *((table.keys[i] for i in np.flatnonzero(f)) for f in table.noted.values())
-        )
+        return set(self.explanation_notes) | self.score_table.flagged_keys()
 
     def scores_frame(self):
         """A pandas DataFrame, one row per explained or scored unit side: ``layer``, ``neuron``, ``sign``,
@@ -374,8 +376,7 @@ class RunView:
                 for who, name in (("explanation", label(sc, c)), ("baseline", f"baseline {label(sc, c)}")):
                     column = table.column(who, sc.name, i)
                     frame[name] = column if rows is None else np.append(column, np.nan)[rows]  # -1: not scored
-        flagged = np.logical_or.reduce([*table.noted.values(), np.zeros(len(table.keys), bool)])
-        noted = {table.keys[i] for i in np.flatnonzero(flagged)}
+        noted = table.flagged_keys()  # the explanation's own notes are read with the store's columns
         own = (
             {} if current else {k: "; ".join(f"explanation: {n}" for n in v) for k, v in self.explanation_notes.items()}
         )
