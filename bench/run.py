@@ -72,10 +72,14 @@ def measure_collection(
         "bare forward": bare(model),
         "bare body forward (no LM head)": bare(body),
         "collect all layers": lambda: _collect(model, site, width, list(range(n_layers)), batches),
+        "collect all layers, torch path (no CPU kernel)": lambda: _collect(
+            model, site, width, list(range(n_layers)), batches, kernel=False
+        ),
         f"collect layers 0..{half - 1}": lambda: _collect(model, site, width, list(range(half)), batches),
     }
     bare(model)()  # warm-up; the collector's compiled statistics are compiled here, outside the timings
     _collect(model, site, width, list(range(n_layers)), batches[:1])
+    _collect(model, site, width, list(range(n_layers)), batches[:1], kernel=False)
     _collect(model, site, width, list(range(half)), batches[:1])
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):  # variants alternate within a repeat, so machine noise hits all alike
@@ -118,8 +122,9 @@ SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "a
 
 def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[dict[str, Any]]:
     """Operator calls and host-device synchronisations per batch of the collector's update (torch.profiler
-    on the CPU), for the GPU path (``dense``, compiled statistics) and the CPU path, every layer and half of
-    them: a small constant per batch is the target, not a number per layer."""
+    on the CPU), for the GPU path (``dense``, compiled statistics), the CPU's torch path and the CPU kernel
+    (whose one call into C++ counts as one operator), every layer and half of them: a small constant per batch
+    is the target, not a number per layer."""
     from torch.profiler import ProfilerActivity, profile
 
     from nbutils.subject.sites import NeuronCapture, neurons_per_layer, num_layers, resolve_site
@@ -133,10 +138,12 @@ def count_collector_ops(model: torch.nn.Module, batches: list[torch.Tensor]) -> 
             for ids in batches:
                 cap.run(ids)
                 captured.append(cap.buffer.clone())
-        for path, dense in (("GPU path (dense merges)", True), ("CPU path", False)):
-            _collect(model, site, width, layers, batches[:1], dense=dense)  # compiles outside the count
+        paths = {"GPU path (dense merges)": {"dense": True}, "CPU torch path": {"dense": False, "kernel": False},
+                 "CPU kernel (one call, counted once)": {"dense": False, "kernel": True}}  # fmt: skip
+        for path, kw in paths.items():
+            _collect(model, site, width, layers, batches[:1], **kw)  # compiles outside the count
             rows_per_batch = len(batches[0])
-            col = _collector(layers, width, len(batches) * rows_per_batch, site.signed, batches[0].device, dense=dense)
+            col = _collector(layers, width, len(batches) * rows_per_batch, site.signed, batches[0].device, **kw)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for i, x in enumerate(captured):
                     col.update(i * rows_per_batch, x)

@@ -197,11 +197,13 @@ def _collect_lists(values, neurons, cfg, signed, **paths):
 
 @pytest.mark.parametrize("signed, subset, batch", [(True, None, 8), (False, 7, 16), (True, [3, 5, 30], 32)])
 def test_collector_paths_keep_the_same_lists_and_float64_exact_statistics(signed, subset, batch):
-    """The GPU path (dense merges, no nonzero) and the CPU path keep the same lists, bit for bit, including
-    exact ties between excerpts and a short last batch; the statistics equal a float64 computation over every
-    token to 1e-12 of the unit's scale."""
+    """The CPU kernel, the GPU path (dense merges, no nonzero) and the torch CPU path keep the same lists, bit for
+    bit, including exact ties between excerpts and a short last batch; the statistics equal a float64
+    computation over every token to 1e-12 of the unit's scale."""
+    from nbutils.collect import cpu_kernel
     from nbutils.collect.stage import choose_neurons
 
+    assert cpu_kernel.load() is not None, "the CPU kernel should build on a machine with g++ (.ci/run installs it)"
     g = torch.Generator().manual_seed(batch)
     values = {layer: torch.randn(130, 12, 40, generator=g) * (layer + 1) + 0.3 for layer in (0, 3, 5)}
     for v in values.values():
@@ -210,14 +212,19 @@ def test_collector_paths_keep_the_same_lists_and_float64_exact_statistics(signed
             v.clamp_(min=0)
     neurons = choose_neurons(40, [0, 3, 5], subset, 1)
     cfg = CollectConfig(layers=[0, 3, 5], top_k=6, n_random=7, band_size=3, quantile_warmup=40, batch_size=batch)
-    cpu = _collect_lists(values, neurons, cfg, signed, dense=False, fused=False)
-    gpu = _collect_lists(values, neurons, cfg, signed, dense=True, fused=False)
-    for layer, got in cpu.items():
-        for a, b in zip(got["lists"], gpu[layer]["lists"]):
-            assert np.array_equal(a, b)
-        assert np.array_equal(got["random"], gpu[layer]["random"]) and np.array_equal(
-            got["active"], gpu[layer]["active"]
-        )
+    paths = {
+        "torch CPU": _collect_lists(values, neurons, cfg, signed, dense=False, fused=False, kernel=False),
+        "GPU": _collect_lists(values, neurons, cfg, signed, dense=True, fused=False),
+        "kernel": _collect_lists(values, neurons, cfg, signed, kernel=True),
+    }
+    cpu = paths["torch CPU"]
+    for name, other in paths.items():
+        for layer, got in other.items():
+            for a, b in zip(got["lists"], cpu[layer]["lists"]):
+                assert np.array_equal(a, b), name
+            assert np.array_equal(got["random"], cpu[layer]["random"]), name
+            assert np.array_equal(got["active"], cpu[layer]["active"]), name
+    for layer, got in [(layer, p[layer]) for p in (cpu, paths["kernel"]) for layer in p]:
         x = values[layer][..., torch.from_numpy(neurons[layer])].reshape(-1, len(neurons[layer])).double().numpy()
         z = (x - x.mean(0)) / x.std(0)
         exact = np.stack([x.mean(0), x.var(0), (z**3).mean(0), (z**4).mean(0) - 3, x.max(0), x.min(0)], axis=1)
@@ -228,6 +235,97 @@ def test_collector_paths_keep_the_same_lists_and_float64_exact_statistics(signed
         maxes = values[layer][..., torch.from_numpy(neurons[layer])].amax(1).numpy()  # [n, N]
         for j in range(len(neurons[layer])):
             assert top_index[j].tolist() == np.argsort(-maxes[:, j], kind="stable")[:6].tolist()
+        band_index = got["lists"][4]  # [N, bands, m]: every sampled excerpt lies in its band, after the warm-up
+        assert (band_index[band_index >= 0] >= 40).all() and (band_index >= 0).any()
+
+
+def _lowbias32(h: int) -> int:
+    """An independent reference of the band keys' hash, in Python integers (lowbias32, hash-prospector)."""
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_band_keys_are_one_hash_on_every_path_and_look_uniform():
+    """torch's `band_keys` (every device) and the CPU kernel's draw the same key for (seed, layer, unit, excerpt),
+    equal to a Python reference, whatever the batch or the unit subset; keys look uniform and independent."""
+    from nbutils.collect import cpu_kernel
+    from nbutils.collect.collector import band_keys
+
+    lib = cpu_kernel.load()
+    seeds, layer_id = [0, 3, 2**40 + 7], torch.tensor([0, 5, 47])
+    unit_id = torch.tensor([[0, 1, 2**20 + 3], [7, 8, 9], [6399, 0, 2**31 - 1]])
+    for seed in seeds:
+        keys = band_keys(seed, layer_id, unit_id, 2**31 - 5, 8)  # [L, N, B], excerpts past 2**31 included
+        for li, layer in enumerate(layer_id.tolist()):
+            for ni, unit in enumerate(unit_id[li].tolist()):
+                for b in range(8):
+                    h = _lowbias32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+                    for part in (layer, unit, (2**31 - 5 + b) & 0xFFFFFFFF):
+                        h = _lowbias32(h ^ part)
+                    expected = (h >> 8) / 2**24
+                    assert keys[li, ni, b].item() == expected
+                    assert lib.nbutils_band_key(seed & 0xFFFFFFFF, layer, unit, 2**31 - 5 + b) == expected
+    one = band_keys(1, torch.tensor([2]), torch.arange(200)[None], 0, 64)
+    split = torch.cat([band_keys(1, torch.tensor([2]), torch.arange(200)[None], s, 16) for s in range(0, 64, 16)], -1)
+    assert torch.equal(one, split)  # batch boundaries do not matter
+    assert torch.equal(band_keys(1, torch.tensor([2]), torch.tensor([[5, 150]]), 0, 64)[0], one[0, [5, 150]])
+    many = band_keys(9, torch.arange(4), torch.arange(500).repeat(4, 1), 0, 1000).double()  # 2M keys
+    counts = torch.histc(many, bins=20, min=0, max=1)
+    chi2 = (((counts - many.numel() / 20) ** 2) / (many.numel() / 20)).sum().item()
+    assert chi2 < 43.8  # 19 degrees of freedom, p = 0.001
+    flat = many.reshape(-1, 1000)
+    corr = torch.corrcoef(flat[:200])  # neighbouring units over the same excerpts
+    assert corr.fill_diagonal_(0).abs().max() < 0.16  # |r| of independent keys over 1000 excerpts: about 0.03
+
+
+def test_band_samples_do_not_depend_on_the_batch_size():
+    """With hashed keys, batches of 8 or 24 keep the same band samples (as the same top/bottom/random lists)."""
+    g = torch.Generator().manual_seed(4)
+    values = {0: torch.randn(120, 6, 16, generator=g)}
+    neurons = {0: np.arange(16)}
+    got = [
+        _collect_lists(
+            values, neurons, CollectConfig(layers=[0], top_k=3, band_size=4, quantile_warmup=48, batch_size=batch), True
+        )[0]  # fmt: skip
+        for batch in (8, 24)
+    ]
+    for a, b in zip(got[0]["lists"], got[1]["lists"]):
+        assert np.array_equal(a, b)
+    np.testing.assert_allclose(got[0]["stats"], got[1]["stats"], rtol=1e-12, atol=1e-12)
+
+
+def test_a_checkpoint_of_the_older_band_keys_is_refused_with_the_fix():
+    cfg = CollectConfig(layers=[0], top_k=2, n_random=2, band_size=2, quantile_warmup=4, batch_size=4)
+    col = Collector(16, 4, {0: np.arange(3)}, cfg, False)
+    col.update(0, {0: torch.rand(4, 4, 3)})
+    state = col.state_dict()
+    Collector(16, 4, {0: np.arange(3)}, cfg, False).load_state_dict(state)  # this version's own: accepted
+    del state["band_keys"]
+    with pytest.raises(UserError, match="older nbutils that drew band samples differently.*Delete the checkpoint"):
+        Collector(16, 4, {0: np.arange(3)}, cfg, False).load_state_dict(state)
+
+
+def test_without_a_compiler_the_collector_says_so_and_keeps_its_torch_path(monkeypatch, tmp_path, capsys):
+    from nbutils.collect import cpu_kernel
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NBUTILS_KERNEL_DIR", str(tmp_path / "kernels"))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None
+        assert "did not build" in capsys.readouterr().out
+        values = {0: torch.rand(24, 4, 5)}
+        cfg = CollectConfig(layers=[0], top_k=2, n_random=2, band_size=2, quantile_warmup=8, batch_size=8)
+        fallback = _collect_lists(values, {0: np.arange(5)}, cfg, False)[0]
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.load.cache_clear()
+    kernel = _collect_lists(values, {0: np.arange(5)}, cfg, False, kernel=True)[0]
+    for a, b in zip(fallback["lists"], kernel["lists"]):
+        assert np.array_equal(a, b)
 
 
 def test_compiled_statistics_equal_the_eager_ones():

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nbutils.collect import cpu_kernel
 from nbutils.core.errors import UserError
 from nbutils.core.records import DEFAULT_BANDS, STAT_FIELDS
 
@@ -169,6 +170,48 @@ def sorted_lists(
     return index, acts
 
 
+def _mul32(h: Any, c: int) -> Any:
+    """(h * c) mod 2**32 for h < 2**32, in int64 without overflow (c split into 16-bit halves)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(h: Any) -> Any:
+    """lowbias32 (Chris Wellons' hash-prospector), on a Python int or an int64 tensor of values < 2**32; the same
+    function as ``mix32`` in cpu_kernel.cpp."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def band_keys(seed: int, layer_id: Tensor, unit_id: Tensor, start: int, batch: int) -> Tensor:
+    """[L, N, batch] band-sample priority keys in [0, 1) for the excerpts ``start..start+batch-1``: a hash of
+    (seed, layer, unit, excerpt) computed where the tensors live, so every device, shard, batch size and subset
+    of units draws the same key for the same excerpt, with no generator on the host (collection format 2; format
+    1 drew them from a CPU generator per batch). ``layer_id`` [L] and ``unit_id`` [L, N] are int64."""
+    h = _mix32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    h = _mix32(layer_id ^ h)
+    h = _mix32(h[:, None] ^ (unit_id & 0xFFFFFFFF))
+    excerpts = torch.arange(start, start + batch, dtype=torch.int64, device=unit_id.device) & 0xFFFFFFFF
+    h = _mix32(h[..., None] ^ excerpts)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+BAND_KEYS = "hash32"
+"""What a checkpoint's band-sample keys were drawn by (`band_keys`); checkpoints of format 1 have none."""
+
+
+def check_band_keys(state: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint whose band samples were drawn another way: the run would mix two."""
+    if state.get("band_keys") != BAND_KEYS:
+        raise UserError(
+            "The collection checkpoint was written by an older nbutils that drew band samples differently.",
+            "Delete the checkpoint (checkpoint.pt, and any shard checkpoints, in the stage folder) and rerun to "
+            "collect from the start.",
+        )
+
+
 class LayerState:
     """One layer's rows of the collector's stacked state: ``t`` maps each state name to a view of that layer
     (setting ``t`` copies the given tensors in), so checkpoints and shard merges stay per layer."""
@@ -269,13 +312,15 @@ class Collector:
         device: str | torch.device = "cpu",
         fused: bool | None = None,
         dense: bool | None = None,
+        kernel: bool | None = None,
     ):
         """State lives on ``device`` (the model's), so a GPU model's activations never leave the GPU.
 
         ``fused``: compute each batch's statistics with `torch.compile` (one pass over the values; None: on a
         GPU, or on the CPU from 10^9 values read: enough to repay the compile, about 20 s once per process).
-        ``dense``: merge the kept lists without ``nonzero`` (None: on a GPU). Either way the results agree:
-        the lists exactly, the statistics to float64 rounding."""
+        ``dense``: merge the kept lists without ``nonzero`` (None: on a GPU). ``kernel``: on the CPU, update with
+        the compiled kernel (`nbutils.collect.cpu_kernel`; None: where it builds and dense is off). Every way the
+        results agree: the lists exactly, the statistics to float64 rounding."""
         self.cfg = cfg
         self.signed = signed
         self.device = torch.device(device)
@@ -303,19 +348,13 @@ class Collector:
         self.fused = (gpu or work >= 1e9) if fused is None else fused
         self.dense = gpu if dense is None else dense
         self._fused_shape: tuple[int, ...] | None = None
-        self._pick = torch.from_numpy(np.stack([neurons[layer] for layer in self.order])).to(self.device)
+        self.kernel = (not self.dense and self.device.type == "cpu") if kernel is None else kernel
+        self._pick = torch.from_numpy(np.stack([neurons[layer] for layer in self.order]).astype(np.int64))
+        self._pick = self._pick.to(self.device).contiguous()  # [L, N]: the unit each column holds
+        self._layer_id = torch.tensor(self.order, dtype=torch.int64, device=self.device)
         self._all_units = bool((self._pick == torch.arange(n, device=self.device)).all())
         self._row_unit = {"unit": torch.arange(n, device=self.device)}
         self._row_unit["band"] = self._row_unit["unit"].repeat_interleave(len(cfg.bands))
-
-    def _band_keys(self, start: int, shape: tuple[int, int]) -> torch.Tensor:
-        """[L, N, B] priority keys, one stream per (seed, layer, batch start): drawn on the CPU so every device
-        and shard draws the same keys, and moved to the device in one copy."""
-        keys = []
-        for layer in self.order:
-            seed = int(np.random.SeedSequence([self.cfg.seed, layer, start]).generate_state(1)[0])
-            keys.append(torch.rand(shape, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(keys).to(self.device, non_blocking=True)
 
     def _batch_stats(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`batch_stats`, compiled when ``fused`` (for the first batch's shape: a smaller last batch runs
@@ -343,12 +382,36 @@ class Collector:
         L, B, T, N = x.shape
         if self.position == 0 and start == 0 and not self.shift_fixed:
             t["shift"].copy_(x.float().mean(dim=(1, 2)))
-        sums, bmax, bmin, active = self._batch_stats(x, t["shift"])  # bmax, bmin: [L, B, N]
-        t["sums"] += sums
+        bands = start >= self.warmup  # band edges known: sample this batch into the bands
+        if self.kernel and cpu_kernel.usable(x):
+            bmax, bmin = cpu_kernel.collect_batch(
+                x, start, t, self.signed, t["band_edges"] if bands else None, self.cfg.seed, self._layer_id, self._pick
+            )
+        else:
+            bmax, bmin = self._torch_update(x, start, bands)
         t["count"] += B * T
-        t["active"] += active
         torch.maximum(t["max"], bmax.amax(1), out=t["max"])
         torch.minimum(t["min"], bmin.amin(1), out=t["min"])
+        lo, hi = np.searchsorted(self.random_index, [start, start + B])
+        if hi > lo:  # the random sample's excerpts in this batch, every layer at once
+            rows = torch.from_numpy(self.random_index[lo:hi] - start).to(self.device)
+            t["random_acts"][:, :, lo:hi] = x[:, rows].permute(0, 3, 1, 2).to(torch.float32)
+        if not bands:
+            t["warmup_max"][:, start : start + B] = bmax[:, : self.warmup - start]
+            if start + B >= self.warmup:
+                q = torch.tensor(band_quantiles(cfg.bands), dtype=torch.float32, device=self.device)
+                for i in range(L):  # once per collection; per layer since quantile() caps its input size
+                    t["band_edges"][i] = torch.quantile(t["warmup_max"][i], q, dim=0).T
+        self.position = start + B
+        self.tokens_seen += B * T
+
+    def _torch_update(self, x: Tensor, start: int, bands: bool) -> tuple[Tensor, Tensor]:
+        """The batch's statistics and list merges in tensor operations (the GPU's path, and the CPU's where the
+        kernel is not built); returns each excerpt's max and min [L, B, N]."""
+        t, (L, B, T, N) = self.stack, x.shape
+        sums, bmax, bmin, active = self._batch_stats(x, t["shift"])  # bmax, bmin: [L, B, N]
+        t["sums"] += sums
+        t["active"] += active
         index = torch.arange(start, start + B, dtype=torch.int64, device=self.device)
         top, bottom = bmax.transpose(1, 2), bmin.transpose(1, 2)  # [L, N, B]
         units = self._row_unit["unit"]
@@ -356,40 +419,29 @@ class Collector:
         if self.bottom_k:
             _merge_best(t["bottom_key"], t["bottom_index"], t["bottom_acts"], -bottom, index, x, units, True,
                         self.dense)  # fmt: skip
-        lo, hi = np.searchsorted(self.random_index, [start, start + B])
-        if hi > lo:  # the random sample's excerpts in this batch, every layer at once
-            rows = torch.from_numpy(self.random_index[lo:hi] - start).to(self.device)
-            t["random_acts"][:, :, lo:hi] = x[:, rows].permute(0, 3, 1, 2).to(torch.float32)
-        if start < self.warmup:
-            t["warmup_max"][:, start : start + B] = bmax[:, : self.warmup - start]
-            if start + B >= self.warmup:
-                q = torch.tensor(band_quantiles(cfg.bands), dtype=torch.float32, device=self.device)
-                for i in range(L):  # once per collection; per layer since quantile() caps its input size
-                    t["band_edges"][i] = torch.quantile(t["warmup_max"][i], q, dim=0).T
-        else:
-            nb = len(cfg.bands)
-            keys = self._band_keys(start, (N, B))  # [L, N, B]
+        if bands:
+            nb, m = len(self.cfg.bands), self.cfg.band_size
+            keys = band_keys(self.cfg.seed, self._layer_id, self._pick, start, B)  # [L, N, B]
             edges = t["band_edges"]  # [L, N, nb + 1]
             inside = top.unsqueeze(2) < edges[..., 1:, None]  # [L, N, nb, B]
             inside[:, :, 1:] &= top.unsqueeze(2) >= edges[..., 1:nb, None]
-            band_keys = torch.where(inside, keys.unsqueeze(2), math.inf).reshape(L, N * nb, B)
-            m = cfg.band_size
+            candidates = torch.where(inside, keys.unsqueeze(2), math.inf).reshape(L, N * nb, B)
             _merge_best(
                 t["band_key"].view(L, N * nb, m), t["band_index"].view(L, N * nb, m),
-                t["band_acts"].view(L, N * nb, m, T), band_keys, index, x, self._row_unit["band"], False,
-                self.dense,
+                t["band_acts"].view(L, N * nb, m, T), candidates, index, x, self._row_unit["band"], False, self.dense,
             )  # fmt: skip
-        self.position = start + B
-        self.tokens_seen += B * T
+        return bmax, bmin
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "band_keys": BAND_KEYS,
             "position": self.position,
             "tokens_seen": self.tokens_seen,
             "layers": {layer: {k: v.to("cpu", copy=True) for k, v in s.t.items()} for layer, s in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_band_keys(state)
         self.position = int(state["position"])
         self.tokens_seen = int(state["tokens_seen"])
         for layer, tensors in state["layers"].items():
@@ -423,6 +475,8 @@ def merge_states(col: Collector, parts: list[tuple[int, int, dict[str, Any]]]) -
     one collector keeps them; only exactly equal keys could be ordered differently); the power sums are the
     same float64 sums added in another order (equal to about 1e-15 relative)."""
     parts = sorted(parts, key=lambda p: p[0])
+    for part in parts:
+        check_band_keys(part[2])
     if parts[0][0] != 0 or any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
         raise ValueError(f"the shards' excerpt ranges {[p[:2] for p in parts]} do not cover 0..n once")
     for layer, state in col.layers.items():

@@ -48,7 +48,10 @@ from nbutils.core.integrity import repair_fix
 from nbutils.core.layout import MANIFEST, CollectionLayout
 from nbutils.core.units import NEURON, UnitId
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Format 2 (the same files as 1) draws band-sample keys from a hash of (seed, layer, unit, excerpt) instead of a
+CPU generator per batch: the band samples of a rerun differ from a format-1 collection's; both read alike."""
 STAT_FIELDS = ("mean", "variance", "skewness", "kurtosis", "max", "min")
 DEFAULT_BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999))
 
@@ -198,10 +201,10 @@ class RecordStore:
                 "folder first, or pass the folder that stage 01 wrote.",
             )
         self.meta = CollectionMeta.from_dict(json.loads(self.layout.meta.read_text()))
-        if self.meta.format_version != FORMAT_VERSION:
+        if self.meta.format_version not in READABLE_FORMATS:
             raise UserError(
                 f"{self.layout.meta} has record format {self.meta.format_version}; this nbutils reads "
-                f"{FORMAT_VERSION}.",
+                f"{', '.join(map(str, READABLE_FORMATS))}.",
                 "Re-run stage 01 with this version of nbutils.",
             )
         self.tokens = _load_npy(self.layout.tokens)
