@@ -68,18 +68,22 @@ def measure_collection(
         return run
 
     half = n_layers // 2
+    cpu = batches[0].device.type == "cpu"
+    layers = list(range(n_layers))
     variants = {
         "bare forward": bare(model),
         "bare body forward (no LM head)": bare(body),
-        "collect all layers": lambda: _collect(model, site, width, list(range(n_layers)), batches),
-        "collect all layers, torch path (no CPU kernel)": lambda: _collect(
-            model, site, width, list(range(n_layers)), batches, kernel=False
-        ),
-        f"collect layers 0..{half - 1}": lambda: _collect(model, site, width, list(range(half)), batches),
+        "collect all layers": lambda: _collect(model, site, width, layers, batches),
     }
+    if cpu:  # the CPU kernel's baseline in the same run: the torch path it replaced
+        variants["collect all layers, torch path (no CPU kernel)"] = lambda: _collect(
+            model, site, width, layers, batches, kernel=False
+        )
+    variants[f"collect layers 0..{half - 1}"] = lambda: _collect(model, site, width, list(range(half)), batches)
     bare(model)()  # warm-up; the collector's compiled statistics are compiled here, outside the timings
-    _collect(model, site, width, list(range(n_layers)), batches[:1])
-    _collect(model, site, width, list(range(n_layers)), batches[:1], kernel=False)
+    _collect(model, site, width, layers, batches[:1])
+    if cpu:
+        _collect(model, site, width, layers, batches[:1], kernel=False)
     _collect(model, site, width, list(range(half)), batches[:1])
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):  # variants alternate within a repeat, so machine noise hits all alike
@@ -181,7 +185,18 @@ def bench_collect(excerpts: int, repeats: int, model: str = "embedded") -> dict[
     found = measure_collection(subject.model, batches, repeats)
     ops = count_collector_ops(subject.model, batches[:4])
     return {"benchmark": "collect", "model": model, "tokens": int(ex.tokens.size), "batch": f"{rows} x 64",
-            "rows": found, "profiler": ops}  # fmt: skip
+            "rows": found, "profiler": ops, "state_bytes_per_unit": state_bytes_per_unit(),
+            "state_bytes_per_unit_note": "signed units (bottom list), defaults, excerpts of 64, 1,024 warm-up"}  # fmt: skip
+
+
+def state_bytes_per_unit(signed: bool = True) -> int:
+    """The collector's fixed-size state per unit with the run's defaults (top 20, bottom 20 for signed units,
+    random 20, 4 bands x 5, excerpts of 64 tokens, a warm-up of 1,024 excerpts): what bounds how many units one
+    device's memory holds (a GPT-2-XL collection: 307,200 units)."""
+    from nbutils.collect.collector import CollectConfig, Collector
+
+    col = Collector(4096, 64, {0: np.arange(16)}, CollectConfig(layers=[0]), signed, "cpu", kernel=False)
+    return sum(v.nbytes for v in col.stack.values()) // 16
 
 
 def bench_heads(excerpts: int, repeats: int, model: str = "embedded") -> dict[str, Any]:

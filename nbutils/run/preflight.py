@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from nbutils.collect.stage import resolve_devices
 from nbutils.core.config import COLLECT, EXPLAIN, SCORE
 from nbutils.core.errors import UserError
 from nbutils.llm.reach import check_llm_server
@@ -53,6 +54,7 @@ def preflight(values: dict[str, Any], stages: list[str], probe_servers: bool = T
         check_neurons(values)
         check_memory(values)
         check_corpus(values["corpus"], values["corpus_text_field"])
+        resolve_devices(values.get("devices"), values["executor"])
         if values["units"] != NEURON_UNITS and not is_registered_kind(values["units"]):
             sae_encoder_folders(values["units"])
         if kind_named(values["units"]) == HEAD:
