@@ -26,7 +26,8 @@ top/bottom excerpts kept):
 
 An excerpt index of -1 marks an empty slot (fewer excerpts qualified than were asked for). Every array is
 a plain ``.npy`` file opened memory-mapped, so loading one unit reads only that unit's rows. Token ids
-and corpus places are kept so any excerpt can be recomputed exactly. Format version 1; ``collection.json``
+and corpus places are kept so any excerpt can be recomputed exactly. Format version 2 (version 1 has the same
+files, its band samples drawn with other keys: both are read); ``collection.json``
 of collections written before unit types existed has no ``unit`` field and means MLP neurons.
 """
 
