@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -237,6 +239,25 @@ def test_collector_paths_keep_the_same_lists_and_float64_exact_statistics(signed
             assert top_index[j].tolist() == np.argsort(-maxes[:, j], kind="stable")[:6].tolist()
         band_index = got["lists"][4]  # [N, bands, m]: every sampled excerpt lies in its band, after the warm-up
         assert (band_index[band_index >= 0] >= 40).all() and (band_index >= 0).any()
+
+
+def test_a_nan_activation_is_kept_alike_by_the_kernel_and_the_torch_path():
+    """A NaN value (a broken model's) gives the same lists, maxima and minima on every path: NaN wins a max, as
+    in torch.amax, and its order key ranks it first (a kept NaN never blocks the rest of its list)."""
+    g = torch.Generator().manual_seed(7)
+    values = {0: torch.randn(64, 6, 20, generator=g)}
+    values[0][50, 3, 2] = math.nan
+    neurons = {0: np.arange(20)}
+    cfg = CollectConfig(layers=[0], top_k=4, n_random=3, band_size=2, quantile_warmup=16, batch_size=8)
+    kernel = _collect_lists(values, neurons, cfg, True, kernel=True)[0]
+    torch_path = _collect_lists(values, neurons, cfg, True, kernel=False, fused=False)[0]
+    dense = _collect_lists(values, neurons, cfg, True, dense=True, fused=False)[0]
+    assert kernel["lists"][0][2, 0] == 50  # the NaN excerpt heads its unit's top list
+    for a, b, c in zip(kernel["lists"], torch_path["lists"], dense["lists"]):
+        assert np.array_equal(a, b, equal_nan=True) and np.array_equal(a, c, equal_nan=True)
+    assert np.isnan(kernel["stats"][2, 4]) and np.array_equal(
+        kernel["stats"][:, 4:], torch_path["stats"][:, 4:], equal_nan=True
+    )
 
 
 def _lowbias32(h: int) -> int:

@@ -102,11 +102,11 @@ def _merge_best(
         new_keys.reshape(L * R, B),
     )
     rows = None
-    if not dense:  # rows whose best new key reaches the worst kept one (equal keys decided below)
+    if not dense:  # rows whose best new key reaches the worst kept one (equal keys and NaN decided below)
         if largest:
-            hit = new_keys.amax(-1) >= keys.amin(-1)
+            hit = ~(new_keys.amax(-1) < keys.amin(-1))
         else:
-            hit = new_keys.amin(-1) <= keys.amax(-1)
+            hit = ~(new_keys.amin(-1) > keys.amax(-1))
         rows = hit.nonzero().squeeze(1)
         if rows.numel() == 0:
             return

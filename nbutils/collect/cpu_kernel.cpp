@@ -147,17 +147,25 @@ struct Row {
     }
 };
 
-// The slots of rows [row0, row0 + rows) whose excerpt arrived in this batch get their activations copied.
-void note_entries(const Lists& lst, int64_t row0, int64_t rows, int64_t per_unit, int64_t n0, const Batch& bt,
-                  std::vector<Entry>& out) {
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t* idx = lst.index + (row0 + r) * lst.m;
-        for (int64_t j = 0; j < lst.m; ++j) {
-            if (idx[j] >= bt.start) {
-                out.push_back({idx[j] - bt.start, n0 + r / per_unit, lst.acts + ((row0 + r) * lst.m + j) * bt.T});
-            }
-        }
+// The slots of one changed row whose excerpt arrived in this batch: their activations are copied at the end.
+void note_entries(const Row& row, float* acts, int64_t n, const Batch& bt, std::vector<Entry>& out) {
+    for (int64_t j = 0; j < row.m; ++j) {
+        if (row.index[j] >= bt.start) out.push_back({row.index[j] - bt.start, n, acts + j * bt.T});
     }
+}
+
+// Whether a largest-first row may take a candidate: some candidate reaches its smallest kept key. The float
+// order agrees with order_key but for NaN and signed zeros, which go to the exact test (Row::offer); a row the
+// batch cannot change (most rows, once the lists have filled) is skipped without computing its order keys.
+inline bool may_enter(const float* key, int64_t m, float best, bool best_nan) {
+    if (m == 0) return false;
+    float lowest = key[0];
+    bool nan = best_nan;
+    for (int64_t j = 0; j < m; ++j) {
+        nan |= key[j] != key[j];
+        lowest = key[j] < lowest ? key[j] : lowest;
+    }
+    return nan || !(best < lowest);
 }
 
 struct Work {
@@ -176,6 +184,42 @@ struct Work {
     const int64_t* unit_id;   // [L, N]: the unit each column holds
     int64_t block;            // units per work item
 };
+
+// Offer the batch's excerpts to one unit's top (or, with negate, bottom) list; cand[b * N] is excerpt b's max
+// (min) of this unit.
+void merge_best(const Lists& lst, int64_t row, int64_t n, float best, bool nan, const float* cand, bool negate,
+                const Batch& bt, std::vector<Entry>& entries) {
+    Row r{lst.key + row * lst.m, lst.index + row * lst.m, lst.m, true};
+    if (!may_enter(r.key, r.m, best, nan)) return;
+    bool changed = false;
+    for (int64_t b = 0; b < bt.B; ++b) {
+        const float v = cand[b * bt.N];
+        changed |= r.offer(negate ? -v : v, bt.start + b);
+    }
+    if (changed) note_entries(r, lst.acts + row * lst.m * bt.T, n, bt, entries);
+}
+
+// Offer each excerpt to the band sample of the band its max falls in (the torch path's test: band 0 is
+// everything below its upper edge), keyed by the hash of (seed, layer, unit, excerpt).
+void merge_bands(const Work& w, int64_t l, int64_t n, std::vector<Entry>& entries) {
+    const Batch& bt = w.bt;
+    const float* mx = w.bmax + l * bt.B * bt.N + n;
+    const float* e = w.edges + (l * bt.N + n) * (w.nb + 1);
+    const uint32_t layer = static_cast<uint32_t>(w.layer_id[l]);
+    const uint32_t unit = static_cast<uint32_t>(w.unit_id[l * bt.N + n]);
+    for (int64_t j = 0; j < w.nb; ++j) {
+        const int64_t brow = (l * bt.N + n) * w.nb + j;
+        Row band{w.band.key + brow * w.band.m, w.band.index + brow * w.band.m, w.band.m, false};
+        bool changed = false;
+        for (int64_t b = 0; b < bt.B; ++b) {
+            const float v = mx[b * bt.N];
+            if (!(v < e[j + 1]) || (j > 0 && !(v >= e[j]))) continue;
+            const uint32_t excerpt = static_cast<uint32_t>(bt.start + b);
+            changed |= band.offer(band_key(w.seed, layer, unit, excerpt), bt.start + b);
+        }
+        if (changed) note_entries(band, w.band.acts + brow * w.band.m * bt.T, n, bt, entries);
+    }
+}
 
 void run_item(const Work& w, int64_t l, int64_t n0, int64_t n1) {
     const Batch& bt = w.bt;
@@ -199,35 +243,24 @@ void run_item(const Work& w, int64_t l, int64_t n0, int64_t n1) {
     }
     std::vector<Entry> entries;
     const int64_t units = n1 - n0;
-    for (int64_t n = n0; n < n1; ++n) {
-        const float* mx = w.bmax + l * B * N + n;  // stride N over excerpts
-        const float* mn = w.bmin + l * B * N + n;
-        const int64_t row = l * N + n;
-        Row top{w.top.key + row * w.top.m, w.top.index + row * w.top.m, w.top.m, true};
-        Row bottom{w.bottom.key + row * w.bottom.m, w.bottom.index + row * w.bottom.m, w.bottom.m, true};
-        for (int64_t b = 0; b < B; ++b) {
-            top.offer(mx[b * N], bt.start + b);
-            bottom.offer(-mn[b * N], bt.start + b);
-        }
-        if (w.edges == nullptr) continue;
-        const float* e = w.edges + (l * N + n) * (w.nb + 1);
-        const uint32_t layer = static_cast<uint32_t>(w.layer_id[l]);
-        const uint32_t unit = static_cast<uint32_t>(w.unit_id[l * N + n]);
-        for (int64_t j = 0; j < w.nb; ++j) {
-            const int64_t brow = (l * N + n) * w.nb + j;
-            Row band{w.band.key + brow * w.band.m, w.band.index + brow * w.band.m, w.band.m, false};
-            for (int64_t b = 0; b < B; ++b) {
-                const float v = mx[b * N];
-                // the torch path's test: band 0 is everything below its upper edge
-                if (!(v < e[j + 1]) || (j > 0 && !(v >= e[j]))) continue;
-                const uint32_t excerpt = static_cast<uint32_t>(bt.start + b);
-                band.offer(band_key(w.seed, layer, unit, excerpt), bt.start + b);
-            }
+    // per unit of the block: the batch's best top and bottom candidates (and whether any is NaN)
+    std::vector<float> best_top(units, -INFINITY), best_bottom(units, -INFINITY);
+    std::vector<char> nan(units, 0);
+    for (int64_t b = 0; b < B; ++b) {
+        const float* mx = w.bmax + (l * B + b) * N + n0;
+        const float* mn = w.bmin + (l * B + b) * N + n0;
+        for (int64_t i = 0; i < units; ++i) {
+            best_top[i] = mx[i] > best_top[i] ? mx[i] : best_top[i];
+            best_bottom[i] = -mn[i] > best_bottom[i] ? -mn[i] : best_bottom[i];
+            nan[i] |= (mx[i] != mx[i]) | (mn[i] != mn[i]);
         }
     }
-    note_entries(w.top, l * N + n0, units, 1, n0, bt, entries);
-    note_entries(w.bottom, l * N + n0, units, 1, n0, bt, entries);
-    if (w.edges != nullptr) note_entries(w.band, (l * N + n0) * w.nb, units * w.nb, w.nb, n0, bt, entries);
+    for (int64_t n = n0; n < n1; ++n) {
+        const int64_t i = n - n0, row = l * N + n;
+        merge_best(w.top, row, n, best_top[i], nan[i], w.bmax + l * B * N + n, false, bt, entries);
+        merge_best(w.bottom, row, n, best_bottom[i], nan[i], w.bmin + l * B * N + n, true, bt, entries);
+        if (w.edges != nullptr) merge_bands(w, l, n, entries);
+    }
     // copy per excerpt, row by row: the item's block of that excerpt's [T, N] values was just read for the
     // statistics and still sits in the cache, and its rows are read in memory order
     std::sort(entries.begin(), entries.end(),
