@@ -95,7 +95,10 @@ def test_gpu_benchmark_starts_in_smoke_mode(tmp_path):
         str(BENCH / "gpu.py"), "--smoke", "--batches", "2", "--repeats", "1", "--results", str(tmp_path), cwd=tmp_path
     )
     rows = json.loads((tmp_path / "gpu_smoke.json").read_text())["rows"]
-    assert len(rows) == 10 and all(r["tokens_per_s"] > 0 for r in rows) and "tokens_per_s" in out
+    # per model: bare, body, collect all, collect all on the torch path (a CPU run's baseline for the kernel),
+    # the first half of the layers, simulation
+    assert len(rows) == 12 and all(r["tokens_per_s"] > 0 for r in rows) and "tokens_per_s" in out
+    assert sum("torch path" in r["variant"] for r in rows) == 2
     body = [r for r in rows if r["variant"].startswith("bare body forward")]
     assert len(body) == 2 and all(r["speed_vs_body"] == 1 for r in body)  # both models' body-forward baseline
     assert all(r["max_abs_difference"] < 1e-4 for r in rows if "max_abs_difference" in r)
