@@ -102,13 +102,11 @@ def collect_batch(
     x = x.contiguous()
     L, B, T, N = x.shape
     bmax, bmin = torch.empty(L, B, N), torch.empty(L, B, N)
-    nb, m = state["band_key"].shape[2], state["band_key"].shape[3]
-    lists = [
-        v
-        for name in ("top", "bottom", "band")
-        for v in (_ptr(state[f"{name}_key"]), _ptr(state[f"{name}_index"]), _ptr(state[f"{name}_acts"]))
-        + (state[f"{name}_key"].shape[2] if name != "band" else m,)
-    ]
+    lists = []  # each list's key, index and activation tensors and its length (the keys' last dimension)
+    for name in ("top", "bottom", "band"):
+        key = state[f"{name}_key"]
+        lists += [_ptr(key), _ptr(state[f"{name}_index"]), _ptr(state[f"{name}_acts"]), key.shape[-1]]
+    nb = state["band_key"].shape[2]
     with torch.profiler.record_function("nbutils::collect_batch"):  # one operator call in a profile
         lib.nbutils_collect_batch(
             _ptr(x), L, B, T, N, start, _ptr(state["shift"]), int(signed), _ptr(state["sums"]),

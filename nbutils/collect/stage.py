@@ -270,7 +270,8 @@ def resolve_devices(devices: str | list[str] | None, executor: str = "local") ->
             f"devices={devices!r} is for the local executor; executor={executor!r} gives each shard its own GPU.",
             "Leave devices unset with executor=ray (shards sets how many), or use executor=local.",
         )
-    names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if devices == "all" else devices
+    count = torch.cuda.device_count()
+    names = [f"cuda:{i}" for i in range(count)] if devices == "all" else devices
     if devices == "all" and not names:
         raise UserError("devices=all, but no GPU is visible to this process.",
                         "Leave devices unset to collect on the CPU (CUDA_VISIBLE_DEVICES may hide the GPUs).")  # fmt: skip
@@ -281,7 +282,6 @@ def resolve_devices(devices: str | list[str] | None, executor: str = "local") ->
             device = torch.device(name)
         except (RuntimeError, TypeError):
             raise UserError(f"devices: {name!r} is not a device.", 'Name devices like "cuda:0" or "cpu".') from None
-        count = torch.cuda.device_count()
         if device.type == "cuda" and (device.index or 0) >= count:
             raise UserError(
                 f"devices: {name} is not visible here ({count} GPU(s)).", "Name only the GPUs this machine has."
